@@ -1,0 +1,337 @@
+//! The thin `fuser` adapter: translates kernel requests into `ImageReader` calls and plain
+//! results back into replies. Metadata comes from the mapped index and is answered inline;
+//! `read` may block on a fetch, so it is handed with its `Reply` to a pool of read workers and
+//! the session loop moves on at once.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{bounded, Sender};
+use fuser::{
+    AccessFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags,
+    ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyXattr, Request, SessionACL,
+};
+use tracing::{debug, error, warn};
+
+use crate::error::FsError;
+use crate::reader::{Attr, FileKind, ImageReader};
+
+/// Images never change, so the kernel may cache entries and attributes for a long time.
+const TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// Requests the kernel may keep in flight; the default (12) starves parallel readers.
+const MAX_BACKGROUND: u16 = 128;
+/// Kernel read-ahead per file: one default chunk, so sequential readers ask for whole chunks.
+const MAX_READAHEAD: u32 = 1 << 20;
+
+/// How to mount an image.
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    /// Shown as the mount source in /proc/mounts.
+    pub fs_name: String,
+    /// Let users other than the mounter in (`allow_other`); needed for containers.
+    pub allow_other: bool,
+    /// Threads that block on chunk fetches for `read` requests.
+    pub read_workers: usize,
+    /// Threads reading /dev/fuse.
+    pub session_threads: usize,
+}
+
+impl Default for MountConfig {
+    fn default() -> Self {
+        MountConfig {
+            fs_name: "lazyimg".to_string(),
+            allow_other: true,
+            read_workers: 16,
+            session_threads: 2,
+        }
+    }
+}
+
+type ReadJob = Box<dyn FnOnce() + Send>;
+
+/// The `fuser::Filesystem` over an `ImageReader`.
+pub struct LazyFs {
+    reader: Arc<ImageReader>,
+    reads: Sender<ReadJob>,
+}
+
+impl LazyFs {
+    pub fn new(reader: Arc<ImageReader>, read_workers: usize) -> LazyFs {
+        let (tx, rx) = bounded::<ReadJob>(MAX_BACKGROUND as usize * 2);
+        for i in 0..read_workers.max(1) {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("lazy-read-{i}"))
+                .spawn(move || {
+                    for job in rx {
+                        job();
+                    }
+                });
+            if let Err(e) = spawned {
+                error!("cannot start read worker: {e}");
+            }
+        }
+        LazyFs { reader, reads: tx }
+    }
+}
+
+fn errno(e: &FsError) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+/// Logs errors that mean data could not be served (the user sees EIO); lookups of missing
+/// names are normal and stay quiet.
+fn report(op: &str, ino: u64, e: &FsError) -> Errno {
+    match e {
+        FsError::Index(_) | FsError::Source(_) => error!(op, ino, "returning EIO: {e}"),
+        _ => debug!(op, ino, "{e}"),
+    }
+    errno(e)
+}
+
+fn file_type(kind: FileKind) -> FileType {
+    match kind {
+        FileKind::Regular => FileType::RegularFile,
+        FileKind::Directory => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::CharDevice => FileType::CharDevice,
+        FileKind::BlockDevice => FileType::BlockDevice,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+    }
+}
+
+fn time(sec: i64, nsec: u32) -> SystemTime {
+    let nsec = Duration::from_nanos(nsec.min(999_999_999) as u64);
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::from_secs(sec as u64) + nsec
+    } else {
+        UNIX_EPOCH - Duration::from_secs(sec.unsigned_abs()) + nsec
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    let t = time(a.mtime_sec, a.mtime_nsec);
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.blocks,
+        atime: t,
+        mtime: t,
+        ctime: t,
+        crtime: t,
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+fn xattr_reply(reply: ReplyXattr, size: u32, value: &[u8]) {
+    if size == 0 {
+        reply.size(value.len() as u32);
+    } else if value.len() > size as usize {
+        reply.error(Errno::from_i32(libc::ERANGE));
+    } else {
+        reply.data(value);
+    }
+}
+
+impl Filesystem for LazyFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_background(MAX_BACKGROUND);
+        let _ = config.set_congestion_threshold(MAX_BACKGROUND / 4 * 3);
+        let _ = config.set_max_readahead(MAX_READAHEAD);
+        for cap in [
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_ASYNC_READ,
+        ] {
+            if config.add_capabilities(cap).is_err() {
+                debug!("kernel lacks capability {cap:?}");
+            }
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.reader.lookup(parent.0, name.as_bytes()) {
+            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+            Err(e) => reply.error(report("lookup", parent.0, &e)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.reader.getattr(ino.0) {
+            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Err(e) => reply.error(report("getattr", ino.0, &e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.reader.readlink(ino.0) {
+            Ok(t) => reply.data(t),
+            Err(e) => reply.error(report("readlink", ino.0, &e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
+        match self.reader.open(ino.0, write) {
+            Ok(()) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(report("open", ino.0, &e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let reader = self.reader.clone();
+        let job: ReadJob = Box::new(move || match reader.read(ino.0, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(report("read", ino.0, &e)),
+        });
+        if let Err(e) = self.reads.send(job) {
+            warn!("read workers are gone; failing read of inode {}", ino.0);
+            (e.into_inner())();
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.reader.getattr(ino.0) {
+            Ok(a) if a.kind == FileKind::Directory => {
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR)
+            }
+            Ok(_) => reply.error(Errno::from_i32(libc::ENOTDIR)),
+            Err(e) => reply.error(report("opendir", ino.0, &e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let result = self.reader.readdir(ino.0, offset, |e| {
+            !reply.add(
+                INodeNo(e.ino),
+                e.next_offset,
+                file_type(e.kind),
+                OsStr::from_bytes(e.name),
+            )
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(report("readdir", ino.0, &e)),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let mut failure = None;
+        let result = self.reader.readdir(ino.0, offset, |e| {
+            match self.reader.getattr(e.ino) {
+                Ok(a) => !reply.add(
+                    INodeNo(e.ino),
+                    e.next_offset,
+                    OsStr::from_bytes(e.name),
+                    &TTL,
+                    &file_attr(&a),
+                    Generation(0),
+                ),
+                Err(err) => {
+                    failure = Some(err);
+                    false
+                }
+            }
+        });
+        match result.and_then(|()| failure.map_or(Ok(()), Err)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(report("readdirplus", ino.0, &e)),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let s = self.reader.statfs();
+        reply.statfs(s.blocks, 0, 0, s.files, 0, s.block_size, s.name_max, s.block_size);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.reader.getxattr(ino.0, name.as_bytes()) {
+            Ok(v) => xattr_reply(reply, size, v),
+            Err(e) => reply.error(report("getxattr", ino.0, &e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.reader.listxattr(ino.0) {
+            Ok(v) => xattr_reply(reply, size, &v),
+            Err(e) => reply.error(report("listxattr", ino.0, &e)),
+        }
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        match self.reader.getattr(ino.0) {
+            Ok(_) if mask.contains(AccessFlags::W_OK) => reply.error(Errno::from_i32(libc::EROFS)),
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(report("access", ino.0, &e)),
+        }
+    }
+}
+
+/// Mounts `reader` at `mountpoint` read-only and serves it from background threads until the
+/// returned session is dropped or unmounted.
+pub fn mount(
+    reader: Arc<ImageReader>,
+    mountpoint: &Path,
+    cfg: &MountConfig,
+) -> std::io::Result<fuser::BackgroundSession> {
+    let options = vec![
+        MountOption::RO,
+        MountOption::FSName(cfg.fs_name.clone()),
+        MountOption::Subtype("lazyimg".to_string()),
+        MountOption::DefaultPermissions,
+        MountOption::Dev,
+        MountOption::Suid,
+        MountOption::Exec,
+    ];
+    let mut config = Config::default();
+    config.mount_options = options;
+    config.acl = if cfg.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(cfg.session_threads.max(1));
+    config.clone_fd = true;
+    let fs = LazyFs::new(reader, cfg.read_workers);
+    fuser::spawn_mount(fs, mountpoint, &config)
+}

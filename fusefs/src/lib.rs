@@ -1,0 +1,23 @@
+//! The lazy image format and a read-only filesystem over it.
+//!
+//! - `format`: record layout of the index (see docs/FORMAT.md).
+//! - `index`: validating reader of an index (mmap or bytes).
+//! - `writer`: builds an index from a tree, chunks and blobs.
+//! - `chunk`: chunk encoding and checks, and the `ChunkSource` trait data is read through.
+//! - `reader`: `ImageReader`, POSIX semantics over an index; testable without FUSE.
+//! - `fuse`: the thin `fuser` adapter and `mount`.
+//! - `manifest`: the OCI manifest that names an image's index and blobs.
+
+pub mod chunk;
+pub mod error;
+pub mod format;
+pub mod fuse;
+pub mod index;
+pub mod manifest;
+pub mod reader;
+pub mod writer;
+
+pub use chunk::{ChunkRef, ChunkSource};
+pub use error::{ChunkError, FsError, IndexError, SourceError};
+pub use index::Index;
+pub use reader::ImageReader;

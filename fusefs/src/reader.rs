@@ -1,0 +1,380 @@
+//! `ImageReader`: POSIX read-only semantics over a validated index and a `ChunkSource`.
+//! Plain types in, plain types out, so tests drive it without FUSE; `fuse.rs` only translates.
+
+use std::sync::Arc;
+
+use crate::chunk::{ChunkRef, ChunkSource};
+use crate::error::{FsError, IndexError};
+use crate::format::*;
+use crate::index::{Index, ROOT_INO};
+
+/// File types as the filesystem reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    Regular,
+    Directory,
+    Symlink,
+    CharDevice,
+    BlockDevice,
+    Fifo,
+    Socket,
+}
+
+impl FileKind {
+    fn from_mode(mode: u32) -> Result<FileKind, IndexError> {
+        Ok(match mode & S_IFMT {
+            S_IFREG => FileKind::Regular,
+            S_IFDIR => FileKind::Directory,
+            S_IFLNK => FileKind::Symlink,
+            S_IFCHR => FileKind::CharDevice,
+            S_IFBLK => FileKind::BlockDevice,
+            S_IFIFO => FileKind::Fifo,
+            S_IFSOCK => FileKind::Socket,
+            other => return Err(IndexError::Corrupt(format!("unknown file type {other:o}"))),
+        })
+    }
+}
+
+/// Attributes of one inode (what `stat` shows).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: FileKind,
+    /// Permission bits including setuid/setgid/sticky (no type bits).
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    /// 512-byte blocks holding data (holes excluded).
+    pub blocks: u64,
+    pub mtime_sec: i64,
+    pub mtime_nsec: u32,
+    pub rdev: u32,
+}
+
+/// One directory entry as returned by `readdir`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry<'a> {
+    pub ino: u64,
+    pub kind: FileKind,
+    pub name: &'a [u8],
+    /// The offset to pass to `readdir` to continue after this entry.
+    pub next_offset: u64,
+}
+
+/// Filesystem-wide numbers for `statfs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub files: u64,
+    pub block_size: u32,
+    pub name_max: u32,
+}
+
+/// Read-only view of one image.
+pub struct ImageReader {
+    index: Arc<Index>,
+    source: Arc<dyn ChunkSource>,
+    blob_digests: Vec<String>,
+    total_blocks: u64,
+}
+
+impl ImageReader {
+    pub fn new(index: Arc<Index>, source: Arc<dyn ChunkSource>) -> Result<ImageReader, IndexError> {
+        let blobs = index.blobs()?;
+        let blob_digests = blobs
+            .iter()
+            .map(|b| format!("sha256:{}", crate::chunk::hex(&b.sha256)))
+            .collect();
+        let total_blocks = (0..index.chunk_count() as u32)
+            .map(|i| index.chunk(i).map(|c| c.raw_len as u64))
+            .sum::<Result<u64, _>>()?
+            .div_ceil(4096);
+        Ok(ImageReader {
+            index,
+            source,
+            blob_digests,
+            total_blocks,
+        })
+    }
+
+    pub fn index(&self) -> &Arc<Index> {
+        &self.index
+    }
+
+    /// The chunk with table index `i`, with its blob digest.
+    pub fn chunk_ref(&self, i: u32) -> Result<ChunkRef, IndexError> {
+        let record = self.index.chunk(i)?;
+        let blob_digest = self
+            .blob_digests
+            .get(record.blob as usize)
+            .cloned()
+            .ok_or_else(|| IndexError::Corrupt(format!("chunk {i} names missing blob")))?;
+        Ok(ChunkRef {
+            index: i,
+            record,
+            blob_digest,
+        })
+    }
+
+    fn inode(&self, ino: u64) -> Result<InodeRecord, FsError> {
+        if ino == 0 || ino > self.index.inode_count() {
+            return Err(FsError::NotFound);
+        }
+        Ok(self.index.inode(ino)?)
+    }
+
+    fn attr_of(&self, ino: u64, rec: &InodeRecord) -> Result<Attr, FsError> {
+        let kind = FileKind::from_mode(rec.mode)?;
+        let blocks = match kind {
+            FileKind::Regular => {
+                let mut bytes = 0u64;
+                for e in rec.data_start..rec.data_start + rec.data_count {
+                    let ext: ExtentRecord = self.index.record(Section::Extents, e as usize)?;
+                    bytes += ext.len as u64;
+                }
+                bytes.div_ceil(512)
+            }
+            FileKind::Directory => 8,
+            _ => 0,
+        };
+        Ok(Attr {
+            ino,
+            kind,
+            perm: (rec.mode & 0o7777) as u16,
+            nlink: rec.nlink,
+            uid: rec.uid,
+            gid: rec.gid,
+            size: rec.size,
+            blocks,
+            mtime_sec: rec.mtime_sec,
+            mtime_nsec: rec.mtime_nsec,
+            rdev: rec.rdev,
+        })
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
+        let rec = self.inode(ino)?;
+        self.attr_of(ino, &rec)
+    }
+
+    fn dir(&self, ino: u64) -> Result<InodeRecord, FsError> {
+        let rec = self.inode(ino)?;
+        if rec.mode & S_IFMT != S_IFDIR {
+            return Err(FsError::NotDir);
+        }
+        Ok(rec)
+    }
+
+    fn dirent(&self, dir: &InodeRecord, i: u32) -> Result<(DirentRecord, &[u8]), FsError> {
+        let d: DirentRecord = self
+            .index
+            .record(Section::Dirents, (dir.data_start + i) as usize)?;
+        let name = self.index.string(d.name_off, d.name_len)?;
+        Ok((d, name))
+    }
+
+    /// Finds `name` in directory `parent` (binary search over the sorted entries).
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr, FsError> {
+        let dir = self.dir(parent)?;
+        if name.len() > NAME_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        match name {
+            b"." => return self.getattr(parent),
+            b".." => return self.getattr(dir.parent as u64),
+            _ => {}
+        }
+        let (mut lo, mut hi) = (0u32, dir.data_count);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let (d, entry_name) = self.dirent(&dir, mid)?;
+            match entry_name.cmp(name) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return self.getattr(d.ino as u64),
+            }
+        }
+        Err(FsError::NotFound)
+    }
+
+    /// Entries of directory `ino` from `offset` on: offset 0 is ".", 1 is "..", and 2 + i is
+    /// the i-th stored entry. Stops early when `f` returns false (the reply buffer is full).
+    pub fn readdir(
+        &self,
+        ino: u64,
+        offset: u64,
+        mut f: impl FnMut(DirEntry<'_>) -> bool,
+    ) -> Result<(), FsError> {
+        let dir = self.dir(ino)?;
+        let total = dir.data_count as u64 + 2;
+        for pos in offset..total {
+            let entry = match pos {
+                0 => DirEntry {
+                    ino,
+                    kind: FileKind::Directory,
+                    name: b".",
+                    next_offset: 1,
+                },
+                1 => DirEntry {
+                    ino: dir.parent as u64,
+                    kind: FileKind::Directory,
+                    name: b"..",
+                    next_offset: 2,
+                },
+                _ => {
+                    let (d, name) = self.dirent(&dir, (pos - 2) as u32)?;
+                    let child = self.index.inode(d.ino as u64)?;
+                    DirEntry {
+                        ino: d.ino as u64,
+                        kind: FileKind::from_mode(child.mode)?,
+                        name,
+                        next_offset: pos + 1,
+                    }
+                }
+            };
+            if !f(entry) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<&[u8], FsError> {
+        let rec = self.inode(ino)?;
+        if rec.mode & S_IFMT != S_IFLNK {
+            return Err(FsError::NotSymlink);
+        }
+        Ok(self.index.string(rec.data_start, rec.data_count)?)
+    }
+
+    fn xattrs(&self, ino: u64) -> Result<Vec<(&[u8], &[u8])>, FsError> {
+        let rec = self.inode(ino)?;
+        let mut out = Vec::with_capacity(rec.xattr_count as usize);
+        for x in rec.xattr_start..rec.xattr_start + rec.xattr_count {
+            let r: XattrRecord = self.index.record(Section::Xattrs, x as usize)?;
+            out.push((
+                self.index.string(r.name_off, r.name_len)?,
+                self.index.string(r.value_off, r.value_len)?,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The value of extended attribute `name`.
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<&[u8], FsError> {
+        self.xattrs(ino)?
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v)
+            .ok_or(FsError::NoXattr)
+    }
+
+    /// Names of all extended attributes, each followed by a NUL (the `listxattr` format).
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>, FsError> {
+        let mut out = Vec::new();
+        for (name, _) in self.xattrs(ino)? {
+            out.extend_from_slice(name);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    /// Checks that `ino` can be opened for reading (regular files only reach `read`).
+    pub fn open(&self, ino: u64, write: bool) -> Result<(), FsError> {
+        let rec = self.inode(ino)?;
+        if write {
+            return Err(FsError::ReadOnly);
+        }
+        if rec.mode & S_IFMT == S_IFDIR {
+            return Err(FsError::IsDir);
+        }
+        Ok(())
+    }
+
+    /// The chunk pieces covering `offset..offset+size` of file `ino`, clamped to the file
+    /// size, as (position in the output, extent) pairs. Gaps between them are holes.
+    pub fn plan_read(
+        &self,
+        ino: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<(usize, Vec<(usize, ExtentRecord)>), FsError> {
+        let rec = self.inode(ino)?;
+        match rec.mode & S_IFMT {
+            S_IFREG => {}
+            S_IFDIR => return Err(FsError::IsDir),
+            _ => return Err(FsError::Invalid),
+        }
+        if offset >= rec.size {
+            return Ok((0, Vec::new()));
+        }
+        let end = offset.saturating_add(size as u64).min(rec.size);
+        let len = (end - offset) as usize;
+        let extent = |i: u32| -> Result<ExtentRecord, FsError> {
+            Ok(self
+                .index
+                .record(Section::Extents, (rec.data_start + i) as usize)?)
+        };
+        // First extent ending after `offset`.
+        let (mut lo, mut hi) = (0u32, rec.data_count);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let e = extent(mid)?;
+            if e.file_off + e.len as u64 <= offset {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        let mut pieces = Vec::new();
+        for i in lo..rec.data_count {
+            let e = extent(i)?;
+            if e.file_off >= end {
+                break;
+            }
+            let start = e.file_off.max(offset);
+            let stop = (e.file_off + e.len as u64).min(end);
+            pieces.push((
+                (start - offset) as usize,
+                ExtentRecord {
+                    file_off: start,
+                    chunk: e.chunk,
+                    chunk_off: e.chunk_off + (start - e.file_off) as u32,
+                    len: (stop - start) as u32,
+                },
+            ));
+        }
+        Ok((len, pieces))
+    }
+
+    /// Reads up to `size` bytes at `offset` of file `ino`. Blocks while chunks are fetched.
+    pub fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        let (len, pieces) = self.plan_read(ino, offset, size)?;
+        let mut out = vec![0u8; len];
+        for (at, piece) in pieces {
+            let chunk = self.chunk_ref(piece.chunk)?;
+            let data = self.source.chunk(&chunk)?;
+            let from = piece.chunk_off as usize;
+            let src = data
+                .get(from..from + piece.len as usize)
+                .ok_or_else(|| IndexError::Corrupt(format!("chunk {} is short", piece.chunk)))?;
+            out[at..at + piece.len as usize].copy_from_slice(src);
+        }
+        Ok(out)
+    }
+
+    pub fn statfs(&self) -> StatFs {
+        StatFs {
+            blocks: self.total_blocks,
+            files: self.index.inode_count(),
+            block_size: 4096,
+            name_max: NAME_MAX as u32,
+        }
+    }
+
+    pub fn root_ino(&self) -> u64 {
+        ROOT_INO
+    }
+}
