@@ -33,7 +33,11 @@ pub enum ChunkError {
         expected: usize,
     },
     #[error("chunk {digest} crc32 mismatch (stored {expected:08x}, computed {actual:08x})")]
-    Crc { digest: String, expected: u32, actual: u32 },
+    Crc {
+        digest: String,
+        expected: u32,
+        actual: u32,
+    },
     #[error("chunk {digest} does not decompress: {reason}")]
     Decompress { digest: String, reason: String },
     #[error("chunk {digest} digest mismatch after decoding (got {actual})")]

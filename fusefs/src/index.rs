@@ -190,7 +190,10 @@ impl Index {
                 .map_err(|_| corrupt(format!("chunk {c} names missing blob {}", chunk.blob)))?;
             let end = chunk.comp_off.checked_add(chunk.comp_len as u64);
             if end.is_none_or(|e| e > blob.size) {
-                return Err(corrupt(format!("chunk {c} lies outside blob {}", chunk.blob)));
+                return Err(corrupt(format!(
+                    "chunk {c} lies outside blob {}",
+                    chunk.blob
+                )));
             }
             if chunk.raw_len == 0 || chunk.raw_len > chunk_size || chunk.comp_len == 0 {
                 return Err(corrupt(format!("chunk {c} has bad lengths")));
@@ -221,12 +224,17 @@ impl Index {
                 let name = self.string(rec.name_off, rec.name_len)?;
                 self.string(rec.value_off, rec.value_len)?;
                 if name.is_empty() || name.contains(&0) || prev.is_some_and(|p| p >= name) {
-                    return Err(corrupt(format!("inode {ino} has bad or unsorted xattr names")));
+                    return Err(corrupt(format!(
+                        "inode {ino} has bad or unsorted xattr names"
+                    )));
                 }
                 prev = Some(name);
             }
             if inode.parent == 0 || inode.parent as usize > n_inodes {
-                return Err(corrupt(format!("inode {ino} has bad parent {}", inode.parent)));
+                return Err(corrupt(format!(
+                    "inode {ino} has bad parent {}",
+                    inode.parent
+                )));
             }
             match inode.mode & S_IFMT {
                 S_IFDIR => {
@@ -297,7 +305,9 @@ impl Index {
                 || name.contains(&b'/')
                 || name.contains(&0)
             {
-                return Err(corrupt(format!("directory {ino} has an invalid entry name")));
+                return Err(corrupt(format!(
+                    "directory {ino} has an invalid entry name"
+                )));
             }
             if prev.is_some_and(|p| p >= name) {
                 return Err(corrupt(format!("directory {ino} entries are not sorted")));
@@ -325,14 +335,19 @@ impl Index {
             let ext: ExtentRecord = self.record(Section::Extents, e as usize)?;
             let end = ext.file_off.checked_add(ext.len as u64);
             if ext.len == 0 || ext.file_off < next_free || end.is_none_or(|e| e > inode.size) {
-                return Err(corrupt(format!("file {ino} has overlapping or bad extents")));
+                return Err(corrupt(format!(
+                    "file {ino} has overlapping or bad extents"
+                )));
             }
             next_free = ext.file_off + ext.len as u64;
             let chunk: ChunkRecord = self
                 .record(Section::Chunks, ext.chunk as usize)
                 .map_err(|_| corrupt(format!("file {ino} names missing chunk {}", ext.chunk)))?;
             if ext.chunk_off as u64 + ext.len as u64 > chunk.raw_len as u64 {
-                return Err(corrupt(format!("file {ino} extent outside chunk {}", ext.chunk)));
+                return Err(corrupt(format!(
+                    "file {ino} extent outside chunk {}",
+                    ext.chunk
+                )));
             }
         }
         Ok(())
@@ -349,7 +364,9 @@ impl Index {
         let at = (i as u64)
             .checked_mul(R::LEN as u64)
             .and_then(|o| o.checked_add(entry.offset))
-            .ok_or_else(|| IndexError::Corrupt(format!("{} record {i} overflows", section.name())))?;
+            .ok_or_else(|| {
+                IndexError::Corrupt(format!("{} record {i} overflows", section.name()))
+            })?;
         if i >= self.count(section) {
             return Err(IndexError::Corrupt(format!(
                 "{} record {i} out of range",
@@ -360,7 +377,9 @@ impl Index {
             .bytes
             .as_slice()
             .get(at as usize..at as usize + R::LEN)
-            .ok_or_else(|| IndexError::Corrupt(format!("{} record {i} out of range", section.name())))?;
+            .ok_or_else(|| {
+                IndexError::Corrupt(format!("{} record {i} out of range", section.name()))
+            })?;
         Ok(R::decode(bytes))
     }
 
@@ -412,6 +431,11 @@ impl Index {
         self.count(Section::Chunks)
     }
 
+    /// The raw index bytes (to verify the digest the manifest names).
+    pub fn as_bytes(&self) -> &[u8] {
+        self.bytes.as_slice()
+    }
+
     /// Size of the whole index in bytes.
     pub fn len(&self) -> u64 {
         self.header.total_len
@@ -446,7 +470,10 @@ mod tests {
             assert!(err.is_some(), "truncated to {len} bytes was accepted");
         }
         let err = Index::from_bytes(bytes[..300].to_vec()).err().unwrap();
-        assert!(matches!(err, IndexError::Truncated { actual: 300, .. }), "{err}");
+        assert!(
+            matches!(err, IndexError::Truncated { actual: 300, .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("truncated at 300 bytes"));
     }
 

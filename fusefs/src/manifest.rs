@@ -60,7 +60,9 @@ pub struct LazyManifest {
 /// Checks `sha256:` followed by 64 lower-case hex digits.
 pub fn is_sha256_digest(d: &str) -> bool {
     d.strip_prefix("sha256:").is_some_and(|h| {
-        h.len() == 64 && h.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+        h.len() == 64
+            && h.bytes()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
     })
 }
 
@@ -91,9 +93,16 @@ impl LazyManifest {
         }
         match m.layers.first() {
             Some(d) if d.media_type == MEDIA_TYPE_INDEX => {}
-            _ => return Err(ManifestError::NotLazy("first layer is not the index".into())),
+            _ => {
+                return Err(ManifestError::NotLazy(
+                    "first layer is not the index".into(),
+                ))
+            }
         }
-        if m.layers[1..].iter().any(|d| d.media_type != MEDIA_TYPE_BLOB) {
+        if m.layers[1..]
+            .iter()
+            .any(|d| d.media_type != MEDIA_TYPE_BLOB)
+        {
             return Err(ManifestError::NotLazy("unknown layer media type".into()));
         }
         for d in std::iter::once(&m.config).chain(&m.layers) {

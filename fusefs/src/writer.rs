@@ -228,7 +228,10 @@ impl IndexWriter {
 
         for (i, node) in self.nodes.iter_mut().enumerate() {
             if self.parents[i] == 0 {
-                return Err(IndexError::Corrupt(format!("inode {} is not linked", i + 1)));
+                return Err(IndexError::Corrupt(format!(
+                    "inode {} is not linked",
+                    i + 1
+                )));
             }
             let mut rec = InodeRecord {
                 mode: node.mode,
@@ -260,8 +263,7 @@ impl IndexWriter {
                 }
                 (NodeContent::File(exts), S_IFREG) => {
                     rec.data_start = u32::try_from(n_extents).map_err(|_| too_large("extents"))?;
-                    rec.data_count =
-                        u32::try_from(exts.len()).map_err(|_| too_large("extents"))?;
+                    rec.data_count = u32::try_from(exts.len()).map_err(|_| too_large("extents"))?;
                     for e in exts {
                         e.encode(&mut extents);
                     }
@@ -311,7 +313,15 @@ impl IndexWriter {
             b.encode(&mut blobs);
         }
 
-        let bodies: [Vec<u8>; 7] = [inodes, dirents, extents, chunks, blobs, xattrs, strings.bytes];
+        let bodies: [Vec<u8>; 7] = [
+            inodes,
+            dirents,
+            extents,
+            chunks,
+            blobs,
+            xattrs,
+            strings.bytes,
+        ];
         let mut out = vec![0u8; HEADER_LEN];
         let mut sections = [SectionEntry::default(); 7];
         for (i, body) in bodies.iter().enumerate() {

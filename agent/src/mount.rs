@@ -1,0 +1,119 @@
+//! Mount lifecycle: open an image from a local store, mount it read-only through FUSE, wait
+//! until it is unmounted (by `lazyctl umount`, `umount`, or a signal handled by the caller),
+//! and unmount by path.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use fusefs::fuse::MountConfig;
+use fusefs::ImageReader;
+use thiserror::Error;
+use tracing::{info, warn};
+
+use crate::local::{LocalChunkSource, DEFAULT_MEMORY_CACHE};
+use crate::store::{LocalStore, StoreError};
+
+#[derive(Debug, Error)]
+pub enum MountError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Index(#[from] fusefs::IndexError),
+    #[error("mountpoint {0} is not a directory")]
+    NotADirectory(PathBuf),
+    #[error("cannot mount at {path}: {source} (is /dev/fuse available and fuse3 installed?)")]
+    Mount {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A live mount of one image.
+pub struct MountedImage {
+    session: fuser::BackgroundSession,
+    pub source: Arc<LocalChunkSource>,
+    pub mountpoint: PathBuf,
+    pub files: u64,
+}
+
+impl MountedImage {
+    /// Blocks until the filesystem is unmounted.
+    pub fn join(self) -> std::io::Result<()> {
+        self.session.join()
+    }
+}
+
+/// Opens image `tag` of the store at `store_path` and mounts it at `mountpoint`.
+pub fn mount_local(
+    store_path: &Path,
+    tag: &str,
+    mountpoint: &Path,
+    cfg: &MountConfig,
+) -> Result<MountedImage, MountError> {
+    let started = Instant::now();
+    if !mountpoint.is_dir() {
+        return Err(MountError::NotADirectory(mountpoint.to_path_buf()));
+    }
+    let store = LocalStore::open(store_path)?;
+    let image = store.open_image(tag)?;
+    let source = Arc::new(LocalChunkSource::new(
+        &store,
+        &image.index,
+        DEFAULT_MEMORY_CACHE,
+    )?);
+    let files = image.index.inode_count();
+    let reader = Arc::new(ImageReader::new(image.index, source.clone())?);
+    let session =
+        fusefs::fuse::mount(reader, mountpoint, cfg).map_err(|source| MountError::Mount {
+            path: mountpoint.to_path_buf(),
+            source,
+        })?;
+    info!(
+        image = %image.manifest_digest,
+        mountpoint = %mountpoint.display(),
+        files,
+        "mounted in {:.1} ms",
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(MountedImage {
+        session,
+        source,
+        mountpoint: mountpoint.to_path_buf(),
+        files,
+    })
+}
+
+/// Unmounts the filesystem at `path`: `umount2(2)` as root, else `fusermount3 -u`. With
+/// `lazy`, detaches it even while files are open (MNT_DETACH).
+pub fn unmount(path: &Path, lazy: bool) -> std::io::Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let flags = if lazy { libc::MNT_DETACH } else { 0 };
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+    let rc = unsafe { libc::umount2(c.as_ptr(), flags) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EPERM) {
+        return Err(err);
+    }
+    warn!("umount2 not permitted, trying fusermount3");
+    let mut cmd = std::process::Command::new("fusermount3");
+    cmd.arg("-u");
+    if lazy {
+        cmd.arg("-z");
+    }
+    let status = cmd.arg(path).status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "fusermount3 -u failed: {status}"
+        )))
+    }
+}

@@ -1,0 +1,24 @@
+//! `lazyctl`'s library: converting images and directories to the lazy format.
+//!
+//! - `reference`: source and store references (skopeo-style transports).
+//! - `source`, `pull`: resolving a source to a config and layer blobs on disk.
+//! - `layer`: decompressing and applying one layer's tar stream.
+//! - `dirsource`: reading a plain directory.
+//! - `tree`: the merged tree with whiteouts and hardlinks.
+//! - `packer`: chunking, parallel compression and blob writing.
+//! - `convert`: the whole conversion.
+//! - `progress`: the terminal progress bar.
+
+pub mod convert;
+pub mod dirsource;
+pub mod error;
+pub mod layer;
+pub mod packer;
+pub mod progress;
+pub mod pull;
+pub mod reference;
+pub mod source;
+pub mod tree;
+
+pub use convert::{convert, ConvertOptions, ConvertReport};
+pub use error::ConvertError;
