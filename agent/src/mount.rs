@@ -24,7 +24,7 @@ pub enum MountError {
     Index(#[from] fusefs::IndexError),
     #[error("mountpoint {0} is not a directory")]
     NotADirectory(PathBuf),
-    #[error("cannot mount at {path}: {source} (is /dev/fuse available and fuse3 installed?)")]
+    #[error("cannot mount at {path} (is /dev/fuse available and fuse3 installed?)")]
     Mount {
         path: PathBuf,
         #[source]

@@ -22,7 +22,7 @@ pub const DEFAULT_TAG: &str = "latest";
 
 #[derive(Debug, Error)]
 pub enum StoreError {
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         #[source]

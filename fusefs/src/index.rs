@@ -131,14 +131,14 @@ impl Index {
                     header.total_len
                 )));
             }
-            if entry.offset % SECTION_ALIGN != 0 {
+            if !entry.offset.is_multiple_of(SECTION_ALIGN) {
                 return Err(IndexError::Corrupt(format!(
                     "section '{}' is not {SECTION_ALIGN}-byte aligned",
                     section.name()
                 )));
             }
             let rec = section.record_len() as u64;
-            if entry.len % rec != 0 {
+            if !entry.len.is_multiple_of(rec) {
                 return Err(IndexError::Corrupt(format!(
                     "section '{}' length {} is not a multiple of {rec}",
                     section.name(),

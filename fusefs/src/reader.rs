@@ -72,6 +72,9 @@ pub struct StatFs {
     pub name_max: u32,
 }
 
+/// An extended attribute's name and value, borrowed from the index.
+type XattrPair<'a> = (&'a [u8], &'a [u8]);
+
 /// Read-only view of one image.
 pub struct ImageReader {
     index: Arc<Index>,
@@ -249,7 +252,7 @@ impl ImageReader {
         Ok(self.index.string(rec.data_start, rec.data_count)?)
     }
 
-    fn xattrs(&self, ino: u64) -> Result<Vec<(&[u8], &[u8])>, FsError> {
+    fn xattrs(&self, ino: u64) -> Result<Vec<XattrPair<'_>>, FsError> {
         let rec = self.inode(ino)?;
         let mut out = Vec::with_capacity(rec.xattr_count as usize);
         for x in rec.xattr_start..rec.xattr_start + rec.xattr_count {

@@ -325,7 +325,7 @@ impl IndexWriter {
         let mut out = vec![0u8; HEADER_LEN];
         let mut sections = [SectionEntry::default(); 7];
         for (i, body) in bodies.iter().enumerate() {
-            while out.len() as u64 % SECTION_ALIGN != 0 {
+            while !(out.len() as u64).is_multiple_of(SECTION_ALIGN) {
                 out.push(0);
             }
             sections[i] = SectionEntry {

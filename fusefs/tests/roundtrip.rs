@@ -1,0 +1,381 @@
+//! Property tests: any tree written with `IndexWriter` reads back identically through
+//! `ImageReader` (metadata, names, links, xattrs), and any byte range of any file reads back
+//! exactly, whatever the chunk size, packing of small files, holes and read alignment.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use fusefs::chunk::{decode_chunk, encode_chunk};
+use fusefs::format::*;
+use fusefs::reader::FileKind;
+use fusefs::writer::{IndexWriter, NodeSpec};
+use fusefs::{ChunkRef, ChunkSource, ImageReader, Index, SourceError};
+use proptest::prelude::*;
+
+/// One in-memory blob; chunks are decoded with the real checks.
+struct MemSource {
+    blob: Vec<u8>,
+}
+
+impl ChunkSource for MemSource {
+    fn chunk(&self, c: &ChunkRef) -> Result<Arc<Vec<u8>>, SourceError> {
+        let start = c.record.comp_off as usize;
+        let stored = &self.blob[start..start + c.record.comp_len as usize];
+        Ok(Arc::new(decode_chunk(&c.record, stored)?))
+    }
+}
+
+/// Packs files the way the converter does: small files share chunks, large files start a
+/// fresh chunk and are cut at fixed offsets, zero chunks become holes.
+struct Packer {
+    chunk_size: usize,
+    blob: Vec<u8>,
+    chunks: Vec<ChunkRecord>,
+    buf: Vec<u8>,
+}
+
+impl Packer {
+    fn emit(&mut self, raw: &[u8]) -> u32 {
+        let e = encode_chunk(raw, 1).unwrap();
+        self.chunks.push(ChunkRecord {
+            blob: 0,
+            flags: e.flags,
+            comp_off: self.blob.len() as u64,
+            comp_len: e.stored.len() as u32,
+            raw_len: e.raw_len,
+            crc32: e.crc32,
+            digest: e.digest,
+        });
+        self.blob.extend_from_slice(&e.stored);
+        self.chunks.len() as u32 - 1
+    }
+
+    fn flush(&mut self) {
+        if !self.buf.is_empty() {
+            let b = std::mem::take(&mut self.buf);
+            self.emit(&b);
+        }
+    }
+
+    fn add(&mut self, data: &[u8]) -> Vec<ExtentRecord> {
+        if data.is_empty() {
+            return vec![];
+        }
+        if data.len() < self.chunk_size {
+            if self.buf.len() + data.len() > self.chunk_size {
+                self.flush();
+            }
+            let off = self.buf.len() as u32;
+            self.buf.extend_from_slice(data);
+            // The chunk number is the one `flush` will give the buffer.
+            return vec![ExtentRecord {
+                file_off: 0,
+                chunk: self.chunks.len() as u32,
+                chunk_off: off,
+                len: data.len() as u32,
+            }];
+        }
+        self.flush();
+        let mut out = vec![];
+        for (i, piece) in data.chunks(self.chunk_size).enumerate() {
+            if piece.iter().all(|b| *b == 0) {
+                continue;
+            }
+            let chunk = self.emit(piece);
+            out.push(ExtentRecord {
+                file_off: (i * self.chunk_size) as u64,
+                chunk,
+                chunk_off: 0,
+                len: piece.len() as u32,
+            });
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    File(Vec<u8>),
+    Symlink(Vec<u8>),
+    Fifo,
+    Dev(u32, u32),
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    dir: usize,
+    name: Vec<u8>,
+    kind: Kind,
+    mode: u32,
+    uid: u32,
+    mtime: (i64, u32),
+    xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Also link this file under this name in the root (hardlink).
+    link_as: Option<Vec<u8>>,
+}
+
+fn name() -> impl Strategy<Value = Vec<u8>> {
+    // Mostly ASCII, sometimes non-UTF-8 bytes; never '/', NUL, "." or "..".
+    proptest::collection::vec(prop_oneof![8 => b'a'..=b'e', 1 => 0x80u8..=0xff], 1..6)
+}
+
+fn content(chunk_size: usize) -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        Just(vec![]),
+        proptest::collection::vec(any::<u8>(), 1..chunk_size),
+        (1usize..4 * chunk_size, any::<u8>(), any::<bool>()).prop_map(move |(len, seed, holes)| {
+            (0..len)
+                .map(|i| {
+                    if holes && (i / chunk_size) % 2 == 1 {
+                        0
+                    } else {
+                        (i as u8).wrapping_mul(31).wrapping_add(seed) | 1
+                    }
+                })
+                .collect()
+        }),
+    ]
+}
+
+fn entry(chunk_size: usize, dirs: usize) -> impl Strategy<Value = Entry> {
+    let kind = prop_oneof![
+        4 => content(chunk_size).prop_map(Kind::File),
+        1 => proptest::collection::vec(b'a'..=b'z', 1..40).prop_map(Kind::Symlink),
+        1 => Just(Kind::Fifo),
+        1 => (0u32..4096, 0u32..1 << 20).prop_map(|(a, b)| Kind::Dev(a, b)),
+    ];
+    (
+        0..dirs,
+        name(),
+        kind,
+        0u32..0o7777,
+        any::<u32>(),
+        (any::<i32>(), 0u32..1_000_000_000),
+        proptest::collection::btree_map(
+            proptest::collection::vec(b'a'..=b'z', 1..8)
+                .prop_map(|n| [b"user.".to_vec(), n].concat()),
+            proptest::collection::vec(any::<u8>(), 0..16),
+            0..3,
+        ),
+        proptest::option::weighted(0.2, name().prop_map(|n| [b"hl-".to_vec(), n].concat())),
+    )
+        .prop_map(
+            |(dir, name, kind, mode, uid, (s, ns), xattrs, link_as)| Entry {
+                dir,
+                name,
+                kind,
+                mode,
+                uid,
+                mtime: (s as i64, ns),
+                xattrs,
+                link_as,
+            },
+        )
+}
+
+struct Built {
+    reader: ImageReader,
+    /// Expected files: inode -> content, collected while building.
+    files: Vec<(u64, Vec<u8>)>,
+    entries: Vec<(Vec<Vec<u8>>, Entry)>,
+}
+
+fn build(chunk_size: usize, entries: Vec<Entry>) -> Built {
+    let mut w = IndexWriter::new(chunk_size as u32);
+    let mut packer = Packer {
+        chunk_size,
+        blob: vec![],
+        chunks: vec![],
+        buf: vec![],
+    };
+    // Three directories: the root, d1 (in the root) and d2 (in d1).
+    let d1 = w.add_child(w.root(), b"d1", NodeSpec::dir(0o750)).unwrap();
+    let d2 = w.add_child(d1, b"d2", NodeSpec::dir(0o700)).unwrap();
+    let dirs = [
+        (w.root(), vec![]),
+        (d1, vec![b"d1".to_vec()]),
+        (d2, vec![b"d1".to_vec(), b"d2".to_vec()]),
+    ];
+    let mut taken: std::collections::HashSet<(u32, Vec<u8>)> = Default::default();
+    taken.insert((w.root(), b"d1".to_vec()));
+    taken.insert((d1, b"d2".to_vec()));
+    let mut files = vec![];
+    let mut kept = vec![];
+    for e in entries {
+        let (dir_ino, dir_path) = &dirs[e.dir];
+        if !taken.insert((*dir_ino, e.name.clone())) {
+            continue;
+        }
+        let mut spec = match &e.kind {
+            Kind::File(data) => {
+                let ext = packer.add(data);
+                NodeSpec::file(e.mode, data.len() as u64, ext)
+            }
+            Kind::Symlink(t) => NodeSpec::symlink(t.clone()),
+            Kind::Fifo => NodeSpec::special(S_IFIFO | e.mode, 0),
+            Kind::Dev(a, b) => NodeSpec::special(S_IFCHR | e.mode, encode_dev(*a, *b)),
+        };
+        spec.uid = e.uid;
+        spec.mtime_sec = e.mtime.0;
+        spec.mtime_nsec = e.mtime.1;
+        spec.xattrs = e.xattrs.clone().into_iter().collect();
+        let ino = w.add_child(*dir_ino, &e.name, spec).unwrap();
+        if let Kind::File(data) = &e.kind {
+            files.push((ino as u64, data.clone()));
+        }
+        if let (Some(alias), Kind::File(_)) = (&e.link_as, &e.kind) {
+            if taken.insert((w.root(), alias.clone())) {
+                w.link(w.root(), alias, ino).unwrap();
+            }
+        }
+        let mut path = dir_path.clone();
+        path.push(e.name.clone());
+        kept.push((path, e));
+    }
+    packer.flush();
+    w.add_blob(BlobRecord {
+        sha256: [1; 32],
+        size: packer.blob.len() as u64,
+    });
+    for c in &packer.chunks {
+        w.add_chunk(*c);
+    }
+    let index = Index::from_bytes(w.finish().unwrap()).unwrap();
+    let reader = ImageReader::new(index, Arc::new(MemSource { blob: packer.blob })).unwrap();
+    Built {
+        reader,
+        files,
+        entries: kept,
+    }
+}
+
+fn lookup_path(r: &ImageReader, path: &[Vec<u8>]) -> u64 {
+    let mut ino = r.root_ino();
+    for c in path {
+        ino = r.lookup(ino, c).unwrap().ino;
+    }
+    ino
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn tree_round_trips(chunk_pow in 12u32..15, entries in proptest::collection::vec(entry(1 << 14, 3), 0..40)) {
+        let chunk_size = 1usize << chunk_pow;
+        let b = build(chunk_size, entries);
+        let r = &b.reader;
+        for (path, e) in &b.entries {
+            let ino = lookup_path(r, path);
+            let a = r.getattr(ino).unwrap();
+            prop_assert_eq!(a.uid, e.uid);
+            prop_assert_eq!((a.mtime_sec, a.mtime_nsec), e.mtime);
+            match &e.kind {
+                Kind::File(data) => {
+                    prop_assert_eq!(a.kind, FileKind::Regular);
+                    prop_assert_eq!(a.perm as u32, e.mode);
+                    prop_assert_eq!(a.size, data.len() as u64);
+                    let whole = r.read(ino, 0, data.len() as u32 + 10).unwrap();
+                    prop_assert_eq!(&whole, data);
+                    let expected_links = if e.link_as.is_some() { 2 } else { 1 };
+                    prop_assert!(a.nlink >= 1 && a.nlink <= expected_links);
+                }
+                Kind::Symlink(t) => {
+                    prop_assert_eq!(a.kind, FileKind::Symlink);
+                    prop_assert_eq!(r.readlink(ino).unwrap(), &t[..]);
+                }
+                Kind::Fifo => prop_assert_eq!(a.kind, FileKind::Fifo),
+                Kind::Dev(maj, min) => {
+                    prop_assert_eq!(a.kind, FileKind::CharDevice);
+                    prop_assert_eq!(decode_dev(a.rdev), (*maj, *min));
+                }
+            }
+            let mut listed = vec![];
+            for (n, v) in &e.xattrs {
+                prop_assert_eq!(r.getxattr(ino, n).unwrap(), &v[..]);
+                listed.extend_from_slice(n);
+                listed.push(0);
+            }
+            prop_assert_eq!(r.listxattr(ino).unwrap(), listed);
+            prop_assert!(r.getxattr(ino, b"user.missing-attr").is_err());
+        }
+        // readdir of every directory is sorted, complete and resumable at any offset.
+        for dir in [r.root_ino(), lookup_path(r, &[b"d1".to_vec()])] {
+            let mut all = vec![];
+            r.readdir(dir, 0, |e| { all.push((e.name.to_vec(), e.next_offset)); true }).unwrap();
+            prop_assert_eq!(&all[0].0, b".");
+            prop_assert_eq!(&all[1].0, b"..");
+            let names: Vec<_> = all[2..].iter().map(|e| e.0.clone()).collect();
+            let mut sorted = names.clone();
+            sorted.sort();
+            prop_assert_eq!(&names, &sorted);
+            for (i, (_, next)) in all.iter().enumerate() {
+                let mut rest = vec![];
+                r.readdir(dir, *next, |e| { rest.push(e.name.to_vec()); true }).unwrap();
+                let expected: Vec<_> = all[i + 1..].iter().map(|e| e.0.clone()).collect();
+                prop_assert_eq!(rest, expected);
+            }
+        }
+    }
+
+    #[test]
+    fn any_byte_range_reads_exactly(
+        chunk_pow in 12u32..14,
+        sizes in proptest::collection::vec(0usize..20_000, 1..8),
+        reads in proptest::collection::vec((any::<u64>(), 0u32..40_000), 1..20),
+    ) {
+        let chunk_size = 1usize << chunk_pow;
+        let entries: Vec<Entry> = sizes.iter().enumerate().map(|(i, s)| Entry {
+            dir: i % 3,
+            name: format!("f{i}").into_bytes(),
+            kind: Kind::File((0..*s).map(|j| if (j / 3000) % 3 == 2 { 0 } else { (j * 7 + i) as u8 }).collect()),
+            mode: 0o644,
+            uid: 0,
+            mtime: (0, 0),
+            xattrs: BTreeMap::new(),
+            link_as: None,
+        }).collect();
+        let b = build(chunk_size, entries);
+        for (ino, data) in &b.files {
+            for (off, size) in &reads {
+                let off = off % (data.len() as u64 + 100);
+                let got = b.reader.read(*ino, off, *size).unwrap();
+                let start = (off as usize).min(data.len());
+                let end = (start + *size as usize).min(data.len());
+                prop_assert_eq!(&got[..], &data[start..end]);
+            }
+        }
+    }
+}
+
+#[test]
+fn lookups_of_missing_names_and_wrong_types_fail_cleanly() {
+    let b = build(
+        4096,
+        vec![Entry {
+            dir: 0,
+            name: b"file".to_vec(),
+            kind: Kind::File(b"x".to_vec()),
+            mode: 0o644,
+            uid: 0,
+            mtime: (0, 0),
+            xattrs: BTreeMap::new(),
+            link_as: None,
+        }],
+    );
+    let r = &b.reader;
+    let file = r.lookup(1, b"file").unwrap().ino;
+    assert_eq!(r.lookup(1, b"nope").unwrap_err().errno(), libc::ENOENT);
+    assert!(r.lookup(file, b"x").is_err());
+    assert!(r.readlink(file).is_err());
+    assert!(r.getattr(0).is_err());
+    assert!(r.getattr(u64::MAX).is_err());
+    assert!(r.read(1, 0, 10).is_err());
+    assert!(r.open(file, true).is_err());
+    assert_eq!(
+        r.lookup(lookup_path(r, &[b"d1".to_vec()]), b"..")
+            .unwrap()
+            .ino,
+        1
+    );
+}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One-time set-up of a Debian 12 machine (as root): the system packages lazyctl and its test
+# suite use, then a release build of lazyctl. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+    echo "setup.sh: run as root (it installs packages with apt-get)" >&2
+    exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# fuse3: fusermount3 and /etc/fuse.conf; umoci/skopeo/debootstrap: build and move real images;
+# docker-registry: a real OCI registry for tests; attr: getfattr/setfattr for checks.
+apt-get install -y -qq --no-install-recommends \
+    fuse3 umoci skopeo debootstrap docker-registry attr ca-certificates \
+    curl gcc pkg-config tar gzip zstd python3 >/dev/null
+
+if ! command -v cargo >/dev/null; then
+    echo "setup.sh: cargo not found; install Rust with rustup (https://rustup.rs) first" >&2
+    exit 1
+fi
+if [ ! -e /dev/fuse ]; then
+    modprobe fuse 2>/dev/null || true
+fi
+[ -e /dev/fuse ] || { echo "setup.sh: /dev/fuse is missing; load the fuse module" >&2; exit 1; }
+
+cargo build --release --workspace --bins
+echo "setup done: $(pwd)/target/release/lazyctl"

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The whole test suite (as root: the end-to-end tests mount FUSE filesystems, chroot into them
+# and run umoci/debootstrap). Tiers, all run here:
+#   unit + property tests        cargo test (every crate)
+#   end-to-end tests             tests/tests/*.rs (real mounts, real images, reference unpacks)
+#   lint                         cargo fmt --check, cargo clippy -D warnings
+#   fuzz (brief)                 cargo fuzz run index_open for FUZZ_SECONDS (default 60; 0 skips)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+    echo "test.sh: run as root (end-to-end tests mount FUSE filesystems)" >&2
+    exit 1
+fi
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace -- --test-threads=2
+
+FUZZ_SECONDS=${FUZZ_SECONDS:-60}
+if [ "$FUZZ_SECONDS" -gt 0 ]; then
+    scripts/fuzz.sh "$FUZZ_SECONDS"
+fi
