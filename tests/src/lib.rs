@@ -9,7 +9,8 @@
 //! - [`debian`]: a cached Debian bookworm minbase image made with debootstrap and umoci;
 //! - [`reference`]: the reference unpack (`umoci unpack`) and `skopeo copy`;
 //! - [`tree`]: a full comparison of two directory trees (metadata, xattrs, hardlinks, content);
-//! - [`mount`]: running `lazyctl`, a guard around a live FUSE mount, root/FUSE preconditions.
+//! - [`mount`]: running `lazyctl`, a guard around a live FUSE mount, root/FUSE preconditions;
+//! - [`registry`]: a real `docker-registry` on a loopback port.
 //!
 //! The harness uses `anyhow` for errors: it is test-only code whose callers `unwrap()` or `?`
 //! and want the context chain in the failure message, not a typed error to match on.
@@ -20,6 +21,7 @@ pub mod debian;
 pub mod mount;
 pub mod oci;
 pub mod reference;
+pub mod registry;
 pub mod synthetic;
 pub mod tree;
 

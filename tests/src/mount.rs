@@ -360,6 +360,30 @@ impl Mounted {
         Ok(status)
     }
 
+    /// Sends `signal` to the mount child and checks that it unmounts and exits by itself
+    /// within 10 s. Returns the child's exit status.
+    pub fn signal_and_wait(mut self, signal: libc::c_int) -> Result<ExitStatus> {
+        // SAFETY: kill(2) on our own child, not reaped yet (`finished` is false), so the pid
+        // still names it.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        ensure!(rc == 0, "kill failed: {}", io::Error::last_os_error());
+        let status = wait_timeout(&mut self.child, EXIT_TIMEOUT)?;
+        let Some(status) = status else {
+            bail!(
+                "the mount child did not exit within {EXIT_TIMEOUT:?} of signal {signal}; \
+                 its output:\n{}",
+                self.output()
+            );
+        };
+        self.finished = true;
+        ensure!(
+            !is_fuse_mounted(&self.mountpoint)?,
+            "{} is still mounted after signal {signal} and child exit",
+            self.mountpoint.display()
+        );
+        Ok(status)
+    }
+
     /// Best-effort teardown for drop: never panics, escalates until the mount is gone.
     fn teardown(&mut self) -> Vec<String> {
         let mut notes = Vec::new();

@@ -259,10 +259,15 @@ fn convert_layer(
         inner: file,
         counter: read.clone(),
     };
-    let mut raw = HashingReader::new(std::io::BufReader::with_capacity(1 << 20, counted));
+    // One digest is checked: of the blob as stored, or (docker-archive) of the tar inside.
+    let uncompressed = matches!(layer.expected, Expected::Uncompressed(_));
+    let mut raw = HashingReader::with_hash(
+        std::io::BufReader::with_capacity(1 << 20, counted),
+        !uncompressed,
+    );
     let (packer, result) = run(packer, |packer| {
         let (compression, stream) = decompress(std::io::BufReader::new(&mut raw), &label)?;
-        let mut plain = HashingReader::new(stream);
+        let mut plain = HashingReader::with_hash(stream, uncompressed);
         let stats = apply_tar(&mut plain, index, &label, compression, tree, packer)?;
         let plain_digest = plain.finish().map_err(|e| ConvertError::CorruptLayer {
             layer: label.clone(),
@@ -280,6 +285,7 @@ fn convert_layer(
         Expected::Blob(d) => (d, blob_digest),
         Expected::Uncompressed(d) => (d, plain_digest),
     };
+    let actual = actual.unwrap_or_default();
     if *expected != actual {
         return Err(ConvertError::LayerDigest {
             layer: label,

@@ -8,39 +8,49 @@ use sha2::{Digest, Sha256};
 
 use crate::error::ConvertError;
 use crate::packer::LayerPacker;
+use crate::pax::{parse_records, pax_records_before, HeaderTap, PaxLookup, PaxRecord};
 use crate::tree::{
     components, dir_node, file_node, special_node, symlink_node, Meta, Tree, TreeError,
 };
 use fusefs::format::{encode_dev, S_IFBLK, S_IFCHR, S_IFIFO};
 
-/// A reader that hashes (sha256) and counts what passes through it.
+/// A reader that hashes (sha256, when asked to) and counts what passes through it.
 pub struct HashingReader<R> {
     inner: R,
-    hasher: Sha256,
+    hasher: Option<Sha256>,
     pub bytes: u64,
 }
 
 impl<R: Read> HashingReader<R> {
     pub fn new(inner: R) -> Self {
+        Self::with_hash(inner, true)
+    }
+
+    /// `hash: false` only counts: no digest is needed for this stream.
+    pub fn with_hash(inner: R, hash: bool) -> Self {
         HashingReader {
             inner,
-            hasher: Sha256::new(),
+            hasher: hash.then(Sha256::new),
             bytes: 0,
         }
     }
 
     /// Reads the rest of the stream (tar readers stop before trailing padding) and returns
-    /// `sha256:<hex>` of everything read.
-    pub fn finish(mut self) -> io::Result<String> {
+    /// `sha256:<hex>` of everything read, if hashing.
+    pub fn finish(mut self) -> io::Result<Option<String>> {
         io::copy(&mut self, &mut io::sink())?;
-        Ok(format!("sha256:{}", hex::encode(self.hasher.finalize())))
+        Ok(self
+            .hasher
+            .map(|h| format!("sha256:{}", hex::encode(h.finalize()))))
     }
 }
 
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
         self.bytes += n as u64;
         Ok(n)
     }
@@ -137,6 +147,28 @@ fn pax_time(v: &[u8]) -> Option<(i64, u32)> {
     }
 }
 
+/// The PAX records of `entry`: parsed from the raw bytes the tap recorded, or, when the
+/// recording is not usable, from the `tar` crate's own (newline-splitting) parser.
+fn pax_of<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    tap: &crate::pax::Tap,
+) -> Result<Vec<PaxRecord>, String> {
+    match pax_records_before(tap, entry.raw_header_position()) {
+        PaxLookup::Found(data) => parse_records(&data),
+        PaxLookup::NoPax => Ok(Vec::new()),
+        PaxLookup::Unreadable => match entry.pax_extensions() {
+            Ok(Some(exts)) => exts
+                .map(|e| {
+                    e.map(|e| (e.key_bytes().to_vec(), e.value_bytes().to_vec()))
+                        .map_err(|e| e.to_string())
+                })
+                .collect(),
+            Ok(None) => Ok(Vec::new()),
+            Err(e) => Err(e.to_string()),
+        },
+    }
+}
+
 /// Applies the tar stream of layer number `layer` (named `label` in errors) to `tree`.
 pub fn apply_tar(
     stream: impl Read,
@@ -151,12 +183,29 @@ pub fn apply_tar(
         compression: compression.name(),
         reason: e.to_string(),
     };
+    let (stream, tap) = HeaderTap::new(stream);
     let mut archive = tar::Archive::new(stream);
     let mut stats = LayerStats::default();
-    for entry in archive.entries().map_err(corrupt)? {
+    let mut entries = archive.entries().map_err(corrupt)?;
+    loop {
+        // Record the headers tar reads before the next entry (not file data).
+        tap.borrow_mut().reset();
+        let Some(entry) = entries.next() else { break };
         let mut entry = entry.map_err(corrupt)?;
+        tap.borrow_mut().pause();
         stats.entries += 1;
-        let raw_path = entry.path_bytes().into_owned();
+        let pax = pax_of(&mut entry, &tap.borrow()).map_err(|reason| ConvertError::BadEntry {
+            layer: label.to_string(),
+            entry: lossy(&entry.path_bytes()),
+            reason,
+        })?;
+        let pax_value = |key: &[u8]| {
+            pax.iter()
+                .rev()
+                .find(|(k, _)| k.as_slice() == key)
+                .map(|(_, v)| v.clone())
+        };
+        let raw_path = pax_value(b"path").unwrap_or_else(|| entry.path_bytes().into_owned());
         let shown = lossy(&raw_path);
         let bad_entry = |reason: String| ConvertError::BadEntry {
             layer: label.to_string(),
@@ -202,28 +251,24 @@ pub fn apply_tar(
             mtime_nsec: 0,
             xattrs: Vec::new(),
         };
-        if let Some(exts) = entry.pax_extensions().map_err(corrupt)? {
-            for ext in exts {
-                let ext = ext.map_err(corrupt)?;
-                let key = ext.key_bytes();
-                let value = ext.value_bytes();
-                if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
-                    meta.xattrs.push((name.to_vec(), value.to_vec()));
-                } else if key == b"mtime" {
-                    let (s, ns) = pax_time(value)
-                        .ok_or_else(|| bad_entry(format!("bad PAX mtime {:?}", lossy(value))))?;
-                    meta.mtime_sec = s;
-                    meta.mtime_nsec = ns;
-                } else if key == b"uid" || key == b"gid" {
-                    let id: u32 = std::str::from_utf8(value)
-                        .ok()
-                        .and_then(|v| v.parse().ok())
-                        .ok_or_else(|| bad_entry(format!("bad PAX {}", lossy(key))))?;
-                    if key == b"uid" {
-                        meta.uid = id;
-                    } else {
-                        meta.gid = id;
-                    }
+        for (key, value) in &pax {
+            let (key, value) = (key.as_slice(), value.as_slice());
+            if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                meta.xattrs.push((name.to_vec(), value.to_vec()));
+            } else if key == b"mtime" {
+                let (s, ns) = pax_time(value)
+                    .ok_or_else(|| bad_entry(format!("bad PAX mtime {:?}", lossy(value))))?;
+                meta.mtime_sec = s;
+                meta.mtime_nsec = ns;
+            } else if key == b"uid" || key == b"gid" {
+                let id: u32 = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| bad_entry(format!("bad PAX {}", lossy(key))))?;
+                if key == b"uid" {
+                    meta.uid = id;
+                } else {
+                    meta.gid = id;
                 }
             }
         }
@@ -246,9 +291,8 @@ pub fn apply_tar(
             }
             T::Directory => dir_node(meta),
             T::Symlink => {
-                let target = entry
-                    .link_name_bytes()
-                    .map(|t| t.into_owned())
+                let target = pax_value(b"linkpath")
+                    .or_else(|| entry.link_name_bytes().map(|t| t.into_owned()))
                     .filter(|t| !t.is_empty())
                     .ok_or_else(|| bad_entry("symlink without a target".into()))?;
                 if target.len() > fusefs::format::PATH_MAX || target.contains(&0) {
@@ -257,9 +301,8 @@ pub fn apply_tar(
                 symlink_node(meta, target)
             }
             T::Link => {
-                let target = entry
-                    .link_name_bytes()
-                    .map(|t| t.into_owned())
+                let target = pax_value(b"linkpath")
+                    .or_else(|| entry.link_name_bytes().map(|t| t.into_owned()))
                     .unwrap_or_default();
                 let link_err = |e: TreeError| match e {
                     TreeError::Absolute | TreeError::Escapes => ConvertError::LinkOutsideTree {
@@ -279,23 +322,16 @@ pub fn apply_tar(
                     .map_err(link_err)?;
                 continue;
             }
-            T::Char | T::Block | T::Fifo => {
-                let (major, minor) = (
-                    header.device_major().map_err(corrupt)?.unwrap_or(0),
-                    header.device_minor().map_err(corrupt)?.unwrap_or(0),
-                );
-                let file_type = match kind {
-                    T::Char => S_IFCHR,
-                    T::Block => S_IFBLK,
-                    _ => S_IFIFO,
-                };
-                let rdev = if file_type == S_IFIFO {
-                    0
-                } else {
-                    encode_dev(major, minor)
-                };
-                meta.mode |= file_type;
-                special_node(meta, rdev)
+            T::Char | T::Block => {
+                let major = header.device_major().map_err(corrupt)?.unwrap_or(0);
+                let minor = header.device_minor().map_err(corrupt)?.unwrap_or(0);
+                meta.mode |= if kind == T::Char { S_IFCHR } else { S_IFBLK };
+                special_node(meta, encode_dev(major, minor))
+            }
+            // A fifo's device fields are meaningless (and often blank): not read.
+            T::Fifo => {
+                meta.mode |= S_IFIFO;
+                special_node(meta, 0)
             }
             T::XGlobalHeader => continue,
             other => {

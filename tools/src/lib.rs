@@ -14,6 +14,7 @@ pub mod dirsource;
 pub mod error;
 pub mod layer;
 pub mod packer;
+pub mod pax;
 pub mod progress;
 pub mod pull;
 pub mod reference;

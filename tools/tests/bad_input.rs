@@ -379,3 +379,30 @@ fn blob_with_flipped_byte_gives_eio_and_a_log_line() {
     assert!(log.contains("returning EIO"), "{log}");
     assert!(!log.contains("panicked"), "{log}");
 }
+
+#[test]
+fn fifo_with_blank_device_fields_converts() {
+    // Go's archive/tar leaves devmajor/devminor blank (NUL) for fifos; reading them as numbers
+    // failed the whole layer.
+    let mut h = tar::Header::new_gnu();
+    h.set_path("pipe").unwrap();
+    h.set_entry_type(tar::EntryType::Fifo);
+    h.set_mode(0o600);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_size(0);
+    h.set_mtime(1_700_000_000);
+    let gnu = h.as_gnu_mut().unwrap();
+    gnu.dev_major = [0; 8];
+    gnu.dev_minor = [0; 8];
+    h.set_cksum();
+    let mut tar = h.as_bytes().to_vec();
+    tar.resize(tar.len() + 1024, 0);
+    let tmp = tempfile::tempdir().unwrap();
+    let src = layout(&tmp.path().join("src"), &[tar], &[]);
+    let store = format!("dir:{}", tmp.path().join("store").display());
+    let out = lazyctl(&["convert", "--no-progress", &src, &store]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = lazyctl(&["inspect", &store]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("inodes:     2"));
+}
