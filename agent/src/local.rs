@@ -77,6 +77,14 @@ impl LocalChunkSource {
         })
     }
 
+    /// The decoded-chunk LRU. A panic elsewhere while holding the lock cannot leave it
+    /// inconsistent (entries are whole `Arc`s), so a poisoned lock is simply taken over.
+    fn lru(&self) -> std::sync::MutexGuard<'_, LruCache<[u8; 32], Arc<Vec<u8>>>> {
+        self.decoded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn load(&self, chunk: &ChunkRef) -> Result<Vec<u8>, SourceError> {
         let file = self
             .blobs
@@ -110,14 +118,14 @@ impl ChunkSource for LocalChunkSource {
     fn chunk(&self, chunk: &ChunkRef) -> Result<Arc<Vec<u8>>, SourceError> {
         self.stats.chunk_reads.fetch_add(1, Ordering::Relaxed);
         let key = chunk.record.digest;
-        if let Some(hit) = self.decoded.lock().expect("lru lock").get(&key) {
+        if let Some(hit) = self.lru().get(&key) {
             self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(hit.clone());
         }
         match self.load(chunk) {
             Ok(raw) => {
                 let raw = Arc::new(raw);
-                self.decoded.lock().expect("lru lock").put(key, raw.clone());
+                self.lru().put(key, raw.clone());
                 Ok(raw)
             }
             Err(e) => {

@@ -61,22 +61,20 @@ pub struct LazyFs {
 }
 
 impl LazyFs {
-    pub fn new(reader: Arc<ImageReader>, read_workers: usize) -> LazyFs {
+    /// Starts `read_workers` threads that serve reads; fails if none can be started.
+    pub fn new(reader: Arc<ImageReader>, read_workers: usize) -> std::io::Result<LazyFs> {
         let (tx, rx) = bounded::<ReadJob>(MAX_BACKGROUND as usize * 2);
         for i in 0..read_workers.max(1) {
             let rx = rx.clone();
-            let spawned = std::thread::Builder::new()
+            std::thread::Builder::new()
                 .name(format!("lazy-read-{i}"))
                 .spawn(move || {
                     for job in rx {
                         job();
                     }
-                });
-            if let Err(e) = spawned {
-                error!("cannot start read worker: {e}");
-            }
+                })?;
         }
-        LazyFs { reader, reads: tx }
+        Ok(LazyFs { reader, reads: tx })
     }
 }
 
@@ -354,6 +352,6 @@ pub fn mount(
     };
     config.n_threads = Some(cfg.session_threads.max(1));
     config.clone_fd = true;
-    let fs = LazyFs::new(reader, cfg.read_workers);
+    let fs = LazyFs::new(reader, cfg.read_workers)?;
     fuser::spawn_mount(fs, mountpoint, &config)
 }
