@@ -186,7 +186,7 @@ pub fn convert(
         deduplicated_chunks: table.deduplicated,
         seconds: started.elapsed().as_secs_f64(),
     };
-    info!("{}", report.summary());
+    tracing::debug!("{}", report.summary());
     Ok(report)
 }
 
