@@ -38,7 +38,7 @@ pub enum StoreError {
     },
     #[error("bad digest {0:?}")]
     BadDigest(String),
-    #[error("blob {digest} is corrupt: content hashes to {actual}")]
+    #[error("blob {digest} is corrupt: its content hashes to {actual}; re-run lazyctl convert to rebuild the image")]
     DigestMismatch { digest: String, actual: String },
     #[error("store index.json is invalid: {0}")]
     BadIndexJson(String),
@@ -269,15 +269,18 @@ impl LocalStore {
         let manifest = LazyManifest::parse(&self.read_blob(&manifest_digest)?)?;
         let index_digest = manifest.index().digest.clone();
         let path = self.blob_path(&index_digest)?;
-        let index = Index::open(&path)?;
-        // The mapped bytes are what gets served; check them, not a second read of the file.
-        let actual = sha256_digest(index.as_bytes());
-        if actual != index_digest {
-            return Err(StoreError::DigestMismatch {
-                digest: index_digest,
-                actual,
-            });
-        }
+        // The mapped bytes are what gets served: check those, not a second read of the file.
+        let index = Index::open_verified(&path, |bytes| {
+            let actual = sha256_digest(bytes);
+            if actual == index_digest {
+                Ok(())
+            } else {
+                Err(StoreError::DigestMismatch {
+                    digest: index_digest.clone(),
+                    actual,
+                })
+            }
+        })?;
         Ok(StoredImage {
             manifest,
             manifest_digest,

@@ -40,8 +40,28 @@ pub struct Index {
 pub const ROOT_INO: u64 = 1;
 
 impl Index {
-    /// Maps the index file at `path` and validates it.
+    /// Maps the index file at `path` and validates it, section checksums included.
     pub fn open(path: &Path) -> Result<Arc<Index>, IndexError> {
+        let map = Self::map(path)?;
+        Self::validate(IndexBytes::Mapped(map), true).map(Arc::new)
+    }
+
+    /// Maps the index file at `path`, lets `verify` check the whole mapped bytes (the store
+    /// compares them with the digest its manifest names), then validates the structure. A
+    /// digest over every byte makes the per-section crc32s redundant, so they are skipped:
+    /// they would only read the index a second time.
+    pub fn open_verified<E: From<IndexError>>(
+        path: &Path,
+        verify: impl FnOnce(&[u8]) -> Result<(), E>,
+    ) -> Result<Arc<Index>, E> {
+        let map = Self::map(path)?;
+        // Header and length first: "truncated at N bytes" says more than a digest mismatch.
+        Self::header(&map)?;
+        verify(&map)?;
+        Ok(Self::validate(IndexBytes::Mapped(map), false).map(Arc::new)?)
+    }
+
+    fn map(path: &Path) -> Result<memmap2::Mmap, IndexError> {
         let file = File::open(path)
             .map_err(|e| IndexError::Corrupt(format!("cannot open {}: {e}", path.display())))?;
         let len = file
@@ -58,18 +78,17 @@ impl Index {
         // temporary name and renamed into place, never modified afterwards. Every access below
         // is bounds-checked against the mapping's length, so a file truncated underneath us
         // can at worst raise SIGBUS, not read another object's memory.
-        let map = unsafe { memmap2::Mmap::map(&file) }
-            .map_err(|e| IndexError::Corrupt(format!("cannot map {}: {e}", path.display())))?;
-        Self::validate(IndexBytes::Mapped(map)).map(Arc::new)
+        unsafe { memmap2::Mmap::map(&file) }
+            .map_err(|e| IndexError::Corrupt(format!("cannot map {}: {e}", path.display())))
     }
 
-    /// Validates an index held in memory.
+    /// Validates an index held in memory, section checksums included.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Arc<Index>, IndexError> {
-        Self::validate(IndexBytes::Owned(bytes)).map(Arc::new)
+        Self::validate(IndexBytes::Owned(bytes), true).map(Arc::new)
     }
 
-    fn validate(bytes: IndexBytes) -> Result<Index, IndexError> {
-        let data = bytes.as_slice();
+    /// Checks magic, version, header crc, total length and chunk size; returns the header.
+    fn header(data: &[u8]) -> Result<Header, IndexError> {
         let header_bytes: &[u8; HEADER_LEN] = match data.get(..HEADER_LEN) {
             Some(h) => h.try_into().map_err(|_| IndexError::BadMagic)?,
             None => {
@@ -116,6 +135,12 @@ impl Index {
                 header.chunk_size
             )));
         }
+        Ok(header)
+    }
+
+    fn validate(bytes: IndexBytes, check_crcs: bool) -> Result<Index, IndexError> {
+        let data = bytes.as_slice();
+        let header = Self::header(data)?;
         let mut counts = [0usize; 7];
         for section in Section::ALL {
             let entry = header.sections[section as usize];
@@ -154,7 +179,7 @@ impl Index {
             }
             // In range: `end <= total_len == data.len()`.
             let body = &data[entry.offset as usize..end as usize];
-            if crc32fast::hash(body) != entry.crc32 {
+            if check_crcs && crc32fast::hash(body) != entry.crc32 {
                 return Err(IndexError::SectionChecksum {
                     section: section.name(),
                 });
