@@ -12,9 +12,10 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 # fuse3: fusermount3 and /etc/fuse.conf; umoci/skopeo/debootstrap: build and move real images;
-# docker-registry: a real OCI registry for tests; attr: getfattr/setfattr for checks.
+# docker-registry: a real OCI registry for tests; attr: getfattr/setfattr for checks; bindfs: a
+# stand-in FUSE filesystem the test harness checks its own mount guard with.
 apt-get install -y -qq --no-install-recommends \
-    fuse3 umoci skopeo debootstrap docker-registry attr ca-certificates \
+    fuse3 umoci skopeo debootstrap docker-registry attr bindfs ca-certificates \
     curl gcc pkg-config tar gzip zstd python3 >/dev/null
 
 if ! command -v cargo >/dev/null; then
