@@ -220,7 +220,13 @@ impl Index {
                     chunk.blob
                 )));
             }
-            if chunk.raw_len == 0 || chunk.raw_len > chunk_size || chunk.comp_len == 0 {
+            // Chunks are stored compressed only when that makes them smaller, so a stored chunk
+            // is never larger than its data: this also bounds what one read allocates.
+            if chunk.raw_len == 0
+                || chunk.raw_len > chunk_size
+                || chunk.comp_len == 0
+                || chunk.comp_len > chunk.raw_len
+            {
                 return Err(corrupt(format!("chunk {c} has bad lengths")));
             }
             if chunk.flags & CHUNK_UNCOMPRESSED != 0 && chunk.comp_len != chunk.raw_len {
