@@ -524,6 +524,22 @@ mod tests {
     }
 
     #[test]
+    fn chunk_stored_larger_than_its_data_is_refused() {
+        let mut w = IndexWriter::new(DEFAULT_CHUNK_SIZE);
+        w.add_blob(BlobRecord {
+            sha256: [0; 32],
+            size: u32::MAX as u64 + 10,
+        });
+        w.add_chunk(ChunkRecord {
+            comp_len: u32::MAX,
+            raw_len: 4096,
+            ..Default::default()
+        });
+        let err = Index::from_bytes(w.finish().unwrap()).err().unwrap();
+        assert_eq!(err, IndexError::Corrupt("chunk 0 has bad lengths".into()));
+    }
+
+    #[test]
     fn unknown_node_content_is_not_needed_for_root() {
         let w = IndexWriter::new(DEFAULT_CHUNK_SIZE);
         let idx = Index::from_bytes(w.finish().unwrap()).unwrap();
