@@ -156,14 +156,20 @@ fn run_as_nobody(root: &Path, argv: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-#[test]
-fn debian_image_mounts_like_umoci_unpacks_it_and_runs() {
+/// The Debian fixture converted into a store under `work` and mounted; with its reference
+/// unpack.
+fn mounted_debian(work: &Path) -> (PathBuf, Mounted) {
     require_root_and_fuse();
     let image = debian::minbase_image(&debian::default_cache_dir()).unwrap();
     let expected = reference::umoci_unpack_cached(&image).unwrap();
+    let store = convert(work, "store", &image.oci_ref());
+    (expected, mount(&store, &work.join("mnt")))
+}
+
+#[test]
+fn debian_image_mounts_like_umoci_unpacks_it_and_runs() {
     let work = tempfile::tempdir().unwrap();
-    let store = convert(work.path(), "store", &image.oci_ref());
-    let m = mount(&store, &work.path().join("mnt"));
+    let (expected, m) = mounted_debian(work.path());
     let stats = tree::assert_trees_equal(&expected, m.path());
     println!("debian: mounted tree equals umoci unpack: {stats}");
 
@@ -201,12 +207,8 @@ fn debian_image_mounts_like_umoci_unpacks_it_and_runs() {
 
 #[test]
 fn concurrent_readers_all_get_exact_bytes() {
-    require_root_and_fuse();
-    let image = debian::minbase_image(&debian::default_cache_dir()).unwrap();
-    let expected = reference::umoci_unpack_cached(&image).unwrap();
     let work = tempfile::tempdir().unwrap();
-    let store = convert(work.path(), "store", &image.oci_ref());
-    let m = mount(&store, &work.path().join("mnt"));
+    let (expected, m) = mounted_debian(work.path());
     let mut files = Vec::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
