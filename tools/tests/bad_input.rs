@@ -6,8 +6,9 @@
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+
+use lazy_tests::mount::{require_root_and_fuse, Mounted};
 
 use sha2::{Digest, Sha256};
 
@@ -310,61 +311,17 @@ fn bit_flipped_index_is_refused() {
     assert!(!err.contains("panicked"));
 }
 
-struct Mount {
-    child: std::process::Child,
-    mnt: PathBuf,
-}
-
-impl Mount {
-    fn start(store: &Path, mnt: &Path) -> Mount {
-        fs::create_dir_all(mnt).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_lazyctl"))
-            .args(["mount", &format!("dir:{}", store.display())])
-            .arg(mnt)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let needle = format!(" {} ", mnt.display());
-        while !fs::read_to_string("/proc/self/mountinfo")
-            .unwrap()
-            .contains(&needle)
-        {
-            assert!(Instant::now() < deadline, "mount did not appear");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Mount {
-            child,
-            mnt: mnt.to_path_buf(),
-        }
-    }
-
-    /// Unmounts and returns the mount's log.
-    fn stop(mut self) -> String {
-        let out = lazyctl(&["umount", self.mnt.to_str().unwrap()]);
-        assert!(out.status.success(), "{}", stderr(&out));
-        let mut log = String::new();
-        std::io::Read::read_to_string(self.child.stderr.as_mut().unwrap(), &mut log).unwrap();
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "mount exited with {status}: {log}");
-        log
-    }
-}
-
 #[test]
 fn blob_with_flipped_byte_gives_eio_and_a_log_line() {
-    assert!(
-        Path::new("/dev/fuse").exists(),
-        "this test needs /dev/fuse (run as root)"
-    );
+    require_root_and_fuse();
     let (tmp, store, _, data) = converted("4K");
     // Chunk 0 is the first 4 KiB of "big"; flip a byte inside it.
     let mut bytes = fs::read(&data).unwrap();
     bytes[10] ^= 0xff;
     fs::write(&data, &bytes).unwrap();
     let mnt = tmp.path().join("mnt");
-    let m = Mount::start(&store, &mnt);
+    fs::create_dir_all(&mnt).unwrap();
+    let m = Mounted::new(&store, &mnt).unwrap();
     let err = fs::read(mnt.join("big")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     // Other chunks still serve: the small file and the tail of the big one.
@@ -375,7 +332,9 @@ fn blob_with_flipped_byte_gives_eio_and_a_log_line() {
     let expected: Vec<u8> = (20_000..20_100u32).map(|i| (i % 253) as u8).collect();
     assert_eq!(tail, expected);
     drop(f);
-    let log = m.stop();
+    let log = m.output();
+    let status = m.unmount().unwrap();
+    assert!(status.success(), "mount exited with {status}: {log}");
     assert!(log.contains("chunk not served"), "{log}");
     assert!(log.contains("mismatch"), "{log}");
     assert!(log.contains("returning EIO"), "{log}");
