@@ -2,11 +2,13 @@
 //!
 //! - `blobstore`: the `BlobStore` trait remote and local blob stores implement.
 //! - `store`: the local lazy-image store (`dir:PATH`, an OCI image layout).
+//! - `cache`: the on-disk compressed chunk cache shared by all mounts (segments, LRU, crc checks).
 //! - `local`: a `ChunkSource` over a local store's blobs, with a decoded-chunk LRU.
 //! - `registry`: an OCI distribution API client.
 //! - `mount`: opening an image and running a FUSE mount of it until it is unmounted.
 
 pub mod blobstore;
+pub mod cache;
 pub mod local;
 pub mod mount;
 pub mod registry;

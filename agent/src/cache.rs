@@ -1,0 +1,1707 @@
+//! The host's compressed chunk cache: chunks' stored bytes (as in their blob: zstd or raw) on
+//! local disk, keyed by the chunk digest (blake3 of the decoded bytes), shared by every mount of
+//! one process (`Arc<ChunkCache>`, safe to call from many threads at once).
+//!
+//! **Layout.** `DIR/lock` holds an exclusive `flock` for as long as the cache is open (and the
+//! holder's pid, for the error a second process gets). `DIR/segments/<seq:016x>.seg` are
+//! append-only segment files: a 16-byte segment header, then entries, each a 64-byte entry header
+//! (magic, flags, stored and raw length, crc32 of the payload, digest, crc32 of the header)
+//! followed by the payload. Entries are appended with positioned writes, never through a
+//! writable mapping, so a full disk is an `ENOSPC` error rather than a `SIGBUS`. A segment is
+//! sealed once the next entry would take it past the segment size, and a new one is started.
+//!
+//! **Reads.** The in-memory index maps a digest to (segment, offset). `get` maps the segment
+//! read-only (one `Arc<Mmap>` per segment, remapped only when an entry lies past the mapping),
+//! checks the segment file is still long enough (`fstat`, so a file truncated behind our back is
+//! a miss, not a `SIGBUS`), and checks the entry header and the payload's crc32 on every read.
+//! A mismatch drops the entry and counts it corrupt; the caller refetches. The returned bytes
+//! borrow the mapping, so an evicted (unlinked) segment stays readable for whoever holds them.
+//!
+//! **Eviction.** LRU at segment granularity: a segment's recency is the latest `get` or `insert`
+//! of any entry in it (at open, the segment sequence order). When an insert would take the sum
+//! of segment file sizes past the budget, the least recently used sealed segment is deleted as
+//! a whole and its entries leave the index. Deleting whole files keeps eviction O(1) in I/O and
+//! needs no compaction; the price is that warm entries sharing a segment with cold ones go too,
+//! which the segment size (at most 1/16 of the budget) keeps to a small fraction of the cache.
+//!
+//! **Crashes.** Nothing is fsynced per insert: a torn write is caught by the crc32s. At open
+//! every segment's entry headers are scanned (payloads are not read, so opening a 10 GiB cache
+//! reads only headers) to rebuild the index; a bad segment header deletes the segment and a bad
+//! entry header or an entry running past the end of the file truncates the segment there. A
+//! payload torn or rotted on disk fails its crc32 on the first `get`.
+//!
+//! **Locks.** Each `get` holds one index shard's read lock for a hash lookup and the segment's
+//! mapping lock for an `Arc` clone; the crc32 runs with no lock held. Inserts check the stored
+//! bytes' crc32 before taking any lock, then serialize on the writer lock for the append itself
+//! (one `pwrite` of one chunk into the page cache: a segment has one append position, and
+//! inserts follow a network fetch that is far slower). `get` never takes the writer lock.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io;
+use std::ops::Deref;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+
+use fusefs::chunk::check_stored;
+use fusefs::format::ChunkRecord;
+use fusefs::ChunkError;
+use memmap2::{Mmap, MmapOptions};
+use serde::Serialize;
+use tracing::{debug, info, warn};
+
+/// Where the cache lives and how much disk it may use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Cache directory; created if missing.
+    pub dir: PathBuf,
+    /// Most bytes of segment files kept on disk.
+    pub budget_bytes: u64,
+}
+
+/// Errors of the chunk cache. None of them is a reason to fail a read: the caller serves the
+/// chunk from its source and, at worst, runs without a cache.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// Another open `ChunkCache` (normally another `lazyd`) holds the directory.
+    #[error("chunk cache {dir} is in use by {}; stop it or give this process its own cache directory", holder(*pid))]
+    Locked { dir: PathBuf, pid: Option<u32> },
+    #[error("chunk cache {path}: {op}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// The disk is full and evicting every segment did not make room.
+    #[error("chunk cache {dir}: disk full, nothing left to evict for a {needed}-byte entry; the chunk is served without caching")]
+    NoSpace { dir: PathBuf, needed: u64 },
+    #[error(
+        "chunk {digest}: a {size}-byte cache entry does not fit the cache budget of {budget} bytes"
+    )]
+    TooLarge {
+        digest: String,
+        size: u64,
+        budget: u64,
+    },
+    /// The stored bytes handed to `insert` do not match their record.
+    #[error("chunk not cached: stored bytes do not match the record")]
+    Mismatch(#[source] ChunkError),
+}
+
+impl CacheError {
+    /// True when retrying the same call cannot help. A full disk may drain and I/O errors may
+    /// pass; a held lock lasts as long as the process holding it, which is normally a daemon.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            CacheError::Locked { .. } | CacheError::TooLarge { .. } | CacheError::Mismatch(_) => {
+                true
+            }
+            CacheError::Io { .. } | CacheError::NoSpace { .. } => false,
+        }
+    }
+}
+
+fn holder(pid: Option<u32>) -> String {
+    match pid {
+        Some(pid) => format!("process {pid}"),
+        None => "another process".into(),
+    }
+}
+
+fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> CacheError + 'a {
+    move |source| CacheError::Io {
+        path: path.to_path_buf(),
+        op,
+        source,
+    }
+}
+
+/// A point-in-time copy of the cache's counters, for metrics and `lazyctl`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CacheStats {
+    /// Entries in the index.
+    pub entries: u64,
+    /// Segment files on disk.
+    pub segments: u64,
+    /// Sum of the segment files' sizes.
+    pub bytes_used: u64,
+    pub budget_bytes: u64,
+    pub hits: u64,
+    /// `get`s that found nothing servable (absent, or dropped as corrupt).
+    pub misses: u64,
+    /// Entries written.
+    pub inserts: u64,
+    pub evicted_segments: u64,
+    pub evicted_bytes: u64,
+    /// Entries dropped because their bytes on disk failed a check.
+    pub corrupt_entries: u64,
+    /// `insert` calls that returned an error.
+    pub insert_failures: u64,
+}
+
+/// A chunk's stored bytes, borrowed from the segment mapping (no copy). Keeps the mapping, and
+/// so the segment's data, alive even after the segment is evicted.
+#[derive(Clone)]
+pub struct ChunkBytes {
+    map: Arc<Mmap>,
+    start: usize,
+    len: usize,
+}
+
+impl Deref for ChunkBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.map[self.start..self.start + self.len]
+    }
+}
+
+impl AsRef<[u8]> for ChunkBytes {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl std::fmt::Debug for ChunkBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ChunkBytes({} bytes)", self.len)
+    }
+}
+
+/// A cache hit: the stored entry's record (flags, lengths, crc32, digest; `blob` and `comp_off`
+/// are zero) and its stored bytes, which passed the crc32 check. Decode with
+/// `fusefs::chunk::decode_chunk(&hit.record, &hit.bytes)`.
+#[derive(Debug, Clone)]
+pub struct CachedChunk {
+    pub record: ChunkRecord,
+    pub bytes: ChunkBytes,
+}
+
+/// First bytes of every segment file.
+const SEGMENT_MAGIC: [u8; 8] = *b"LAZYSEG\0";
+/// The only segment format this code reads and writes; other versions are deleted at open.
+const SEGMENT_VERSION: u32 = 1;
+/// Segment header: magic, version, crc32 of both.
+const SEGMENT_HEADER_LEN: u64 = 16;
+/// First bytes of every entry header.
+const ENTRY_MAGIC: [u8; 4] = *b"LZCE";
+/// Entry header: magic 4, flags 4, stored length 4, raw length 4, payload crc32 4, digest 32,
+/// reserved 8, header crc32 4.
+const ENTRY_HEADER_LEN: u64 = 64;
+const ENTRY_HEADER_CRC_OFFSET: usize = 60;
+
+/// Segment size: `budget / SEGMENTS_PER_BUDGET`, clamped to `MIN_SEGMENT..=MAX_SEGMENT`, and
+/// never over `budget / MIN_SEGMENTS`. A segment is the unit of eviction, so its size is the
+/// LRU's precision: 1/16 of the budget evicts about 6% of the cache at a time. A 10 GiB cache
+/// (640 MiB capped to 256 MiB) is 40 files, rather than thousands of tiny ones.
+const SEGMENTS_PER_BUDGET: u64 = 16;
+/// Floor: a few default-size (1 MiB) chunks per segment, so the per-segment costs (a file, a
+/// mapping, a create and an unlink) are spread over several entries.
+const MIN_SEGMENT: u64 = 4 << 20;
+/// Ceiling: one eviction never throws out more than 256 MiB of possibly warm data, however
+/// large the budget.
+const MAX_SEGMENT: u64 = 256 << 20;
+/// A small budget still holds at least this many segments, so an eviction frees part of the
+/// cache instead of emptying it.
+const MIN_SEGMENTS: u64 = 4;
+
+/// Index shards: `get`s of different chunks rarely share a lock. Digests are blake3 hashes,
+/// so their first byte spreads entries evenly.
+const INDEX_SHARDS: usize = 16;
+
+fn segment_size(budget: u64) -> u64 {
+    (budget / SEGMENTS_PER_BUDGET)
+        .clamp(MIN_SEGMENT, MAX_SEGMENT)
+        .min(budget / MIN_SEGMENTS)
+}
+
+fn segment_header() -> [u8; SEGMENT_HEADER_LEN as usize] {
+    let mut h = [0u8; SEGMENT_HEADER_LEN as usize];
+    h[0..8].copy_from_slice(&SEGMENT_MAGIC);
+    h[8..12].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
+    let crc = crc32fast::hash(&h[..12]);
+    h[12..16].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+fn encode_entry_header(r: &ChunkRecord) -> [u8; ENTRY_HEADER_LEN as usize] {
+    let mut h = [0u8; ENTRY_HEADER_LEN as usize];
+    h[0..4].copy_from_slice(&ENTRY_MAGIC);
+    h[4..8].copy_from_slice(&r.flags.to_le_bytes());
+    h[8..12].copy_from_slice(&r.comp_len.to_le_bytes());
+    h[12..16].copy_from_slice(&r.raw_len.to_le_bytes());
+    h[16..20].copy_from_slice(&r.crc32.to_le_bytes());
+    h[20..52].copy_from_slice(&r.digest);
+    let crc = crc32fast::hash(&h[..ENTRY_HEADER_CRC_OFFSET]);
+    h[ENTRY_HEADER_CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// The record an entry header describes, or `None` when the header is not one (bad magic or
+/// crc). Field values are not trusted further: lengths are checked against the file.
+fn decode_entry_header(h: &[u8; ENTRY_HEADER_LEN as usize]) -> Option<ChunkRecord> {
+    let le = |at: usize| u32::from_le_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
+    if h[0..4] != ENTRY_MAGIC
+        || crc32fast::hash(&h[..ENTRY_HEADER_CRC_OFFSET]) != le(ENTRY_HEADER_CRC_OFFSET)
+    {
+        return None;
+    }
+    let mut digest = [0u8; 32];
+    digest.copy_from_slice(&h[20..52]);
+    Some(ChunkRecord {
+        blob: 0,
+        flags: le(4),
+        comp_off: 0,
+        comp_len: le(8),
+        raw_len: le(12),
+        crc32: le(16),
+        digest,
+    })
+}
+
+/// The cache record of a chunk: only the fields an entry stores.
+fn entry_record(r: &ChunkRecord) -> ChunkRecord {
+    ChunkRecord {
+        blob: 0,
+        comp_off: 0,
+        ..*r
+    }
+}
+
+fn segment_name(seq: u64) -> String {
+    format!("{seq:016x}.seg")
+}
+
+fn parse_segment_name(name: &str) -> Option<u64> {
+    let hex = name.strip_suffix(".seg")?;
+    if hex.len() != 16 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok()
+}
+
+fn is_no_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+/// One segment file, shared by the index entries that live in it and by readers.
+struct Segment {
+    seq: u64,
+    path: PathBuf,
+    file: File,
+    /// Read-only mapping of the file, replaced by a longer one when an entry lies past it.
+    map: RwLock<Option<Arc<Mmap>>>,
+    /// Length to map at least: the segment size, so the active segment is mapped once even as
+    /// it grows. Pages past the end of the file are never touched (see `get`).
+    map_len: u64,
+    /// Logical time of the latest get or insert of an entry in this segment.
+    last_used: AtomicU64,
+}
+
+impl Segment {
+    /// A mapping covering at least `end` bytes.
+    fn mapping(&self, end: u64) -> io::Result<Arc<Mmap>> {
+        if let Some(map) = &*self.map.read().unwrap_or_else(PoisonError::into_inner) {
+            if map.len() as u64 >= end {
+                return Ok(map.clone());
+            }
+        }
+        let mut slot = self.map.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(map) = &*slot {
+            if map.len() as u64 >= end {
+                return Ok(map.clone());
+            }
+        }
+        let len = usize::try_from(end.max(self.map_len))
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "segment too large to map"))?;
+        // SAFETY: the mapping is read-only and shared. This process only appends to segment
+        // files (the one truncation, after a failed write, cuts bytes no index entry covers), so
+        // bytes behind an index entry never change under a reader. Another process could
+        // truncate or rewrite the file: `get` checks the file's length with fstat before
+        // touching an entry's pages, and checks the entry's header and crc32 after reading them.
+        let map = Arc::new(unsafe { MmapOptions::new().len(len).map(&self.file)? });
+        *slot = Some(map.clone());
+        Ok(map)
+    }
+}
+
+/// Where an indexed entry lives, with the fields needed to check and return it.
+#[derive(Clone)]
+struct Entry {
+    segment: Arc<Segment>,
+    /// Offset of the entry header in the segment file.
+    offset: u64,
+    record: ChunkRecord,
+}
+
+impl Entry {
+    fn end(&self) -> u64 {
+        self.offset + ENTRY_HEADER_LEN + u64::from(self.record.comp_len)
+    }
+
+    fn same_as(&self, other: &Entry) -> bool {
+        Arc::ptr_eq(&self.segment, &other.segment) && self.offset == other.offset
+    }
+}
+
+/// A segment as the writer side sees it.
+struct SegmentState {
+    segment: Arc<Segment>,
+    /// Bytes of the file that hold whole entries (the file's length).
+    len: u64,
+    /// Digests written to this segment, to take them out of the index on eviction. May name
+    /// entries already dropped or re-inserted elsewhere; eviction checks the index first.
+    digests: Vec<[u8; 32]>,
+}
+
+/// Everything inserts, eviction and `clear` change, under the writer lock.
+struct Segments {
+    live: BTreeMap<u64, SegmentState>,
+    /// The segment new entries are appended to.
+    active: Option<u64>,
+    next_seq: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    inserts: AtomicU64,
+    evicted_segments: AtomicU64,
+    evicted_bytes: AtomicU64,
+    corrupt_entries: AtomicU64,
+    insert_failures: AtomicU64,
+}
+
+/// Why a `get` could not serve an indexed entry.
+enum Unservable {
+    /// The bytes on disk fail a check.
+    Corrupt(String),
+    /// The segment could not be stat'ed or mapped.
+    Unreadable(io::Error),
+}
+
+/// One shard of the in-memory index: digest to entry.
+type IndexShard = HashMap<[u8; 32], Entry>;
+
+/// The local chunk cache. See the module docs.
+pub struct ChunkCache {
+    dir: PathBuf,
+    segments_dir: PathBuf,
+    budget: u64,
+    segment_size: u64,
+    index: Box<[RwLock<IndexShard>]>,
+    writer: Mutex<Segments>,
+    /// Logical clock for segment recency.
+    clock: AtomicU64,
+    bytes_used: AtomicU64,
+    counters: Counters,
+    /// Holds the directory's flock until the cache is dropped.
+    _lock: File,
+}
+
+impl std::fmt::Debug for ChunkCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkCache")
+            .field("dir", &self.dir)
+            .field("budget", &self.budget)
+            .field("bytes_used", &self.bytes_used.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChunkCache {
+    /// Opens (or creates) the cache in `config.dir`: takes the directory lock, scans the
+    /// segments' entry headers to rebuild the index (truncating torn tails), and evicts down
+    /// to the budget if the directory holds more than it.
+    pub fn open(config: &CacheConfig) -> Result<ChunkCache, CacheError> {
+        let dir = config.dir.clone();
+        fs::create_dir_all(&dir).map_err(io_err(&dir, "creating the cache directory"))?;
+        let lock = take_lock(&dir)?;
+        let segments_dir = dir.join("segments");
+        fs::create_dir_all(&segments_dir)
+            .map_err(io_err(&segments_dir, "creating the segments directory"))?;
+
+        let budget = config.budget_bytes;
+        let cache = ChunkCache {
+            dir,
+            budget,
+            segment_size: segment_size(budget),
+            index: (0..INDEX_SHARDS)
+                .map(|_| RwLock::new(HashMap::new()))
+                .collect(),
+            writer: Mutex::new(Segments {
+                live: BTreeMap::new(),
+                active: None,
+                next_seq: 0,
+            }),
+            clock: AtomicU64::new(0),
+            bytes_used: AtomicU64::new(0),
+            counters: Counters::default(),
+            _lock: lock,
+            segments_dir,
+        };
+        cache.load_segments()?;
+        Ok(cache)
+    }
+
+    /// The stored bytes of chunk `digest`, checked against their crc32, or `None`. An entry
+    /// that fails a check is dropped (and counted corrupt), so the caller's refetch can
+    /// re-insert it.
+    pub fn get(&self, digest: &[u8; 32]) -> Option<CachedChunk> {
+        let entry = self.shard(digest).get(digest).cloned();
+        let Some(entry) = entry else {
+            self.counters.misses.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        match read_entry(&entry) {
+            Ok(bytes) => {
+                self.touch(&entry.segment);
+                self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                Some(CachedChunk {
+                    record: entry.record,
+                    bytes,
+                })
+            }
+            Err(why) => {
+                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                let reason = match why {
+                    Unservable::Corrupt(reason) => {
+                        self.counters
+                            .corrupt_entries
+                            .fetch_add(1, Ordering::Relaxed);
+                        reason
+                    }
+                    Unservable::Unreadable(e) => format!("segment unreadable: {e}"),
+                };
+                warn!(
+                    digest = %hex::encode(digest),
+                    segment = %entry.segment.path.display(),
+                    offset = entry.offset,
+                    "dropping cached chunk: {reason}"
+                );
+                let mut shard = self.shard_mut(digest);
+                if shard.get(digest).is_some_and(|e| e.same_as(&entry)) {
+                    shard.remove(digest);
+                }
+                None
+            }
+        }
+    }
+
+    /// Whether `digest` is indexed. Does not read or check its bytes.
+    pub fn contains(&self, digest: &[u8; 32]) -> bool {
+        self.shard(digest).contains_key(digest)
+    }
+
+    /// Caches a chunk's stored bytes (`record` describes them: flags, `comp_len`, `raw_len`,
+    /// crc32, digest). A digest already present is left as it is. Evicts least recently used
+    /// segments to stay within the budget, and more when the disk is full; `NoSpace` when
+    /// nothing is left to evict.
+    pub fn insert(&self, record: &ChunkRecord, stored: &[u8]) -> Result<(), CacheError> {
+        let result = self.insert_entry(record, stored);
+        if result.is_err() {
+            self.counters
+                .insert_failures
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Drops `digest` from the index. Its bytes stay in their segment until it is evicted.
+    pub fn remove(&self, digest: &[u8; 32]) {
+        self.shard_mut(digest).remove(digest);
+    }
+
+    /// Deletes every segment and empties the index. Chunks already handed out stay readable.
+    pub fn clear(&self) -> Result<(), CacheError> {
+        let mut writer = self.writer();
+        writer.active = None;
+        let live = std::mem::take(&mut writer.live);
+        for shard in self.index.iter() {
+            shard
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
+        }
+        let mut first_error = None;
+        for state in live.into_values() {
+            self.bytes_used.fetch_sub(state.len, Ordering::Relaxed);
+            if let Err(e) = fs::remove_file(&state.segment.path) {
+                if e.kind() != io::ErrorKind::NotFound && first_error.is_none() {
+                    first_error = Some(io_err(&state.segment.path, "deleting a segment")(e));
+                }
+            }
+        }
+        info!(dir = %self.dir.display(), "chunk cache cleared");
+        first_error.map_or(Ok(()), Err)
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let c = &self.counters;
+        let segments = self.writer().live.len() as u64;
+        CacheStats {
+            entries: self
+                .index
+                .iter()
+                .map(|s| s.read().unwrap_or_else(PoisonError::into_inner).len() as u64)
+                .sum(),
+            segments,
+            bytes_used: self.bytes_used.load(Ordering::Relaxed),
+            budget_bytes: self.budget,
+            hits: c.hits.load(Ordering::Relaxed),
+            misses: c.misses.load(Ordering::Relaxed),
+            inserts: c.inserts.load(Ordering::Relaxed),
+            evicted_segments: c.evicted_segments.load(Ordering::Relaxed),
+            evicted_bytes: c.evicted_bytes.load(Ordering::Relaxed),
+            corrupt_entries: c.corrupt_entries.load(Ordering::Relaxed),
+            insert_failures: c.insert_failures.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn budget_bytes(&self) -> u64 {
+        self.budget
+    }
+
+    /// The lock guards plain maps whose every update is a single insert or remove, so a panic
+    /// elsewhere cannot leave them half-changed: a poisoned lock is taken over.
+    fn shard(&self, digest: &[u8; 32]) -> std::sync::RwLockReadGuard<'_, IndexShard> {
+        self.index[usize::from(digest[0]) % INDEX_SHARDS]
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn shard_mut(&self, digest: &[u8; 32]) -> std::sync::RwLockWriteGuard<'_, IndexShard> {
+        self.index[usize::from(digest[0]) % INDEX_SHARDS]
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn writer(&self) -> MutexGuard<'_, Segments> {
+        self.writer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn touch(&self, segment: &Segment) {
+        let now = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
+        segment.last_used.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn insert_entry(&self, record: &ChunkRecord, stored: &[u8]) -> Result<(), CacheError> {
+        if let Some(entry) = self.shard(&record.digest).get(&record.digest) {
+            self.touch(&entry.segment);
+            return Ok(());
+        }
+        check_stored(record, stored).map_err(CacheError::Mismatch)?;
+        let need = ENTRY_HEADER_LEN + stored.len() as u64;
+        if need + SEGMENT_HEADER_LEN > self.budget {
+            return Err(CacheError::TooLarge {
+                digest: hex::encode(record.digest),
+                size: need,
+                budget: self.budget,
+            });
+        }
+        let record = entry_record(record);
+        let header = encode_entry_header(&record);
+
+        let mut writer = self.writer();
+        // Another thread may have inserted it while this one waited for the lock.
+        if let Some(entry) = self.shard(&record.digest).get(&record.digest) {
+            self.touch(&entry.segment);
+            return Ok(());
+        }
+        loop {
+            let seq = self.make_room(&mut writer, need)?;
+            let state = writer
+                .live
+                .get_mut(&seq)
+                .expect("make_room returns a live segment");
+            let offset = state.len;
+            let file = &state.segment.file;
+            let written = file
+                .write_all_at(&header, offset)
+                .and_then(|()| file.write_all_at(stored, offset + ENTRY_HEADER_LEN));
+            match written {
+                Ok(()) => {
+                    state.len += need;
+                    state.digests.push(record.digest);
+                    let entry = Entry {
+                        segment: state.segment.clone(),
+                        offset,
+                        record,
+                    };
+                    self.bytes_used.fetch_add(need, Ordering::Relaxed);
+                    self.touch(&entry.segment);
+                    self.shard_mut(&record.digest).insert(record.digest, entry);
+                    self.counters.inserts.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(e) => {
+                    // Cut off what part of the entry was written, so the file stays a clean
+                    // run of whole entries. If that fails too, the scan at the next open
+                    // truncates the torn tail.
+                    let _ = file.set_len(offset);
+                    let path = state.segment.path.clone();
+                    if !is_no_space(&e) {
+                        return Err(io_err(&path, "writing an entry")(e));
+                    }
+                    warn!(segment = %path.display(), "chunk cache disk full: evicting a segment");
+                    if !self.evict_one(&mut writer, "disk full") {
+                        return Err(self.no_space(need));
+                    }
+                }
+            }
+        }
+    }
+
+    fn no_space(&self, needed: u64) -> CacheError {
+        CacheError::NoSpace {
+            dir: self.dir.clone(),
+            needed,
+        }
+    }
+
+    /// Makes the active segment one that can take a `need`-byte entry within the budget,
+    /// evicting and starting segments as needed. Returns its sequence number.
+    fn make_room(&self, writer: &mut Segments, need: u64) -> Result<u64, CacheError> {
+        loop {
+            if let Some(seq) = writer.active {
+                let len = writer.live[&seq].len;
+                // Seal it, unless it is empty: an entry larger than a segment gets one alone.
+                if len > SEGMENT_HEADER_LEN && len + need > self.segment_size {
+                    writer.active = None;
+                }
+            }
+            let new_segment = if writer.active.is_none() {
+                SEGMENT_HEADER_LEN
+            } else {
+                0
+            };
+            let used = self.bytes_used.load(Ordering::Relaxed);
+            if used + need + new_segment > self.budget {
+                // `insert` checked that the entry fits an empty cache, so this ends.
+                if !self.evict_one(writer, "over budget") {
+                    return Err(self.no_space(need));
+                }
+                continue;
+            }
+            if let Some(seq) = writer.active {
+                return Ok(seq);
+            }
+            match self.create_segment(writer) {
+                Ok(seq) => return Ok(seq),
+                Err(CacheError::Io { source, path, .. }) if is_no_space(&source) => {
+                    warn!(segment = %path.display(), "chunk cache disk full: evicting a segment");
+                    if !self.evict_one(writer, "disk full") {
+                        return Err(self.no_space(need));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn create_segment(&self, writer: &mut Segments) -> Result<u64, CacheError> {
+        let seq = writer.next_seq;
+        writer.next_seq += 1;
+        let path = self.segments_dir.join(segment_name(seq));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io_err(&path, "creating a segment"))?;
+        if let Err(e) = file.write_all_at(&segment_header(), 0) {
+            let _ = fs::remove_file(&path);
+            return Err(io_err(&path, "writing a segment header")(e));
+        }
+        debug!(segment = %path.display(), "started cache segment");
+        let segment = Arc::new(Segment {
+            seq,
+            path,
+            file,
+            map: RwLock::new(None),
+            map_len: self.segment_size,
+            last_used: AtomicU64::new(0),
+        });
+        self.touch(&segment);
+        writer.live.insert(
+            seq,
+            SegmentState {
+                segment,
+                len: SEGMENT_HEADER_LEN,
+                digests: Vec::new(),
+            },
+        );
+        self.bytes_used
+            .fetch_add(SEGMENT_HEADER_LEN, Ordering::Relaxed);
+        writer.active = Some(seq);
+        Ok(seq)
+    }
+
+    /// Evicts the least recently used sealed segment, or the active one when it is the only
+    /// one left. False when there are no segments.
+    fn evict_one(&self, writer: &mut Segments, why: &str) -> bool {
+        let victim = writer
+            .live
+            .values()
+            .filter(|s| Some(s.segment.seq) != writer.active)
+            .min_by_key(|s| s.segment.last_used.load(Ordering::Relaxed))
+            .map(|s| s.segment.seq)
+            .or(writer.active);
+        match victim {
+            Some(seq) => {
+                self.evict(writer, seq, why);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn evict(&self, writer: &mut Segments, seq: u64, why: &str) {
+        let Some(state) = writer.live.remove(&seq) else {
+            return;
+        };
+        if writer.active == Some(seq) {
+            writer.active = None;
+        }
+        let mut by_shard: Vec<Vec<[u8; 32]>> = vec![Vec::new(); INDEX_SHARDS];
+        for digest in &state.digests {
+            by_shard[usize::from(digest[0]) % INDEX_SHARDS].push(*digest);
+        }
+        let mut entries = 0usize;
+        for (shard, digests) in self.index.iter().zip(by_shard) {
+            if digests.is_empty() {
+                continue;
+            }
+            let mut shard = shard.write().unwrap_or_else(PoisonError::into_inner);
+            for digest in digests {
+                if shard
+                    .get(&digest)
+                    .is_some_and(|e| Arc::ptr_eq(&e.segment, &state.segment))
+                {
+                    shard.remove(&digest);
+                    entries += 1;
+                }
+            }
+        }
+        if let Err(e) = fs::remove_file(&state.segment.path) {
+            if e.kind() != io::ErrorKind::NotFound {
+                warn!(segment = %state.segment.path.display(), "cannot delete evicted cache segment: {e}");
+            }
+        }
+        self.bytes_used.fetch_sub(state.len, Ordering::Relaxed);
+        self.counters
+            .evicted_segments
+            .fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .evicted_bytes
+            .fetch_add(state.len, Ordering::Relaxed);
+        info!(
+            segment = %state.segment.path.display(),
+            entries,
+            bytes = state.len,
+            "evicted least recently used cache segment ({why})"
+        );
+    }
+
+    /// Scans every segment file into the index, oldest first, then evicts down to the budget
+    /// and resumes appending to the newest segment if it has room.
+    fn load_segments(&self) -> Result<(), CacheError> {
+        let dir = &self.segments_dir;
+        let mut seqs = Vec::new();
+        for item in fs::read_dir(dir).map_err(io_err(dir, "listing segments"))? {
+            let item = item.map_err(io_err(dir, "listing segments"))?;
+            match item.file_name().to_str().and_then(parse_segment_name) {
+                Some(seq) => seqs.push(seq),
+                None => debug!(file = ?item.path(), "not a cache segment; ignored"),
+            }
+        }
+        seqs.sort_unstable();
+
+        let mut writer = self.writer();
+        for seq in seqs {
+            writer.next_seq = seq.saturating_add(1);
+            let path = dir.join(segment_name(seq));
+            let Some((mut state, entries)) = self.load_segment(seq, path)? else {
+                continue;
+            };
+            // Segments opened now rank by age: the newest is the most recently used.
+            self.touch(&state.segment);
+            state.digests = entries.iter().map(|e| e.record.digest).collect();
+            for entry in entries {
+                // A digest in two segments was dropped from the older one and re-inserted:
+                // the newer entry wins.
+                self.shard_mut(&entry.record.digest)
+                    .insert(entry.record.digest, entry);
+            }
+            self.bytes_used.fetch_add(state.len, Ordering::Relaxed);
+            writer.live.insert(seq, state);
+        }
+        // The budget may have shrunk since the last run.
+        while self.bytes_used.load(Ordering::Relaxed) > self.budget
+            && self.evict_one(&mut writer, "over budget at open")
+        {}
+        if let Some((&seq, newest)) = writer.live.last_key_value() {
+            if newest.len < self.segment_size {
+                writer.active = Some(seq);
+            }
+        }
+        let entries: usize = self
+            .index
+            .iter()
+            .map(|s| s.read().unwrap_or_else(PoisonError::into_inner).len())
+            .sum();
+        info!(
+            dir = %self.dir.display(),
+            entries,
+            segments = writer.live.len(),
+            bytes = self.bytes_used.load(Ordering::Relaxed),
+            budget = self.budget,
+            "chunk cache opened"
+        );
+        Ok(())
+    }
+
+    /// Opens and scans one segment file. A bad segment header deletes the file (`None`); a torn
+    /// tail is truncated away.
+    fn load_segment(
+        &self,
+        seq: u64,
+        path: PathBuf,
+    ) -> Result<Option<(SegmentState, Vec<Entry>)>, CacheError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path, "opening a segment"))?;
+        let file_len = file
+            .metadata()
+            .map_err(io_err(&path, "opening a segment"))?
+            .len();
+        let mut header = [0u8; SEGMENT_HEADER_LEN as usize];
+        if file_len < SEGMENT_HEADER_LEN
+            || file.read_exact_at(&mut header, 0).is_err()
+            || header != segment_header()
+        {
+            warn!(segment = %path.display(), bytes = file_len, "cache segment has no valid header (torn at creation, or another version): deleted");
+            drop(file);
+            fs::remove_file(&path).map_err(io_err(&path, "deleting a bad segment"))?;
+            return Ok(None);
+        }
+        let scan = scan_entries(&file, file_len).map_err(io_err(&path, "scanning a segment"))?;
+        if let Some(reason) = &scan.torn {
+            warn!(
+                segment = %path.display(),
+                at = scan.len,
+                dropped_bytes = file_len - scan.len,
+                "cache segment has a torn tail ({reason}): truncated at the last whole entry"
+            );
+            file.set_len(scan.len)
+                .map_err(io_err(&path, "truncating a torn segment"))?;
+        }
+        let segment = Arc::new(Segment {
+            seq,
+            path,
+            file,
+            map: RwLock::new(None),
+            map_len: self.segment_size.max(scan.len),
+            last_used: AtomicU64::new(0),
+        });
+        let entries = scan
+            .entries
+            .into_iter()
+            .map(|(offset, record)| Entry {
+                segment: segment.clone(),
+                offset,
+                record,
+            })
+            .collect();
+        let state = SegmentState {
+            segment,
+            len: scan.len,
+            digests: Vec::new(),
+        };
+        Ok(Some((state, entries)))
+    }
+}
+
+/// The whole entries at the start of a segment's entry area.
+struct Scan {
+    /// Offset and record of each entry.
+    entries: Vec<(u64, ChunkRecord)>,
+    /// Where the last whole entry ends.
+    len: u64,
+    /// Why the scan stopped before the end of the file, if it did.
+    torn: Option<String>,
+}
+
+/// Reads the entry headers of a segment whose header checked out. Every length is checked
+/// against the file before use, so no content makes this panic or allocate by a length field.
+fn scan_entries(file: &File, file_len: u64) -> io::Result<Scan> {
+    let mut entries = Vec::new();
+    let mut at = SEGMENT_HEADER_LEN;
+    let mut header = [0u8; ENTRY_HEADER_LEN as usize];
+    let torn = loop {
+        if at == file_len {
+            break None;
+        }
+        if file_len - at < ENTRY_HEADER_LEN {
+            break Some(format!("{} bytes of an entry header", file_len - at));
+        }
+        file.read_exact_at(&mut header, at)?;
+        let Some(record) = decode_entry_header(&header) else {
+            break Some("bad entry header".to_string());
+        };
+        let end = at + ENTRY_HEADER_LEN + u64::from(record.comp_len);
+        if end > file_len {
+            break Some(format!(
+                "entry of {} bytes runs past the end of the file",
+                record.comp_len
+            ));
+        }
+        entries.push((at, record));
+        at = end;
+    };
+    Ok(Scan {
+        entries,
+        len: at,
+        torn,
+    })
+}
+
+/// Checks an indexed entry on disk and returns its payload. Touches the mapping only after
+/// fstat shows the file still covers the entry.
+fn read_entry(entry: &Entry) -> Result<ChunkBytes, Unservable> {
+    let end = entry.end();
+    let file_len = entry
+        .segment
+        .file
+        .metadata()
+        .map_err(Unservable::Unreadable)?
+        .len();
+    if file_len < end {
+        return Err(Unservable::Corrupt(format!(
+            "segment is {file_len} bytes but the entry ends at {end} (truncated)"
+        )));
+    }
+    let map = entry.segment.mapping(end).map_err(Unservable::Unreadable)?;
+    // `end` fits the mapping, whose length is a usize, so these conversions are exact.
+    let start = entry.offset as usize;
+    let payload = start + ENTRY_HEADER_LEN as usize;
+    let end = end as usize;
+    if map[start..payload] != encode_entry_header(&entry.record) {
+        return Err(Unservable::Corrupt("entry header changed on disk".into()));
+    }
+    let crc = crc32fast::hash(&map[payload..end]);
+    if crc != entry.record.crc32 {
+        return Err(Unservable::Corrupt(format!(
+            "payload crc32 {crc:08x}, expected {:08x}",
+            entry.record.crc32
+        )));
+    }
+    Ok(ChunkBytes {
+        map,
+        start: payload,
+        len: end - payload,
+    })
+}
+
+/// Takes the directory's exclusive lock and records this process as its holder.
+fn take_lock(dir: &Path) -> Result<File, CacheError> {
+    let path = dir.join("lock");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io_err(&path, "opening the lock file"))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => {
+            let pid = fs::read_to_string(&path)
+                .ok()
+                .and_then(|s| s.trim().parse().ok());
+            return Err(CacheError::Locked {
+                dir: dir.to_path_buf(),
+                pid,
+            });
+        }
+        Err(TryLockError::Error(e)) => return Err(io_err(&path, "locking the cache")(e)),
+    }
+    let pid = format!("{}\n", std::process::id());
+    file.set_len(0)
+        .and_then(|()| file.write_all_at(pid.as_bytes(), 0))
+        .map_err(io_err(&path, "writing the lock file"))?;
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fusefs::chunk::{decode_chunk, encode_chunk, DEFAULT_ZSTD_LEVEL};
+    use fusefs::format::CHUNK_UNCOMPRESSED;
+    use std::sync::Barrier;
+
+    /// A chunk as the fetcher would hand it to the cache: its record and stored bytes, plus
+    /// the raw bytes to compare decoded hits against.
+    struct TestChunk {
+        record: ChunkRecord,
+        stored: Vec<u8>,
+        raw: Vec<u8>,
+    }
+
+    fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// `len` raw bytes derived from `seed`: compressible text or incompressible noise.
+    fn chunk(seed: u64, len: usize, compressible: bool) -> TestChunk {
+        let raw = if compressible {
+            format!("chunk {seed} says hello; ")
+                .into_bytes()
+                .into_iter()
+                .cycle()
+                .take(len)
+                .collect()
+        } else {
+            noise(seed, len)
+        };
+        let e = encode_chunk(&raw, DEFAULT_ZSTD_LEVEL).unwrap();
+        TestChunk {
+            record: ChunkRecord {
+                blob: 3,
+                flags: e.flags,
+                comp_off: 12345,
+                comp_len: e.stored.len() as u32,
+                raw_len: e.raw_len,
+                crc32: e.crc32,
+                digest: e.digest,
+            },
+            stored: e.stored,
+            raw,
+        }
+    }
+
+    fn open(dir: &Path, budget: u64) -> ChunkCache {
+        ChunkCache::open(&CacheConfig {
+            dir: dir.to_path_buf(),
+            budget_bytes: budget,
+        })
+        .unwrap()
+    }
+
+    /// Asserts `c` is served with its exact stored bytes and decodes to its raw bytes.
+    fn assert_served(cache: &ChunkCache, c: &TestChunk) {
+        let hit = cache.get(&c.record.digest).expect("chunk is cached");
+        assert_eq!(&*hit.bytes, &c.stored[..]);
+        assert_eq!(hit.record, entry_record(&c.record));
+        assert_eq!(decode_chunk(&hit.record, &hit.bytes).unwrap(), c.raw);
+    }
+
+    fn segment_files(dir: &Path) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = fs::read_dir(dir.join("segments"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        files
+    }
+
+    fn file_len(path: &Path) -> u64 {
+        fs::metadata(path).unwrap().len()
+    }
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn cache_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<ChunkCache>();
+        check::<CachedChunk>();
+    }
+
+    #[test]
+    fn encoded_chunks_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = open(dir.path(), 64 * MIB);
+        let packed = chunk(1, 200_000, true);
+        let raw = chunk(2, 100_000, false);
+        assert_eq!(packed.record.flags, 0);
+        assert_eq!(raw.record.flags, CHUNK_UNCOMPRESSED);
+        assert!(cache.get(&packed.record.digest).is_none());
+        cache.insert(&packed.record, &packed.stored).unwrap();
+        cache.insert(&raw.record, &raw.stored).unwrap();
+        assert!(cache.contains(&packed.record.digest));
+        assert_served(&cache, &packed);
+        assert_served(&cache, &raw);
+
+        // A second insert of a digest already present writes nothing.
+        let before = cache.stats();
+        cache.insert(&packed.record, &packed.stored).unwrap();
+        let after = cache.stats();
+        assert_eq!(after.inserts, 2);
+        assert_eq!(after.bytes_used, before.bytes_used);
+
+        let stats = cache.stats();
+        assert_eq!(stats.entries, 2);
+        assert_eq!(stats.hits, 2);
+        assert_eq!(stats.misses, 1);
+        assert_eq!(
+            stats.bytes_used,
+            SEGMENT_HEADER_LEN
+                + 2 * ENTRY_HEADER_LEN
+                + (packed.stored.len() + raw.stored.len()) as u64
+        );
+        assert_eq!(
+            stats.bytes_used,
+            segment_files(dir.path())
+                .iter()
+                .map(|p| file_len(p))
+                .sum::<u64>()
+        );
+        assert_eq!(stats.budget_bytes, 64 * MIB);
+    }
+
+    #[test]
+    fn entries_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunks: Vec<TestChunk> = (0..10).map(|i| chunk(i, 50_000, i % 2 == 0)).collect();
+        let used = {
+            let cache = open(dir.path(), 64 * MIB);
+            for c in &chunks[..6] {
+                cache.insert(&c.record, &c.stored).unwrap();
+            }
+            cache.stats().bytes_used
+        };
+        let cache = open(dir.path(), 64 * MIB);
+        let stats = cache.stats();
+        assert_eq!(stats.entries, 6);
+        assert_eq!(stats.bytes_used, used);
+        for c in &chunks[..6] {
+            assert_served(&cache, c);
+        }
+        // The newest segment had room, so appending resumes in it.
+        for c in &chunks[6..] {
+            cache.insert(&c.record, &c.stored).unwrap();
+        }
+        assert_eq!(segment_files(dir.path()).len(), 1);
+        drop(cache);
+        let cache = open(dir.path(), 64 * MIB);
+        for c in &chunks {
+            assert_served(&cache, c);
+        }
+    }
+
+    #[test]
+    fn flipped_payload_byte_is_never_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = open(dir.path(), 64 * MIB);
+        let a = chunk(1, 40_000, true);
+        let b = chunk(2, 40_000, false);
+        cache.insert(&a.record, &a.stored).unwrap();
+        cache.insert(&b.record, &b.stored).unwrap();
+        assert_served(&cache, &a);
+
+        // Flip one byte in the middle of `a`'s payload, behind the cache's back.
+        let seg = &segment_files(dir.path())[0];
+        let file = OpenOptions::new().read(true).write(true).open(seg).unwrap();
+        let at = SEGMENT_HEADER_LEN + ENTRY_HEADER_LEN + a.stored.len() as u64 / 2;
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, at).unwrap();
+        file.write_all_at(&[byte[0] ^ 0x10], at).unwrap();
+
+        assert!(cache.get(&a.record.digest).is_none());
+        assert!(!cache.contains(&a.record.digest));
+        let stats = cache.stats();
+        assert_eq!(stats.corrupt_entries, 1);
+        assert_eq!(stats.entries, 1);
+        assert_served(&cache, &b);
+
+        // The caller refetches and re-inserts: it is served again, from a fresh copy.
+        cache.insert(&a.record, &a.stored).unwrap();
+        assert_served(&cache, &a);
+        drop(cache);
+        // After a restart the good copy wins over the corrupt one.
+        let cache = open(dir.path(), 64 * MIB);
+        assert_served(&cache, &a);
+        assert_served(&cache, &b);
+    }
+
+    #[test]
+    fn corrupt_entry_header_is_never_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = open(dir.path(), 64 * MIB);
+        let a = chunk(1, 40_000, true);
+        cache.insert(&a.record, &a.stored).unwrap();
+        let seg = &segment_files(dir.path())[0];
+        let file = OpenOptions::new().write(true).open(seg).unwrap();
+        // Overwrite the raw length in the header: the payload still checks out, the header not.
+        file.write_all_at(&[0xff], SEGMENT_HEADER_LEN + 12).unwrap();
+        assert!(cache.get(&a.record.digest).is_none());
+        assert_eq!(cache.stats().corrupt_entries, 1);
+    }
+
+    #[test]
+    fn segment_truncated_while_open_is_a_miss_not_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = open(dir.path(), 64 * MIB);
+        let chunks: Vec<TestChunk> = (0..8).map(|i| chunk(i, 30_000, false)).collect();
+        for c in &chunks {
+            cache.insert(&c.record, &c.stored).unwrap();
+        }
+        // Map the segment, then cut it after the second entry: later entries' pages would
+        // SIGBUS if touched.
+        assert_served(&cache, &chunks[7]);
+        let entry_len = ENTRY_HEADER_LEN + chunks[0].stored.len() as u64;
+        let seg = &segment_files(dir.path())[0];
+        OpenOptions::new()
+            .write(true)
+            .open(seg)
+            .unwrap()
+            .set_len(SEGMENT_HEADER_LEN + 2 * entry_len + 10)
+            .unwrap();
+        for c in &chunks[2..] {
+            assert!(cache.get(&c.record.digest).is_none());
+        }
+        assert_served(&cache, &chunks[0]);
+        assert_served(&cache, &chunks[1]);
+        let stats = cache.stats();
+        assert_eq!(stats.corrupt_entries, 6);
+        assert_eq!(stats.entries, 2);
+    }
+
+    #[test]
+    fn garbage_tail_is_truncated_at_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunks: Vec<TestChunk> = (0..3).map(|i| chunk(i, 30_000, true)).collect();
+        let used = {
+            let cache = open(dir.path(), 64 * MIB);
+            for c in &chunks {
+                cache.insert(&c.record, &c.stored).unwrap();
+            }
+            cache.stats().bytes_used
+        };
+        let seg = segment_files(dir.path()).remove(0);
+        let mut garbage = fs::read(&seg).unwrap();
+        garbage.extend_from_slice(&noise(9, 1000));
+        fs::write(&seg, &garbage).unwrap();
+
+        let cache = open(dir.path(), 64 * MIB);
+        assert_eq!(file_len(&seg), used);
+        assert_eq!(cache.stats().bytes_used, used);
+        for c in &chunks {
+            assert_served(&cache, c);
+        }
+    }
+
+    #[test]
+    fn torn_last_entry_is_dropped_and_truncated_at_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunks: Vec<TestChunk> = (0..3).map(|i| chunk(i, 30_000, false)).collect();
+        {
+            let cache = open(dir.path(), 64 * MIB);
+            for c in &chunks {
+                cache.insert(&c.record, &c.stored).unwrap();
+            }
+        }
+        let entry_len = ENTRY_HEADER_LEN + chunks[0].stored.len() as u64;
+        let two_entries = SEGMENT_HEADER_LEN + 2 * entry_len;
+        let seg = segment_files(dir.path()).remove(0);
+        // A crash halfway through writing the third entry's payload.
+        OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(two_entries + entry_len / 2)
+            .unwrap();
+
+        let cache = open(dir.path(), 64 * MIB);
+        assert_eq!(file_len(&seg), two_entries);
+        assert_eq!(cache.stats().entries, 2);
+        assert_served(&cache, &chunks[0]);
+        assert_served(&cache, &chunks[1]);
+        assert!(cache.get(&chunks[2].record.digest).is_none());
+        cache.insert(&chunks[2].record, &chunks[2].stored).unwrap();
+        assert_served(&cache, &chunks[2]);
+    }
+
+    #[test]
+    fn hostile_segment_files_are_dropped_without_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = chunk(1, 20_000, true);
+        {
+            let cache = open(dir.path(), 64 * MIB);
+            cache.insert(&good.record, &good.stored).unwrap();
+        }
+        let segs = dir.path().join("segments");
+        // An entry header with a valid crc that claims a 4 GiB payload.
+        let mut huge = entry_record(&good.record);
+        huge.comp_len = u32::MAX;
+        huge.digest[0] ^= 1;
+        let mut lying = segment_header().to_vec();
+        lying.extend_from_slice(&encode_entry_header(&huge));
+        lying.extend_from_slice(&[0u8; 100]);
+        let files: Vec<(&str, Vec<u8>)> = vec![
+            ("0000000000000010.seg", Vec::new()),
+            ("0000000000000011.seg", b"LAZYSEG".to_vec()),
+            ("0000000000000012.seg", noise(5, 100_000)),
+            ("0000000000000013.seg", lying),
+            ("0000000000000014.seg", {
+                let mut v = segment_header().to_vec();
+                v.extend_from_slice(&[0xffu8; 63]);
+                v
+            }),
+            ("0000000000000015.seg", {
+                let mut v = segment_header().to_vec();
+                v[8] = 2; // a future version
+                v
+            }),
+            ("not-a-segment.txt", b"hello".to_vec()),
+        ];
+        for (name, bytes) in &files {
+            fs::write(segs.join(name), bytes).unwrap();
+        }
+
+        let cache = open(dir.path(), 64 * MIB);
+        assert_eq!(cache.stats().entries, 1);
+        assert_served(&cache, &good);
+        assert!(!cache.contains(&huge.digest));
+        // Headerless segments are deleted; segments with a good header keep just the header.
+        for name in [
+            "0000000000000010.seg",
+            "0000000000000011.seg",
+            "0000000000000012.seg",
+            "0000000000000015.seg",
+        ] {
+            assert!(!segs.join(name).exists(), "{name} kept");
+        }
+        for name in ["0000000000000013.seg", "0000000000000014.seg"] {
+            assert_eq!(file_len(&segs.join(name)), SEGMENT_HEADER_LEN, "{name}");
+        }
+        assert!(segs.join("not-a-segment.txt").exists());
+        // New segments are numbered after the highest one seen.
+        let next = chunk(2, 20_000, true);
+        cache.insert(&next.record, &next.stored).unwrap();
+        assert_served(&cache, &next);
+    }
+
+    #[test]
+    fn budget_is_kept_by_evicting_least_recently_used_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let budget = MIB;
+        let cache = open(dir.path(), budget);
+        // 256 KiB segments (budget / 4); 4 entries of 60 KiB fill one.
+        assert_eq!(cache.segment_size, 256 << 10);
+        let chunks: Vec<TestChunk> = (0..40).map(|i| chunk(i, 60 << 10, false)).collect();
+        for c in &chunks[..16] {
+            cache.insert(&c.record, &c.stored).unwrap();
+            assert!(cache.stats().bytes_used <= budget);
+        }
+        // Four full segments: [0..4) [4..8) [8..12) [12..16). Reading chunk 1 makes the
+        // oldest segment the most recently used. Chunk 16 still fits, in a fifth segment;
+        // chunk 17 does not, and evicts [4..8) rather than the older [0..4).
+        assert_eq!(cache.stats().segments, 4);
+        assert_served(&cache, &chunks[1]);
+        for c in &chunks[16..18] {
+            cache.insert(&c.record, &c.stored).unwrap();
+        }
+        let stats = cache.stats();
+        assert_eq!(stats.evicted_segments, 1);
+        assert_eq!(stats.segments, 4);
+        assert!(stats.bytes_used <= budget);
+        for c in &chunks[..4] {
+            assert_served(&cache, c);
+        }
+        for c in &chunks[4..8] {
+            assert!(!cache.contains(&c.record.digest));
+        }
+        // Keep going: usage stays bounded and the newest entries are always there.
+        for (i, c) in chunks.iter().enumerate().skip(18) {
+            cache.insert(&c.record, &c.stored).unwrap();
+            assert!(cache.stats().bytes_used <= budget);
+            assert_served(&cache, c);
+            assert!(cache.contains(&chunks[i - 1].record.digest));
+        }
+        let stats = cache.stats();
+        assert!(stats.evicted_segments >= 6, "{stats:?}");
+        assert_eq!(
+            stats.bytes_used,
+            segment_files(dir.path())
+                .iter()
+                .map(|p| file_len(p))
+                .sum::<u64>()
+        );
+        assert!(stats.evicted_bytes > 0);
+    }
+
+    #[test]
+    fn smaller_budget_at_reopen_evicts_oldest_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunks: Vec<TestChunk> = (0..16).map(|i| chunk(i, 60 << 10, false)).collect();
+        {
+            let cache = open(dir.path(), MIB);
+            for c in &chunks {
+                cache.insert(&c.record, &c.stored).unwrap();
+            }
+        }
+        let cache = open(dir.path(), MIB / 2);
+        let stats = cache.stats();
+        assert!(stats.bytes_used <= MIB / 2, "{stats:?}");
+        assert!(!cache.contains(&chunks[0].record.digest));
+        assert_served(&cache, &chunks[15]);
+    }
+
+    #[test]
+    fn oversized_and_mismatched_entries_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = open(dir.path(), 64 << 10);
+        let big = chunk(1, 100_000, false);
+        let err = cache.insert(&big.record, &big.stored).unwrap_err();
+        assert!(matches!(err, CacheError::TooLarge { .. }), "{err}");
+        assert!(err.is_permanent());
+
+        let small = chunk(2, 1000, false);
+        let mut wrong = small.stored.clone();
+        wrong[0] ^= 1;
+        let err = cache.insert(&small.record, &wrong).unwrap_err();
+        assert!(
+            matches!(err, CacheError::Mismatch(ChunkError::Crc { .. })),
+            "{err}"
+        );
+        let err = cache.insert(&small.record, &small.stored[1..]).unwrap_err();
+        assert!(
+            matches!(err, CacheError::Mismatch(ChunkError::Length { .. })),
+            "{err}"
+        );
+
+        let stats = cache.stats();
+        assert_eq!(stats.insert_failures, 3);
+        assert_eq!(stats.entries, 0);
+        assert_eq!(stats.bytes_used, 0);
+    }
+
+    #[test]
+    fn second_open_of_a_locked_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = open(dir.path(), MIB);
+        let err = ChunkCache::open(&CacheConfig {
+            dir: dir.path().to_path_buf(),
+            budget_bytes: MIB,
+        })
+        .unwrap_err();
+        match &err {
+            CacheError::Locked { dir: d, pid } => {
+                assert_eq!(d, dir.path());
+                assert_eq!(*pid, Some(std::process::id()));
+            }
+            other => panic!("expected Locked, got {other}"),
+        }
+        let message = err.to_string();
+        assert!(
+            message.contains(&dir.path().display().to_string()),
+            "{message}"
+        );
+        assert!(
+            message.contains(&format!("process {}", std::process::id())),
+            "{message}"
+        );
+        drop(cache);
+        open(dir.path(), MIB);
+    }
+
+    #[test]
+    fn remove_and_clear_forget_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = open(dir.path(), 64 * MIB);
+        let chunks: Vec<TestChunk> = (0..4).map(|i| chunk(i, 10_000, true)).collect();
+        for c in &chunks {
+            cache.insert(&c.record, &c.stored).unwrap();
+        }
+        cache.remove(&chunks[0].record.digest);
+        assert!(cache.get(&chunks[0].record.digest).is_none());
+        assert_served(&cache, &chunks[1]);
+
+        // A chunk handed out before `clear` stays readable after its segment is deleted.
+        let held = cache.get(&chunks[2].record.digest).unwrap();
+        cache.clear().unwrap();
+        assert_eq!(&*held.bytes, &chunks[2].stored[..]);
+        let stats = cache.stats();
+        assert_eq!((stats.entries, stats.bytes_used, stats.segments), (0, 0, 0));
+        assert!(segment_files(dir.path()).is_empty());
+        cache.insert(&chunks[3].record, &chunks[3].stored).unwrap();
+        assert_served(&cache, &chunks[3]);
+        drop(cache);
+        let cache = open(dir.path(), 64 * MIB);
+        assert_eq!(cache.stats().entries, 1);
+        assert_served(&cache, &chunks[3]);
+    }
+
+    #[test]
+    fn concurrent_inserts_and_gets_return_correct_bytes() {
+        const THREADS: u64 = 8;
+        const PER_THREAD: u64 = 24;
+        let dir = tempfile::tempdir().unwrap();
+        // Small enough that eviction runs while readers hold and check chunks.
+        let cache = Arc::new(open(dir.path(), 2 * MIB));
+        let chunks: Arc<Vec<TestChunk>> = Arc::new(
+            (0..THREADS * PER_THREAD)
+                .map(|i| chunk(i, 20_000 + (i as usize % 7) * 3000, i % 3 == 0))
+                .collect(),
+        );
+        let barrier = Arc::new(Barrier::new(THREADS as usize));
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (cache, chunks, barrier) = (cache.clone(), chunks.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    let mut hits = 0u64;
+                    for round in 0..PER_THREAD {
+                        let mine = &chunks[(t * PER_THREAD + round) as usize];
+                        cache.insert(&mine.record, &mine.stored).unwrap();
+                        // Everyone also inserts a shared chunk, racing on the same digest.
+                        let shared = &chunks[round as usize];
+                        cache.insert(&shared.record, &shared.stored).unwrap();
+                        for other in chunks.iter().step_by(5) {
+                            if let Some(hit) = cache.get(&other.record.digest) {
+                                assert_eq!(&*hit.bytes, &other.stored[..]);
+                                assert_eq!(hit.record.digest, other.record.digest);
+                                hits += 1;
+                            }
+                        }
+                    }
+                    hits
+                })
+            })
+            .collect();
+        let hits: u64 = handles.into_iter().map(|h| h.join().unwrap()).sum();
+        let stats = cache.stats();
+        assert!(hits > 0);
+        assert_eq!(stats.hits, hits);
+        assert_eq!(stats.corrupt_entries, 0);
+        assert_eq!(stats.insert_failures, 0);
+        assert!(stats.bytes_used <= 2 * MIB, "{stats:?}");
+        assert!(stats.evicted_segments > 0, "{stats:?}");
+        // Every entry left in the index is intact, and a reopen agrees.
+        let cached: Vec<&TestChunk> = chunks
+            .iter()
+            .filter(|c| cache.contains(&c.record.digest))
+            .collect();
+        assert!(!cached.is_empty());
+        for c in &cached {
+            assert_served(&cache, c);
+        }
+        drop(cache);
+        let cache = open(dir.path(), 2 * MIB);
+        for c in &cached {
+            assert_served(&cache, c);
+        }
+    }
+
+    /// Unmounts a test tmpfs when dropped, even if the test fails.
+    struct TmpfsMount(PathBuf);
+
+    impl TmpfsMount {
+        fn new(dir: &Path, size: &str) -> Option<TmpfsMount> {
+            let status = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir)
+                .status()
+                .ok()?;
+            status.success().then(|| TmpfsMount(dir.to_path_buf()))
+        }
+    }
+
+    impl Drop for TmpfsMount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+
+    #[test]
+    fn full_disk_gives_no_space_and_never_wrong_bytes() {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: full_disk_gives_no_space_and_never_wrong_bytes needs root to mount a tmpfs");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let Some(_mount) = TmpfsMount::new(dir.path(), "8m") else {
+            eprintln!(
+                "skipped: full_disk_gives_no_space_and_never_wrong_bytes could not mount a tmpfs"
+            );
+            return;
+        };
+        // A budget far over the 8 MiB the disk has: only ENOSPC stops the cache growing.
+        let cache = open(&dir.path().join("cache"), 64 * MIB);
+        let chunks: Vec<TestChunk> = (0..60).map(|i| chunk(i, 300 << 10, false)).collect();
+        let (mut ok, mut no_space) = (0, 0);
+        for c in &chunks {
+            match cache.insert(&c.record, &c.stored) {
+                Ok(()) => {
+                    ok += 1;
+                    assert_served(&cache, c);
+                }
+                Err(CacheError::NoSpace { .. }) => no_space += 1,
+                Err(e) => panic!("unexpected error on a full disk: {e}"),
+            }
+        }
+        let stats = cache.stats();
+        assert_eq!(ok + no_space, chunks.len());
+        assert!(ok > 0, "{stats:?}");
+        // 60 x 300 KiB does not fit in 8 MiB: the disk filled and segments were evicted.
+        assert!(stats.evicted_segments > 0, "{stats:?}");
+        assert!(stats.bytes_used <= 8 * MIB, "{stats:?}");
+        assert_eq!(stats.insert_failures, no_space as u64);
+        for c in &chunks {
+            if let Some(hit) = cache.get(&c.record.digest) {
+                assert_eq!(&*hit.bytes, &c.stored[..]);
+            }
+        }
+        assert!(stats.entries > 0);
+        eprintln!("{ok} inserts stored, {no_space} refused for lack of space: {stats:?}");
+
+        // Now leave nothing to gain from eviction: hold every cached chunk (an evicted segment
+        // keeps its disk space while it is mapped) and fill the rest of the disk.
+        let held: Vec<(CachedChunk, &TestChunk)> = chunks
+            .iter()
+            .filter_map(|c| cache.get(&c.record.digest).map(|hit| (hit, c)))
+            .collect();
+        let ballast_path = dir.path().join("ballast");
+        let mut ballast = File::create(&ballast_path).unwrap();
+        for block in [64 << 10, 4 << 10, 1] {
+            while io::Write::write_all(&mut ballast, &vec![0u8; block]).is_ok() {}
+        }
+        let extra = chunk(1000, 300 << 10, false);
+        let err = cache.insert(&extra.record, &extra.stored).unwrap_err();
+        assert!(matches!(err, CacheError::NoSpace { .. }), "{err}");
+        assert!(!err.is_permanent());
+        let stats = cache.stats();
+        assert_eq!((stats.entries, stats.segments, stats.bytes_used), (0, 0, 0));
+        for (hit, c) in &held {
+            assert_eq!(&*hit.bytes, &c.stored[..]);
+        }
+
+        // Once space comes back, so does caching.
+        drop(held);
+        drop(ballast);
+        fs::remove_file(&ballast_path).unwrap();
+        cache.insert(&extra.record, &extra.stored).unwrap();
+        assert_served(&cache, &extra);
+        drop(cache);
+    }
+}
