@@ -13,10 +13,18 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 # fuse3: fusermount3 and /etc/fuse.conf; umoci/skopeo/debootstrap: build and move real images;
 # docker-registry: a real OCI registry for tests; attr: getfattr/setfattr for checks; bindfs: a
-# stand-in FUSE filesystem the test harness checks its own mount guard with.
+# stand-in FUSE filesystem the test harness checks its own mount guard with; python3-venv: the
+# virtualenv moto is installed into below.
 apt-get install -y -qq --no-install-recommends \
     fuse3 umoci skopeo debootstrap docker-registry attr bindfs ca-certificates \
-    curl gcc pkg-config tar gzip zstd python3 >/dev/null
+    curl gcc pkg-config tar gzip zstd python3 python3-venv >/dev/null
+
+# moto[server]: a real S3 API for the S3 tests (lazy_tests::s3 runs its moto_server), in a
+# virtualenv at /opt/lazy-venv so pip never touches the system Python.
+if [ ! -x /opt/lazy-venv/bin/moto_server ]; then
+    python3 -m venv /opt/lazy-venv
+    /opt/lazy-venv/bin/pip install --quiet 'moto[server]'
+fi
 
 if ! command -v cargo >/dev/null; then
     echo "setup.sh: cargo not found; install Rust with rustup (https://rustup.rs) first" >&2

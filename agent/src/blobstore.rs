@@ -6,7 +6,7 @@
 //! chunk's crc32 and blake3 before anything is cached or served, and the caller of `read_blob`
 //! checks the blob's sha256.
 //!
-//! Implementations: the OCI registry (`registry::RegistryBlobStore`), S3 (`s3::S3BlobStore`),
+//! Implementations: the OCI registry (`registry::RegistryBlobStore`), S3 (`s3::S3Store`),
 //! a local OCI layout directory ([`DirBlobStore`]), an in-memory map for unit tests
 //! ([`MemoryBlobStore`]) and a fault-injecting wrapper for tests ([`FaultyBlobStore`]).
 //!
@@ -199,7 +199,7 @@ impl BlobStore for DirBlobStore {
     }
 }
 
-fn too_large(store: &str, digest: &str, len: u64, max: u64) -> BlobError {
+pub(crate) fn too_large(store: &str, digest: &str, len: u64, max: u64) -> BlobError {
     BlobError::Invalid {
         store: store.to_string(),
         digest: digest.to_string(),

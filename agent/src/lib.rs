@@ -5,6 +5,7 @@
 //! - `cache`: the on-disk compressed chunk cache shared by all mounts (segments, LRU, crc checks).
 //! - `local`: a `ChunkSource` over a local store's blobs, with a decoded-chunk LRU.
 //! - `registry`: an OCI distribution API client.
+//! - `s3`: S3 and S3-compatible stores: a `BlobStore` for reads, uploads for `lazyctl push`.
 //! - `mount`: opening an image and running a FUSE mount of it until it is unmounted.
 
 pub mod blobstore;
@@ -12,4 +13,5 @@ pub mod cache;
 pub mod local;
 pub mod mount;
 pub mod registry;
+pub mod s3;
 pub mod store;

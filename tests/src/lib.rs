@@ -10,7 +10,8 @@
 //! - [`reference`]: the reference unpack (`umoci unpack`) and `skopeo copy`;
 //! - [`tree`]: a full comparison of two directory trees (metadata, xattrs, hardlinks, content);
 //! - [`mount`]: running `lazyctl`, a guard around a live FUSE mount, root/FUSE preconditions;
-//! - [`registry`]: a real `docker-registry` on a loopback port.
+//! - [`registry`]: a real `docker-registry` on a loopback port;
+//! - [`s3`]: a real S3 API (`moto_server`) on a loopback port, stoppable for fault tests.
 //!
 //! The harness uses `anyhow` for errors: it is test-only code whose callers `unwrap()` or `?`
 //! and want the context chain in the failure message, not a typed error to match on.
@@ -22,6 +23,7 @@ pub mod mount;
 pub mod oci;
 pub mod reference;
 pub mod registry;
+pub mod s3;
 pub mod synthetic;
 pub mod tree;
 
