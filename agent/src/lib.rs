@@ -4,7 +4,8 @@
 //! - `store`: the local lazy-image store (`dir:PATH`, an OCI image layout).
 //! - `cache`: the on-disk compressed chunk cache shared by all mounts (segments, LRU, crc checks).
 //! - `local`: a `ChunkSource` over a local store's blobs, with a decoded-chunk LRU.
-//! - `registry`: an OCI distribution API client.
+//! - `registry`: an OCI distribution API client (pulls, pushes, referrers) and
+//!   `RegistryBlobStore`, the blob store over one repository.
 //! - `s3`: S3 and S3-compatible stores: a `BlobStore` for reads, uploads for `lazyctl push`.
 //! - `mount`: opening an image and running a FUSE mount of it until it is unmounted.
 

@@ -1,22 +1,32 @@
-//! Client for the OCI distribution API: image references, manifests, whole blobs and byte ranges.
+//! Client for the OCI distribution API: image references, manifests, whole blobs and byte ranges,
+//! pushes, and referrers.
 //!
-//! The converter uses it to pull `docker://HOST/REPO:TAG` images and the lazy fetcher uses
-//! [`RegistryClient::get_blob_range`] to read slices of a blob on demand. It behaves the way
-//! docker and containerd do, so that a registry that works with them works here:
+//! The converter uses it to pull `docker://HOST/REPO:TAG` images and to push lazy images back
+//! (`push.rs`: blobs and manifests; `referrers.rs`: recording and finding which lazy image was
+//! made from which source manifest), and the lazy fetcher reads slices of blobs on demand
+//! through [`RegistryBlobStore`] (`blob_store.rs`, over [`RegistryClient::get_blob_range`]).
+//! It behaves the way docker and containerd do, so that a registry that works with them works
+//! here:
 //!
 //! - **Auth.** Requests go out anonymously first. On a 401 the `WWW-Authenticate` challenge is
 //!   parsed; for `Bearer` a token is fetched from the realm (with basic credentials when some are
-//!   configured), cached per `repository:REPO:pull` scope until shortly before it expires, and the
-//!   request is retried once. Once a registry has asked for a token, later requests for other
-//!   repositories fetch one up front instead of taking a 401 first. A 401 on a request that
-//!   carried a token drops that token and fetches a new one. `Basic` challenges are answered with
-//!   the configured credentials.
+//!   configured), cached per scope (`repository:REPO:pull`, or `repository:REPO:pull,push` for
+//!   pushes) until shortly before it expires, and the request is retried once, upload body
+//!   included. Once a registry has asked for a token, later requests for other scopes fetch one up
+//!   front instead of taking a 401 first. A 401 on a request that carried a token (expired early,
+//!   revoked) drops that token and fetches a new one. `Basic` challenges are answered with the
+//!   configured credentials. Credentials and tokens only ever go to the registry's own origin.
 //! - **Plain HTTP only for loopback.** Like docker's treatment of `localhost` registries, a client
 //!   for `localhost`, `127.0.0.0/8` or `[::1]` tries https first and, if the connection or TLS
 //!   handshake fails, falls back to http and remembers that choice. Every other host is https only.
-//! - **Redirects** (a blob GET answered with 307 to an S3-like store) are followed; the
-//!   `Authorization` header is dropped whenever the redirect leaves the registry's origin (reqwest
-//!   does this; a test below holds it to that).
+//! - **Redirects** (a blob GET answered with 307 to an S3-like store) are followed with every
+//!   header but `Authorization`, which is dropped whenever the redirect leaves the registry's
+//!   origin (reqwest's policy does this; tests hold it to that). Signed query strings are cut from
+//!   the URLs in errors.
+//! - **Timeouts.** Downloads fail when the server goes quiet for `read_timeout`. Uploads cannot
+//!   use reqwest's read timeout, which runs from the start of the request and would cut off any
+//!   upload that takes longer; an upload fails instead when its body stops moving for
+//!   `read_timeout` ([`RegistryError::Stalled`]).
 //! - **Everything the server says is checked**: manifests and blobs against their sha256 digest,
 //!   ranges against the requested length, bodies against size caps. Nothing here panics on a bad
 //!   header or bad JSON; such input becomes a [`RegistryError`], and
@@ -33,14 +43,24 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use bytes::Bytes;
 use reqwest::header::{
-    HeaderMap, HeaderValue, ACCEPT, CONTENT_RANGE, CONTENT_TYPE, RANGE, WWW_AUTHENTICATE,
+    HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE,
+    RANGE, WWW_AUTHENTICATE,
 };
-use reqwest::{Response, StatusCode, Url};
+use reqwest::{Method, Response, StatusCode, Url};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, warn};
+
+mod blob_store;
+mod push;
+mod referrers;
+
+pub use blob_store::RegistryBlobStore;
+pub use push::{PushedBlob, PushedManifest};
+pub use referrers::{referrers_tag, Referrer};
 
 /// Media type of an OCI image index.
 pub const MEDIA_TYPE_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -73,6 +93,8 @@ const MAX_MANIFEST_BYTES: usize = 4 << 20;
 const MAX_TOKEN_RESPONSE_BYTES: usize = 1 << 20;
 /// Enough of an error body to show the registry's `errors[0]` code and message.
 const MAX_ERROR_BODY_BYTES: usize = 16 << 10;
+/// An error body is a few hundred bytes; waiting longer than this for it only delays the error.
+const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Initial buffer for a range read; larger ranges grow as bytes actually arrive, so a huge
 /// requested range cannot allocate before the server sends anything.
 const MAX_PREALLOCATION: usize = 8 << 20;
@@ -156,8 +178,27 @@ pub enum RegistryError {
         #[source]
         source: reqwest::Error,
     },
+    #[error("blob {repo}@{digest} is larger than the {limit}-byte limit")]
+    BlobTooLarge {
+        repo: String,
+        digest: String,
+        limit: u64,
+    },
+    /// The server answered in a way the protocol does not allow: an upload without a `Location`,
+    /// a referrers list that is not an index.
+    #[error("unusable response from {url}: {reason}")]
+    BadResponse { url: String, reason: String },
+    /// An upload body made no progress (or the registry did not answer after it) for `after`.
+    #[error("upload to {url} stalled: no progress for {after:?}")]
+    Stalled { url: String, after: Duration },
     #[error("writing {path}")]
     Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading {path}")]
+    ReadFile {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -191,8 +232,11 @@ impl RegistryError {
             | RegistryError::RangeMismatch { .. }
             | RegistryError::UnsupportedAuth { .. }
             | RegistryError::TokenResponse { .. }
-            | RegistryError::Io { .. } => true,
-            RegistryError::TruncatedBody { .. } => false,
+            | RegistryError::BlobTooLarge { .. }
+            | RegistryError::BadResponse { .. }
+            | RegistryError::Io { .. }
+            | RegistryError::ReadFile { .. } => true,
+            RegistryError::TruncatedBody { .. } | RegistryError::Stalled { .. } => false,
             RegistryError::Http { status, .. } => {
                 let status = *status;
                 !(status >= 500
@@ -204,6 +248,23 @@ impl RegistryError {
             RegistryError::Transport { source, .. } => source.is_builder() || source.is_redirect(),
         }
     }
+}
+
+/// The error and every cause under it, joined with `: `. reqwest keeps the useful part ("tcp
+/// connect error: Connection refused") in `source()`, which `Display` alone does not show.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        // Some errors repeat their cause in their own message; say it once.
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
 }
 
 /// What a [`RegistryError::DigestMismatch`] was about.
@@ -440,6 +501,10 @@ struct ClientInner {
     /// `host[:port]`, normalised (Docker Hub is `registry-1.docker.io`).
     registry: String,
     http: reqwest::Client,
+    /// The same client without a read timeout, for requests with a body (see the module docs).
+    upload_http: reqwest::Client,
+    connect_timeout: Duration,
+    read_timeout: Duration,
     credentials: Option<Credentials>,
     /// `Authorization: Basic ...` for `credentials`, built once.
     basic_auth: Option<HeaderValue>,
@@ -504,8 +569,72 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn pull_scope(repo: &str) -> String {
-    format!("repository:{repo}:pull")
+/// What a request needs to be allowed to do, which decides the token scope it asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Pull,
+    /// Uploads, and the reads that go with them (a push asks for one token, not two).
+    Push,
+}
+
+impl Access {
+    fn scope(self, repo: &str) -> String {
+        match self {
+            Access::Pull => format!("repository:{repo}:pull"),
+            Access::Push => format!("repository:{repo}:pull,push"),
+        }
+    }
+
+    fn verb(self) -> &'static str {
+        match self {
+            Access::Pull => "pull",
+            Access::Push => "push",
+        }
+    }
+}
+
+/// Where a request goes.
+#[derive(Debug, Clone)]
+enum Target {
+    /// A path (and query) on the registry; the client picks http or https.
+    Path(String),
+    /// A URL the registry handed out: an upload `Location`, a `Link` to the next page.
+    Url(Url),
+}
+
+/// A request body that can be sent again, so that a 401 retry or the http fallback resends it.
+#[derive(Debug, Clone)]
+enum Payload<'a> {
+    Empty,
+    Bytes(Bytes),
+    /// Streamed from the file, which is reopened for each attempt.
+    File(&'a Path),
+}
+
+/// One request, before authorization.
+struct Call<'a> {
+    method: Method,
+    target: Target,
+    headers: HeaderMap,
+    payload: Payload<'a>,
+}
+
+impl<'a> Call<'a> {
+    fn new(method: Method, target: Target) -> Self {
+        Call {
+            method,
+            target,
+            headers: HeaderMap::new(),
+            payload: Payload::Empty,
+        }
+    }
+
+    fn get(path: String, headers: HeaderMap) -> Self {
+        Call {
+            headers,
+            ..Call::new(Method::GET, Target::Path(path))
+        }
+    }
 }
 
 impl RegistryClient {
@@ -515,16 +644,21 @@ impl RegistryClient {
         if !valid_registry(&registry) {
             return Err(RegistryError::InvalidRegistry { host: registry });
         }
-        let http = reqwest::Client::builder()
-            .user_agent(opts.user_agent.as_str())
-            .connect_timeout(opts.connect_timeout)
+        let builder = || {
+            reqwest::Client::builder()
+                .user_agent(opts.user_agent.as_str())
+                .connect_timeout(opts.connect_timeout)
+                .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
+        };
+        let build_error = |source| RegistryError::Transport {
+            url: registry.clone(),
+            source,
+        };
+        let http = builder()
             .read_timeout(opts.read_timeout)
-            .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
             .build()
-            .map_err(|source| RegistryError::Transport {
-                url: registry.clone(),
-                source,
-            })?;
+            .map_err(build_error)?;
+        let upload_http = builder().build().map_err(build_error)?;
         let basic_auth = opts.credentials.as_ref().and_then(|c| {
             let encoded = base64::engine::general_purpose::STANDARD
                 .encode(format!("{}:{}", c.username, c.password));
@@ -541,12 +675,20 @@ impl RegistryClient {
             inner: Arc::new(ClientInner {
                 registry,
                 http,
+                upload_http,
+                connect_timeout: opts.connect_timeout,
+                read_timeout: opts.read_timeout,
                 credentials: opts.credentials,
                 basic_auth,
                 scheme: Mutex::new(scheme),
                 auth: Mutex::new(AuthState::default()),
             }),
         })
+    }
+
+    /// The registry this client talks to, `host[:port]` (Docker Hub is `registry-1.docker.io`).
+    pub fn registry(&self) -> &str {
+        &self.inner.registry
     }
 
     /// Fetches a manifest or index, asking for the OCI and Docker v2 media types.
@@ -557,6 +699,15 @@ impl RegistryClient {
         &self,
         repo: &str,
         reference: &Reference,
+    ) -> Result<Manifest, RegistryError> {
+        self.fetch_manifest(repo, reference, Access::Pull).await
+    }
+
+    async fn fetch_manifest(
+        &self,
+        repo: &str,
+        reference: &Reference,
+        access: Access,
     ) -> Result<Manifest, RegistryError> {
         validate_repository(repo)?;
         reference.validate()?;
@@ -577,7 +728,9 @@ impl RegistryClient {
             )),
         );
         let path = format!("/v2/{repo}/manifests/{reference}");
-        let (mut resp, url) = self.get(repo, &path, headers).await?;
+        let (mut resp, url) = self
+            .request(repo, access, &Call::get(path, headers))
+            .await?;
         if !resp.status().is_success() {
             return Err(match resp.status() {
                 StatusCode::NOT_FOUND => RegistryError::ManifestUnknown {
@@ -677,6 +830,45 @@ impl RegistryClient {
             }
         }
         outcome
+    }
+
+    /// Reads a whole blob into memory and verifies its digest, refusing a blob larger than
+    /// `max_size` bytes: by its `Content-Length` before the body is read, and by counting while
+    /// it arrives when the server does not say.
+    pub async fn get_blob_bytes(
+        &self,
+        repo: &str,
+        digest: &str,
+        max_size: u64,
+    ) -> Result<Vec<u8>, RegistryError> {
+        validate_repository(repo)?;
+        validate_digest(digest)?;
+        let too_large = || RegistryError::BlobTooLarge {
+            repo: repo.to_string(),
+            digest: digest.to_string(),
+            limit: max_size,
+        };
+        let (mut resp, url) = self.get_blob(repo, digest, HeaderMap::new()).await?;
+        if resp.status() != StatusCode::OK {
+            return Err(blob_status_error(repo, digest, &url, resp).await);
+        }
+        if resp.content_length().is_some_and(|len| len > max_size) {
+            return Err(too_large());
+        }
+        let limit = usize::try_from(max_size).unwrap_or(usize::MAX);
+        let bytes = read_capped(&mut resp, limit, &url)
+            .await?
+            .ok_or_else(too_large)?;
+        let actual = sha256_digest(&bytes);
+        if actual != digest {
+            return Err(RegistryError::DigestMismatch {
+                kind: ContentKind::Blob,
+                repo: repo.to_string(),
+                expected: digest.to_string(),
+                actual,
+            });
+        }
+        Ok(bytes)
     }
 
     /// Reads bytes `range` of a blob with an HTTP Range request.
@@ -786,22 +978,22 @@ impl RegistryClient {
         digest: &str,
         headers: HeaderMap,
     ) -> Result<(Response, String), RegistryError> {
-        self.get(repo, &format!("/v2/{repo}/blobs/{digest}"), headers)
-            .await
+        let call = Call::get(format!("/v2/{repo}/blobs/{digest}"), headers);
+        self.request(repo, Access::Pull, &call).await
     }
 
-    /// GETs `path` on the registry with whatever authorization `repo` needs, answering one 401
-    /// challenge. Returns the response and the URL to name in errors (the one we asked for, not
-    /// a redirect target, whose query may hold a signature).
-    async fn get(
+    /// Sends `call` with whatever authorization `access` to `repo` needs, answering one 401
+    /// challenge (and resending the body). Returns the response and the URL to name in errors
+    /// (the one we asked for, not a redirect target, whose query may hold a signature).
+    async fn request(
         &self,
         repo: &str,
-        path: &str,
-        headers: HeaderMap,
+        access: Access,
+        call: &Call<'_>,
     ) -> Result<(Response, String), RegistryError> {
-        let scope = pull_scope(repo);
-        let auth = self.authorization_for(repo, &scope).await;
-        let (resp, url) = self.send(path, &headers, auth.as_ref()).await?;
+        let scope = access.scope(repo);
+        let auth = self.authorization_for(repo, access, &scope).await;
+        let (resp, url) = self.send(call, auth.as_ref()).await?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             return Ok((resp, url));
         }
@@ -820,12 +1012,12 @@ impl RegistryClient {
         debug!(%url, ?challenge, "registry asked for authentication");
         lock(&self.inner.auth).tokens.remove(&scope);
         let header = match &challenge {
-            Challenge::Basic if auth.is_some() => return Err(self.unauthorized(repo)),
+            Challenge::Basic if auth.is_some() => return Err(self.unauthorized(repo, access)),
             Challenge::Basic => self
                 .inner
                 .basic_auth
                 .clone()
-                .ok_or_else(|| self.unauthorized(repo))?,
+                .ok_or_else(|| self.unauthorized(repo, access))?,
             Challenge::Bearer {
                 realm,
                 service,
@@ -834,7 +1026,7 @@ impl RegistryClient {
                 let mut scopes = vec![scope.clone()];
                 scopes.extend(challenge_scope.iter().filter(|s| **s != scope).cloned());
                 let token = self
-                    .fetch_token(repo, realm, service.as_deref(), &scopes)
+                    .fetch_token(repo, access, realm, service.as_deref(), &scopes)
                     .await?;
                 let header = token.header.clone();
                 lock(&self.inner.auth).tokens.insert(scope.clone(), token);
@@ -843,23 +1035,24 @@ impl RegistryClient {
         };
         // Remembered only once it has worked, so that a broken realm is not reused up front.
         lock(&self.inner.auth).challenge = Some(challenge);
-        let (resp, url) = self.send(path, &headers, Some(&header)).await?;
+        let (resp, url) = self.send(call, Some(&header)).await?;
         if resp.status() == StatusCode::UNAUTHORIZED {
             lock(&self.inner.auth).tokens.remove(&scope);
-            return Err(self.unauthorized(repo));
+            return Err(self.unauthorized(repo, access));
         }
         Ok((resp, url))
     }
 
-    fn unauthorized(&self, repo: &str) -> RegistryError {
+    fn unauthorized(&self, repo: &str, access: Access) -> RegistryError {
+        let verb = access.verb();
         let detail = match &self.inner.credentials {
             None => format!(
-                "pull access denied: the repository does not exist or needs credentials \
+                "{verb} access denied: the repository does not exist or needs credentials \
                  (none configured; run docker login {})",
                 self.inner.registry
             ),
             Some(c) => format!(
-                "pull access denied: the repository does not exist or the credentials of {:?} \
+                "{verb} access denied: the repository does not exist or the credentials of {:?} \
                  do not grant access",
                 c.username
             ),
@@ -872,7 +1065,12 @@ impl RegistryClient {
 
     /// The `Authorization` header to send up front: a fresh cached token, a new token when the
     /// registry is known to want one, Basic credentials when it is known to want those.
-    async fn authorization_for(&self, repo: &str, scope: &str) -> Option<HeaderValue> {
+    async fn authorization_for(
+        &self,
+        repo: &str,
+        access: Access,
+        scope: &str,
+    ) -> Option<HeaderValue> {
         let challenge = {
             let state = lock(&self.inner.auth);
             if let Some(token) = state.tokens.get(scope) {
@@ -887,7 +1085,13 @@ impl RegistryClient {
             Some(Challenge::Basic) => self.inner.basic_auth.clone(),
             Some(Challenge::Bearer { realm, service, .. }) => {
                 match self
-                    .fetch_token(repo, &realm, service.as_deref(), &[scope.to_string()])
+                    .fetch_token(
+                        repo,
+                        access,
+                        &realm,
+                        service.as_deref(),
+                        &[scope.to_string()],
+                    )
                     .await
                 {
                     Ok(token) => {
@@ -911,6 +1115,7 @@ impl RegistryClient {
     async fn fetch_token(
         &self,
         repo: &str,
+        access: Access,
         realm: &str,
         service: Option<&str>,
         scopes: &[String],
@@ -942,7 +1147,7 @@ impl RegistryClient {
         let status = resp.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             return Err(match &self.inner.credentials {
-                None => self.unauthorized(repo),
+                None => self.unauthorized(repo, access),
                 Some(c) => RegistryError::Unauthorized {
                     repo: repo.to_string(),
                     detail: format!(
@@ -976,31 +1181,41 @@ impl RegistryClient {
         })
     }
 
-    /// Sends one GET, choosing http or https as described in the module docs.
+    /// Sends one request, choosing http or https as described in the module docs.
     async fn send(
         &self,
-        path: &str,
-        headers: &HeaderMap,
+        call: &Call<'_>,
         auth: Option<&HeaderValue>,
     ) -> Result<(Response, String), RegistryError> {
+        let path = match &call.target {
+            Target::Path(path) => path,
+            Target::Url(url) => {
+                let auth = match auth {
+                    Some(_) if !self.is_registry_origin(url) => {
+                        debug!(%url, "not sending credentials to another origin");
+                        None
+                    }
+                    auth => auth,
+                };
+                return self.send_to(url.clone(), call, auth).await;
+            }
+        };
         let scheme = *lock(&self.inner.scheme);
         match scheme {
-            Scheme::Https | Scheme::Http => self.send_with(scheme, path, headers, auth).await,
-            Scheme::HttpsThenHttp => {
-                match self.send_with(Scheme::Https, path, headers, auth).await {
-                    Ok(sent) => {
-                        *lock(&self.inner.scheme) = Scheme::Https;
-                        Ok(sent)
-                    }
-                    Err(RegistryError::Transport { url, source }) if source.is_connect() => {
-                        debug!(%url, error = %source, "https failed on a loopback registry; trying http");
-                        let sent = self.send_with(Scheme::Http, path, headers, auth).await?;
-                        *lock(&self.inner.scheme) = Scheme::Http;
-                        Ok(sent)
-                    }
-                    Err(e) => Err(e),
+            Scheme::Https | Scheme::Http => self.send_with(scheme, path, call, auth).await,
+            Scheme::HttpsThenHttp => match self.send_with(Scheme::Https, path, call, auth).await {
+                Ok(sent) => {
+                    *lock(&self.inner.scheme) = Scheme::Https;
+                    Ok(sent)
                 }
-            }
+                Err(RegistryError::Transport { url, source }) if source.is_connect() => {
+                    debug!(%url, error = %source, "https failed on a loopback registry; trying http");
+                    let sent = self.send_with(Scheme::Http, path, call, auth).await?;
+                    *lock(&self.inner.scheme) = Scheme::Http;
+                    Ok(sent)
+                }
+                Err(e) => Err(e),
+            },
         }
     }
 
@@ -1008,16 +1223,86 @@ impl RegistryClient {
         &self,
         scheme: Scheme,
         path: &str,
-        headers: &HeaderMap,
+        call: &Call<'_>,
         auth: Option<&HeaderValue>,
     ) -> Result<(Response, String), RegistryError> {
-        let url = format!("{}://{}{path}", scheme.as_str(), self.inner.registry);
-        let mut request = self.inner.http.get(&url).headers(headers.clone());
-        if let Some(auth) = auth {
-            request = request.header(reqwest::header::AUTHORIZATION, auth.clone());
+        let text = format!("{}://{}{path}", scheme.as_str(), self.inner.registry);
+        // The host and every piece of the path were validated, so this does not fail.
+        let url = Url::parse(&text).map_err(|_| RegistryError::InvalidRegistry {
+            host: self.inner.registry.clone(),
+        })?;
+        self.send_to(url, call, auth).await
+    }
+
+    async fn send_to(
+        &self,
+        url: Url,
+        call: &Call<'_>,
+        auth: Option<&HeaderValue>,
+    ) -> Result<(Response, String), RegistryError> {
+        // An upload location's query is the registry's opaque upload state: noise in an error.
+        let mut shown = url.clone();
+        if matches!(call.target, Target::Url(_)) {
+            shown.set_query(None);
         }
-        let resp = request.send().await.map_err(transport(&url))?;
-        Ok((resp, url))
+        let shown = shown.to_string();
+        let body = match &call.payload {
+            Payload::Empty => None,
+            Payload::Bytes(bytes) => Some(push::UploadBody::from_bytes(bytes.clone())),
+            Payload::File(path) => Some(push::UploadBody::open(path).await?),
+        };
+        let http = match body {
+            None => &self.inner.http,
+            Some(_) => &self.inner.upload_http,
+        };
+        let mut request = http
+            .request(call.method.clone(), url)
+            .headers(call.headers.clone());
+        if let Some(auth) = auth {
+            request = request.header(AUTHORIZATION, auth.clone());
+        }
+        let resp = match body {
+            None => request.send().await.map_err(transport(&shown))?,
+            Some(body) => {
+                let progress = body.progress();
+                let request = request
+                    .header(CONTENT_LENGTH, body.len())
+                    .body(reqwest::Body::wrap(body));
+                let limits = push::StallLimits {
+                    connect: self.inner.connect_timeout,
+                    idle: self.inner.read_timeout,
+                };
+                push::send_watched(request, progress, limits, &shown).await?
+            }
+        };
+        Ok((resp, shown))
+    }
+
+    /// True when `url` is on this registry's scheme, host and port, so that it may see the
+    /// registry's credentials.
+    fn is_registry_origin(&self, url: &Url) -> bool {
+        let scheme = match *lock(&self.inner.scheme) {
+            // Not contacted yet, so no URL can have come from it.
+            Scheme::HttpsThenHttp => return false,
+            scheme => scheme.as_str(),
+        };
+        let Some((host, port)) = split_host_port(&self.inner.registry) else {
+            return false;
+        };
+        let port = match port {
+            Some(port) => port.parse::<u16>().ok(),
+            None if scheme == "https" => Some(443),
+            None => Some(80),
+        };
+        let url_host = url.host_str().unwrap_or_default();
+        let url_host = url_host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(url_host);
+        url.scheme() == scheme
+            && url_host.eq_ignore_ascii_case(host)
+            && url.port_or_known_default() == port
+            && url.username().is_empty()
     }
 }
 
@@ -1057,9 +1342,10 @@ async fn status_error(repo: &str, url: &str, mut resp: Response) -> RegistryErro
             url: url.to_string(),
         },
         status => {
-            let detail = match read_capped(&mut resp, MAX_ERROR_BODY_BYTES, url).await {
-                Ok(Some(body)) => registry_error_detail(&body),
-                Ok(None) | Err(_) => String::new(),
+            let read = read_capped(&mut resp, MAX_ERROR_BODY_BYTES, url);
+            let detail = match tokio::time::timeout(ERROR_BODY_TIMEOUT, read).await {
+                Ok(Ok(Some(body))) => registry_error_detail(&body),
+                Ok(Ok(None) | Err(_)) | Err(_) => String::new(),
             };
             RegistryError::Http {
                 status: status.as_u16(),
@@ -1105,9 +1391,18 @@ fn registry_error_detail(body: &[u8]) -> String {
 }
 
 fn transport(url: &str) -> impl FnOnce(reqwest::Error) -> RegistryError + '_ {
-    move |source| RegistryError::Transport {
-        url: url.to_string(),
-        source,
+    move |mut source| {
+        // reqwest names the URL it was at, which after a redirect may be a presigned storage
+        // URL whose query is a credential. The path is enough to tell what failed.
+        if let Some(at) = source.url_mut() {
+            if at.query().is_some() {
+                at.set_query(Some("redacted"));
+            }
+        }
+        RegistryError::Transport {
+            url: url.to_string(),
+            source,
+        }
     }
 }
 
@@ -1512,22 +1807,18 @@ fn credentials_from_config(text: &str, registry: &str) -> Result<Option<Credenti
 }
 
 #[cfg(test)]
+mod test_support;
+
+#[cfg(test)]
 mod tests {
+    use super::test_support::*;
     use super::*;
-    use std::io::Write as _;
-    use std::net::SocketAddr;
-    use std::process::{Child, Command, Stdio};
-    use tokio::io::AsyncReadExt;
 
     // ---------------------------------------------------------------- references and parsers
 
     fn parsed(s: &str) -> (String, String, Reference) {
         let r = ImageRef::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"));
         (r.registry, r.repository, r.reference)
-    }
-
-    fn tag(t: &str) -> Reference {
-        Reference::Tag(t.to_string())
     }
 
     const DIGEST_A: &str =
@@ -1661,14 +1952,6 @@ mod tests {
                 "{err}"
             );
         }
-    }
-
-    /// Deterministic xorshift, so the fuzz-style tests need no extra crate.
-    fn xorshift(state: &mut u64) -> u64 {
-        *state ^= *state << 13;
-        *state ^= *state >> 7;
-        *state ^= *state << 17;
-        *state
     }
 
     #[test]
@@ -1945,179 +2228,27 @@ mod tests {
             "BLOB_UNKNOWN blob unknown to registry"
         );
         assert_eq!(registry_error_detail(b"<html>"), "");
-    }
 
-    // ---------------------------------------------------------------- an in-test HTTP server
-
-    #[derive(Debug, Clone)]
-    struct SeenRequest {
-        path: String,
-        /// Names lowercased.
-        headers: Vec<(String, String)>,
-    }
-
-    impl SeenRequest {
-        fn header(&self, name: &str) -> Option<&str> {
-            self.headers
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| v.as_str())
+        let stalled = RegistryError::Stalled {
+            url: "u".into(),
+            after: Duration::from_secs(30),
+        };
+        assert!(!stalled.is_permanent());
+        assert_eq!(
+            stalled.to_string(),
+            "upload to u stalled: no progress for 30s"
+        );
+        let too_large = RegistryError::BlobTooLarge {
+            repo: "r".into(),
+            digest: DIGEST_A.into(),
+            limit: 10,
+        };
+        assert!(too_large.is_permanent());
+        assert!(RegistryError::BadResponse {
+            url: "u".into(),
+            reason: "no Location".into()
         }
-
-        fn query(&self, name: &str) -> Vec<String> {
-            Url::parse(&format!("http://x{}", self.path))
-                .map(|u| {
-                    u.query_pairs()
-                        .filter(|(k, _)| k == name)
-                        .map(|(_, v)| v.into_owned())
-                        .collect()
-                })
-                .unwrap_or_default()
-        }
-
-        fn path_only(&self) -> &str {
-            self.path.split('?').next().unwrap_or_default()
-        }
-    }
-
-    struct Reply {
-        status: u16,
-        headers: Vec<(String, String)>,
-        body: Vec<u8>,
-    }
-
-    impl Reply {
-        fn new(status: u16, body: impl Into<Vec<u8>>) -> Self {
-            Reply {
-                status,
-                headers: Vec::new(),
-                body: body.into(),
-            }
-        }
-
-        fn header(mut self, name: &str, value: impl Into<String>) -> Self {
-            self.headers.push((name.to_string(), value.into()));
-            self
-        }
-    }
-
-    type Handler = Arc<dyn Fn(&SeenRequest) -> Reply + Send + Sync>;
-
-    /// A minimal HTTP/1.1 server: one request per connection, every request recorded. It closes
-    /// TLS handshakes at once, so the client's https-then-http fallback for loopback is exercised.
-    struct FakeServer {
-        addr: SocketAddr,
-        seen: Arc<Mutex<Vec<SeenRequest>>>,
-        task: tokio::task::JoinHandle<()>,
-    }
-
-    impl FakeServer {
-        async fn start(make_handler: impl FnOnce(String) -> Handler) -> Self {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let handler = make_handler(format!("http://{addr}"));
-            let seen = Arc::new(Mutex::new(Vec::new()));
-            let seen_by_task = seen.clone();
-            let task = tokio::spawn(async move {
-                while let Ok((mut stream, _)) = listener.accept().await {
-                    let handler = handler.clone();
-                    let seen = seen_by_task.clone();
-                    tokio::spawn(async move {
-                        let mut buf = Vec::new();
-                        let mut chunk = [0u8; 4096];
-                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                            if buf.first() == Some(&0x16) || buf.len() > 64 << 10 {
-                                return; // a TLS ClientHello, or junk: hang up
-                            }
-                            match stream.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                        }
-                        let text = String::from_utf8_lossy(&buf).into_owned();
-                        let mut lines = text.split("\r\n");
-                        let path = lines
-                            .next()
-                            .and_then(|l| l.split(' ').nth(1))
-                            .unwrap_or_default()
-                            .to_string();
-                        let headers = lines
-                            .take_while(|l| !l.is_empty())
-                            .filter_map(|l| l.split_once(':'))
-                            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
-                            .collect();
-                        let request = SeenRequest { path, headers };
-                        let reply = handler(&request);
-                        seen.lock().unwrap().push(request);
-                        let mut out = format!("HTTP/1.1 {} X\r\n", reply.status);
-                        for (n, v) in &reply.headers {
-                            out.push_str(&format!("{n}: {v}\r\n"));
-                        }
-                        out.push_str(&format!(
-                            "Content-Length: {}\r\nConnection: close\r\n\r\n",
-                            reply.body.len()
-                        ));
-                        let mut bytes = out.into_bytes();
-                        bytes.extend_from_slice(&reply.body);
-                        let _ = stream.write_all(&bytes).await;
-                        let _ = stream.shutdown().await;
-                    });
-                }
-            });
-            FakeServer { addr, seen, task }
-        }
-
-        fn host(&self) -> String {
-            self.addr.to_string()
-        }
-
-        fn requests(&self) -> Vec<SeenRequest> {
-            self.seen.lock().unwrap().clone()
-        }
-
-        fn requests_to(&self, path: &str) -> Vec<SeenRequest> {
-            self.requests()
-                .into_iter()
-                .filter(|r| r.path_only() == path)
-                .collect()
-        }
-
-        fn client(&self, credentials: Option<Credentials>) -> RegistryClient {
-            RegistryClient::new(
-                &self.host(),
-                ClientOptions {
-                    credentials,
-                    ..Default::default()
-                },
-            )
-            .unwrap()
-        }
-    }
-
-    impl Drop for FakeServer {
-        fn drop(&mut self) {
-            self.task.abort();
-        }
-    }
-
-    fn basic_header(user: &str, password: &str) -> String {
-        format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
-        )
-    }
-
-    const MANIFEST_BODY: &[u8] = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{},"layers":[]}"#;
-
-    fn manifest_reply() -> Reply {
-        Reply::new(200, MANIFEST_BODY).header("Content-Type", MEDIA_TYPE_OCI_MANIFEST)
-    }
-
-    fn bearer_challenge(base: &str, repo: &str) -> Reply {
-        Reply::new(401, r#"{"errors":[{"code":"UNAUTHORIZED"}]}"#).header(
-            "WWW-Authenticate",
-            format!(r#"Bearer realm="{base}/token",service="fake-registry",scope="repository:{repo}:pull""#),
-        )
+        .is_permanent());
     }
 
     #[tokio::test]
@@ -2286,34 +2417,6 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, RegistryError::Unauthorized { .. }), "{err}");
         assert!(err.to_string().contains("\"bob\""), "{err}");
-    }
-
-    /// Deterministic bytes that do not compress, so gzip layers are as large as their content.
-    fn noise(len: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed | 1;
-        (0..len).map(|_| xorshift(&mut state) as u8).collect()
-    }
-
-    /// Serves `data` honouring `Range: bytes=a-b`.
-    fn range_reply(req: &SeenRequest, data: &[u8]) -> Reply {
-        let range = req
-            .header("range")
-            .and_then(|r| r.strip_prefix("bytes="))
-            .and_then(|r| r.split_once('-'))
-            .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)));
-        match range {
-            Some((first, last)) if first < data.len() => {
-                let last = last.min(data.len() - 1);
-                Reply::new(206, &data[first..=last]).header(
-                    "Content-Range",
-                    format!("bytes {first}-{last}/{}", data.len()),
-                )
-            }
-            Some(_) => {
-                Reply::new(416, "").header("Content-Range", format!("bytes */{}", data.len()))
-            }
-            None => Reply::new(200, data),
-        }
     }
 
     #[tokio::test]
@@ -2618,6 +2721,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn transport_errors_keep_their_cause_and_hide_signed_queries() {
+        let port = free_port();
+        let url = format!("http://127.0.0.1:{port}/bucket/blob?X-Amz-Signature=s3cr3t");
+        let source = reqwest::Client::new().get(&url).send().await.unwrap_err();
+        assert!(
+            source.to_string().contains("s3cr3t"),
+            "reqwest names the url: {source}"
+        );
+        let err = transport("the registry url")(source);
+        let chain = error_chain(&err);
+        assert!(!chain.contains("s3cr3t"), "{chain}");
+        assert!(
+            chain.starts_with("request to the registry url failed: "),
+            "{chain}"
+        );
+        assert!(chain.contains("/bucket/blob"), "{chain}");
+        assert!(
+            chain.contains("Connection refused"),
+            "the cause is kept: {chain}"
+        );
+    }
+
+    #[tokio::test]
     async fn connection_refused_is_retryable() {
         let port = free_port();
         let client =
@@ -2633,217 +2759,6 @@ mod tests {
                 .contains(&format!("127.0.0.1:{port}/v2/test/img/manifests/v1")),
             "{err}"
         );
-    }
-
-    // ---------------------------------------------------------------- a real docker-registry
-
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
-
-    /// The tests below need `docker-registry` and `skopeo`; they fail rather than skip without them.
-    fn require_binary(name: &str) -> PathBuf {
-        std::env::var_os("PATH")
-            .iter()
-            .flat_map(std::env::split_paths)
-            .map(|dir| dir.join(name))
-            .find(|p| p.is_file())
-            .unwrap_or_else(|| {
-                panic!("{name} not found in PATH; the registry tests need it: apt-get install -y docker-registry skopeo")
-            })
-    }
-
-    /// `docker-registry serve` on a free loopback port, storing into a temp dir; killed on drop.
-    struct LocalRegistry {
-        dir: tempfile::TempDir,
-        child: Child,
-        host: String,
-    }
-
-    impl LocalRegistry {
-        fn start() -> Self {
-            let binary = require_binary("docker-registry");
-            let dir = tempfile::tempdir().unwrap();
-            let port = free_port();
-            let config = dir.path().join("config.yml");
-            let storage = dir.path().join("storage");
-            let storage = storage.display();
-            std::fs::write(
-                &config,
-                format!(
-                    "version: 0.1
-log:
-  level: warn
-storage:
-  filesystem:
-    rootdirectory: {storage}
-http:
-  addr: 127.0.0.1:{port}
-"
-                ),
-            )
-            .unwrap();
-            let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
-            let child = Command::new(binary)
-                .arg("serve")
-                .arg(&config)
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .unwrap();
-            let mut registry = LocalRegistry {
-                dir,
-                child,
-                host: format!("127.0.0.1:{port}"),
-            };
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while std::net::TcpStream::connect(&registry.host).is_err() {
-                let exited = registry.child.try_wait().unwrap();
-                if exited.is_some() || Instant::now() > deadline {
-                    panic!(
-                        "docker-registry did not start ({exited:?}): {}",
-                        registry.log()
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            registry
-        }
-
-        fn log(&self) -> String {
-            std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
-        }
-
-        /// Where the registry keeps a blob's bytes (filesystem driver layout).
-        fn blob_data_path(&self, digest: &str) -> PathBuf {
-            let hex = digest.strip_prefix("sha256:").unwrap();
-            self.dir
-                .path()
-                .join("storage/docker/registry/v2/blobs/sha256")
-                .join(&hex[..2])
-                .join(hex)
-                .join("data")
-        }
-
-        fn push(&self, layout: &Path, tag: &str, repo: &str) {
-            let output = Command::new(require_binary("skopeo"))
-                .args(["--insecure-policy", "copy", "--dest-tls-verify=false"])
-                .arg(format!("oci:{}:{tag}", layout.display()))
-                .arg(format!("docker://{}/{repo}:{tag}", self.host))
-                .stdin(Stdio::null())
-                .output()
-                .unwrap();
-            assert!(
-                output.status.success(),
-                "skopeo copy failed: {}\nregistry log: {}",
-                String::from_utf8_lossy(&output.stderr),
-                self.log()
-            );
-        }
-    }
-
-    impl Drop for LocalRegistry {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
-    struct TestImage {
-        manifest_digest: String,
-        config: Vec<u8>,
-        layer: Vec<u8>,
-    }
-
-    fn write_blob(layout: &Path, bytes: &[u8]) -> String {
-        let digest = sha256_digest(bytes);
-        let hex = digest.strip_prefix("sha256:").unwrap();
-        std::fs::write(layout.join("blobs/sha256").join(hex), bytes).unwrap();
-        digest
-    }
-
-    /// Writes an OCI image layout holding one image, a gzip tar layer with two files, tagged `tag`.
-    fn build_oci_layout(layout: &Path, tag: &str) -> TestImage {
-        std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
-        let mut tar = tar::Builder::new(Vec::new());
-        for (path, data) in [
-            ("hello.txt", b"hello from the registry test\n".to_vec()),
-            ("data/noise.bin", noise(300_000, 11)),
-        ] {
-            let mut header = tar::Header::new_gnu();
-            header.set_size(data.len() as u64);
-            header.set_mode(0o644);
-            header.set_mtime(0);
-            header.set_cksum();
-            tar.append_data(&mut header, path, data.as_slice()).unwrap();
-        }
-        let tar = tar.into_inner().unwrap();
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        gz.write_all(&tar).unwrap();
-        let layer = gz.finish().unwrap();
-        let layer_digest = write_blob(layout, &layer);
-
-        let config = serde_json::to_vec(&serde_json::json!({
-            "architecture": "amd64",
-            "os": "linux",
-            "config": {},
-            "rootfs": {"type": "layers", "diff_ids": [sha256_digest(&tar)]},
-        }))
-        .unwrap();
-        let config_digest = write_blob(layout, &config);
-        let manifest = serde_json::to_vec(&serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": MEDIA_TYPE_OCI_MANIFEST,
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": config_digest,
-                "size": config.len(),
-            },
-            "layers": [{
-                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                "digest": layer_digest,
-                "size": layer.len(),
-            }],
-        }))
-        .unwrap();
-        let manifest_digest = write_blob(layout, &manifest);
-        let index = serde_json::json!({
-            "schemaVersion": 2,
-            "manifests": [{
-                "mediaType": MEDIA_TYPE_OCI_MANIFEST,
-                "digest": manifest_digest,
-                "size": manifest.len(),
-                "annotations": {"org.opencontainers.image.ref.name": tag},
-            }],
-        });
-        std::fs::write(
-            layout.join("index.json"),
-            serde_json::to_vec(&index).unwrap(),
-        )
-        .unwrap();
-        std::fs::write(
-            layout.join("oci-layout"),
-            r#"{"imageLayoutVersion":"1.0.0"}"#,
-        )
-        .unwrap();
-        TestImage {
-            manifest_digest,
-            config,
-            layer,
-        }
-    }
-
-    /// A registry holding `127.0.0.1:PORT/test/img:v1`, and the image pushed there.
-    fn registry_with_image() -> (LocalRegistry, TestImage) {
-        let registry = LocalRegistry::start();
-        let layout = registry.dir.path().join("layout");
-        let image = build_oci_layout(&layout, "v1");
-        registry.push(&layout, "v1", "test/img");
-        (registry, image)
     }
 
     #[tokio::test]
