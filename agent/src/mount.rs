@@ -1,6 +1,6 @@
-//! Mount lifecycle: open an image from a local store, mount it read-only through FUSE, wait
-//! until it is unmounted (by `lazyctl umount`, `umount`, or a signal handled by the caller),
-//! and unmount by path.
+//! Mount lifecycle: open an image (from a local store, or remotely through the fetcher), mount
+//! it read-only through FUSE, wait until it is unmounted (by `lazyctl umount`, `umount`, or a
+//! signal handled by the caller), and unmount by path.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -9,11 +9,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use fusefs::fuse::MountConfig;
-use fusefs::ImageReader;
+use fusefs::{ChunkSource, ImageReader, Index};
 use thiserror::Error;
 use tracing::{info, warn};
 
+use crate::fetcher::Fetcher;
 use crate::local::{LocalChunkSource, DEFAULT_MEMORY_CACHE};
+use crate::remote::OpenedImage;
 use crate::store::{LocalStore, StoreError};
 
 #[derive(Debug, Error)]
@@ -32,10 +34,27 @@ pub enum MountError {
     },
 }
 
+/// What a mount reads through, for its counters.
+#[derive(Clone)]
+pub enum MountSource {
+    Local(Arc<LocalChunkSource>),
+    Remote(Arc<Fetcher>),
+}
+
+impl MountSource {
+    /// The counters as a few human lines, printed when a foreground mount ends.
+    pub fn summary(&self) -> String {
+        match self {
+            MountSource::Local(s) => s.stats.summary(),
+            MountSource::Remote(f) => f.snapshot().summary(),
+        }
+    }
+}
+
 /// A live mount of one image.
 pub struct MountedImage {
     session: fuser::BackgroundSession,
-    pub source: Arc<LocalChunkSource>,
+    pub source: MountSource,
     pub mountpoint: PathBuf,
     pub files: u64,
 }
@@ -55,9 +74,7 @@ pub fn mount_local(
     cfg: &MountConfig,
 ) -> Result<MountedImage, MountError> {
     let started = Instant::now();
-    if !mountpoint.is_dir() {
-        return Err(MountError::NotADirectory(mountpoint.to_path_buf()));
-    }
+    check_mountpoint(mountpoint)?;
     let store = LocalStore::open(store_path)?;
     let image = store.open_image(tag)?;
     let source = Arc::new(LocalChunkSource::new(
@@ -65,8 +82,58 @@ pub fn mount_local(
         &image.index,
         DEFAULT_MEMORY_CACHE,
     )?);
-    let files = image.index.inode_count();
-    let reader = Arc::new(ImageReader::new(image.index, source.clone())?);
+    mount_index(
+        image.index,
+        source.clone(),
+        MountSource::Local(source),
+        &image.manifest_digest,
+        mountpoint,
+        cfg,
+        started,
+    )
+}
+
+/// Mounts an image opened with `remote::open_image`, reading its data through `fetcher`.
+pub fn mount_remote(
+    image: OpenedImage,
+    fetcher: &Arc<Fetcher>,
+    mountpoint: &Path,
+    cfg: &MountConfig,
+) -> Result<MountedImage, MountError> {
+    let started = Instant::now();
+    check_mountpoint(mountpoint)?;
+    let backend = fetcher.backend(image.store.clone());
+    let source = Arc::new(fetcher.source(backend));
+    mount_index(
+        image.index,
+        source,
+        MountSource::Remote(fetcher.clone()),
+        &image.manifest_digest,
+        mountpoint,
+        cfg,
+        started,
+    )
+}
+
+fn check_mountpoint(mountpoint: &Path) -> Result<(), MountError> {
+    if mountpoint.is_dir() {
+        Ok(())
+    } else {
+        Err(MountError::NotADirectory(mountpoint.to_path_buf()))
+    }
+}
+
+fn mount_index(
+    index: Arc<Index>,
+    chunks: Arc<dyn ChunkSource>,
+    source: MountSource,
+    manifest_digest: &str,
+    mountpoint: &Path,
+    cfg: &MountConfig,
+    started: Instant,
+) -> Result<MountedImage, MountError> {
+    let files = index.inode_count();
+    let reader = Arc::new(ImageReader::new(index, chunks)?);
     let session =
         fusefs::fuse::mount(reader, mountpoint, cfg).map_err(|source| MountError::Mount {
             path: mountpoint.to_path_buf(),
@@ -74,7 +141,7 @@ pub fn mount_local(
         })?;
     raise_read_ahead(mountpoint);
     info!(
-        image = %image.manifest_digest,
+        image = %manifest_digest,
         mountpoint = %mountpoint.display(),
         files,
         "mounted in {:.1} ms",

@@ -115,6 +115,11 @@ pub fn decode_chunk(record: &ChunkRecord, stored: &[u8]) -> Result<Vec<u8>, Chun
 /// them from worker threads, never from the session loop.
 pub trait ChunkSource: Send + Sync {
     fn chunk(&self, chunk: &ChunkRef) -> Result<Arc<Vec<u8>>, SourceError>;
+
+    /// A hint that `chunks` will probably be read soon (a file is being read sequentially).
+    /// Must not block. Sources with slow backends start fetching them at low priority; local
+    /// sources ignore it.
+    fn read_ahead(&self, _chunks: &[ChunkRef]) {}
 }
 
 /// Lower-case hex of a byte string.

@@ -3,7 +3,7 @@
 //! exactly, whatever the chunk size, packing of small files, holes and read alignment.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use fusefs::chunk::{decode_chunk, encode_chunk};
 use fusefs::format::*;
@@ -12,9 +12,10 @@ use fusefs::writer::{IndexWriter, NodeSpec};
 use fusefs::{ChunkRef, ChunkSource, ImageReader, Index, SourceError};
 use proptest::prelude::*;
 
-/// One in-memory blob; chunks are decoded with the real checks.
+/// One in-memory blob; chunks are decoded with the real checks. Records read-ahead hints.
 struct MemSource {
     blob: Vec<u8>,
+    hints: Mutex<Vec<u32>>,
 }
 
 impl ChunkSource for MemSource {
@@ -22,6 +23,13 @@ impl ChunkSource for MemSource {
         let start = c.record.comp_off as usize;
         let stored = &self.blob[start..start + c.record.comp_len as usize];
         Ok(Arc::new(decode_chunk(&c.record, stored)?))
+    }
+
+    fn read_ahead(&self, chunks: &[ChunkRef]) {
+        self.hints
+            .lock()
+            .unwrap()
+            .extend(chunks.iter().map(|c| c.index));
     }
 }
 
@@ -175,6 +183,7 @@ fn entry(chunk_size: usize, dirs: usize) -> impl Strategy<Value = Entry> {
 
 struct Built {
     reader: ImageReader,
+    source: Arc<MemSource>,
     /// Expected files: inode -> content, collected while building.
     files: Vec<(u64, Vec<u8>)>,
     entries: Vec<(Vec<Vec<u8>>, Entry)>,
@@ -241,9 +250,14 @@ fn build(chunk_size: usize, entries: Vec<Entry>) -> Built {
         w.add_chunk(*c);
     }
     let index = Index::from_bytes(w.finish().unwrap()).unwrap();
-    let reader = ImageReader::new(index, Arc::new(MemSource { blob: packer.blob })).unwrap();
+    let source = Arc::new(MemSource {
+        blob: packer.blob,
+        hints: Mutex::new(Vec::new()),
+    });
+    let reader = ImageReader::new(index, source.clone()).unwrap();
     Built {
         reader,
+        source,
         files,
         entries: kept,
     }
@@ -377,5 +391,56 @@ fn lookups_of_missing_names_and_wrong_types_fail_cleanly() {
             .unwrap()
             .ino,
         1
+    );
+}
+
+#[test]
+fn sequential_reads_hint_the_chunks_ahead_and_random_reads_do_not() {
+    let chunk = 1 << 16;
+    let data: Vec<u8> = (0..256 * chunk).map(|i| (i * 7 % 251) as u8).collect();
+    let b = build(
+        chunk,
+        vec![Entry {
+            dir: 0,
+            name: b"big".to_vec(),
+            kind: Kind::File(data.clone()),
+            mode: 0o644,
+            uid: 0,
+            mtime: (0, 0),
+            xattrs: BTreeMap::new(),
+            link_as: None,
+        }],
+    );
+    let r = &b.reader;
+    let ino = r.lookup(1, b"big").unwrap().ino;
+    // Scattered reads: no hints.
+    for off in [200 * chunk, 3 * chunk, 120 * chunk, 60 * chunk] {
+        assert_eq!(
+            r.read(ino, off as u64, 4096).unwrap(),
+            &data[off..off + 4096]
+        );
+    }
+    assert!(b.source.hints.lock().unwrap().is_empty());
+    // A sequential reader: hints start with its second read, run ahead of the read position,
+    // and never repeat a chunk.
+    for off in (0..8 * chunk).step_by(1 << 14) {
+        assert_eq!(
+            r.read(ino, off as u64, 1 << 14).unwrap(),
+            &data[off..off + (1 << 14)]
+        );
+    }
+    let hints = b.source.hints.lock().unwrap().clone();
+    assert!(!hints.is_empty());
+    let mut sorted = hints.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(
+        sorted.len(),
+        hints.len(),
+        "a chunk was hinted twice: {hints:?}"
+    );
+    assert!(
+        *hints.iter().max().unwrap() >= 8 + 32,
+        "read-ahead window did not grow: {hints:?}"
     );
 }

@@ -10,8 +10,9 @@
 //! - [`reference`]: the reference unpack (`umoci unpack`) and `skopeo copy`;
 //! - [`tree`]: a full comparison of two directory trees (metadata, xattrs, hardlinks, content);
 //! - [`mount`]: running `lazyctl`, a guard around a live FUSE mount, root/FUSE preconditions;
-//! - [`registry`]: a real `docker-registry` on a loopback port;
-//! - [`s3`]: a real S3 API (`moto_server`) on a loopback port, stoppable for fault tests.
+//! - [`registry`]: a real `docker-registry` on a loopback port, stoppable and restartable;
+//! - [`s3`]: a real S3 API (`moto_server`) on a loopback port, stoppable for fault tests;
+//! - [`proxy`]: a TCP proxy adding per-request latency.
 //!
 //! The harness uses `anyhow` for errors: it is test-only code whose callers `unwrap()` or `?`
 //! and want the context chain in the failure message, not a typed error to match on.
@@ -21,6 +22,7 @@
 pub mod debian;
 pub mod mount;
 pub mod oci;
+pub mod proxy;
 pub mod reference;
 pub mod registry;
 pub mod s3;

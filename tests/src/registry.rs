@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -10,9 +11,10 @@ use anyhow::{bail, Context, Result};
 
 /// A running `docker-registry serve`.
 pub struct LocalRegistry {
-    child: Child,
+    child: Option<Child>,
     port: u16,
-    _dir: tempfile::TempDir,
+    config: PathBuf,
+    dir: tempfile::TempDir,
 }
 
 impl LocalRegistry {
@@ -30,41 +32,77 @@ impl LocalRegistry {
                 dir.path().join("storage").display()
             ),
         )?;
+        let mut registry = LocalRegistry {
+            child: None,
+            port,
+            config,
+            dir,
+        };
+        registry.restart()?;
+        Ok(registry)
+    }
+
+    /// Stops the registry (its storage and port are kept for [`LocalRegistry::restart`]).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the registry again on the same port and storage; waits until it listens.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
         let child = Command::new("docker-registry")
             .arg("serve")
-            .arg(&config)
+            .arg(&self.config)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .context("docker-registry not found in PATH; apt-get install -y docker-registry")?;
-        let mut registry = LocalRegistry {
-            child,
-            port,
-            _dir: dir,
-        };
+        let child = self.child.insert(child);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(status) = registry.child.try_wait()? {
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(status) = child.try_wait()? {
                 bail!("docker-registry exited with {status} before listening");
             }
             if Instant::now() > deadline {
-                bail!("docker-registry did not listen on 127.0.0.1:{port} within 20 s");
+                bail!(
+                    "docker-registry did not listen on 127.0.0.1:{} within 20 s",
+                    self.port
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(registry)
+        Ok(())
     }
 
     /// `127.0.0.1:PORT`.
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The file holding blob `digest` (`sha256:<hex>`) in the registry's storage, so tests can
+    /// damage it.
+    pub fn blob_file(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.dir
+            .path()
+            .join("storage/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
 }
 
 impl Drop for LocalRegistry {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }

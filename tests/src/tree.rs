@@ -662,6 +662,41 @@ pub fn first_difference(expected: &Path, actual: &Path) -> io::Result<Option<u64
     }
 }
 
+/// Reads every regular file of `expected` at the same path under `actual` and compares the
+/// bytes. Returns how many read equal and the files whose read failed, with the error (for
+/// tests that expect some reads to fail, e.g. with EIO). A file that reads but differs panics:
+/// wrong bytes are never acceptable.
+pub fn read_all_files_compare(
+    expected: &Path,
+    actual: &Path,
+) -> (usize, Vec<(PathBuf, io::Error)>) {
+    let mut equal = 0;
+    let mut failed = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let entries = fs::read_dir(expected.join(&rel))
+            .unwrap_or_else(|e| panic!("reading {}: {e}", expected.join(&rel).display()));
+        for entry in entries {
+            let entry = entry.expect("directory entry");
+            let rel = rel.join(entry.file_name());
+            let meta = entry.path().symlink_metadata().expect("metadata");
+            if meta.is_dir() {
+                stack.push(rel);
+            } else if meta.is_file() {
+                match fs::read(actual.join(&rel)) {
+                    Ok(bytes) => {
+                        let want = fs::read(expected.join(&rel)).expect("reference file");
+                        assert!(bytes == want, "{} reads different bytes", rel.display());
+                        equal += 1;
+                    }
+                    Err(e) => failed.push((rel, e)),
+                }
+            }
+        }
+    }
+    (equal, failed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

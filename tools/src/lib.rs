@@ -7,6 +7,7 @@
 //! - `tree`: the merged tree with whiteouts and hardlinks.
 //! - `packer`: chunking, parallel compression and blob writing.
 //! - `convert`: the whole conversion.
+//! - `remote`: converting to and pushing to registries and S3; the remote mount's cache.
 //! - `progress`: the terminal progress bar.
 
 pub mod convert;
@@ -18,8 +19,10 @@ pub mod pax;
 pub mod progress;
 pub mod pull;
 pub mod reference;
+pub mod remote;
 pub mod source;
 pub mod tree;
 
 pub use convert::{convert, ConvertOptions, ConvertReport};
 pub use error::ConvertError;
+pub use remote::{convert_to, push};

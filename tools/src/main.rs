@@ -5,11 +5,12 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use agent::remote::ImageLocation;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use tools::reference::{SourceRef, StoreRef};
-use tools::{ConvertOptions, ConvertReport};
+use tools::ConvertOptions;
 
 #[derive(Parser)]
 #[command(
@@ -27,7 +28,10 @@ enum Command {
     /// Convert an image or directory into a lazy image.
     ///
     /// SRC: oci:PATH[:TAG], oci-archive:PATH, docker-archive:PATH, docker://HOST/REPO:TAG,
-    /// path:DIR. DST: dir:PATH[:TAG] (a local lazy-image store; TAG defaults to latest).
+    /// path:DIR. DST: dir:PATH[:TAG] (a local lazy-image store; TAG defaults to latest),
+    /// docker://HOST/REPO:TAG (pushed as an OCI artifact; when SRC is an image in the same
+    /// repository, its manifest becomes the subject so the referrers API finds the lazy image;
+    /// convention: TAG-lazy), or s3://BUCKET/PREFIX.
     Convert {
         src: String,
         dst: String,
@@ -43,12 +47,35 @@ enum Command {
         /// Never show a progress bar.
         #[arg(long)]
         no_progress: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Copy a lazy image from a local store to a registry, S3 or another store.
+    ///
+    /// SRC: dir:PATH[:TAG]. DST: docker://HOST/REPO:TAG, s3://BUCKET/PREFIX or dir:PATH[:TAG].
+    Push {
+        src: String,
+        dst: String,
+        /// The source image in the destination repository (docker://HOST/REPO:TAG or
+        /// @DIGEST): recorded as the lazy image's subject, so the referrers API finds it.
+        #[arg(long)]
+        subject: Option<String>,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// Mount a lazy image read-only and serve it until unmounted (foreground).
+    ///
+    /// IMAGE: dir:PATH[:TAG], docker://HOST/REPO:TAG or HOST/REPO:TAG (a lazy image, or an
+    /// image that has one: found through the referrers API or the tag TAG-lazy), or
+    /// s3://BUCKET/PREFIX. Remote images fetch the manifest and index at mount time and file
+    /// data on first read, through the chunk cache.
     Mount {
-        /// dir:PATH[:TAG]
         image: String,
         mountpoint: PathBuf,
+        #[command(flatten)]
+        remote: RemoteArgs,
+        #[command(flatten)]
+        cache: CacheArgs,
         /// Do not let other users (e.g. a container's non-root users) use the mount.
         #[arg(long)]
         no_allow_other: bool,
@@ -63,11 +90,58 @@ enum Command {
         #[arg(long)]
         lazy: bool,
     },
-    /// Show what a lazy image holds.
+    /// Show what a lazy image holds (fetches only its manifest and index).
     Inspect {
-        /// dir:PATH[:TAG]
+        /// dir:PATH[:TAG], docker://HOST/REPO:TAG or s3://BUCKET/PREFIX
         image: String,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
+}
+
+/// How to reach registries and S3. Credentials come from docker's config.json and the AWS
+/// environment (AWS_ENDPOINT_URL, AWS_REGION, the default credentials chain).
+#[derive(clap::Args)]
+struct RemoteArgs {
+    /// Seconds to wait for a connection to a registry or S3.
+    #[arg(long, default_value_t = 5.0, value_name = "SECS")]
+    connect_timeout: f64,
+    /// Seconds one request to a registry or S3 may take (retried when transient).
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    request_timeout: f64,
+}
+
+impl RemoteArgs {
+    fn options(&self) -> Result<agent::remote::RemoteOptions> {
+        Ok(agent::remote::RemoteOptions {
+            connect_timeout: seconds(self.connect_timeout)?,
+            read_timeout: seconds(self.request_timeout)?,
+        })
+    }
+}
+
+/// The chunk cache and fetcher of a remote mount.
+#[derive(clap::Args)]
+struct CacheArgs {
+    /// Chunk cache directory, shared by mounts and kept across restarts.
+    #[arg(long, env = "LAZY_CACHE_DIR", default_value = "/var/cache/lazyimg")]
+    cache_dir: PathBuf,
+    /// Disk budget of the chunk cache (K/M/G suffixes).
+    #[arg(long, default_value = "10G", value_parser = parse_size_u64)]
+    cache_size: u64,
+    /// Seconds a read waits for its data before failing with EIO.
+    #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+    read_timeout: f64,
+    /// Requests in flight per backend.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Write the fetch and cache counters to this file (JSON) when the mount ends.
+    #[arg(long, value_name = "FILE")]
+    metrics_json: Option<PathBuf>,
+}
+
+fn seconds(s: f64) -> Result<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(s).map_err(|_| anyhow::anyhow!("not a duration: {s}"))
 }
 
 /// `info` for operators; fuser's own unmount-on-drop complains at `warn` when the filesystem
@@ -75,7 +149,15 @@ enum Command {
 const DEFAULT_LOG_FILTER: &str = "info,fuser::mnt=error";
 
 fn parse_size(s: &str) -> Result<u32, String> {
+    u32::try_from(parse_size_u64(s)?).map_err(|_| format!("size too large: {s:?}"))
+}
+
+fn parse_size_u64(s: &str) -> Result<u64, String> {
     let (num, mult) = match s.trim().to_ascii_uppercase() {
+        t if t.ends_with("GIB") || t.ends_with('G') => (
+            t.trim_end_matches("GIB").trim_end_matches('G').to_string(),
+            1u64 << 30,
+        ),
         t if t.ends_with("KIB") || t.ends_with('K') => (
             t.trim_end_matches("KIB").trim_end_matches('K').to_string(),
             1u64 << 10,
@@ -87,7 +169,8 @@ fn parse_size(s: &str) -> Result<u32, String> {
         t => (t, 1),
     };
     let n: u64 = num.parse().map_err(|_| format!("not a size: {s:?}"))?;
-    u32::try_from(n * mult).map_err(|_| format!("size too large: {s:?}"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size too large: {s:?}"))
 }
 
 fn main() -> ExitCode {
@@ -115,9 +198,10 @@ fn run(cli: Cli) -> Result<()> {
             level,
             jobs,
             no_progress,
+            remote,
         } => {
             let src = SourceRef::parse(&src)?;
-            let dst = StoreRef::parse(&dst)?;
+            let dst = ImageLocation::parse(&dst)?;
             let mut opts = ConvertOptions {
                 chunk_size,
                 level,
@@ -127,37 +211,85 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(j) = jobs {
                 opts.jobs = j;
             }
-            let report: ConvertReport = tools::convert(&src, &dst, &opts)?;
+            let (report, pushed) = tools::convert_to(&src, &dst, &opts, &remote.options()?)?;
+            println!("{}", report.summary());
+            if let Some(pushed) = pushed {
+                println!("{}", pushed.summary());
+            }
+            Ok(())
+        }
+        Command::Push {
+            src,
+            dst,
+            subject,
+            remote,
+        } => {
+            let src = StoreRef::parse(&src)?;
+            let dst = ImageLocation::parse(&dst)?;
+            let report = tools::push(&src, &dst, subject.as_deref(), &remote.options()?)?;
             println!("{}", report.summary());
             Ok(())
         }
         Command::Mount {
             image,
             mountpoint,
+            remote,
+            cache,
             no_allow_other,
             read_workers,
-        } => mount(&image, &mountpoint, !no_allow_other, read_workers),
+        } => mount(
+            &image,
+            &mountpoint,
+            &remote,
+            &cache,
+            !no_allow_other,
+            read_workers,
+        ),
         Command::Umount { mountpoint, lazy } => agent::mount::unmount(&mountpoint, lazy)
             .with_context(|| format!("unmounting {}", mountpoint.display())),
-        Command::Inspect { image } => inspect(&image),
+        Command::Inspect { image, remote } => inspect(&image, &remote),
     }
 }
 
 fn mount(
     image: &str,
     mountpoint: &std::path::Path,
+    remote: &RemoteArgs,
+    cache: &CacheArgs,
     allow_other: bool,
     read_workers: usize,
 ) -> Result<()> {
-    let store = StoreRef::parse(image)?;
+    let location = ImageLocation::parse(image)?;
     let cfg = fusefs::fuse::MountConfig {
         fs_name: format!("lazyimg:{}", image.trim_start_matches("dir:")),
         allow_other,
         read_workers,
         ..fusefs::fuse::MountConfig::default()
     };
-    let mounted = agent::mount::mount_local(&store.path, &store.tag, mountpoint, &cfg)?;
-    let source = mounted.source.clone();
+    let mounted = match &location {
+        ImageLocation::Dir { path, tag } => agent::mount::mount_local(path, tag, mountpoint, &cfg)?,
+        _ => {
+            let fetcher = tools::remote::fetcher(
+                &cache.cache_dir,
+                cache.cache_size,
+                agent::fetcher::FetcherConfig {
+                    request_timeout: seconds(remote.request_timeout)?,
+                    read_timeout: seconds(cache.read_timeout)?,
+                    concurrency: cache.concurrency.max(1),
+                    ..agent::fetcher::FetcherConfig::default()
+                },
+            )?;
+            let opened = fetcher
+                .runtime()
+                .block_on(agent::remote::open_image(
+                    &location,
+                    &remote.options()?,
+                    Some(&tools::remote::index_dir(&cache.cache_dir)),
+                ))
+                .with_context(|| format!("opening {location}"))?;
+            agent::mount::mount_remote(opened, &fetcher, mountpoint, &cfg)?
+        }
+    };
     let target = mounted.mountpoint.clone();
     // On SIGINT/SIGTERM, unmount; the session then ends and `join` returns.
     let stopping = Arc::new(AtomicBool::new(false));
@@ -177,18 +309,33 @@ fn mount(
             }
         }
     });
+    let source = mounted.source.clone();
     let joined = mounted.join();
     handle.close();
     let _ = waiter.join();
-    eprintln!("lazyctl: unmounted; {}", source.stats.summary());
+    eprintln!("lazyctl: unmounted; {}", source.summary());
+    if let (Some(path), agent::mount::MountSource::Remote(fetcher)) = (&cache.metrics_json, &source)
+    {
+        let json = serde_json::to_vec_pretty(&fetcher.snapshot())?;
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
     joined.context("FUSE session ended with an error")?;
     Ok(())
 }
 
-fn inspect(image: &str) -> Result<()> {
-    let r = StoreRef::parse(image)?;
-    let store = agent::store::LocalStore::open(&r.path)?;
-    let img = store.open_image(&r.tag)?;
+fn inspect(image: &str, remote: &RemoteArgs) -> Result<()> {
+    let location = ImageLocation::parse(image)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a runtime")?;
+    let img = runtime
+        .block_on(agent::remote::open_image(
+            &location,
+            &remote.options()?,
+            None,
+        ))
+        .with_context(|| format!("opening {location}"))?;
     let idx = &img.index;
     let blobs = idx.blobs()?;
     let stored: u64 = blobs.iter().map(|b| b.size).sum();

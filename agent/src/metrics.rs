@@ -1,0 +1,427 @@
+//! Counters the fetcher and cache keep, and their two renderings: a JSON-able snapshot (read by
+//! tests, printed by `lazyctl` when a foreground mount exits) and Prometheus text (served by
+//! `lazyd`). Metric names live here as constants, in one place.
+//!
+//! Everything is a relaxed atomic: counters are monotonic and read as a whole only for display,
+//! so no ordering between them is needed.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::Serialize;
+
+pub const CHUNK_READS: &str = "lazy_chunk_reads_total";
+pub const MEMORY_HITS: &str = "lazy_chunk_memory_hits_total";
+pub const DISK_HITS: &str = "lazy_chunk_disk_hits_total";
+pub const MISSES: &str = "lazy_chunk_misses_total";
+pub const JOINED: &str = "lazy_chunk_fetch_joined_total";
+pub const DEMAND_FETCHES: &str = "lazy_chunk_demand_fetches_total";
+pub const PREFETCH_FETCHES: &str = "lazy_chunk_prefetch_fetches_total";
+pub const DIGEST_MISMATCHES: &str = "lazy_chunk_digest_mismatches_total";
+pub const SERVED_UNCACHED: &str = "lazy_chunk_served_uncached_total";
+pub const READ_ERRORS: &str = "lazy_chunk_read_errors_total";
+pub const BACKEND_REQUESTS: &str = "lazy_backend_requests_total";
+pub const BACKEND_BYTES: &str = "lazy_backend_bytes_total";
+pub const BACKEND_CHUNKS: &str = "lazy_backend_chunks_total";
+pub const BACKEND_RETRIES: &str = "lazy_backend_retries_total";
+pub const BACKEND_ERRORS: &str = "lazy_backend_errors_total";
+pub const BACKEND_TIMEOUTS: &str = "lazy_backend_timeouts_total";
+pub const BACKEND_LATENCY: &str = "lazy_backend_request_seconds";
+
+/// Upper bounds of the latency histogram's buckets, in seconds: loopback (sub-millisecond)
+/// through a slow cross-region object store (seconds); the last bucket is +Inf.
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+];
+
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A fixed-bucket latency histogram (Prometheus semantics: cumulative when rendered).
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Per-bucket counts, not cumulative; the extra last slot is +Inf.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        let slot = LATENCY_BUCKETS
+            .iter()
+            .position(|&bound| secs <= bound)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[slot].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        HistogramSnapshot {
+            buckets: self
+                .buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+            sum_seconds: self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            count: self.count.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct HistogramSnapshot {
+    /// Non-cumulative counts per bucket of [`LATENCY_BUCKETS`], then +Inf.
+    pub buckets: Vec<u64>,
+    pub sum_seconds: f64,
+    pub count: u64,
+}
+
+impl HistogramSnapshot {
+    /// The upper bound of the bucket holding quantile `q` (0..=1); `None` when empty.
+    pub fn quantile_bound(&self, q: f64) -> Option<f64> {
+        if self.count == 0 {
+            return None;
+        }
+        let target = (q * self.count as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= target {
+                return Some(LATENCY_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY));
+            }
+        }
+        Some(f64::INFINITY)
+    }
+}
+
+/// What one backend (one blob store) was asked and answered.
+#[derive(Debug, Default)]
+pub struct BackendMetrics {
+    /// Range and blob requests sent, retries included.
+    pub requests: Counter,
+    /// Bytes received in successful responses.
+    pub bytes: Counter,
+    /// Chunks delivered (a coalesced request delivers several).
+    pub chunks: Counter,
+    pub retries: Counter,
+    /// Requests that failed (each attempt counts).
+    pub errors: Counter,
+    /// Attempts cut off by the request timeout (also counted in `errors`).
+    pub timeouts: Counter,
+    pub latency: Histogram,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct BackendSnapshot {
+    pub kind: String,
+    pub name: String,
+    pub requests: u64,
+    pub bytes: u64,
+    pub chunks: u64,
+    pub retries: u64,
+    pub errors: u64,
+    pub timeouts: u64,
+    pub latency: HistogramSnapshot,
+}
+
+impl BackendMetrics {
+    pub fn snapshot(&self, kind: &str, name: &str) -> BackendSnapshot {
+        BackendSnapshot {
+            kind: kind.to_string(),
+            name: name.to_string(),
+            requests: self.requests.get(),
+            bytes: self.bytes.get(),
+            chunks: self.chunks.get(),
+            retries: self.retries.get(),
+            errors: self.errors.get(),
+            timeouts: self.timeouts.get(),
+            latency: self.latency.snapshot(),
+        }
+    }
+}
+
+/// Where the chunks the filesystem asked for came from.
+#[derive(Debug, Default)]
+pub struct ChunkMetrics {
+    /// `ChunkSource::chunk` calls.
+    pub reads: Counter,
+    pub memory_hits: Counter,
+    pub disk_hits: Counter,
+    /// Reads that found the chunk in neither cache.
+    pub misses: Counter,
+    /// Misses that joined a fetch already in flight instead of starting one.
+    pub joined: Counter,
+    pub demand_fetches: Counter,
+    pub prefetch_fetches: Counter,
+    /// Chunks whose fetched bytes failed crc32, decompression or blake3: never served.
+    pub digest_mismatches: Counter,
+    /// Chunks served without being written to the disk cache (disk full).
+    pub served_uncached: Counter,
+    /// Reads answered with an error (EIO at the filesystem).
+    pub read_errors: Counter,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ChunkSnapshot {
+    pub reads: u64,
+    pub memory_hits: u64,
+    pub disk_hits: u64,
+    pub misses: u64,
+    pub joined: u64,
+    pub demand_fetches: u64,
+    pub prefetch_fetches: u64,
+    pub digest_mismatches: u64,
+    pub served_uncached: u64,
+    pub read_errors: u64,
+}
+
+impl ChunkMetrics {
+    pub fn snapshot(&self) -> ChunkSnapshot {
+        ChunkSnapshot {
+            reads: self.reads.get(),
+            memory_hits: self.memory_hits.get(),
+            disk_hits: self.disk_hits.get(),
+            misses: self.misses.get(),
+            joined: self.joined.get(),
+            demand_fetches: self.demand_fetches.get(),
+            prefetch_fetches: self.prefetch_fetches.get(),
+            digest_mismatches: self.digest_mismatches.get(),
+            served_uncached: self.served_uncached.get(),
+            read_errors: self.read_errors.get(),
+        }
+    }
+}
+
+/// Everything at one moment: what tests read and what `lazyctl` prints.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MetricsSnapshot {
+    pub chunks: ChunkSnapshot,
+    pub backends: Vec<BackendSnapshot>,
+    pub cache: Option<crate::cache::CacheStats>,
+}
+
+impl MetricsSnapshot {
+    /// Bytes received from all backends.
+    pub fn bytes_fetched(&self) -> u64 {
+        self.backends.iter().map(|b| b.bytes).sum()
+    }
+
+    /// Requests sent to all backends.
+    pub fn requests(&self) -> u64 {
+        self.backends.iter().map(|b| b.requests).sum()
+    }
+
+    /// A few human lines for the end of a foreground mount.
+    pub fn summary(&self) -> String {
+        let c = &self.chunks;
+        let mut out = format!(
+            "chunks: {} reads, {} from memory, {} from disk cache, {} fetched ({} joined a fetch in flight), {} digest mismatches, {} served uncached, {} errors",
+            c.reads, c.memory_hits, c.disk_hits, c.misses, c.joined, c.digest_mismatches, c.served_uncached, c.read_errors
+        );
+        for b in &self.backends {
+            let p50 = b.latency.quantile_bound(0.5).map_or("-".into(), fmt_secs);
+            let p99 = b.latency.quantile_bound(0.99).map_or("-".into(), fmt_secs);
+            let _ = write!(
+                out,
+                "\n{} {}: {} requests, {} bytes, {} chunks, {} retries, {} errors ({} timeouts), latency p50 <= {p50}, p99 <= {p99}",
+                b.kind, b.name, b.requests, b.bytes, b.chunks, b.retries, b.errors, b.timeouts
+            );
+        }
+        if let Some(cache) = &self.cache {
+            let _ = write!(
+                out,
+                "\ncache: {} entries, {} of {} bytes used, {} evicted segments, {} corrupt entries dropped, {} failed inserts",
+                cache.entries, cache.bytes_used, cache.budget_bytes, cache.evicted_segments, cache.corrupt_entries, cache.insert_failures
+            );
+        }
+        out
+    }
+
+    /// The snapshot in Prometheus text exposition format.
+    pub fn prometheus(&self) -> String {
+        let mut out = String::new();
+        let c = &self.chunks;
+        for (name, help, value) in [
+            (CHUNK_READS, "Chunk reads by the filesystem.", c.reads),
+            (
+                MEMORY_HITS,
+                "Chunk reads served from the decoded-chunk memory cache.",
+                c.memory_hits,
+            ),
+            (
+                DISK_HITS,
+                "Chunk reads served from the local disk cache.",
+                c.disk_hits,
+            ),
+            (MISSES, "Chunk reads that needed a fetch.", c.misses),
+            (
+                JOINED,
+                "Misses that joined a fetch already in flight.",
+                c.joined,
+            ),
+            (
+                DEMAND_FETCHES,
+                "Chunks fetched for a reader.",
+                c.demand_fetches,
+            ),
+            (
+                PREFETCH_FETCHES,
+                "Chunks fetched ahead of readers.",
+                c.prefetch_fetches,
+            ),
+            (
+                DIGEST_MISMATCHES,
+                "Fetched chunks that failed verification and were not served.",
+                c.digest_mismatches,
+            ),
+            (
+                SERVED_UNCACHED,
+                "Chunks served without being cached on disk (disk full).",
+                c.served_uncached,
+            ),
+            (
+                READ_ERRORS,
+                "Chunk reads answered with an error.",
+                c.read_errors,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        }
+        type Field = fn(&BackendSnapshot) -> u64;
+        let fields: [(&str, &str, Field); 6] = [
+            (BACKEND_REQUESTS, "Requests sent to a backend.", |b| {
+                b.requests
+            }),
+            (BACKEND_BYTES, "Bytes received from a backend.", |b| b.bytes),
+            (BACKEND_CHUNKS, "Chunks received from a backend.", |b| {
+                b.chunks
+            }),
+            (
+                BACKEND_RETRIES,
+                "Requests retried after a transient error.",
+                |b| b.retries,
+            ),
+            (BACKEND_ERRORS, "Failed backend requests.", |b| b.errors),
+            (
+                BACKEND_TIMEOUTS,
+                "Backend requests cut off by the timeout.",
+                |b| b.timeouts,
+            ),
+        ];
+        for (name, help, field) in fields {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for b in &self.backends {
+                let _ = writeln!(out, "{name}{{{}}} {}", labels(b), field(b));
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP {BACKEND_LATENCY} Backend request latency.\n# TYPE {BACKEND_LATENCY} histogram"
+        );
+        for b in &self.backends {
+            let mut cumulative = 0;
+            for (i, n) in b.latency.buckets.iter().enumerate() {
+                cumulative += n;
+                let le = LATENCY_BUCKETS
+                    .get(i)
+                    .map_or("+Inf".to_string(), |v| v.to_string());
+                let _ = writeln!(
+                    out,
+                    "{BACKEND_LATENCY}_bucket{{{},le=\"{le}\"}} {cumulative}",
+                    labels(b)
+                );
+            }
+            let _ = writeln!(
+                out,
+                "{BACKEND_LATENCY}_sum{{{}}} {}\n{BACKEND_LATENCY}_count{{{}}} {}",
+                labels(b),
+                b.latency.sum_seconds,
+                labels(b),
+                b.latency.count
+            );
+        }
+        out
+    }
+}
+
+fn labels(b: &BackendSnapshot) -> String {
+    format!(
+        "backend=\"{}\",name=\"{}\"",
+        b.kind,
+        b.name.replace('\\', "\\\\").replace('"', "\\\"")
+    )
+}
+
+fn fmt_secs(secs: f64) -> String {
+    if secs.is_infinite() {
+        "inf".into()
+    } else if secs < 1.0 {
+        format!("{} ms", secs * 1e3)
+    } else {
+        format!("{secs} s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_and_quantiles() {
+        let h = Histogram::default();
+        for ms in [1, 3, 3, 40, 4000, 9000] {
+            h.observe(Duration::from_millis(ms));
+        }
+        let s = h.snapshot();
+        assert_eq!(s.count, 6);
+        assert_eq!(s.buckets.iter().sum::<u64>(), 6);
+        assert_eq!(s.buckets[0], 1); // <= 1 ms
+        assert_eq!(s.buckets[2], 2); // <= 5 ms
+        assert_eq!(*s.buckets.last().unwrap(), 1); // > 5 s
+        assert_eq!(s.quantile_bound(0.5), Some(0.005));
+        assert_eq!(s.quantile_bound(1.0), Some(f64::INFINITY));
+        assert!((s.sum_seconds - 13.047).abs() < 1e-6);
+    }
+
+    #[test]
+    fn prometheus_text_is_cumulative_and_labelled() {
+        let backend = BackendMetrics::default();
+        backend.requests.add(3);
+        backend.latency.observe(Duration::from_millis(1));
+        backend.latency.observe(Duration::from_millis(30));
+        let snap = MetricsSnapshot {
+            backends: vec![backend.snapshot("registry", "127.0.0.1:5000/\"x\"")],
+            ..MetricsSnapshot::default()
+        };
+        let text = snap.prometheus();
+        assert!(text.contains(
+            "lazy_backend_requests_total{backend=\"registry\",name=\"127.0.0.1:5000/\\\"x\\\"\"} 3"
+        ));
+        assert!(text.contains("le=\"0.001\"} 1"));
+        assert!(text.contains("le=\"0.05\"} 2"));
+        assert!(text.contains("le=\"+Inf\"} 2"));
+        assert!(text.contains("lazy_backend_request_seconds_count{"));
+    }
+}

@@ -1,0 +1,354 @@
+//! Where a lazy image lives and how to open it there: `dir:PATH[:TAG]` (a local store), a
+//! registry (`docker://HOST/REPO:TAG` or `HOST/REPO:TAG`), or S3 (`s3://BUCKET/PREFIX`).
+//!
+//! Opening an image fetches its manifest and its index and nothing else; file data is fetched
+//! later, chunk by chunk, through the returned `BlobStore`. The index is checked against the
+//! manifest's sha256 before use and kept in the cache directory by digest, so mounting the same
+//! image again fetches only the manifest.
+//!
+//! In a registry a lazy image is an OCI artifact (`artifactType`
+//! `application/vnd.lazyimg.image.v1`). A reference may name it directly (`REPO:TAG-lazy`) or
+//! name the source image, in which case the lazy image is found through the referrers API (or
+//! its tag-schema fallback, `sha256-<hex>`) and then, failing that, at the tag `TAG-lazy`.
+
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fusefs::manifest::{LazyManifest, ARTIFACT_TYPE};
+use fusefs::Index;
+use thiserror::Error;
+use tracing::{debug, info, warn};
+
+use crate::blobstore::{BlobError, BlobStore, DirBlobStore};
+use crate::registry::{
+    docker_config_credentials, ClientOptions, ImageRef, Reference, RegistryBlobStore,
+    RegistryClient, RegistryError,
+};
+use crate::s3::{S3Error, S3Location, S3Options, S3Store};
+use crate::store::{sha256_digest, LocalStore, StoreError, DEFAULT_TAG};
+
+/// Largest index accepted from a remote store (an index of millions of files is ~200 MB).
+pub const MAX_INDEX_BYTES: u64 = 1 << 30;
+/// Largest manifest accepted from S3 (registries apply their own 4 MiB limit).
+const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+/// Tag suffix of a lazy image pushed next to its source image.
+pub const LAZY_TAG_SUFFIX: &str = "-lazy";
+
+#[derive(Debug, Error)]
+pub enum RemoteError {
+    #[error("invalid image location {input:?}: {reason}")]
+    BadLocation { input: String, reason: String },
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    S3(#[from] S3Error),
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{location}: {source}")]
+    Manifest {
+        location: String,
+        #[source]
+        source: fusefs::manifest::ManifestError,
+    },
+    #[error(transparent)]
+    Index(#[from] fusefs::IndexError),
+    #[error("{location} is not a lazy image and has no lazy version (no referrer with artifactType {ARTIFACT_TYPE}, no tag {lazy_tag}); create one with lazyctl convert {location} docker://{lazy_ref}")]
+    NoLazyImage {
+        location: String,
+        lazy_tag: String,
+        lazy_ref: String,
+    },
+    #[error("index blob {expected} from {location} hashes to {actual}; the store is corrupt or was changed")]
+    IndexDigest {
+        location: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl RemoteError {
+    pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RemoteError + '_ {
+        move |source| RemoteError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Where a lazy image is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageLocation {
+    Dir { path: PathBuf, tag: String },
+    Registry(ImageRef),
+    S3(S3Location),
+}
+
+impl ImageLocation {
+    /// Parses `dir:PATH[:TAG]`, `s3://BUCKET/PREFIX`, `docker://HOST/REPO[:TAG|@DIGEST]`, or a
+    /// bare `HOST/REPO[:TAG]` (a registry reference, as docker reads it).
+    pub fn parse(input: &str) -> Result<ImageLocation, RemoteError> {
+        let bad = |reason: String| RemoteError::BadLocation {
+            input: input.to_string(),
+            reason,
+        };
+        if let Some(rest) = input.strip_prefix("dir:") {
+            let (path, tag) = match rest.rsplit_once(':') {
+                Some((path, tag)) if !tag.contains('/') && !tag.is_empty() => (path, tag),
+                _ => (rest, DEFAULT_TAG),
+            };
+            if path.is_empty() {
+                return Err(bad("dir: needs a path".into()));
+            }
+            return Ok(ImageLocation::Dir {
+                path: PathBuf::from(path),
+                tag: tag.to_string(),
+            });
+        }
+        if input.starts_with("s3://") {
+            return S3Location::parse(input)
+                .map(ImageLocation::S3)
+                .map_err(|e| bad(e.to_string()));
+        }
+        if let Some((scheme, _)) = input.split_once("://") {
+            if scheme != "docker" {
+                return Err(bad(format!(
+                    "unknown scheme {scheme}://; use dir:, docker:// or s3://"
+                )));
+            }
+        }
+        ImageRef::parse(input)
+            .map(ImageLocation::Registry)
+            .map_err(|e| bad(e.to_string()))
+    }
+}
+
+impl fmt::Display for ImageLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ImageLocation::Dir { path, tag } => write!(f, "dir:{}:{tag}", path.display()),
+            ImageLocation::Registry(r) => write!(f, "docker://{r}"),
+            ImageLocation::S3(l) => write!(f, "{l}"),
+        }
+    }
+}
+
+/// Connection settings for remote stores.
+#[derive(Debug, Clone)]
+pub struct RemoteOptions {
+    pub connect_timeout: std::time::Duration,
+    /// Limit on each wait for data from the server.
+    pub read_timeout: std::time::Duration,
+}
+
+impl Default for RemoteOptions {
+    fn default() -> Self {
+        RemoteOptions {
+            connect_timeout: std::time::Duration::from_secs(5),
+            read_timeout: std::time::Duration::from_secs(10),
+        }
+    }
+}
+
+/// A registry client for `registry` with docker's stored credentials and `opts`' timeouts.
+pub fn registry_client(
+    registry: &str,
+    opts: &RemoteOptions,
+) -> Result<RegistryClient, RegistryError> {
+    RegistryClient::new(
+        registry,
+        ClientOptions {
+            credentials: docker_config_credentials(registry),
+            connect_timeout: opts.connect_timeout,
+            read_timeout: opts.read_timeout,
+            ..ClientOptions::default()
+        },
+    )
+}
+
+/// An S3 client for `location` from the AWS environment, with `opts`' timeouts and at most
+/// `max_attempts` attempts per request (1 for mounts: the fetcher retries with its own policy).
+pub async fn s3_store(
+    location: &S3Location,
+    opts: &RemoteOptions,
+    max_attempts: u32,
+) -> Result<S3Store, S3Error> {
+    S3Store::connect(
+        location.clone(),
+        &S3Options {
+            connect_timeout: opts.connect_timeout,
+            read_timeout: opts.read_timeout,
+            max_attempts,
+            ..S3Options::default()
+        },
+    )
+    .await
+}
+
+/// An image opened for mounting.
+pub struct OpenedImage {
+    pub location: ImageLocation,
+    pub manifest: LazyManifest,
+    pub manifest_digest: String,
+    pub index: Arc<Index>,
+    /// Where its data blobs are read from.
+    pub store: Arc<dyn BlobStore>,
+}
+
+/// Opens the image at `location`: fetches and checks its manifest and index. With
+/// `index_dir`, indexes are kept there by digest and reused when they verify.
+pub async fn open_image(
+    location: &ImageLocation,
+    opts: &RemoteOptions,
+    index_dir: Option<&Path>,
+) -> Result<OpenedImage, RemoteError> {
+    let (manifest_bytes, store): (Vec<u8>, Arc<dyn BlobStore>) = match location {
+        ImageLocation::Dir { path, tag } => {
+            let local = LocalStore::open(path)?;
+            let digest = local.resolve(tag)?;
+            (local.read_blob(&digest)?, Arc::new(DirBlobStore::new(path)))
+        }
+        ImageLocation::Registry(image) => {
+            let client = registry_client(&image.registry, opts)?;
+            let bytes = lazy_manifest_in_registry(&client, image).await?;
+            let store = RegistryBlobStore::new(client, &image.repository)?;
+            (bytes, Arc::new(store))
+        }
+        ImageLocation::S3(l) => {
+            let s3 = s3_store(l, opts, 1).await?;
+            let key = l.manifest_key();
+            let bytes = s3
+                .get_object(&key, MAX_MANIFEST_BYTES)
+                .await?
+                .ok_or_else(|| S3Error::NotFound {
+                    url: l.object_url(&key),
+                })?;
+            (bytes, Arc::new(s3))
+        }
+    };
+    let manifest_digest = sha256_digest(&manifest_bytes);
+    let manifest =
+        LazyManifest::parse(&manifest_bytes).map_err(|source| RemoteError::Manifest {
+            location: location.to_string(),
+            source,
+        })?;
+    let index = load_index(location, &manifest, store.as_ref(), index_dir).await?;
+    Ok(OpenedImage {
+        location: location.clone(),
+        manifest,
+        manifest_digest,
+        index,
+        store,
+    })
+}
+
+/// The manifest bytes of the lazy image `image` names: the manifest itself when it is lazy,
+/// else its lazy referrer, else the tag `TAG-lazy`.
+async fn lazy_manifest_in_registry(
+    client: &RegistryClient,
+    image: &ImageRef,
+) -> Result<Vec<u8>, RemoteError> {
+    let repo = &image.repository;
+    let manifest = client.get_manifest(repo, &image.reference).await?;
+    if LazyManifest::parse(&manifest.bytes).is_ok() {
+        return Ok(manifest.bytes);
+    }
+    debug!(image = %image, "not a lazy image; looking for a lazy referrer");
+    match client
+        .referrers(repo, &manifest.digest, Some(ARTIFACT_TYPE))
+        .await
+    {
+        Ok(referrers) => {
+            if let Some(found) = referrers
+                .iter()
+                .rev()
+                .find(|d| d.artifact_type.as_deref() == Some(ARTIFACT_TYPE))
+            {
+                info!(image = %image, lazy = %found.digest, "using the lazy image that refers to it");
+                let lazy = client
+                    .get_manifest(repo, &Reference::Digest(found.digest.clone()))
+                    .await?;
+                return Ok(lazy.bytes);
+            }
+        }
+        Err(e) => warn!(image = %image, "cannot list referrers: {e}"),
+    }
+    let lazy_tag = match &image.reference {
+        Reference::Tag(tag) => format!("{tag}{LAZY_TAG_SUFFIX}"),
+        Reference::Digest(_) => format!("{DEFAULT_TAG}{LAZY_TAG_SUFFIX}"),
+    };
+    let lazy_ref = ImageRef {
+        reference: Reference::Tag(lazy_tag.clone()),
+        ..image.clone()
+    };
+    match client
+        .get_manifest(repo, &Reference::Tag(lazy_tag.clone()))
+        .await
+    {
+        Ok(m) if LazyManifest::parse(&m.bytes).is_ok() => Ok(m.bytes),
+        Ok(_) | Err(RegistryError::ManifestUnknown { .. }) => Err(RemoteError::NoLazyImage {
+            location: format!("docker://{image}"),
+            lazy_tag,
+            lazy_ref: lazy_ref.to_string(),
+        }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The image's index, verified against the manifest: from `index_dir` when a good copy is
+/// there, else fetched (and then kept there).
+async fn load_index(
+    location: &ImageLocation,
+    manifest: &LazyManifest,
+    store: &dyn BlobStore,
+    index_dir: Option<&Path>,
+) -> Result<Arc<Index>, RemoteError> {
+    let expected = manifest.index().digest.clone();
+    let verify = |bytes: &[u8]| {
+        let actual = sha256_digest(bytes);
+        if actual == expected {
+            Ok(())
+        } else {
+            Err(RemoteError::IndexDigest {
+                location: location.to_string(),
+                expected: expected.clone(),
+                actual,
+            })
+        }
+    };
+    let kept = index_dir.map(|dir| dir.join(expected.replace(':', "-")));
+    if let Some(path) = &kept {
+        if path.is_file() {
+            match Index::open_verified(path, verify) {
+                Ok(index) => return Ok(index),
+                Err(e) => {
+                    warn!(path = %path.display(), "kept index is unusable, fetching it again: {e}");
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+    }
+    let bytes = store.read_blob(&expected, MAX_INDEX_BYTES).await?;
+    verify(&bytes)?;
+    let Some(path) = kept else {
+        return Ok(Index::from_bytes(bytes)?);
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(RemoteError::io(dir))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(RemoteError::io(dir))?;
+    tmp.write_all(&bytes).map_err(RemoteError::io(&path))?;
+    tmp.persist(&path).map_err(|e| RemoteError::Io {
+        path: path.clone(),
+        source: e.error,
+    })?;
+    Index::open_verified(&path, verify)
+}
