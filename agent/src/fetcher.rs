@@ -9,7 +9,8 @@
 //! When the queue is dispatched, the job taken is extended with queued jobs of the same blob whose
 //! stored bytes are adjacent (before or after) into one range request of at most
 //! `max_request_bytes`: a kernel read-ahead of several chunks, or a prefetch run, becomes one GET.
-//! Each backend runs at most `concurrency` requests at once.
+//! Each backend runs at most `concurrency` requests at once, of which at most half prefetch, so a
+//! demand read finds a free slot soon and shares the link with few prefetch transfers.
 //!
 //! A request is bounded by `request_timeout`; transient failures (connection errors, 5xx, short
 //! bodies, timeouts) are retried with exponential backoff up to `max_attempts`; permanent ones
@@ -95,6 +96,8 @@ struct Queue {
     demand: VecDeque<Job>,
     prefetch: VecDeque<Job>,
     running: usize,
+    /// Requests in flight that were taken from the prefetch queue.
+    running_prefetch: usize,
 }
 
 struct Job {
@@ -475,16 +478,21 @@ impl Shared {
     /// adjacent queued jobs of the same blob.
     fn dispatch(self: &Arc<Self>, backend: &Arc<Backend>) {
         loop {
-            let batch = {
+            let (batch, from_prefetch) = {
                 let mut queue = lock(&backend.queue);
                 if queue.running >= self.config.concurrency {
+                    return;
+                }
+                let from_prefetch = queue.demand.is_empty();
+                if from_prefetch && queue.running_prefetch >= prefetch_slots(&self.config) {
                     return;
                 }
                 let Some(batch) = take_batch(&mut queue, self.config.max_request_bytes) else {
                     return;
                 };
                 queue.running += 1;
-                batch
+                queue.running_prefetch += usize::from(from_prefetch);
+                (batch, from_prefetch)
             };
             let mut priority = Priority::Prefetch;
             for job in &batch {
@@ -512,7 +520,11 @@ impl Shared {
                 if let Err(e) = completed {
                     error!(backend = %backend.name, "chunk verification task failed: {e}");
                 }
-                lock(&backend.queue).running -= 1;
+                {
+                    let mut queue = lock(&backend.queue);
+                    queue.running -= 1;
+                    queue.running_prefetch -= usize::from(from_prefetch);
+                }
                 shared.dispatch(&backend);
             });
         }
@@ -679,6 +691,12 @@ async fn fetch_range(
         tokio::time::sleep(delay).await;
         attempt += 1;
     }
+}
+
+/// Requests prefetch may have in flight on one backend: half the slots, so that a demand read
+/// always finds a free slot soon and shares the link with few prefetch transfers.
+fn prefetch_slots(config: &FetcherConfig) -> usize {
+    (config.concurrency / 2).max(1)
 }
 
 /// Takes the next job (demand first) and the queued jobs of the same priority class that extend

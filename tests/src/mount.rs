@@ -486,6 +486,33 @@ fn run_with_timeout(command: &mut Command, timeout: Duration) -> Result<Output> 
     })
 }
 
+/// A size-limited tmpfs mounted over a directory (a small disk that fills up), unmounted when
+/// dropped, even if the test fails.
+pub struct TmpfsMount(PathBuf);
+
+impl TmpfsMount {
+    /// Mounts a tmpfs of `size` (`mount -o size=`, e.g. `16m`) on `dir`. Needs root.
+    pub fn new(dir: &Path, size: &str) -> Result<TmpfsMount> {
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .context("running mount")?;
+        ensure!(
+            status.success(),
+            "mount -t tmpfs on {} failed: {status}",
+            dir.display()
+        );
+        Ok(TmpfsMount(dir.to_path_buf()))
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
