@@ -128,6 +128,7 @@ umount_lazy() { # umount_lazy MNT: unmounts and waits for the mount to write its
     "$LAZYCTL" umount "$1"
     wait "$MOUNT_PID"
 }
+served() { python3 -c "import json; print(json.load(open('$1'))['bytes_served'])"; }
 fetched() { python3 -c "import json,sys; m=json.load(open('$1')); print(sum(b['$2'] for b in m['backends']))"; }
 
 # D's reference: the link's own rate for one big blob (curl through the proxy).
@@ -140,7 +141,7 @@ LINK_RATE=$(calc "$BLOB_BYTES / $LINK_SECS / 1e6:.1f")
 log "curl of one $BLOB_BYTES-byte blob: $LINK_SECS s = $LINK_RATE MB/s"
 
 A=() B=() C=() D=()
-B_FETCHED=() B_REQS=() D_FETCHED=()
+B_FETCHED=() B_REQS=() B_SERVED=() D_FETCHED=()
 for run in $(seq "$RUNS"); do
     log "run $run/$RUNS: A. full pull + unpack + start"
     rm -rf "$RUN/pull" "$RUN/bundle"
@@ -162,6 +163,7 @@ for run in $(seq "$RUNS"); do
     umount_lazy "$RUN/mnt-b"
     B_FETCHED+=("$(fetched "$RUN/metrics-b.json" bytes)")
     B_REQS+=("$(fetched "$RUN/metrics-b.json" requests)")
+    B_SERVED+=("$(served "$RUN/metrics-b.json")")
 
     log "run $run/$RUNS: C. download of the whole lazy image"
     rm -rf "$RUN/lazy-copy"
@@ -200,7 +202,7 @@ start command: chroot ROOT /bin/sh -c '$START_CMD'
 | measure | time (s) | bytes over the link |
 |---|---|---|
 | A. full pull: skopeo copy + umoci unpack + start | $mA | whole image |
-| B. lazy: mount + start, cold cache | $mB | $mBF ($(calc "100 * $mBF / $LAZY_BYTES:.1f") % of the lazy image), $(median "${B_REQS[@]}") requests |
+| B. lazy: mount + start, cold cache | $mB | $mBF ($(calc "100 * $mBF / $LAZY_BYTES:.1f") % of the lazy image) in $(median "${B_REQS[@]}") requests, for $(median "${B_SERVED[@]}") bytes read through the mount |
 | C. download of the whole lazy image (skopeo copy) | $mC | $LAZY_BYTES |
 | D. cold sequential read of $READ_BYTES bytes through the mount | $mD | $(median "${D_FETCHED[@]}") |
 

@@ -54,6 +54,7 @@ impl MountSource {
 /// A live mount of one image.
 pub struct MountedImage {
     session: fuser::BackgroundSession,
+    pub reader: Arc<ImageReader>,
     pub source: MountSource,
     pub mountpoint: PathBuf,
     pub files: u64,
@@ -134,11 +135,12 @@ fn mount_index(
 ) -> Result<MountedImage, MountError> {
     let files = index.inode_count();
     let reader = Arc::new(ImageReader::new(index, chunks)?);
-    let session =
-        fusefs::fuse::mount(reader, mountpoint, cfg).map_err(|source| MountError::Mount {
+    let session = fusefs::fuse::mount(reader.clone(), mountpoint, cfg).map_err(|source| {
+        MountError::Mount {
             path: mountpoint.to_path_buf(),
             source,
-        })?;
+        }
+    })?;
     raise_read_ahead(mountpoint);
     info!(
         image = %manifest_digest,
@@ -149,6 +151,7 @@ fn mount_index(
     );
     Ok(MountedImage {
         session,
+        reader,
         source,
         mountpoint: mountpoint.to_path_buf(),
         files,

@@ -2,6 +2,7 @@
 //! Plain types in, plain types out, so tests drive it without FUSE; `fuse.rs` only translates.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::chunk::{ChunkRef, ChunkSource};
@@ -82,6 +83,8 @@ pub struct ImageReader {
     source: Arc<dyn ChunkSource>,
     blob_digests: Vec<String>,
     total_blocks: u64,
+    /// File bytes returned by `read` (what the kernel read, its read-ahead included).
+    bytes_served: AtomicU64,
     /// Sequential-read detection per file, for read-ahead hints.
     streams: Mutex<HashMap<u64, Stream>>,
 }
@@ -123,6 +126,7 @@ impl ImageReader {
             source,
             blob_digests,
             total_blocks,
+            bytes_served: AtomicU64::new(0),
             streams: Mutex::new(HashMap::new()),
         })
     }
@@ -395,7 +399,14 @@ impl ImageReader {
                 .ok_or_else(|| IndexError::Corrupt(format!("chunk {} is short", piece.chunk)))?;
             out[at..at + piece.len as usize].copy_from_slice(src);
         }
+        self.bytes_served
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
         Ok(out)
+    }
+
+    /// File bytes served by `read` so far.
+    pub fn bytes_served(&self) -> u64 {
+        self.bytes_served.load(Ordering::Relaxed)
     }
 
     /// Updates the file's stream state for a read of `start..end`; returns the range to hint,

@@ -310,13 +310,20 @@ fn mount(
         }
     });
     let source = mounted.source.clone();
+    let reader = mounted.reader.clone();
     let joined = mounted.join();
     handle.close();
     let _ = waiter.join();
-    eprintln!("lazyctl: unmounted; {}", source.summary());
+    eprintln!(
+        "lazyctl: unmounted; {} bytes read through the mount; {}",
+        reader.bytes_served(),
+        source.summary()
+    );
     if let (Some(path), agent::mount::MountSource::Remote(fetcher)) = (&cache.metrics_json, &source)
     {
-        let json = serde_json::to_vec_pretty(&fetcher.snapshot())?;
+        let mut metrics = serde_json::to_value(fetcher.snapshot())?;
+        metrics["bytes_served"] = reader.bytes_served().into();
+        let json = serde_json::to_vec_pretty(&metrics)?;
         std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
     }
     joined.context("FUSE session ended with an error")?;
