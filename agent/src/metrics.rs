@@ -242,8 +242,8 @@ impl MetricsSnapshot {
             let p99 = b.latency.quantile_bound(0.99).map_or("-".into(), fmt_secs);
             let _ = write!(
                 out,
-                "\n{} {}: {} requests, {} bytes, {} chunks, {} retries, {} errors ({} timeouts), latency p50 <= {p50}, p99 <= {p99}",
-                b.kind, b.name, b.requests, b.bytes, b.chunks, b.retries, b.errors, b.timeouts
+                "\n{}: {} requests, {} bytes, {} chunks, {} retries, {} errors ({} timeouts), latency p50 <= {p50}, p99 <= {p99}",
+                b.name, b.requests, b.bytes, b.chunks, b.retries, b.errors, b.timeouts
             );
         }
         if let Some(cache) = &self.cache {
@@ -378,7 +378,7 @@ fn fmt_secs(secs: f64) -> String {
     if secs.is_infinite() {
         "inf".into()
     } else if secs < 1.0 {
-        format!("{} ms", secs * 1e3)
+        format!("{:.0} ms", secs * 1e3)
     } else {
         format!("{secs} s")
     }

@@ -213,9 +213,15 @@ pub async fn open_image(
 ) -> Result<OpenedImage, RemoteError> {
     let (manifest_bytes, store): (Vec<u8>, Arc<dyn BlobStore>) = match location {
         ImageLocation::Dir { path, tag } => {
-            let local = LocalStore::open(path)?;
-            let digest = local.resolve(tag)?;
-            (local.read_blob(&digest)?, Arc::new(DirBlobStore::new(path)))
+            // The store's own checks, on the index mapped in place (no copy).
+            let image = LocalStore::open(path)?.open_image(tag)?;
+            return Ok(OpenedImage {
+                location: location.clone(),
+                manifest: image.manifest,
+                manifest_digest: image.manifest_digest,
+                index: image.index,
+                store: Arc::new(DirBlobStore::new(path)),
+            });
         }
         ImageLocation::Registry(image) => {
             let client = registry_client(&image.registry, opts)?;
