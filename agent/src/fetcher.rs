@@ -699,6 +699,11 @@ fn prefetch_slots(config: &FetcherConfig) -> usize {
     (config.concurrency / 2).max(1)
 }
 
+/// Queued jobs looked at when extending a request with adjacent chunks: a full 8 MiB request of
+/// 32 KiB chunks, or of default 1 MiB chunks with other blobs' jobs interleaved; images with
+/// smaller chunks get smaller coalesced requests.
+const COALESCE_SCAN: usize = 256;
+
 /// Takes the next job (demand first) and the queued jobs of the same priority class that extend
 /// its byte range in the same blob, up to `max_bytes`.
 fn take_batch(queue: &mut Queue, max_bytes: u64) -> Option<Vec<Job>> {
@@ -712,9 +717,11 @@ fn take_batch(queue: &mut Queue, max_bytes: u64) -> Option<Vec<Job>> {
     let blob = first.chunk.blob_digest.clone();
     let mut range = first.range();
     let mut batch = vec![first];
-    // Extend forwards and backwards with exactly adjacent jobs until nothing more fits.
+    // Extend forwards and backwards with exactly adjacent jobs until nothing more fits. Only the
+    // head of the queue is searched, so a long prefetch queue (a warm of thousands of chunks,
+    // queued in blob order) costs a bounded scan per request, not one proportional to it.
     loop {
-        let next = source.iter().position(|j| {
+        let next = source.iter().take(COALESCE_SCAN).position(|j| {
             j.chunk.blob_digest == blob && {
                 let r = j.range();
                 (r.start == range.end || r.end == range.start)
