@@ -53,19 +53,27 @@ impl LocalRegistry {
     /// Starts the registry again on the same port and storage; waits until it listens.
     pub fn restart(&mut self) -> Result<()> {
         self.stop();
+        // Appended to across restarts, so a failing test can show the whole history.
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
         let child = Command::new("docker-registry")
             .arg("serve")
             .arg(&self.config)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
             .spawn()
             .context("docker-registry not found in PATH; apt-get install -y docker-registry")?;
         let child = self.child.insert(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             if let Some(status) = child.try_wait()? {
-                bail!("docker-registry exited with {status} before listening");
+                bail!(
+                    "docker-registry exited with {status} before listening: {}",
+                    self.log()
+                );
             }
             if Instant::now() > deadline {
                 bail!(
@@ -81,6 +89,15 @@ impl LocalRegistry {
     /// `127.0.0.1:PORT`.
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// What the registry has logged so far (for failure messages).
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("registry.log")
     }
 
     /// The port it listens on.

@@ -144,7 +144,7 @@ mod tests {
     use crate::blobstore::{BlobError, BlobStore};
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
 
     /// Serves `data` as blob `test/img@<its digest>`, honouring ranges; 404 for anything else.
     fn blob_handler(data: Vec<u8>) -> impl FnOnce(String) -> Handler {
@@ -309,14 +309,8 @@ mod tests {
         let task = tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
                 tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        match stream.read(&mut byte).await {
-                            Ok(1) if head.is_empty() && byte[0] == 0x16 => return,
-                            Ok(1) => head.push(byte[0]),
-                            _ => return,
-                        }
+                    if read_request_head(&mut stream).await.is_none() {
+                        return;
                     }
                     let reply = "HTTP/1.1 206 X\r\nContent-Range: bytes 0-9/100\r\nContent-Length: 10\r\n\r\nabc";
                     let _ = stream.write_all(reply.as_bytes()).await;

@@ -2765,7 +2765,7 @@ mod tests {
     async fn pulls_manifest_and_blobs_from_docker_registry() {
         let (registry, image) = registry_with_image();
         let image_ref =
-            ImageRef::parse(&format!("docker://{}/test/img:v1", registry.host)).unwrap();
+            ImageRef::parse(&format!("docker://{}/test/img:v1", registry.host())).unwrap();
         let client = RegistryClient::new(&image_ref.registry, ClientOptions::default()).unwrap();
 
         let manifest = client
@@ -2830,7 +2830,7 @@ mod tests {
     #[tokio::test]
     async fn missing_tag_blob_and_repository_are_permanent_errors() {
         let (registry, image) = registry_with_image();
-        let client = RegistryClient::new(&registry.host, ClientOptions::default()).unwrap();
+        let client = RegistryClient::new(&registry.host(), ClientOptions::default()).unwrap();
 
         let err = client
             .get_manifest("test/img", &tag("nope"))
@@ -2877,14 +2877,14 @@ mod tests {
         let (registry, image) = registry_with_image();
         let digest = sha256_digest(&image.layer);
         // Same length, different bytes: only the digest check can notice.
-        let stored = registry.blob_data_path(&digest);
+        let stored = registry.blob_file(&digest);
         let mut corrupted = std::fs::read(&stored).unwrap();
         assert_eq!(corrupted, image.layer);
         let middle = corrupted.len() / 2;
         corrupted[middle] ^= 0xff;
         std::fs::write(&stored, &corrupted).unwrap();
 
-        let client = RegistryClient::new(&registry.host, ClientOptions::default()).unwrap();
+        let client = RegistryClient::new(&registry.host(), ClientOptions::default()).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("layer");
         let err = client

@@ -879,16 +879,9 @@ mod tests {
         let task = tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
                 tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        match stream.read(&mut byte).await {
-                            // A TLS ClientHello: hang up, so the client falls back to http.
-                            Ok(1) if head.is_empty() && byte[0] == 0x16 => return,
-                            Ok(1) => head.push(byte[0]),
-                            _ => return,
-                        }
-                    }
+                    let Some(head) = read_request_head(&mut stream).await else {
+                        return;
+                    };
                     let head = String::from_utf8_lossy(&head).to_lowercase();
                     let reply = if head.starts_with("head ") {
                         "HTTP/1.1 404 X\r\nContent-Length: 0\r\n\r\n".to_string()
@@ -980,8 +973,8 @@ mod tests {
         use crate::blobstore::{BlobError, BlobStore};
         use fusefs::manifest::{self as lazy, Descriptor, LazyManifest};
 
-        let registry = LocalRegistry::start();
-        let client = RegistryClient::new(&registry.host, ClientOptions::default()).unwrap();
+        let registry = LocalRegistry::start().unwrap();
+        let client = RegistryClient::new(&registry.host(), ClientOptions::default()).unwrap();
         let repo = "test/lazy";
         let dir = tempfile::tempdir().unwrap();
 
@@ -1006,7 +999,7 @@ mod tests {
         let again = client.push_blob_file(repo, &big_digest, &big_path).await;
         assert_eq!(again.unwrap(), PushedBlob::AlreadyPresent);
         assert_eq!(
-            std::fs::read(registry.blob_data_path(&big_digest)).unwrap(),
+            std::fs::read(registry.blob_file(&big_digest)).unwrap(),
             big,
             "the registry stored exactly the file"
         );

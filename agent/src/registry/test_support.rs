@@ -5,10 +5,9 @@
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::Url;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -310,113 +309,25 @@ pub(super) fn free_port() -> u16 {
         .port()
 }
 
-/// The tests below need `docker-registry` and `skopeo`; they fail rather than skip without them.
-pub(super) fn require_binary(name: &str) -> PathBuf {
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!("{name} not found in PATH; the registry tests need it: apt-get install -y docker-registry skopeo")
-        })
-}
-
-/// `docker-registry serve` on a free loopback port, storing into a temp dir; killed on drop.
-pub(super) struct LocalRegistry {
-    pub(super) dir: tempfile::TempDir,
-    pub(super) child: Child,
-    pub(super) host: String,
-}
-
-impl LocalRegistry {
-    pub(super) fn start() -> Self {
-        let binary = require_binary("docker-registry");
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let config = dir.path().join("config.yml");
-        let storage = dir.path().join("storage");
-        let storage = storage.display();
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1
-log:
-  level: warn
-storage:
-  filesystem:
-    rootdirectory: {storage}
-http:
-  addr: 127.0.0.1:{port}
-"
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
-        let child = Command::new(binary)
-            .arg("serve")
-            .arg(&config)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut registry = LocalRegistry {
-            dir,
-            child,
-            host: format!("127.0.0.1:{port}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&registry.host).is_err() {
-            let exited = registry.child.try_wait().unwrap();
-            if exited.is_some() || Instant::now() > deadline {
-                panic!(
-                    "docker-registry did not start ({exited:?}): {}",
-                    registry.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
+/// Reads one request head (up to the blank line) from a raw TCP test server's connection, one
+/// byte at a time so no body byte is consumed. `None` when the peer hangs up first, or opens
+/// with a TLS ClientHello (byte 0x16), which the server answers by hanging up so the client
+/// falls back to http.
+pub(super) async fn read_request_head(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte).await {
+            Ok(1) if head.is_empty() && byte[0] == 0x16 => return None,
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
         }
-        registry
     }
-
-    pub(super) fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
-    }
-
-    /// Where the registry keeps a blob's bytes (filesystem driver layout).
-    pub(super) fn blob_data_path(&self, digest: &str) -> PathBuf {
-        let hex = digest.strip_prefix("sha256:").unwrap();
-        self.dir
-            .path()
-            .join("storage/docker/registry/v2/blobs/sha256")
-            .join(&hex[..2])
-            .join(hex)
-            .join("data")
-    }
-
-    pub(super) fn push(&self, layout: &Path, tag: &str, repo: &str) {
-        let output = Command::new(require_binary("skopeo"))
-            .args(["--insecure-policy", "copy", "--dest-tls-verify=false"])
-            .arg(format!("oci:{}:{tag}", layout.display()))
-            .arg(format!("docker://{}/{repo}:{tag}", self.host))
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "skopeo copy failed: {}\nregistry log: {}",
-            String::from_utf8_lossy(&output.stderr),
-            self.log()
-        );
-    }
+    Some(head)
 }
 
-impl Drop for LocalRegistry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// The real `docker-registry` of the end-to-end harness, shared with these tests.
+pub(super) use lazy_tests::registry::LocalRegistry;
 
 pub(super) struct TestImage {
     pub(super) manifest_digest: String,
@@ -504,10 +415,15 @@ pub(super) fn build_oci_layout(layout: &Path, tag: &str) -> TestImage {
 
 /// A registry holding `127.0.0.1:PORT/test/img:v1`, and the image pushed there.
 pub(super) fn registry_with_image() -> (LocalRegistry, TestImage) {
-    let registry = LocalRegistry::start();
-    let layout = registry.dir.path().join("layout");
+    let registry = LocalRegistry::start().unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let layout = scratch.path().join("layout");
     let image = build_oci_layout(&layout, "v1");
-    registry.push(&layout, "v1", "test/img");
+    lazy_tests::reference::skopeo_copy(
+        &format!("oci:{}:v1", layout.display()),
+        &format!("docker://{}/test/img:v1", registry.host()),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\nregistry log:\n{}", registry.log()));
     (registry, image)
 }
 
