@@ -277,10 +277,7 @@ impl Fetcher {
     pub fn prefetch(&self, backend: &Arc<Backend>, chunks: &[ChunkRef]) {
         let shared = &self.shared;
         for chunk in chunks {
-            let digest = &chunk.record.digest;
-            let cached = lock(&shared.memory).lru.contains(digest)
-                || shared.cache.as_ref().is_some_and(|c| c.contains(digest));
-            if !cached {
+            if !shared.holds(&chunk.record.digest) {
                 shared.join(backend, chunk, Priority::Prefetch);
             }
         }
@@ -328,6 +325,12 @@ impl ChunkSource for FetchSource {
 }
 
 impl Shared {
+    /// Whether memory or the disk cache has the chunk, without reading it or counting a lookup.
+    fn holds(&self, digest: &[u8; 32]) -> bool {
+        lock(&self.memory).lru.contains(digest)
+            || self.cache.as_ref().is_some_and(|c| c.contains(digest))
+    }
+
     /// A chunk from memory or the disk cache, without fetching.
     fn cached(&self, chunk: &ChunkRef) -> Option<Arc<Vec<u8>>> {
         let digest = &chunk.record.digest;
@@ -403,10 +406,13 @@ impl Shared {
         drop(flights);
 
         // A fetch that completed between our cache lookup and registering this flight has
-        // already filled the caches: look once more, so it is not fetched twice.
-        if let Some(hit) = self.cached(chunk) {
-            self.finish(&digest, &flight, Ok(hit));
-            return (flight, true);
+        // already filled the caches: look once more, so it is not fetched twice. `holds` first,
+        // so a plain miss is not looked up (and counted) in the disk cache a second time.
+        if self.holds(&digest) {
+            if let Some(hit) = self.cached(chunk) {
+                self.finish(&digest, &flight, Ok(hit));
+                return (flight, true);
+            }
         }
         let job = Job {
             chunk: chunk.clone(),
