@@ -5,6 +5,8 @@
 
 use std::path::PathBuf;
 
+use agent::remote::{ImageLocation, RemoteError};
+
 use crate::error::ConvertError;
 
 /// Where a conversion reads from.
@@ -78,18 +80,18 @@ impl SourceRef {
 }
 
 impl StoreRef {
+    /// Parses `dir:PATH[:TAG]`; the grammar is `agent::remote::ImageLocation`'s, so a store
+    /// reference means the same to `convert`, `push` and `mount`.
     pub fn parse(s: &str) -> Result<StoreRef, ConvertError> {
-        let rest = s
-            .strip_prefix("dir:")
-            .ok_or_else(|| bad(s, "expected dir:PATH[:TAG] (a local lazy-image store)"))?;
-        if rest.is_empty() {
-            return Err(bad(s, "empty path"));
+        if !s.starts_with("dir:") {
+            return Err(bad(s, "expected dir:PATH[:TAG] (a local lazy-image store)"));
         }
-        let (path, tag) = split_tag(rest);
-        Ok(StoreRef {
-            path,
-            tag: tag.unwrap_or_else(|| agent::store::DEFAULT_TAG.to_string()),
-        })
+        match ImageLocation::parse(s) {
+            Ok(ImageLocation::Dir { path, tag }) => Ok(StoreRef { path, tag }),
+            Ok(_) => Err(bad(s, "expected dir:PATH[:TAG] (a local lazy-image store)")),
+            Err(RemoteError::BadLocation { reason, .. }) => Err(bad(s, &reason)),
+            Err(e) => Err(bad(s, &e.to_string())),
+        }
     }
 }
 
