@@ -462,6 +462,34 @@ impl Index {
         self.count(Section::Chunks)
     }
 
+    /// The `sha256:<hex>` digests of the blob table, in table order.
+    pub fn blob_digests(&self) -> Result<Vec<String>, IndexError> {
+        Ok(self
+            .blobs()?
+            .iter()
+            .map(|b| format!("sha256:{}", crate::chunk::hex(&b.sha256)))
+            .collect())
+    }
+
+    /// Every chunk of the image with its blob's digest, in table order (what a warm fetches).
+    pub fn chunk_refs(&self) -> Result<Vec<crate::ChunkRef>, IndexError> {
+        let blobs = self.blob_digests()?;
+        (0..self.chunk_count() as u32)
+            .map(|i| {
+                let record = self.chunk(i)?;
+                let blob_digest = blobs
+                    .get(record.blob as usize)
+                    .cloned()
+                    .ok_or_else(|| IndexError::Corrupt(format!("chunk {i} names missing blob")))?;
+                Ok(crate::ChunkRef {
+                    index: i,
+                    record,
+                    blob_digest,
+                })
+            })
+            .collect()
+    }
+
     /// The raw index bytes (to verify the digest the manifest names).
     pub fn as_bytes(&self) -> &[u8] {
         self.bytes.as_slice()

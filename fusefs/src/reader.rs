@@ -112,11 +112,7 @@ struct Stream {
 
 impl ImageReader {
     pub fn new(index: Arc<Index>, source: Arc<dyn ChunkSource>) -> Result<ImageReader, IndexError> {
-        let blobs = index.blobs()?;
-        let blob_digests = blobs
-            .iter()
-            .map(|b| format!("sha256:{}", crate::chunk::hex(&b.sha256)))
-            .collect();
+        let blob_digests = index.blob_digests()?;
         let total_blocks = (0..index.chunk_count() as u32)
             .map(|i| index.chunk(i).map(|c| c.raw_len as u64))
             .sum::<Result<u64, _>>()?
