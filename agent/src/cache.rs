@@ -24,6 +24,15 @@
 //! needs no compaction; the price is that warm entries sharing a segment with cold ones go too,
 //! which the segment size (at most 1/16 of the budget) keeps to a small fraction of the cache.
 //!
+//! **Garbage collection.** `retain` drops the entries a caller no longer wants (chunks of no
+//! image it keeps) and frees their space: a segment with no live entry left is deleted, and one
+//! whose live entries fill less than half of it is compacted: they are appended to the active
+//! segment like inserts, re-indexed there, and the old file is deleted. Half bounds the copying
+//! (each compaction frees at least as much as it writes) while keeping at most twice the live
+//! data on disk. `evict_to` evicts whole segments, least recently used first, down to a target.
+//! Segments are only ever unlinked, never rewritten in place, so readers are as safe as with
+//! eviction.
+//!
 //! **Crashes.** Nothing is fsynced per insert: a torn write is caught by the crc32s. At open
 //! every segment's entry headers are scanned (payloads are not read, so opening a 10 GiB cache
 //! reads only headers) to rebuild the index; a bad segment header deletes the segment and a bad
@@ -36,7 +45,7 @@
 //! (one `pwrite` of one chunk into the page cache: a segment has one append position, and
 //! inserts follow a network fetch that is far slower). `get` never takes the writer lock.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io;
 use std::ops::Deref;
@@ -49,7 +58,7 @@ use fusefs::chunk::check_stored;
 use fusefs::format::ChunkRecord;
 use fusefs::ChunkError;
 use memmap2::{Mmap, MmapOptions};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 /// Where the cache lives and how much disk it may use.
@@ -120,7 +129,7 @@ fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> Cac
 }
 
 /// A point-in-time copy of the cache's counters, for metrics and `lazyctl`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CacheStats {
     /// Entries in the index.
     pub entries: u64,
@@ -140,6 +149,41 @@ pub struct CacheStats {
     pub corrupt_entries: u64,
     /// `insert` calls that returned an error.
     pub insert_failures: u64,
+}
+
+/// What [`ChunkCache::retain`] or [`ChunkCache::evict_to`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetainReport {
+    /// Entries left in the index.
+    pub kept_chunks: u64,
+    /// Entries dropped from the index.
+    pub removed_chunks: u64,
+    /// Bytes of segment files freed, net of the copies compaction wrote.
+    pub freed_bytes: u64,
+    /// Segments whose live entries were copied elsewhere before the file was deleted.
+    pub segments_compacted: u64,
+    /// Segments deleted with no live entry left (compacted ones not included).
+    pub segments_deleted: u64,
+}
+
+/// A segment taken out of the cache by `drop_segment`.
+struct Dropped {
+    /// Index entries that went with it.
+    entries: u64,
+    /// Its file size.
+    bytes: u64,
+    path: PathBuf,
+    /// Why the file could not be deleted, if it could not.
+    delete_error: Option<io::Error>,
+}
+
+impl Dropped {
+    fn deleted(self) -> Result<(), CacheError> {
+        match self.delete_error {
+            Some(e) => Err(io_err(&self.path, "deleting a segment")(e)),
+            None => Ok(()),
+        }
+    }
 }
 
 /// A chunk's stored bytes, borrowed from the segment mapping (no copy). Keeps the mapping, and
@@ -607,7 +651,6 @@ impl ChunkCache {
             });
         }
         let record = entry_record(record);
-        let header = encode_entry_header(&record);
 
         let mut writer = self.writer();
         // Another thread may have inserted it while this one waited for the lock.
@@ -615,8 +658,25 @@ impl ChunkCache {
             self.touch(&entry.segment);
             return Ok(());
         }
+        let entry = self.append(&mut writer, &record, stored)?;
+        self.shard_mut(&record.digest).insert(record.digest, entry);
+        self.counters.inserts.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes one entry (an entry record and its checked stored bytes) to the active segment,
+    /// making room first, and returns where it lives; the caller indexes it. When the disk is
+    /// full, evicts and tries again until nothing is left to evict.
+    fn append(
+        &self,
+        writer: &mut Segments,
+        record: &ChunkRecord,
+        stored: &[u8],
+    ) -> Result<Entry, CacheError> {
+        let header = encode_entry_header(record);
+        let need = ENTRY_HEADER_LEN + stored.len() as u64;
         loop {
-            let seq = self.make_room(&mut writer, need)?;
+            let seq = self.make_room(writer, need)?;
             let state = writer
                 .live
                 .get_mut(&seq)
@@ -633,13 +693,11 @@ impl ChunkCache {
                     let entry = Entry {
                         segment: state.segment.clone(),
                         offset,
-                        record,
+                        record: *record,
                     };
                     self.bytes_used.fetch_add(need, Ordering::Relaxed);
                     self.touch(&entry.segment);
-                    self.shard_mut(&record.digest).insert(record.digest, entry);
-                    self.counters.inserts.fetch_add(1, Ordering::Relaxed);
-                    return Ok(());
+                    return Ok(entry);
                 }
                 Err(e) => {
                     // Cut off what part of the entry was written, so the file stays a clean
@@ -656,7 +714,7 @@ impl ChunkCache {
                         return Err(self.no_space(need));
                     }
                     warn!(segment = %path.display(), "chunk cache disk full: evicting a segment");
-                    if !self.evict_one(&mut writer, "disk full") {
+                    if self.evict_one(writer, "disk full").is_none() {
                         return Err(self.no_space(need));
                     }
                 }
@@ -690,7 +748,7 @@ impl ChunkCache {
             let used = self.bytes_used.load(Ordering::Relaxed);
             if used + need + new_segment > self.budget {
                 // `insert` checked that the entry fits an empty cache, so this ends.
-                if !self.evict_one(writer, "over budget") {
+                if self.evict_one(writer, "over budget").is_none() {
                     return Err(self.no_space(need));
                 }
                 continue;
@@ -702,7 +760,7 @@ impl ChunkCache {
                 Ok(seq) => return Ok(seq),
                 Err(CacheError::Io { source, path, .. }) if is_no_space(&source) => {
                     warn!(segment = %path.display(), "chunk cache disk full: evicting a segment");
-                    if !self.evict_one(writer, "disk full") {
+                    if self.evict_one(writer, "disk full").is_none() {
                         return Err(self.no_space(need));
                     }
                 }
@@ -750,28 +808,40 @@ impl ChunkCache {
     }
 
     /// Evicts the least recently used sealed segment, or the active one when it is the only
-    /// one left. False when there are no segments.
-    fn evict_one(&self, writer: &mut Segments, why: &str) -> bool {
+    /// one left. `None` when there are no segments.
+    fn evict_one(&self, writer: &mut Segments, why: &str) -> Option<Dropped> {
         let victim = writer
             .live
             .values()
             .filter(|s| Some(s.segment.seq) != writer.active)
             .min_by_key(|s| s.segment.last_used.load(Ordering::Relaxed))
             .map(|s| s.segment.seq)
-            .or(writer.active);
-        match victim {
-            Some(seq) => {
-                self.evict(writer, seq, why);
-                true
-            }
-            None => false,
-        }
+            .or(writer.active)?;
+        self.evict(writer, victim, why)
     }
 
-    fn evict(&self, writer: &mut Segments, seq: u64, why: &str) {
-        let Some(state) = writer.live.remove(&seq) else {
-            return;
-        };
+    fn evict(&self, writer: &mut Segments, seq: u64, why: &str) -> Option<Dropped> {
+        let dropped = self.drop_segment(writer, seq)?;
+        self.counters
+            .evicted_segments
+            .fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .evicted_bytes
+            .fetch_add(dropped.bytes, Ordering::Relaxed);
+        info!(
+            segment = %dropped.path.display(),
+            entries = dropped.entries,
+            bytes = dropped.bytes,
+            "evicted least recently used cache segment ({why})"
+        );
+        Some(dropped)
+    }
+
+    /// Takes segment `seq` out of the cache: its entries leave the index and its file is
+    /// deleted. Readers holding its entries keep reading them: an unlinked file stays readable
+    /// through its open descriptor and mappings, and its space is freed when the last goes.
+    fn drop_segment(&self, writer: &mut Segments, seq: u64) -> Option<Dropped> {
+        let state = writer.live.remove(&seq)?;
         if writer.active == Some(seq) {
             writer.active = None;
         }
@@ -779,7 +849,7 @@ impl ChunkCache {
         for digest in &state.digests {
             by_shard[usize::from(digest[0]) % INDEX_SHARDS].push(*digest);
         }
-        let mut entries = 0usize;
+        let mut entries = 0;
         for (shard, digests) in self.index.iter().zip(by_shard) {
             if digests.is_empty() {
                 continue;
@@ -795,24 +865,205 @@ impl ChunkCache {
                 }
             }
         }
-        if let Err(e) = fs::remove_file(&state.segment.path) {
-            if e.kind() != io::ErrorKind::NotFound {
-                warn!(segment = %state.segment.path.display(), "cannot delete evicted cache segment: {e}");
+        let path = state.segment.path.clone();
+        let delete_error = match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                warn!(segment = %path.display(), "cannot delete cache segment: {e}");
+                Some(e)
+            }
+            _ => None,
+        };
+        self.bytes_used.fetch_sub(state.len, Ordering::Relaxed);
+        Some(Dropped {
+            entries,
+            bytes: state.len,
+            path,
+            delete_error,
+        })
+    }
+
+    /// Drops every entry whose digest `keep` rejects, and frees their disk space: a segment
+    /// left with no live entry is deleted, and one whose live entries fill less than half of
+    /// its entry area is compacted (its live entries are copied to the active segment, then
+    /// the file is deleted). Also reclaims space left by entries dropped earlier (corrupt,
+    /// removed, superseded), so `retain(&|_| true)` is a plain compaction.
+    ///
+    /// Safe beside readers, as eviction is: a deleted segment stays readable through the
+    /// mappings and `ChunkBytes` already handed out, and a compacted entry is re-indexed to its
+    /// copy only after the copy is written. `keep` is called with no lock held. `get`s never
+    /// wait; inserts wait while one segment is dealt with.
+    pub fn retain(&self, keep: &dyn Fn(&[u8; 32]) -> bool) -> Result<RetainReport, CacheError> {
+        let mut report = RetainReport::default();
+        for shard in self.index.iter() {
+            let entries: Vec<([u8; 32], Entry)> = shard
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .map(|(digest, entry)| (*digest, entry.clone()))
+                .collect();
+            let rejected: Vec<_> = entries
+                .into_iter()
+                .filter(|(digest, _)| !keep(digest))
+                .collect();
+            if rejected.is_empty() {
+                continue;
+            }
+            let mut shard = shard.write().unwrap_or_else(PoisonError::into_inner);
+            for (digest, entry) in rejected {
+                // Unless it changed meanwhile (dropped as corrupt, or re-inserted elsewhere).
+                if shard.get(&digest).is_some_and(|e| e.same_as(&entry)) {
+                    shard.remove(&digest);
+                    report.removed_chunks += 1;
+                }
             }
         }
-        self.bytes_used.fetch_sub(state.len, Ordering::Relaxed);
-        self.counters
-            .evicted_segments
-            .fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .evicted_bytes
-            .fetch_add(state.len, Ordering::Relaxed);
+        let seqs: Vec<u64> = self.writer().live.keys().copied().collect();
+        for seq in seqs {
+            let mut writer = self.writer();
+            // Only writer-lock holders change `bytes_used`, so this is what dealing with this
+            // segment freed (net of the copies written).
+            let before = self.bytes_used.load(Ordering::Relaxed);
+            let result = self.reclaim(&mut writer, seq, &mut report);
+            let after = self.bytes_used.load(Ordering::Relaxed);
+            report.freed_bytes += before.saturating_sub(after);
+            result?;
+        }
+        report.kept_chunks = self.stats().entries;
         info!(
-            segment = %state.segment.path.display(),
-            entries,
-            bytes = state.len,
-            "evicted least recently used cache segment ({why})"
+            dir = %self.dir.display(),
+            kept = report.kept_chunks,
+            removed = report.removed_chunks,
+            freed_bytes = report.freed_bytes,
+            deleted = report.segments_deleted,
+            compacted = report.segments_compacted,
+            "chunk cache garbage collected"
         );
+        Ok(report)
+    }
+
+    /// Deletes segment `seq` if no entry in it is live, compacts it if its live entries fill
+    /// less than half of its entry area, or leaves it.
+    fn reclaim(
+        &self,
+        writer: &mut Segments,
+        seq: u64,
+        report: &mut RetainReport,
+    ) -> Result<(), CacheError> {
+        let Some(state) = writer.live.get(&seq) else {
+            // Evicted since the list was taken.
+            return Ok(());
+        };
+        let live = self.live_entries(state);
+        if live.is_empty() {
+            let dropped = self.drop_segment(writer, seq).expect("the segment is live");
+            report.segments_deleted += 1;
+            return dropped.deleted();
+        }
+        let live_bytes: u64 = live.iter().map(|e| e.end() - e.offset).sum();
+        if live_bytes * 2 >= state.len - SEGMENT_HEADER_LEN {
+            return Ok(());
+        }
+        // Out of the live set first, so making room for the copies never evicts it; its
+        // bytes leave the budget now, as the copies are at most half of them.
+        let state = writer.live.remove(&seq).expect("the segment is live");
+        if writer.active == Some(seq) {
+            writer.active = None;
+        }
+        self.bytes_used.fetch_sub(state.len, Ordering::Relaxed);
+        for old in &live {
+            let digest = old.record.digest;
+            let bytes = match read_entry(old) {
+                Ok(bytes) => bytes,
+                Err(Unservable::Unreadable(e)) => {
+                    // Entries not yet copied stay where they are: the segment goes back.
+                    let path = state.segment.path.clone();
+                    self.bytes_used.fetch_add(state.len, Ordering::Relaxed);
+                    writer.live.insert(seq, state);
+                    return Err(io_err(&path, "reading a segment to compact")(e));
+                }
+                Err(Unservable::Corrupt(reason)) => {
+                    warn!(
+                        digest = %hex::encode(digest),
+                        segment = %state.segment.path.display(),
+                        offset = old.offset,
+                        "dropping cached chunk while compacting: {reason}"
+                    );
+                    self.counters
+                        .corrupt_entries
+                        .fetch_add(1, Ordering::Relaxed);
+                    let mut shard = self.shard_mut(&digest);
+                    if shard.get(&digest).is_some_and(|e| e.same_as(old)) {
+                        shard.remove(&digest);
+                        report.removed_chunks += 1;
+                    }
+                    continue;
+                }
+            };
+            match self.append(writer, &old.record, &bytes) {
+                Ok(copy) => {
+                    let mut shard = self.shard_mut(&digest);
+                    if shard.get(&digest).is_some_and(|e| e.same_as(old)) {
+                        shard.insert(digest, copy);
+                    }
+                }
+                Err(e) => {
+                    // Entries not yet copied stay where they are: the segment goes back.
+                    self.bytes_used.fetch_add(state.len, Ordering::Relaxed);
+                    writer.live.insert(seq, state);
+                    return Err(e);
+                }
+            }
+        }
+        report.segments_compacted += 1;
+        debug!(
+            segment = %state.segment.path.display(),
+            entries = live.len(),
+            "compacted cache segment"
+        );
+        fs::remove_file(&state.segment.path)
+            .or_else(|e| match e.kind() {
+                io::ErrorKind::NotFound => Ok(()),
+                _ => Err(e),
+            })
+            .map_err(io_err(&state.segment.path, "deleting a compacted segment"))
+    }
+
+    /// The indexed entries that live in `state`'s segment, each once.
+    fn live_entries(&self, state: &SegmentState) -> Vec<Entry> {
+        let mut seen = HashSet::new();
+        state
+            .digests
+            .iter()
+            .filter(|d| seen.insert(**d))
+            .filter_map(|d| {
+                self.shard(d)
+                    .get(d)
+                    .filter(|e| Arc::ptr_eq(&e.segment, &state.segment))
+                    .cloned()
+            })
+            .collect()
+    }
+
+    /// Evicts whole segments, least recently used first, until at most `target_bytes` of
+    /// segment files are left (all of them, for a target of 0).
+    pub fn evict_to(&self, target_bytes: u64) -> Result<RetainReport, CacheError> {
+        let mut writer = self.writer();
+        let mut report = RetainReport::default();
+        let mut first_error = None;
+        while self.bytes_used.load(Ordering::Relaxed) > target_bytes {
+            let Some(dropped) = self.evict_one(&mut writer, "garbage collection") else {
+                break;
+            };
+            report.removed_chunks += dropped.entries;
+            report.freed_bytes += dropped.bytes;
+            report.segments_deleted += 1;
+            if let Err(e) = dropped.deleted() {
+                first_error.get_or_insert(e);
+            }
+        }
+        drop(writer);
+        report.kept_chunks = self.stats().entries;
+        first_error.map_or(Ok(report), Err)
     }
 
     /// Scans every segment file into the index, oldest first, then evicts down to the budget
@@ -850,7 +1101,7 @@ impl ChunkCache {
         }
         // The budget may have shrunk since the last run.
         while self.bytes_used.load(Ordering::Relaxed) > self.budget
-            && self.evict_one(&mut writer, "over budget at open")
+            && self.evict_one(&mut writer, "over budget at open").is_some()
         {}
         if let Some((&seq, newest)) = writer.live.last_key_value() {
             if newest.len < self.segment_size {
@@ -1052,6 +1303,7 @@ mod tests {
     use super::*;
     use fusefs::chunk::{decode_chunk, encode_chunk, DEFAULT_ZSTD_LEVEL};
     use fusefs::format::CHUNK_UNCOMPRESSED;
+    use std::collections::HashSet;
     use std::sync::Barrier;
 
     /// A chunk as the fetcher would hand it to the cache: its record and stored bytes, plus
@@ -1498,6 +1750,193 @@ mod tests {
         assert_eq!(stats.insert_failures, 3);
         assert_eq!(stats.entries, 0);
         assert_eq!(stats.bytes_used, 0);
+    }
+
+    fn disk_bytes(dir: &Path) -> u64 {
+        segment_files(dir).iter().map(|p| file_len(p)).sum()
+    }
+
+    /// Fills `cache` (1 MiB segments) with 60 KiB incompressible chunks: two full segments
+    /// and an active one with three entries fewer. Returns them and the entries per segment.
+    fn three_segments(cache: &ChunkCache) -> (Vec<TestChunk>, usize) {
+        assert_eq!(cache.segment_size, MIB);
+        let per = ((MIB - SEGMENT_HEADER_LEN) / (ENTRY_HEADER_LEN + (60 << 10))) as usize;
+        let chunks: Vec<TestChunk> = (0..3 * per as u64 - 3)
+            .map(|i| chunk(i, 60 << 10, false))
+            .collect();
+        for c in &chunks {
+            cache.insert(&c.record, &c.stored).unwrap();
+        }
+        assert_eq!(cache.stats().segments, 3);
+        (chunks, per)
+    }
+
+    #[test]
+    fn retain_keeps_exactly_the_kept_chunks_and_frees_their_space() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = open(dir.path(), 4 * MIB);
+        let (chunks, per) = three_segments(&cache);
+        let before = disk_bytes(dir.path());
+        assert_eq!(cache.stats().bytes_used, before);
+        // Segment 0: nothing kept (deleted). Segment 1: 3 kept (compacted). Segment 2, the
+        // active one: all kept (left as it is, and it takes the copies).
+        let kept: HashSet<[u8; 32]> = chunks
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| (per..per + 3).contains(i) || *i >= 2 * per)
+            .map(|(_, c)| c.record.digest)
+            .collect();
+        let n_kept = kept.len() as u64;
+        // A reader holding a chunk of a segment about to be deleted keeps valid bytes.
+        let held = cache.get(&chunks[per + 5].record.digest).unwrap();
+        let report = cache.retain(&|d| kept.contains(d)).unwrap();
+        assert_eq!(&*held.bytes, &chunks[per + 5].stored[..]);
+
+        assert_eq!(report.kept_chunks, n_kept);
+        assert_eq!(report.removed_chunks, chunks.len() as u64 - n_kept);
+        assert_eq!(report.segments_deleted, 1);
+        assert_eq!(report.segments_compacted, 1);
+        let after = disk_bytes(dir.path());
+        assert_eq!(report.freed_bytes, before - after);
+        assert_eq!(cache.stats().bytes_used, after);
+        let entry = ENTRY_HEADER_LEN + (60 << 10);
+        assert_eq!(after, n_kept * entry + SEGMENT_HEADER_LEN);
+        assert_eq!(
+            segment_files(dir.path()).len(),
+            1,
+            "segment 2, now holding the copies"
+        );
+        for c in &chunks {
+            if kept.contains(&c.record.digest) {
+                assert_served(&cache, c);
+            } else {
+                assert!(!cache.contains(&c.record.digest));
+            }
+        }
+        // The compacted copies survive a reopen; nothing else comes back.
+        drop(cache);
+        let cache = open(dir.path(), 4 * MIB);
+        assert_eq!(cache.stats().entries, n_kept);
+        for c in chunks.iter().filter(|c| kept.contains(&c.record.digest)) {
+            assert_served(&cache, c);
+        }
+        // New inserts still work, and keeping everything changes nothing.
+        let extra = chunk(100, 60 << 10, false);
+        cache.insert(&extra.record, &extra.stored).unwrap();
+        assert_served(&cache, &extra);
+        let report = cache.retain(&|_| true).unwrap();
+        assert_eq!(
+            (
+                report.kept_chunks,
+                report.removed_chunks,
+                report.freed_bytes
+            ),
+            (n_kept + 1, 0, 0)
+        );
+    }
+
+    #[test]
+    fn readers_during_retain_always_get_kept_chunks_with_their_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = open(dir.path(), 4 * MIB);
+        let chunks: Vec<TestChunk> = (0..45).map(|i| chunk(i, 60 << 10, false)).collect();
+        for c in &chunks {
+            cache.insert(&c.record, &c.stored).unwrap();
+        }
+        // Keep one chunk in three: every segment is compacted while the readers run.
+        let keep = |i: usize| i.is_multiple_of(3);
+        let kept: HashSet<[u8; 32]> = chunks
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| keep(*i))
+            .map(|(_, c)| c.record.digest)
+            .collect();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let report = std::thread::scope(|s| {
+            for _ in 0..3 {
+                s.spawn(|| {
+                    while !stop.load(Ordering::Relaxed) {
+                        for (i, c) in chunks.iter().enumerate() {
+                            match cache.get(&c.record.digest) {
+                                Some(hit) => assert_eq!(&*hit.bytes, &c.stored[..]),
+                                None => assert!(!keep(i), "kept chunk {i} went missing"),
+                            }
+                        }
+                    }
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let report = cache.retain(&|d| kept.contains(d)).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            stop.store(true, Ordering::Relaxed);
+            report
+        });
+        assert_eq!(report.kept_chunks, kept.len() as u64);
+        assert!(report.segments_compacted >= 2, "{report:?}");
+        assert_eq!(cache.stats().corrupt_entries, 0);
+        for (i, c) in chunks.iter().enumerate() {
+            if keep(i) {
+                assert_served(&cache, c);
+            } else {
+                assert!(!cache.contains(&c.record.digest));
+            }
+        }
+    }
+
+    #[test]
+    fn retain_reclaims_space_of_removed_entries_in_the_active_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = open(dir.path(), 64 * MIB);
+        let chunks: Vec<TestChunk> = (0..10).map(|i| chunk(i, 50_000, false)).collect();
+        for c in &chunks {
+            cache.insert(&c.record, &c.stored).unwrap();
+        }
+        for c in &chunks[..8] {
+            cache.remove(&c.record.digest);
+        }
+        let before = disk_bytes(dir.path());
+        let report = cache.retain(&|_| true).unwrap();
+        assert_eq!((report.kept_chunks, report.segments_compacted), (2, 1));
+        assert!(disk_bytes(dir.path()) < before / 4, "{report:?}");
+        for c in &chunks[8..] {
+            assert_served(&cache, c);
+        }
+        // The copies went to a fresh active segment, which takes new entries.
+        let extra = chunk(50, 50_000, false);
+        cache.insert(&extra.record, &extra.stored).unwrap();
+        assert_served(&cache, &extra);
+        assert_eq!(segment_files(dir.path()).len(), 1);
+    }
+
+    #[test]
+    fn evict_to_drops_least_recently_used_segments_until_under_the_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = open(dir.path(), 4 * MIB);
+        let (chunks, per) = three_segments(&cache);
+        // Segment 0 becomes the most recently used; segment 1 is then the oldest.
+        assert_served(&cache, &chunks[0]);
+        let target = 2 * MIB + MIB / 2;
+        let report = cache.evict_to(target).unwrap();
+        let stats = cache.stats();
+        assert!(stats.bytes_used <= target, "{stats:?}");
+        assert_eq!(stats.bytes_used, disk_bytes(dir.path()));
+        assert_eq!(report.segments_deleted, 1);
+        assert_eq!(report.removed_chunks, per as u64);
+        assert_eq!(report.kept_chunks, (chunks.len() - per) as u64);
+        assert_eq!(
+            report.freed_bytes,
+            per as u64 * (ENTRY_HEADER_LEN + (60 << 10)) + SEGMENT_HEADER_LEN
+        );
+        assert!(!cache.contains(&chunks[per].record.digest));
+        assert_served(&cache, &chunks[0]);
+        assert_served(&cache, chunks.last().unwrap());
+
+        let report = cache.evict_to(0).unwrap();
+        assert_eq!(report.kept_chunks, 0);
+        assert_eq!(cache.stats().bytes_used, 0);
+        assert!(segment_files(dir.path()).is_empty());
+        cache.insert(&chunks[1].record, &chunks[1].stored).unwrap();
+        assert_served(&cache, &chunks[1]);
     }
 
     #[test]

@@ -1,16 +1,46 @@
-//! The fetcher: the `ChunkSource` a mount of a remote image reads through.
+//! The fetcher: the `ChunkSource` a mount of a remote image reads through, and the warm and
+//! background prefetch that fill the disk cache ahead of readers.
 //!
 //! A chunk read tries, in order: the decoded-chunk LRU in memory, the compressed chunk cache on
 //! disk (`cache`), and the chunk's backend (`BlobStore`). Misses go through one table of fetches
-//! in flight, keyed by chunk digest (single-flight: any number of readers of one chunk cause one
-//! fetch), and one queue per backend with two priorities: a demand read is dispatched before any
-//! queued prefetch, always, and a queued prefetch that a reader starts waiting for is promoted.
+//! in flight, keyed by chunk digest (single-flight: any number of readers, read-aheads and warms
+//! of one chunk cause one fetch), and one queue per backend and [`Priority`]:
 //!
-//! When the queue is dispatched, the job taken is extended with queued jobs of the same blob whose
-//! stored bytes are adjacent (before or after) into one range request of at most
-//! `max_request_bytes`: a kernel read-ahead of several chunks, or a prefetch run, becomes one GET.
-//! Each backend runs at most `concurrency` requests at once, of which at most half prefetch, so a
-//! demand read finds a free slot soon and shares the link with few prefetch transfers.
+//! - `Demand`: a reader is blocked on the chunk. Dispatched before anything else, always.
+//! - `Prefetch`: a reader's read-ahead hint. Fills idle capacity; never limited or paused.
+//! - `Background`: warm and hot-chunk profile prefetch. Strict priority: no background request
+//!   starts while a demand job of the backend is queued or running, so a reader's request never
+//!   shares the link with background transfers started after it; and a background job may carry
+//!   a bandwidth limit.
+//!
+//! A queued job that a more urgent caller asks for moves to that caller's queue: a reader
+//! waiting on a queued prefetch or background chunk promotes it to demand, a read-ahead of a
+//! queued background chunk moves it to prefetch.
+//!
+//! When a queue is dispatched, the job taken is extended with jobs of the same queue and blob
+//! whose stored bytes are adjacent (before or after) into one range request of at most
+//! `max_request_bytes`: a kernel read-ahead of several chunks, or a warm run, becomes one GET.
+//! Each backend runs at most `concurrency` requests at once, of which at most half prefetch and
+//! background together, so a demand read finds a free slot soon. Background requests are fewer
+//! and smaller still (`background_requests` of at most `background_request_bytes`): a demand
+//! request that arrives during a warm shares the link with the background requests already in
+//! flight until they end, so those are kept to what fills the link.
+//!
+//! **Bandwidth limit.** A [`RateLimit`] is a token bucket in bytes per second, shared by every
+//! background job that holds it (for example all warms of an agent). A limited background
+//! request is dispatched only once the bucket holds its (coalesced) bytes; until then a tokio
+//! timer re-runs the dispatch when the tokens will be there: no busy loop, no blocked thread.
+//! Demand and prefetch requests are never limited and do not take tokens. The background queue
+//! is served in order, so a job waiting for tokens also holds back the jobs queued behind it.
+//!
+//! **Warm.** [`Fetcher::warm`] fetches every chunk of a list that the disk cache lacks, at
+//! background priority, keeping a bounded window of bytes queued or in flight, and reports
+//! progress. It hears of completions through a channel of digests and outcomes and never holds
+//! chunk data, so its memory does not grow with the image. It fails at the first chunk that
+//! cannot be fetched (after retries) or cached: a warm that reports success has filled the
+//! cache. A cancelled warm drops its queued jobs that nothing else waits for (a reader that
+//! joined one as it was dropped fetches it again). [`Fetcher::prefetch_background`] queues a
+//! list (a hot-chunk profile) and returns.
 //!
 //! A request is bounded by `request_timeout`; transient failures (connection errors, 5xx, short
 //! bodies, timeouts) are retried with exponential backoff up to `max_attempts`; permanent ones
@@ -20,30 +50,202 @@
 //! error (EIO at the filesystem) with a log line saying why; the next read starts a new fetch,
 //! so reads succeed again as soon as the backend is back.
 //!
-//! Blocking and async meet here: `ChunkSource::chunk` is called on the filesystem's worker
-//! threads and blocks on a condition variable; requests run on the fetcher's own tokio runtime;
-//! verification and decoding run on its blocking pool.
+//! Blocking and async meet here: `ChunkSource::chunk` and `warm` are called on plain threads
+//! and block on a condition variable or a channel; requests and rate-limit timers run on the
+//! fetcher's own tokio runtime; verification and decoding run on its blocking pool.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use fusefs::chunk::decode_chunk;
 use fusefs::{ChunkRef, ChunkSource, SourceError};
 use lru::LruCache;
+use serde::{Deserialize, Serialize};
 use tracing::{debug, error, warn};
 
 use crate::blobstore::{BlobError, BlobStore};
 use crate::cache::{CacheError, ChunkCache};
 use crate::metrics::{BackendMetrics, ChunkMetrics, MetricsSnapshot};
 
-/// Who asked for a chunk. Demand reads always go first; prefetch fills idle capacity.
+/// Who asked for a chunk, most urgent first; see the module docs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Priority {
+    /// A reader is blocked on the chunk.
     Demand,
+    /// A reader's read-ahead hint: not limited, not paused by demand reads.
     Prefetch,
+    /// Warm and hot-chunk profile prefetch: paused while demand reads of the backend are queued
+    /// or running, and optionally rate-limited.
+    Background,
+}
+
+/// Bucket capacity of a [`RateLimit`], in seconds of its rate. A quarter second lets a few
+/// requests go out together after a pause (so timers fire a few times a second, not once per
+/// request) while the bytes sent in any second stay within 25% of the limit. A request larger
+/// than the bucket (an 8 MiB coalesced request under a 16 MiB/s limit) is let through when the
+/// bucket is full and leaves it in debt: the burst is then one such request, and the long-run
+/// rate still holds.
+const BURST_SECONDS: f64 = 0.25;
+
+/// Shortest wait for tokens: tokio's timer resolution, so a wait that rounds to nothing still
+/// sleeps instead of spinning through dispatch.
+const MIN_TOKEN_WAIT: Duration = Duration::from_millis(1);
+
+/// A token bucket in bytes per second, shared by the background work that holds it; see the
+/// module docs.
+#[derive(Debug)]
+pub struct RateLimit {
+    rate: u64,
+    bucket: Mutex<Bucket>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    /// Bytes that may be sent now; negative after a request larger than the bucket.
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl RateLimit {
+    /// A limit of `bytes_per_sec` (0 is taken as 1). The bucket starts full.
+    pub fn new(bytes_per_sec: u64) -> Arc<RateLimit> {
+        let rate = bytes_per_sec.max(1);
+        Arc::new(RateLimit {
+            rate,
+            bucket: Mutex::new(Bucket {
+                tokens: rate as f64 * BURST_SECONDS,
+                refilled: Instant::now(),
+            }),
+        })
+    }
+
+    /// The limit in bytes per second.
+    pub fn rate(&self) -> u64 {
+        self.rate
+    }
+
+    /// Takes `bytes` tokens when the bucket holds them (or is full, for a request larger than
+    /// the bucket); otherwise says how long until it will.
+    fn try_take(&self, bytes: u64) -> Result<(), Duration> {
+        let rate = self.rate as f64;
+        let capacity = rate * BURST_SECONDS;
+        let now = Instant::now();
+        let mut bucket = lock(&self.bucket);
+        let elapsed = now.duration_since(bucket.refilled).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * rate).min(capacity);
+        bucket.refilled = now;
+        let need = (bytes as f64).min(capacity);
+        if bucket.tokens >= need {
+            bucket.tokens -= bytes as f64;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((need - bucket.tokens) / rate).max(MIN_TOKEN_WAIT))
+        }
+    }
+}
+
+/// Default [`WarmOptions::window_bytes`]: four times what the background requests of a default
+/// fetcher carry at once (4 requests of 4 MiB), so the queue does not run dry between a
+/// completion and the warm topping it up, and a cancelled warm has little queued to drop. The
+/// window costs queue entries, not memory for chunk data: fetched chunks go to the disk cache.
+pub const DEFAULT_WARM_WINDOW: u64 = 4 * 4 * (4 << 20);
+
+/// How often a warm that hears of no completion calls its `progress` anyway (background work
+/// paused behind readers, or a slow backend), so a cancel is noticed within about this long.
+const WARM_PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How a [`Fetcher::warm`] runs.
+#[derive(Debug, Clone)]
+pub struct WarmOptions {
+    /// Bandwidth limit shared with other background work; `None`: full speed.
+    pub limit: Option<Arc<RateLimit>>,
+    /// Most stored bytes queued or in flight at once (one larger chunk is still let through).
+    pub window_bytes: u64,
+}
+
+impl Default for WarmOptions {
+    fn default() -> Self {
+        WarmOptions {
+            limit: None,
+            window_bytes: DEFAULT_WARM_WINDOW,
+        }
+    }
+}
+
+/// Where a warm stands. Bytes are stored (compressed) bytes, as in the blobs and the cache.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WarmProgress {
+    /// Distinct chunks asked for.
+    pub total_chunks: u64,
+    pub total_bytes: u64,
+    /// Already in the disk cache when the warm began.
+    pub cached_chunks: u64,
+    pub cached_bytes: u64,
+    /// Fetched into the disk cache by this warm (or by a fetch it joined).
+    pub fetched_chunks: u64,
+    pub fetched_bytes: u64,
+    pub failed_chunks: u64,
+}
+
+/// Why a warm stopped before filling the cache.
+#[derive(Debug, thiserror::Error)]
+pub enum WarmError {
+    /// The chunk could not be fetched (retries included) or failed verification.
+    #[error("chunk {chunk} of blob {blob} not fetched: {reason}")]
+    Fetch {
+        chunk: String,
+        blob: String,
+        reason: String,
+    },
+    /// The chunk was fetched but the disk cache refused it (disk full, I/O error).
+    #[error("chunk {chunk} of blob {blob} not cached: {reason}")]
+    NotCached {
+        chunk: String,
+        blob: String,
+        reason: String,
+    },
+    /// The chunks cannot all be in the cache at once: warming them would evict the first ones.
+    #[error("warm needs {needed} bytes of chunk cache but its budget is {budget} bytes; raise the cache budget")]
+    TooLarge { needed: u64, budget: u64 },
+    #[error("warm needs a disk cache; this fetcher has none")]
+    NoCache,
+    /// `progress` returned false.
+    #[error("warm cancelled")]
+    Cancelled,
+}
+
+impl WarmError {
+    fn of(chunk: &ChunkRef, failure: WarmFailure) -> WarmError {
+        let (chunk, blob) = (chunk.digest_hex(), chunk.blob_digest.clone());
+        match failure {
+            WarmFailure::Fetch(reason) => WarmError::Fetch {
+                chunk,
+                blob,
+                reason,
+            },
+            WarmFailure::NotCached(reason) => WarmError::NotCached {
+                chunk,
+                blob,
+                reason,
+            },
+        }
+    }
+}
+
+/// What a warm hears when a chunk it waits for is done. No chunk bytes, so a warm's memory does
+/// not grow with what it fetched.
+struct Done {
+    digest: [u8; 32],
+    outcome: Result<(), WarmFailure>,
+}
+
+enum WarmFailure {
+    Fetch(String),
+    NotCached(String),
 }
 
 /// Tunables of the fetcher. The defaults suit a registry or S3 over a data-centre network.
@@ -61,6 +263,11 @@ pub struct FetcherConfig {
     pub max_request_bytes: u64,
     /// Requests in flight per backend.
     pub concurrency: usize,
+    /// Background (warm, profile prefetch) requests in flight per backend, within the half of
+    /// `concurrency` that read-ahead and background work share.
+    pub background_requests: usize,
+    /// Largest coalesced background request.
+    pub background_request_bytes: u64,
     /// Budget of the decoded-chunk LRU.
     pub memory_budget: usize,
 }
@@ -78,6 +285,14 @@ impl Default for FetcherConfig {
             // Enough requests in flight to fill a 10 Gbit/s, 20 ms link with 8 MiB requests
             // (bandwidth-delay product ~25 MB), few enough not to trip registry rate limits.
             concurrency: 16,
+            // Background bytes in flight are what a demand request shares the link with: a
+            // demand read that arrives during a warm waits for its own bytes at 1/(n+1) of the
+            // link until the n background requests in flight end (none start while it runs).
+            // Four 4 MiB requests (16 MiB) fill a 1 Gbit/s, 20 ms link (bandwidth-delay product
+            // 2.5 MB; each request spends 20 ms waiting and ~34 ms transferring), and keep that
+            // share at 1/5 for at most ~130 ms. Faster or farther links want more.
+            background_requests: 4,
+            background_request_bytes: 4 << 20,
             memory_budget: 64 << 20,
         }
     }
@@ -95,21 +310,43 @@ pub struct Backend {
 struct Queue {
     demand: VecDeque<Job>,
     prefetch: VecDeque<Job>,
+    background: VecDeque<Job>,
     running: usize,
-    /// Requests in flight that were taken from the prefetch queue.
-    running_prefetch: usize,
+    /// Requests in flight that were taken from the prefetch or background queue; the others
+    /// (`running - running_low`) are demand requests.
+    running_low: usize,
+    /// Requests in flight that were taken from the background queue.
+    running_background: usize,
+    /// When the armed rate-limit timer fires, if one is armed.
+    token_timer: Option<Instant>,
+}
+
+impl Queue {
+    fn jobs(&mut self, priority: Priority) -> &mut VecDeque<Job> {
+        match priority {
+            Priority::Demand => &mut self.demand,
+            Priority::Prefetch => &mut self.prefetch,
+            Priority::Background => &mut self.background,
+        }
+    }
 }
 
 struct Job {
     chunk: ChunkRef,
     flight: Arc<Flight>,
+    /// The bandwidth limit of a background job; `None` in the other queues.
+    limit: Option<Arc<RateLimit>>,
 }
 
 impl Job {
     fn range(&self) -> Range<u64> {
         let start = self.chunk.record.comp_off;
-        start..start + u64::from(self.chunk.record.comp_len)
+        start..start + stored_len(&self.chunk)
     }
+}
+
+fn stored_len(chunk: &ChunkRef) -> u64 {
+    u64::from(chunk.record.comp_len)
 }
 
 /// A fetch in flight: readers wait on it; the fetch task completes it once.
@@ -123,6 +360,27 @@ struct FlightState {
     /// Still in a backend queue (not yet dispatched), so it can be promoted.
     queued: bool,
     result: Option<Result<Arc<Vec<u8>>, SourceError>>,
+    /// Why the fetched chunk is not in the disk cache, when the cache refused it.
+    cache_error: Option<String>,
+    /// Warms waiting for this chunk; each hears once, when the flight finishes.
+    watchers: Vec<mpsc::Sender<Done>>,
+    /// Started by a warm: may be dropped from the queue when that warm is cancelled.
+    for_warm: bool,
+    /// Dropped from the queue unfetched (its warm was cancelled): a reader that had joined it
+    /// starts a new fetch.
+    abandoned: bool,
+}
+
+impl FlightState {
+    /// What a warm hears of this finished flight.
+    fn done(&self, digest: [u8; 32]) -> Done {
+        let outcome = match (&self.result, &self.cache_error) {
+            (Some(Err(e)), _) => Err(WarmFailure::Fetch(e.to_string())),
+            (_, Some(reason)) => Err(WarmFailure::NotCached(reason.clone())),
+            _ => Ok(()),
+        };
+        Done { digest, outcome }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -272,15 +530,150 @@ impl Fetcher {
         self.shared.read(backend, chunk, priority)
     }
 
-    /// Queues `chunks` for background fetching at prefetch priority; returns at once. Chunks
+    /// Queues `chunks` at prefetch priority (a reader's read-ahead); returns at once. Chunks
     /// already cached or in flight are skipped.
     pub fn prefetch(&self, backend: &Arc<Backend>, chunks: &[ChunkRef]) {
         let shared = &self.shared;
         for chunk in chunks {
             if !shared.holds(&chunk.record.digest) {
-                shared.join(backend, chunk, Priority::Prefetch);
+                shared.join(backend, chunk, Priority::Prefetch, None, None);
             }
         }
+    }
+
+    /// Queues `chunks` at background priority under `limit` (a hot-chunk profile), in their
+    /// order; returns at once. Chunks already in the disk cache or in flight are skipped.
+    pub fn prefetch_background(
+        &self,
+        backend: &Arc<Backend>,
+        chunks: &[ChunkRef],
+        limit: Option<Arc<RateLimit>>,
+    ) {
+        let shared = &self.shared;
+        for chunk in chunks {
+            if !shared.on_disk(&chunk.record.digest) {
+                shared.join(backend, chunk, Priority::Background, limit.as_ref(), None);
+            }
+        }
+    }
+
+    /// Fetches every chunk of `chunks` (deduplicated by digest) that the disk cache lacks, at
+    /// background priority, keeping at most `opts.window_bytes` stored bytes queued or in
+    /// flight. Blocks: call it from a plain thread or `spawn_blocking`, never from the
+    /// fetcher's runtime.
+    ///
+    /// `progress` is called once at the start, after each completion, and at least every
+    /// second while waiting; when it returns false the warm stops with `Cancelled` (jobs
+    /// already queued still run and fill the cache). The warm stops at the first chunk that
+    /// cannot be fetched after the fetcher's retries, or that the cache refuses, with an error
+    /// naming it; chunks fetched before stay cached.
+    pub fn warm(
+        &self,
+        backend: &Arc<Backend>,
+        chunks: &[ChunkRef],
+        opts: &WarmOptions,
+        progress: &mut dyn FnMut(&WarmProgress) -> bool,
+    ) -> Result<WarmProgress, WarmError> {
+        let shared = &self.shared;
+        let cache = shared.cache.as_ref().ok_or(WarmError::NoCache)?;
+        let started = Instant::now();
+        let mut p = WarmProgress::default();
+        let mut missing = Vec::new();
+        let mut seen = HashSet::new();
+        for chunk in chunks {
+            if !seen.insert(chunk.record.digest) {
+                continue;
+            }
+            let len = stored_len(chunk);
+            p.total_chunks += 1;
+            p.total_bytes += len;
+            if cache.contains(&chunk.record.digest) {
+                p.cached_chunks += 1;
+                p.cached_bytes += len;
+            } else {
+                missing.push(chunk);
+            }
+        }
+        drop(seen);
+        // Payload bytes only: with entry headers the real need is slightly larger.
+        if p.total_bytes > cache.budget_bytes() {
+            return Err(WarmError::TooLarge {
+                needed: p.total_bytes,
+                budget: cache.budget_bytes(),
+            });
+        }
+        if !progress(&p) {
+            return Err(WarmError::Cancelled);
+        }
+        let (tx, rx) = mpsc::channel();
+        let mut waiting: HashMap<[u8; 32], &ChunkRef> = HashMap::new();
+        let mut window = 0u64;
+        let mut next = missing.into_iter().peekable();
+        loop {
+            while let Some(&chunk) = next.peek() {
+                let len = stored_len(chunk);
+                if !waiting.is_empty() && window + len > opts.window_bytes {
+                    break;
+                }
+                next.next();
+                waiting.insert(chunk.record.digest, chunk);
+                window += len;
+                shared.join(
+                    backend,
+                    chunk,
+                    Priority::Background,
+                    opts.limit.as_ref(),
+                    Some(&tx),
+                );
+            }
+            if waiting.is_empty() {
+                break;
+            }
+            // `tx` lives as long as this loop, so the channel is never disconnected here.
+            let Ok(done) = rx.recv_timeout(WARM_PROGRESS_INTERVAL) else {
+                if !progress(&p) {
+                    return Err(self.cancel_warm(backend, &waiting));
+                }
+                continue;
+            };
+            let Some(chunk) = waiting.remove(&done.digest) else {
+                continue;
+            };
+            let len = stored_len(chunk);
+            window -= len;
+            match done.outcome {
+                Ok(()) => {
+                    p.fetched_chunks += 1;
+                    p.fetched_bytes += len;
+                }
+                Err(failure) => {
+                    p.failed_chunks += 1;
+                    progress(&p);
+                    return Err(WarmError::of(chunk, failure));
+                }
+            }
+            if !progress(&p) {
+                return Err(self.cancel_warm(backend, &waiting));
+            }
+        }
+        debug!(
+            backend = %backend.name,
+            chunks = p.fetched_chunks,
+            bytes = p.fetched_bytes,
+            cached = p.cached_chunks,
+            "warm done in {:?}",
+            started.elapsed()
+        );
+        Ok(p)
+    }
+
+    /// Stops a warm: drops its queued jobs nobody else waits for (requests in flight finish
+    /// and are cached).
+    fn cancel_warm(&self, backend: &Backend, waiting: &HashMap<[u8; 32], &ChunkRef>) -> WarmError {
+        let digests: HashSet<[u8; 32]> = waiting.keys().copied().collect();
+        let dropped = self.shared.drop_cancelled(backend, &digests);
+        debug!(backend = %backend.name, dropped, "warm cancelled");
+        WarmError::Cancelled
     }
 
     pub fn snapshot(&self) -> MetricsSnapshot {
@@ -327,8 +720,12 @@ impl ChunkSource for FetchSource {
 impl Shared {
     /// Whether memory or the disk cache has the chunk, without reading it or counting a lookup.
     fn holds(&self, digest: &[u8; 32]) -> bool {
-        lock(&self.memory).lru.contains(digest)
-            || self.cache.as_ref().is_some_and(|c| c.contains(digest))
+        lock(&self.memory).lru.contains(digest) || self.on_disk(digest)
+    }
+
+    /// Whether the disk cache has the chunk (what background work fills), without reading it.
+    fn on_disk(&self, digest: &[u8; 32]) -> bool {
+        self.cache.as_ref().is_some_and(|c| c.contains(digest))
     }
 
     /// A chunk from memory or the disk cache, without fetching.
@@ -366,32 +763,83 @@ impl Shared {
             return Ok(hit);
         }
         self.metrics.misses.inc();
-        let (flight, leader) = self.join(backend, chunk, priority);
-        if !leader {
-            self.metrics.joined.inc();
+        let mut result;
+        // A flight dropped unfetched by a cancelled warm just as this read joined it is
+        // started again; a drop needs a cancel, so two tries are plenty.
+        for _ in 0..3 {
+            let (flight, leader) = self.join(backend, chunk, priority, None, None);
+            if !leader {
+                self.metrics.joined.inc();
+            }
+            result = self.wait(&flight, chunk, backend);
+            if result.is_ok() || !lock(&flight.state).abandoned {
+                if result.is_err() {
+                    self.metrics.read_errors.inc();
+                }
+                return result;
+            }
         }
-        let result = self.wait(&flight, chunk, backend);
-        if result.is_err() {
-            self.metrics.read_errors.inc();
-        }
-        result
+        self.metrics.read_errors.inc();
+        Err(SourceError::Blob {
+            blob: chunk.blob_digest.clone(),
+            reason: "fetch dropped by cancelled warms".to_string(),
+        })
     }
 
-    /// Joins the fetch in flight for `chunk` or starts one. Returns the flight and whether this
-    /// call started it.
+    /// Drops the queued, not yet dispatched background jobs of `digests` that only a warm
+    /// being cancelled waits for, so a cancelled warm stops fetching at once. Jobs that a
+    /// reader, a read-ahead or another warm has joined stay queued.
+    fn drop_cancelled(&self, backend: &Backend, digests: &HashSet<[u8; 32]>) -> usize {
+        let dropped: VecDeque<Job> = {
+            let mut queue = lock(&backend.queue);
+            let (dropped, kept): (VecDeque<Job>, VecDeque<Job>) =
+                queue.background.drain(..).partition(|job| {
+                    digests.contains(&job.chunk.record.digest) && {
+                        let state = lock(&job.flight.state);
+                        state.for_warm
+                            && state.priority == Priority::Background
+                            && state.watchers.len() <= 1
+                    }
+                });
+            queue.background = kept;
+            dropped
+        };
+        for job in &dropped {
+            lock(&job.flight.state).abandoned = true;
+            let err = SourceError::Blob {
+                blob: job.chunk.blob_digest.clone(),
+                reason: "warm cancelled".to_string(),
+            };
+            self.finish(&job.chunk.record.digest, &job.flight, Err(err), None);
+        }
+        dropped.len()
+    }
+
+    /// Joins the fetch in flight for `chunk` or starts one, moving a queued one up to
+    /// `priority`. `limit` applies to a new background job; `watcher` hears when the fetch is
+    /// done. Returns the flight and whether this call started it.
     fn join(
         self: &Arc<Self>,
         backend: &Arc<Backend>,
         chunk: &ChunkRef,
         priority: Priority,
+        limit: Option<&Arc<RateLimit>>,
+        watcher: Option<&mpsc::Sender<Done>>,
     ) -> (Arc<Flight>, bool) {
         let digest = chunk.record.digest;
         let mut flights = lock(&self.flights);
         if let Some(flight) = flights.get(&digest).cloned() {
             drop(flights);
-            if priority == Priority::Demand {
-                promote(backend, &flight, &digest);
+            if let Some(watcher) = watcher {
+                let mut state = lock(&flight.state);
+                if state.result.is_some() {
+                    // Finished between the table lookup and now: it will not call again.
+                    let _ = watcher.send(state.done(digest));
+                } else {
+                    state.watchers.push(watcher.clone());
+                }
             }
+            promote(backend, &flight, &digest, priority);
             return (flight, false);
         }
         let flight = Arc::new(Flight {
@@ -399,6 +847,10 @@ impl Shared {
                 priority,
                 queued: true,
                 result: None,
+                cache_error: None,
+                watchers: watcher.into_iter().cloned().collect(),
+                for_warm: watcher.is_some(),
+                abandoned: false,
             }),
             done: Condvar::new(),
         });
@@ -408,23 +860,25 @@ impl Shared {
         // A fetch that completed between our cache lookup and registering this flight has
         // already filled the caches: look once more, so it is not fetched twice. `holds` first,
         // so a plain miss is not looked up (and counted) in the disk cache a second time.
-        if self.holds(&digest) {
+        // Background work is for the disk cache, so for it only the disk cache counts.
+        let filled = match priority {
+            Priority::Background => self.on_disk(&digest),
+            Priority::Demand | Priority::Prefetch => self.holds(&digest),
+        };
+        if filled {
             if let Some(hit) = self.cached(chunk) {
-                self.finish(&digest, &flight, Ok(hit));
+                let cache_error =
+                    (!self.on_disk(&digest)).then(|| "held in memory only".to_string());
+                self.finish(&digest, &flight, Ok(hit), cache_error);
                 return (flight, true);
             }
         }
         let job = Job {
             chunk: chunk.clone(),
             flight: flight.clone(),
+            limit: limit.filter(|_| priority == Priority::Background).cloned(),
         };
-        {
-            let mut queue = lock(&backend.queue);
-            match priority {
-                Priority::Demand => queue.demand.push_back(job),
-                Priority::Prefetch => queue.prefetch.push_back(job),
-            }
-        }
+        lock(&backend.queue).jobs(priority).push_back(job);
         self.dispatch(backend);
         (flight, true)
     }
@@ -462,11 +916,13 @@ impl Shared {
 
     /// Completes a flight: records the result, wakes its readers, and forgets it so the next
     /// read of a failed chunk starts afresh.
+    /// `cache_error` says why a fetched chunk is not in the disk cache, if the cache refused it.
     fn finish(
         &self,
         digest: &[u8; 32],
         flight: &Arc<Flight>,
         result: Result<Arc<Vec<u8>>, SourceError>,
+        cache_error: Option<String>,
     ) {
         {
             let mut flights = lock(&self.flights);
@@ -477,39 +933,53 @@ impl Shared {
         let mut state = lock(&flight.state);
         state.queued = false;
         state.result = Some(result);
+        state.cache_error = cache_error;
+        for watcher in std::mem::take(&mut state.watchers) {
+            // A warm that stopped early dropped its receiver; nothing to tell it.
+            let _ = watcher.send(state.done(*digest));
+        }
         flight.done.notify_all();
     }
 
-    /// Starts requests while the backend has free slots: demand jobs first, each extended with
-    /// adjacent queued jobs of the same blob.
+    /// Starts requests while the backend has free slots, by the rules of the module docs: each
+    /// job extended with adjacent queued jobs of the same queue and blob. A rate-limited
+    /// background job that has to wait for tokens arms a timer that dispatches again.
     fn dispatch(self: &Arc<Self>, backend: &Arc<Backend>) {
         loop {
-            let (batch, from_prefetch) = {
+            let (batch, class) = {
                 let mut queue = lock(&backend.queue);
-                if queue.running >= self.config.concurrency {
-                    return;
+                match next_batch(&mut queue, &self.config) {
+                    Next::Batch(batch, class) => {
+                        queue.running += 1;
+                        queue.running_low += usize::from(class != Priority::Demand);
+                        queue.running_background += usize::from(class == Priority::Background);
+                        (batch, class)
+                    }
+                    Next::Idle => return,
+                    Next::WaitForTokens(wait) => {
+                        let at = Instant::now() + wait;
+                        // An armed timer that fires sooner will dispatch again anyway.
+                        if queue.token_timer.is_none_or(|armed| armed > at) {
+                            queue.token_timer = Some(at);
+                            drop(queue);
+                            self.wake_at(backend, at);
+                        }
+                        return;
+                    }
                 }
-                let from_prefetch = queue.demand.is_empty();
-                if from_prefetch && queue.running_prefetch >= prefetch_slots(&self.config) {
-                    return;
-                }
-                let Some(batch) = take_batch(&mut queue, self.config.max_request_bytes) else {
-                    return;
-                };
-                queue.running += 1;
-                queue.running_prefetch += usize::from(from_prefetch);
-                (batch, from_prefetch)
             };
-            let mut priority = Priority::Prefetch;
+            let mut priority = Priority::Background;
             for job in &batch {
                 let mut state = lock(&job.flight.state);
                 state.queued = false;
                 priority = priority.min(state.priority);
             }
-            match priority {
-                Priority::Demand => self.metrics.demand_fetches.add(batch.len() as u64),
-                Priority::Prefetch => self.metrics.prefetch_fetches.add(batch.len() as u64),
-            }
+            let counter = match priority {
+                Priority::Demand => &self.metrics.demand_fetches,
+                Priority::Prefetch => &self.metrics.prefetch_fetches,
+                Priority::Background => &self.metrics.background_fetches,
+            };
+            counter.add(batch.len() as u64);
             let shared = self.clone();
             let backend = backend.clone();
             self.handle.spawn(async move {
@@ -529,11 +999,28 @@ impl Shared {
                 {
                     let mut queue = lock(&backend.queue);
                     queue.running -= 1;
-                    queue.running_prefetch -= usize::from(from_prefetch);
+                    queue.running_low -= usize::from(class != Priority::Demand);
+                    queue.running_background -= usize::from(class == Priority::Background);
                 }
                 shared.dispatch(&backend);
             });
         }
+    }
+
+    /// Dispatches `backend` again at `at`, when a rate-limited job will have its tokens.
+    fn wake_at(self: &Arc<Self>, backend: &Arc<Backend>, at: Instant) {
+        let shared = self.clone();
+        let backend = backend.clone();
+        self.handle.spawn(async move {
+            tokio::time::sleep_until(at.into()).await;
+            {
+                let mut queue = lock(&backend.queue);
+                if queue.token_timer == Some(at) {
+                    queue.token_timer = None;
+                }
+            }
+            shared.dispatch(&backend);
+        });
     }
 
     /// Verifies, caches and hands out the chunks of one finished request.
@@ -557,7 +1044,7 @@ impl Shared {
                         blob: job.chunk.blob_digest.clone(),
                         reason: e.to_string(),
                     };
-                    self.finish(&job.chunk.record.digest, &job.flight, Err(err));
+                    self.finish(&job.chunk.record.digest, &job.flight, Err(err), None);
                 }
                 return;
             }
@@ -566,13 +1053,16 @@ impl Shared {
             let range = job.range();
             let from = (range.start - start) as usize;
             let stored = &bytes[from..from + (range.end - range.start) as usize];
+            let mut cache_error = None;
             let result = match decode_chunk(&job.chunk.record, stored) {
                 Ok(raw) => {
                     backend.metrics.chunks.inc();
-                    self.store(&job.chunk, stored);
+                    cache_error = self.store(&job.chunk, stored);
                     let raw = Arc::new(raw);
-                    let prefetched = lock(&job.flight.state).priority == Priority::Prefetch;
-                    if !prefetched || self.cache.is_none() {
+                    // Chunks fetched ahead of readers go to the disk cache only, so a warm
+                    // does not flush the memory LRU of what readers use.
+                    let ahead = lock(&job.flight.state).priority != Priority::Demand;
+                    if !ahead || self.cache.is_none() {
                         lock(&self.memory).put(job.chunk.record.digest, raw.clone());
                     }
                     Ok(raw)
@@ -588,19 +1078,21 @@ impl Shared {
                     Err(SourceError::Chunk(e))
                 }
             };
-            self.finish(&job.chunk.record.digest, &job.flight, result);
+            self.finish(&job.chunk.record.digest, &job.flight, result, cache_error);
         }
     }
 
     /// Writes verified stored bytes to the disk cache; when the disk is full the chunk is still
-    /// served (from memory), and the condition is logged once until inserts work again.
-    fn store(&self, chunk: &ChunkRef, stored: &[u8]) {
-        let Some(cache) = &self.cache else { return };
+    /// served (from memory), and the condition is logged once until inserts work again. Returns
+    /// why the chunk is not cached when the cache refused it.
+    fn store(&self, chunk: &ChunkRef, stored: &[u8]) -> Option<String> {
+        let cache = self.cache.as_ref()?;
         match cache.insert(&chunk.record, stored) {
             Ok(()) => {
                 if self.disk_full.swap(false, Ordering::Relaxed) {
                     warn!("chunk cache accepts writes again");
                 }
+                None
             }
             Err(e) => {
                 self.metrics.served_uncached.inc();
@@ -611,28 +1103,35 @@ impl Shared {
                         warn!(chunk = %chunk.digest_hex(), "serving chunks from memory without caching them: {e}")
                     }
                 }
+                Some(e.to_string())
             }
         }
     }
 }
 
-/// Moves a queued prefetch job for `digest` to the demand queue.
-fn promote(backend: &Backend, flight: &Flight, digest: &[u8; 32]) {
+/// Moves the queued job for `digest` up to the queue of `to`, if it waits in a less urgent one.
+fn promote(backend: &Backend, flight: &Flight, digest: &[u8; 32], to: Priority) {
     {
         let mut state = lock(&flight.state);
-        if state.priority == Priority::Demand || !state.queued {
+        if state.priority <= to || !state.queued {
             return;
         }
-        state.priority = Priority::Demand;
+        state.priority = to;
     }
     let mut queue = lock(&backend.queue);
-    if let Some(pos) = queue
-        .prefetch
-        .iter()
-        .position(|j| &j.chunk.record.digest == digest)
-    {
-        if let Some(job) = queue.prefetch.remove(pos) {
-            queue.demand.push_back(job);
+    // Look in every less urgent queue: a concurrent promotion to a middle priority may not
+    // have moved the job yet.
+    for from in [Priority::Prefetch, Priority::Background] {
+        if from <= to {
+            continue;
+        }
+        let jobs = queue.jobs(from);
+        if let Some(pos) = jobs.iter().position(|j| &j.chunk.record.digest == digest) {
+            if let Some(mut job) = jobs.remove(pos) {
+                job.limit = None;
+                queue.jobs(to).push_back(job);
+            }
+            return;
         }
     }
 }
@@ -699,8 +1198,9 @@ async fn fetch_range(
     }
 }
 
-/// Requests prefetch may have in flight on one backend: half the slots, so that a demand read
-/// always finds a free slot soon and shares the link with few prefetch transfers.
+/// Requests prefetch and background work together may have in flight on one backend: half the
+/// slots, so that a demand read always finds a free slot soon and shares the link with few
+/// other transfers.
 fn prefetch_slots(config: &FetcherConfig) -> usize {
     (config.concurrency / 2).max(1)
 }
@@ -710,38 +1210,89 @@ fn prefetch_slots(config: &FetcherConfig) -> usize {
 /// smaller chunks get smaller coalesced requests.
 const COALESCE_SCAN: usize = 256;
 
-/// Takes the next job (demand first) and the queued jobs of the same priority class that extend
-/// its byte range in the same blob, up to `max_bytes`.
-fn take_batch(queue: &mut Queue, max_bytes: u64) -> Option<Vec<Job>> {
-    let from_demand = !queue.demand.is_empty();
-    let source = if from_demand {
-        &mut queue.demand
-    } else {
-        &mut queue.prefetch
+/// What the dispatcher does next.
+enum Next {
+    /// Start this request, taken from the queue of this priority.
+    Batch(Vec<Job>, Priority),
+    /// Nothing may start now; a completion will dispatch again.
+    Idle,
+    /// Only a rate-limited background job could start, once its bucket refills in this long.
+    WaitForTokens(Duration),
+}
+
+/// Picks the next request by the module's rules: demand first; prefetch and background within
+/// half the slots; background only while no demand request is queued or running, and only
+/// with tokens for its bytes.
+fn next_batch(queue: &mut Queue, config: &FetcherConfig) -> Next {
+    if queue.running >= config.concurrency {
+        return Next::Idle;
+    }
+    let max = config.max_request_bytes;
+    if let Some(batch) = take_batch(&mut queue.demand, max) {
+        return Next::Batch(batch, Priority::Demand);
+    }
+    if queue.running_low >= prefetch_slots(config) {
+        return Next::Idle;
+    }
+    if let Some(batch) = take_batch(&mut queue.prefetch, max) {
+        return Next::Batch(batch, Priority::Prefetch);
+    }
+    if queue.running > queue.running_low
+        || queue.running_background >= config.background_requests.max(1)
+    {
+        return Next::Idle;
+    }
+    let Some(batch) = take_batch(&mut queue.background, config.background_request_bytes) else {
+        return Next::Idle;
     };
-    let first = source.pop_front()?;
+    if let Some(limit) = &batch[0].limit {
+        let bytes = batch.iter().map(|j| stored_len(&j.chunk)).sum();
+        if let Err(wait) = limit.try_take(bytes) {
+            // Back to the head, in blob order; the next dispatch coalesces them again.
+            for job in batch.into_iter().rev() {
+                queue.background.push_front(job);
+            }
+            return Next::WaitForTokens(wait);
+        }
+    }
+    Next::Batch(batch, Priority::Background)
+}
+
+/// Takes the job at the head of `jobs` and the queued jobs that extend its byte range in the
+/// same blob (under the same bandwidth limit), up to `max_bytes`.
+fn take_batch(jobs: &mut VecDeque<Job>, max_bytes: u64) -> Option<Vec<Job>> {
+    let first = jobs.pop_front()?;
     let blob = first.chunk.blob_digest.clone();
+    let limit = first.limit.clone();
     let mut range = first.range();
     let mut batch = vec![first];
     // Extend forwards and backwards with exactly adjacent jobs until nothing more fits. Only the
-    // head of the queue is searched, so a long prefetch queue (a warm of thousands of chunks,
-    // queued in blob order) costs a bounded scan per request, not one proportional to it.
+    // head of the queue is searched, so a long queue (a warm of thousands of chunks, queued in
+    // blob order) costs a bounded scan per request, not one proportional to it.
     loop {
-        let next = source.iter().take(COALESCE_SCAN).position(|j| {
-            j.chunk.blob_digest == blob && {
+        let next = jobs.iter().take(COALESCE_SCAN).position(|j| {
+            j.chunk.blob_digest == blob && same_limit(&j.limit, &limit) && {
                 let r = j.range();
                 (r.start == range.end || r.end == range.start)
                     && (range.end - range.start) + (r.end - r.start) <= max_bytes
             }
         });
         let Some(pos) = next else { break };
-        let Some(job) = source.remove(pos) else { break };
+        let Some(job) = jobs.remove(pos) else { break };
         let r = job.range();
         range = range.start.min(r.start)..range.end.max(r.end);
         batch.push(job);
     }
     batch.sort_by_key(|j| j.chunk.record.comp_off);
     Some(batch)
+}
+
+fn same_limit(a: &Option<Arc<RateLimit>>, b: &Option<Arc<RateLimit>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -792,6 +1343,18 @@ mod tests {
     struct Recording {
         inner: Arc<dyn BlobStore>,
         log: Mutex<Vec<Range<u64>>>,
+        /// When each request of `log` arrived.
+        times: Mutex<Vec<Instant>>,
+    }
+
+    impl Recording {
+        fn new(inner: Arc<dyn BlobStore>) -> Arc<Recording> {
+            Arc::new(Recording {
+                inner,
+                log: Mutex::new(Vec::new()),
+                times: Mutex::new(Vec::new()),
+            })
+        }
     }
 
     #[async_trait]
@@ -803,7 +1366,11 @@ mod tests {
             "recording".into()
         }
         async fn read_range(&self, digest: &str, range: Range<u64>) -> Result<Vec<u8>, BlobError> {
-            lock(&self.log).push(range.clone());
+            {
+                let mut log = lock(&self.log);
+                log.push(range.clone());
+                lock(&self.times).push(Instant::now());
+            }
             self.inner.read_range(digest, range).await
         }
         async fn read_blob(&self, digest: &str, max: u64) -> Result<Vec<u8>, BlobError> {
@@ -905,15 +1472,13 @@ mod tests {
             delay: Duration::from_millis(50),
             ..Faults::default()
         });
-        let recording = Arc::new(Recording {
-            inner: faulty,
-            log: Mutex::new(Vec::new()),
-        });
+        let recording = Recording::new(faulty);
         let fetcher = Fetcher::new(
             FetcherConfig {
                 concurrency: 1,
                 // One chunk per request, so the order of requests is the order of dispatch.
                 max_request_bytes: 1,
+                background_request_bytes: 1,
                 ..config()
             },
             None,
@@ -1079,5 +1644,511 @@ mod tests {
         }
         assert_eq!(memory.requests(), before);
         assert_eq!(fetcher.snapshot().chunks.disk_hits, 4);
+    }
+
+    /// A fetcher over a disk cache (in the returned temporary directory) and a faulty store
+    /// holding one blob of `n` chunks.
+    struct Cached {
+        _dir: tempfile::TempDir,
+        cache: Arc<ChunkCache>,
+        fetcher: Arc<Fetcher>,
+        store: Arc<FaultyBlobStore>,
+        recording: Arc<Recording>,
+        backend: Arc<Backend>,
+        chunks: Vec<ChunkRef>,
+    }
+
+    fn cached(n: usize, config: FetcherConfig) -> Cached {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(
+            ChunkCache::open(&crate::cache::CacheConfig {
+                dir: dir.path().to_path_buf(),
+                budget_bytes: 64 << 20,
+            })
+            .unwrap(),
+        );
+        let memory = MemoryBlobStore::new();
+        let chunks = blob(&memory, n, 64 << 10);
+        let store = Arc::new(FaultyBlobStore::new(Arc::new(memory)));
+        let recording = Recording::new(store.clone());
+        let fetcher = Fetcher::new(config, Some(cache.clone())).unwrap();
+        let backend = fetcher.backend(recording.clone());
+        Cached {
+            _dir: dir,
+            cache,
+            fetcher,
+            store,
+            recording,
+            backend,
+            chunks,
+        }
+    }
+
+    fn stored_bytes(chunks: &[ChunkRef]) -> u64 {
+        chunks.iter().map(stored_len).sum()
+    }
+
+    /// Waits until every chunk is in the disk cache; panics after 10 s.
+    fn wait_cached(cache: &ChunkCache, chunks: &[ChunkRef]) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !chunks.iter().all(|c| cache.contains(&c.record.digest)) {
+            assert!(Instant::now() < deadline, "chunks never reached the cache");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn default_warm_window_keeps_the_default_background_requests_busy_four_times_over() {
+        let config = FetcherConfig::default();
+        assert_eq!(
+            DEFAULT_WARM_WINDOW,
+            4 * config.background_requests as u64 * config.background_request_bytes
+        );
+        assert_eq!(WarmOptions::default().window_bytes, DEFAULT_WARM_WINDOW);
+    }
+
+    #[test]
+    fn rate_limit_admits_a_request_larger_than_the_bucket_and_charges_it() {
+        let limit = RateLimit::new(1000);
+        assert_eq!(limit.rate(), 1000);
+        // Full bucket: 250 tokens. A 1000-byte request goes, leaving 750 bytes of debt, so the
+        // next request waits about a second.
+        limit.try_take(1000).unwrap();
+        let wait = limit.try_take(100).unwrap_err();
+        assert!(
+            wait > Duration::from_millis(800) && wait <= Duration::from_millis(860),
+            "{wait:?}"
+        );
+        assert_eq!(RateLimit::new(0).rate(), 1);
+    }
+
+    #[test]
+    fn warm_fetches_each_missing_chunk_once_and_a_second_warm_fetches_nothing() {
+        let t = cached(20, config());
+        // Duplicates are fetched and counted once.
+        let mut list = t.chunks.clone();
+        list.extend_from_slice(&t.chunks[..5]);
+        let total = stored_bytes(&t.chunks);
+        let mut calls = Vec::new();
+        let p = t
+            .fetcher
+            .warm(&t.backend, &list, &WarmOptions::default(), &mut |p| {
+                calls.push(p.clone());
+                true
+            })
+            .unwrap();
+        let want = WarmProgress {
+            total_chunks: 20,
+            total_bytes: total,
+            fetched_chunks: 20,
+            fetched_bytes: total,
+            ..WarmProgress::default()
+        };
+        assert_eq!(p, want);
+        assert_eq!(
+            calls[0].fetched_chunks, 0,
+            "progress is called at the start"
+        );
+        assert_eq!(calls.last(), Some(&want));
+        for c in &t.chunks {
+            assert!(t.cache.contains(&c.record.digest));
+        }
+        assert_eq!(t.backend.metrics.chunks.get(), 20);
+        assert_eq!(
+            t.backend.metrics.bytes.get(),
+            total,
+            "every byte fetched once"
+        );
+        let m = t.fetcher.snapshot();
+        assert_eq!(m.chunks.background_fetches, 20);
+        assert_eq!(m.chunks.demand_fetches + m.chunks.prefetch_fetches, 0);
+        assert!(
+            lock(&t.fetcher.shared.memory).lru.is_empty(),
+            "a warm fills the disk cache, not the memory LRU"
+        );
+
+        let requests = t.store.requests();
+        let p = t
+            .fetcher
+            .warm(&t.backend, &list, &WarmOptions::default(), &mut |_| true)
+            .unwrap();
+        assert_eq!(p.fetched_chunks, 0);
+        assert_eq!((p.cached_chunks, p.cached_bytes), (20, total));
+        assert_eq!(t.store.requests(), requests);
+        // Readers now find everything on disk.
+        for c in &t.chunks {
+            let got = t.fetcher.read(&t.backend, c, Priority::Demand).unwrap();
+            assert_eq!(*got, expected(c));
+        }
+        assert_eq!(t.store.requests(), requests);
+        assert_eq!(t.fetcher.snapshot().chunks.disk_hits, 20);
+    }
+
+    #[test]
+    fn warm_after_a_partial_warm_fetches_only_the_rest() {
+        let t = cached(20, config());
+        let opts = WarmOptions::default();
+        let p = t
+            .fetcher
+            .warm(&t.backend, &t.chunks[..8], &opts, &mut |_| true)
+            .unwrap();
+        assert_eq!(p.fetched_chunks, 8);
+        let before = t.backend.metrics.bytes.get();
+        let p = t
+            .fetcher
+            .warm(&t.backend, &t.chunks, &opts, &mut |_| true)
+            .unwrap();
+        assert_eq!((p.cached_chunks, p.fetched_chunks), (8, 12));
+        assert_eq!(p.cached_bytes, stored_bytes(&t.chunks[..8]));
+        assert_eq!(p.fetched_bytes, stored_bytes(&t.chunks[8..]));
+        assert_eq!(
+            t.backend.metrics.bytes.get() - before,
+            stored_bytes(&t.chunks[8..])
+        );
+    }
+
+    #[test]
+    fn warm_stops_at_a_failing_chunk_naming_it_and_keeps_what_it_fetched() {
+        let t = cached(12, config());
+        // One chunk at a time, so the chunks before the bad one are done when it fails.
+        let one_at_a_time = WarmOptions {
+            limit: None,
+            window_bytes: 1,
+        };
+        let mut list = t.chunks[..8].to_vec();
+        let missing_blob = format!("sha256:{}", "0".repeat(64));
+        list[5].blob_digest = missing_blob.clone();
+        let mut last = WarmProgress::default();
+        let err = t
+            .fetcher
+            .warm(&t.backend, &list, &one_at_a_time, &mut |p| {
+                last = p.clone();
+                true
+            })
+            .unwrap_err();
+        let message = err.to_string();
+        assert!(matches!(err, WarmError::Fetch { .. }), "{err}");
+        assert!(message.contains(&list[5].digest_hex()), "{message}");
+        assert!(message.contains(&missing_blob), "{message}");
+        assert!(message.contains("not found"), "{message}");
+        assert_eq!((last.fetched_chunks, last.failed_chunks), (5, 1));
+        for c in &t.chunks[..5] {
+            assert!(t.cache.contains(&c.record.digest));
+        }
+
+        // A backend that stays down fails the warm after the fetcher's retries.
+        t.store.set(Faults {
+            down: true,
+            ..Faults::default()
+        });
+        let requests = t.store.requests();
+        let err = t
+            .fetcher
+            .warm(&t.backend, &t.chunks, &one_at_a_time, &mut |_| true)
+            .unwrap_err();
+        assert!(err.to_string().contains("injected failure"), "{err}");
+        assert!(
+            err.to_string().contains(&t.chunks[5].digest_hex()),
+            "the first missing chunk is named: {err}"
+        );
+        assert_eq!(
+            t.store.requests() - requests,
+            u64::from(config().max_attempts)
+        );
+
+        // Back up: a warm fetches just what is missing.
+        t.store.set(Faults::default());
+        let p = t
+            .fetcher
+            .warm(&t.backend, &t.chunks, &one_at_a_time, &mut |_| true)
+            .unwrap();
+        assert_eq!((p.cached_chunks, p.fetched_chunks), (5, 7));
+    }
+
+    #[test]
+    fn warm_fails_when_the_cache_cannot_keep_the_chunks() {
+        let t = cached(6, config());
+        // Segments can no longer be created: every insert fails.
+        fs_remove_segments(&t.cache);
+        let err = t
+            .fetcher
+            .warm(&t.backend, &t.chunks, &WarmOptions::default(), &mut |_| {
+                true
+            })
+            .unwrap_err();
+        assert!(matches!(err, WarmError::NotCached { .. }), "{err}");
+        assert!(err.to_string().contains("not cached"), "{err}");
+
+        // Chunks that cannot all fit the budget are refused before any fetch.
+        let dir = tempfile::tempdir().unwrap();
+        let total = stored_bytes(&t.chunks);
+        let small = Arc::new(
+            ChunkCache::open(&crate::cache::CacheConfig {
+                dir: dir.path().to_path_buf(),
+                budget_bytes: total - 1,
+            })
+            .unwrap(),
+        );
+        let fetcher = Fetcher::new(config(), Some(small)).unwrap();
+        let backend = fetcher.backend(t.store.clone());
+        let requests = t.store.requests();
+        let err = fetcher
+            .warm(&backend, &t.chunks, &WarmOptions::default(), &mut |_| true)
+            .unwrap_err();
+        assert!(
+            matches!(err, WarmError::TooLarge { needed, .. } if needed == total),
+            "{err}"
+        );
+        assert_eq!(t.store.requests(), requests);
+
+        let memory_only = Fetcher::new(config(), None).unwrap();
+        let backend = memory_only.backend(t.store.clone());
+        let err = memory_only
+            .warm(&backend, &t.chunks, &WarmOptions::default(), &mut |_| true)
+            .unwrap_err();
+        assert!(matches!(err, WarmError::NoCache), "{err}");
+    }
+
+    fn fs_remove_segments(cache: &ChunkCache) {
+        std::fs::remove_dir_all(cache.dir().join("segments")).unwrap();
+    }
+
+    #[test]
+    fn cancelled_warm_stops_early() {
+        let t = cached(10, config());
+        let err = t
+            .fetcher
+            .warm(&t.backend, &t.chunks, &WarmOptions::default(), &mut |_| {
+                false
+            })
+            .unwrap_err();
+        assert!(matches!(err, WarmError::Cancelled), "{err}");
+        assert_eq!(
+            t.store.requests(),
+            0,
+            "cancelled at the start: nothing fetched"
+        );
+
+        t.store.set(Faults {
+            delay: Duration::from_millis(50),
+            ..Faults::default()
+        });
+        let opts = WarmOptions {
+            limit: None,
+            window_bytes: 1,
+        };
+        let err = t
+            .fetcher
+            .warm(&t.backend, &t.chunks, &opts, &mut |p| p.fetched_chunks < 2)
+            .unwrap_err();
+        assert!(matches!(err, WarmError::Cancelled), "{err}");
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(t.store.requests(), 2, "no chunk queued after the cancel");
+        assert_eq!(
+            t.chunks
+                .iter()
+                .filter(|c| t.cache.contains(&c.record.digest))
+                .count(),
+            2
+        );
+    }
+
+    #[test]
+    fn cancelled_warm_drops_its_queued_jobs_but_not_one_a_reader_waits_for() {
+        // One background slot and a slow store: the warm's other jobs wait in the queue.
+        let t = cached(
+            12,
+            FetcherConfig {
+                concurrency: 2,
+                max_request_bytes: 1,
+                background_request_bytes: 1,
+                ..config()
+            },
+        );
+        t.store.set(Faults {
+            delay: Duration::from_millis(100),
+            ..Faults::default()
+        });
+        let wanted = t.chunks[11].clone();
+        let reader = {
+            let fetcher = t.fetcher.clone();
+            let backend = t.backend.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(30));
+                fetcher.read(&backend, &wanted, Priority::Demand)
+            })
+        };
+        let err = t
+            .fetcher
+            .warm(&t.backend, &t.chunks, &WarmOptions::default(), &mut |p| {
+                p.fetched_chunks < 1
+            })
+            .unwrap_err();
+        assert!(matches!(err, WarmError::Cancelled), "{err}");
+        let data = reader
+            .join()
+            .unwrap()
+            .expect("the reader's chunk is still fetched");
+        assert_eq!(data.len(), t.chunks[11].record.raw_len as usize);
+        std::thread::sleep(Duration::from_millis(300));
+        // The first chunk, the reader's, and at most one more already dispatched.
+        let requests = t.store.requests();
+        assert!(
+            requests <= 3,
+            "{requests} requests: the cancelled warm kept fetching"
+        );
+    }
+
+    #[test]
+    fn demand_read_during_a_warm_goes_next_and_pauses_background_requests() {
+        const DELAY: Duration = Duration::from_millis(200);
+        let t = cached(
+            40,
+            FetcherConfig {
+                concurrency: 4,
+                // One chunk per request, so the order of requests is the order of dispatch.
+                max_request_bytes: 1,
+                background_request_bytes: 1,
+                ..config()
+            },
+        );
+        t.store.set(Faults {
+            delay: DELAY,
+            ..Faults::default()
+        });
+        std::thread::scope(|s| {
+            let warm = s.spawn(|| {
+                t.fetcher
+                    .warm(&t.backend, &t.chunks, &WarmOptions::default(), &mut |_| {
+                        true
+                    })
+            });
+            // Mid-round: two background requests (half the slots) are in flight.
+            std::thread::sleep(DELAY + DELAY / 2);
+            let issued = Instant::now();
+            // The last chunk of the warm, still queued at background priority: promoted.
+            let last = &t.chunks[39];
+            let got = t.fetcher.read(&t.backend, last, Priority::Demand).unwrap();
+            let done = Instant::now();
+            assert_eq!(*got, expected(last));
+            let waited = done - issued;
+            assert!(waited < DELAY + DELAY, "waited {waited:?}");
+
+            let log = lock(&t.recording.log).clone();
+            let times = lock(&t.recording.times).clone();
+            let demand = log
+                .iter()
+                .position(|r| r.start == last.record.comp_off)
+                .unwrap();
+            // A background request dispatched just before the read was queued may arrive a
+            // moment after it; none is dispatched once it is queued and until it is done.
+            let grace = issued + Duration::from_millis(20);
+            let started_meanwhile: Vec<usize> = (0..log.len())
+                .filter(|&i| i != demand && times[i] > grace && times[i] < done)
+                .collect();
+            assert!(
+                started_meanwhile.is_empty(),
+                "background requests {started_meanwhile:?} started while the demand read of request #{demand} was queued or running"
+            );
+            assert!(demand >= 2, "the warm was running: {log:?}");
+            warm.join().unwrap().unwrap();
+        });
+        let m = t.fetcher.snapshot();
+        assert_eq!(m.chunks.demand_fetches, 1);
+        assert_eq!(m.chunks.background_fetches, 39);
+    }
+
+    #[test]
+    fn rate_limited_background_prefetch_takes_its_bytes_over_the_rate() {
+        let t = cached(
+            32,
+            FetcherConfig {
+                max_request_bytes: 1,
+                background_request_bytes: 1,
+                ..config()
+            },
+        );
+        let total = stored_bytes(&t.chunks);
+        // Two seconds' worth at the limit.
+        let rate = total / 2;
+        let started = Instant::now();
+        t.fetcher
+            .prefetch_background(&t.backend, &t.chunks, Some(RateLimit::new(rate)));
+        wait_cached(&t.cache, &t.chunks);
+        let took = started.elapsed().as_secs_f64();
+        let ideal = total as f64 / rate as f64;
+        assert!(
+            took >= 0.7 * ideal,
+            "{total} bytes at {rate} B/s took {took:.2} s"
+        );
+        assert!(
+            took < 3.0 * ideal,
+            "{total} bytes at {rate} B/s took {took:.2} s"
+        );
+        assert_eq!(t.fetcher.snapshot().chunks.background_fetches, 32);
+        assert_eq!(t.backend.metrics.bytes.get(), total);
+    }
+
+    #[test]
+    fn background_prefetch_keeps_its_order_and_skips_cached_chunks() {
+        let t = cached(
+            10,
+            FetcherConfig {
+                // One background slot, one chunk per request: requests in queue order.
+                concurrency: 2,
+                max_request_bytes: 1,
+                background_request_bytes: 1,
+                ..config()
+            },
+        );
+        t.fetcher
+            .read(&t.backend, &t.chunks[3], Priority::Demand)
+            .unwrap();
+        let profile: Vec<ChunkRef> = t.chunks.iter().rev().cloned().collect();
+        t.fetcher.prefetch_background(&t.backend, &profile, None);
+        wait_cached(&t.cache, &t.chunks);
+        let log = lock(&t.recording.log).clone();
+        let want: Vec<u64> = profile
+            .iter()
+            .filter(|c| c.index != 3)
+            .map(|c| c.record.comp_off)
+            .collect();
+        let got: Vec<u64> = log[1..].iter().map(|r| r.start).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn read_ahead_of_a_queued_background_chunk_moves_it_to_prefetch() {
+        let t = cached(
+            10,
+            FetcherConfig {
+                concurrency: 2,
+                max_request_bytes: 1,
+                background_request_bytes: 1,
+                ..config()
+            },
+        );
+        t.store.set(Faults {
+            delay: Duration::from_millis(50),
+            ..Faults::default()
+        });
+        t.fetcher.prefetch_background(&t.backend, &t.chunks, None);
+        t.fetcher.prefetch(&t.backend, &t.chunks[9..]);
+        wait_cached(&t.cache, &t.chunks);
+        let log = lock(&t.recording.log).clone();
+        let position = log
+            .iter()
+            .position(|r| r.start == t.chunks[9].record.comp_off)
+            .unwrap();
+        assert!(
+            position <= 1,
+            "read-ahead chunk was request #{position}: {log:?}"
+        );
+        assert_eq!(log.len(), 10);
+        let m = t.fetcher.snapshot();
+        assert_eq!(
+            (m.chunks.prefetch_fetches, m.chunks.background_fetches),
+            (1, 9)
+        );
     }
 }

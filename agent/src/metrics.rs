@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub const CHUNK_READS: &str = "lazy_chunk_reads_total";
 pub const MEMORY_HITS: &str = "lazy_chunk_memory_hits_total";
@@ -18,6 +18,7 @@ pub const MISSES: &str = "lazy_chunk_misses_total";
 pub const JOINED: &str = "lazy_chunk_fetch_joined_total";
 pub const DEMAND_FETCHES: &str = "lazy_chunk_demand_fetches_total";
 pub const PREFETCH_FETCHES: &str = "lazy_chunk_prefetch_fetches_total";
+pub const BACKGROUND_FETCHES: &str = "lazy_chunk_background_fetches_total";
 pub const DIGEST_MISMATCHES: &str = "lazy_chunk_digest_mismatches_total";
 pub const SERVED_UNCACHED: &str = "lazy_chunk_served_uncached_total";
 pub const READ_ERRORS: &str = "lazy_chunk_read_errors_total";
@@ -28,6 +29,9 @@ pub const BACKEND_RETRIES: &str = "lazy_backend_retries_total";
 pub const BACKEND_ERRORS: &str = "lazy_backend_errors_total";
 pub const BACKEND_TIMEOUTS: &str = "lazy_backend_timeouts_total";
 pub const BACKEND_LATENCY: &str = "lazy_backend_request_seconds";
+pub const MOUNTS: &str = "lazyd_mounts";
+pub const WARMS: &str = "lazyd_warms_running";
+pub const UPTIME: &str = "lazyd_uptime_seconds";
 
 /// Upper bounds of the latency histogram's buckets, in seconds: loopback (sub-millisecond)
 /// through a slow cross-region object store (seconds); the last bucket is +Inf.
@@ -87,7 +91,7 @@ impl Histogram {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct HistogramSnapshot {
     /// Non-cumulative counts per bucket of [`LATENCY_BUCKETS`], then +Inf.
     pub buckets: Vec<u64>,
@@ -130,7 +134,7 @@ pub struct BackendMetrics {
     pub latency: Histogram,
 }
 
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct BackendSnapshot {
     pub kind: String,
     pub name: String,
@@ -170,8 +174,12 @@ pub struct ChunkMetrics {
     pub misses: Counter,
     /// Misses that joined a fetch already in flight instead of starting one.
     pub joined: Counter,
+    /// Chunks fetched for a reader waiting on them.
     pub demand_fetches: Counter,
+    /// Chunks fetched on a reader's read-ahead hint.
     pub prefetch_fetches: Counter,
+    /// Chunks fetched by background work (warm, hot-chunk profile prefetch).
+    pub background_fetches: Counter,
     /// Chunks whose fetched bytes failed crc32, decompression or blake3: never served.
     pub digest_mismatches: Counter,
     /// Chunks served without being written to the disk cache (disk full).
@@ -180,7 +188,7 @@ pub struct ChunkMetrics {
     pub read_errors: Counter,
 }
 
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ChunkSnapshot {
     pub reads: u64,
     pub memory_hits: u64,
@@ -189,6 +197,7 @@ pub struct ChunkSnapshot {
     pub joined: u64,
     pub demand_fetches: u64,
     pub prefetch_fetches: u64,
+    pub background_fetches: u64,
     pub digest_mismatches: u64,
     pub served_uncached: u64,
     pub read_errors: u64,
@@ -204,6 +213,7 @@ impl ChunkMetrics {
             joined: self.joined.get(),
             demand_fetches: self.demand_fetches.get(),
             prefetch_fetches: self.prefetch_fetches.get(),
+            background_fetches: self.background_fetches.get(),
             digest_mismatches: self.digest_mismatches.get(),
             served_uncached: self.served_uncached.get(),
             read_errors: self.read_errors.get(),
@@ -212,7 +222,7 @@ impl ChunkMetrics {
 }
 
 /// Everything at one moment: what tests read and what `lazyctl` prints.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct MetricsSnapshot {
     pub chunks: ChunkSnapshot,
     pub backends: Vec<BackendSnapshot>,
@@ -236,6 +246,11 @@ impl MetricsSnapshot {
         let mut out = format!(
             "chunks: {} reads, {} from memory, {} from disk cache, {} fetched ({} joined a fetch in flight), {} digest mismatches, {} served uncached, {} errors",
             c.reads, c.memory_hits, c.disk_hits, c.misses, c.joined, c.digest_mismatches, c.served_uncached, c.read_errors
+        );
+        let _ = write!(
+            out,
+            "\nfetches: {} for readers, {} read-ahead, {} background (warm, profile prefetch)",
+            c.demand_fetches, c.prefetch_fetches, c.background_fetches
         );
         for b in &self.backends {
             let p50 = b.latency.quantile_bound(0.5).map_or("-".into(), fmt_secs);
@@ -285,8 +300,13 @@ impl MetricsSnapshot {
             ),
             (
                 PREFETCH_FETCHES,
-                "Chunks fetched ahead of readers.",
+                "Chunks fetched on readers' read-ahead hints.",
                 c.prefetch_fetches,
+            ),
+            (
+                BACKGROUND_FETCHES,
+                "Chunks fetched by background work (warm, profile prefetch).",
+                c.background_fetches,
             ),
             (
                 DIGEST_MISMATCHES,
@@ -423,5 +443,25 @@ mod tests {
         assert!(text.contains("le=\"0.05\"} 2"));
         assert!(text.contains("le=\"+Inf\"} 2"));
         assert!(text.contains("lazy_backend_request_seconds_count{"));
+    }
+
+    #[test]
+    fn background_fetches_are_reported() {
+        let chunks = ChunkMetrics::default();
+        chunks.background_fetches.add(7);
+        chunks.prefetch_fetches.add(2);
+        let snap = MetricsSnapshot {
+            chunks: chunks.snapshot(),
+            ..MetricsSnapshot::default()
+        };
+        assert_eq!(snap.chunks.background_fetches, 7);
+        let text = snap.prometheus();
+        assert!(text.contains("# TYPE lazy_chunk_background_fetches_total counter\nlazy_chunk_background_fetches_total 7\n"), "{text}");
+        assert!(text.contains("lazy_chunk_prefetch_fetches_total 2\n"));
+        assert!(
+            snap.summary().contains("2 read-ahead, 7 background"),
+            "{}",
+            snap.summary()
+        );
     }
 }
