@@ -75,6 +75,8 @@ pub const UPLOAD_FLOOR_RATE: u64 = 1 << 20;
 const MAX_PREALLOCATION: u64 = 8 << 20;
 /// Name of the manifest object under the prefix.
 const MANIFEST_NAME: &str = "manifest.json";
+/// Name of the image's hot-chunk profile under its prefix.
+const PROFILE_NAME: &str = "profile.json";
 /// How a bucket name may look. Lenient enough for legacy us-east-1 names (capitals,
 /// underscores), strict enough to catch typos and URL syntax.
 const BUCKET_RULE: &str = "a bucket name is 3-255 characters of [A-Za-z0-9._-], starting with a \
@@ -197,6 +199,11 @@ impl S3Location {
     /// `<prefix>/manifest.json`.
     pub fn manifest_key(&self) -> String {
         self.key(MANIFEST_NAME)
+    }
+
+    /// `<prefix>/profile.json`: the image's hot-chunk profile (see `crate::profile`).
+    pub fn profile_key(&self) -> String {
+        self.key(PROFILE_NAME)
     }
 
     /// `s3://bucket/key`, for messages.

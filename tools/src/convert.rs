@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use agent::profile::Profile;
 use agent::store::LocalStore;
 use fusefs::format::BlobRecord;
 use fusefs::manifest::{
@@ -23,6 +24,7 @@ use tracing::info;
 
 use crate::error::ConvertError;
 use crate::layer::{apply_tar, decompress, open_blob, HashingReader};
+use crate::layout::HotLayout;
 use crate::packer::{ChunkTable, FinishedBlob, LayerPacker};
 use crate::progress::Progress;
 use crate::reference::{SourceRef, StoreRef};
@@ -40,6 +42,9 @@ pub struct ConvertOptions {
     pub jobs: usize,
     /// Show a progress bar on a terminal.
     pub progress: bool,
+    /// An access profile: the data it read is written first in each layer's blob, in the
+    /// order it was read (see `layout`). The image's content is the same either way.
+    pub profile: Option<Arc<Profile>>,
 }
 
 impl Default for ConvertOptions {
@@ -49,6 +54,7 @@ impl Default for ConvertOptions {
             level: fusefs::chunk::DEFAULT_ZSTD_LEVEL,
             jobs: std::thread::available_parallelism().map_or(2, |n| n.get()),
             progress: true,
+            profile: None,
         }
     }
 }
@@ -112,11 +118,15 @@ pub fn convert(
     let mut tree = Tree::new();
     let mut table = ChunkTable::default();
     let mut blobs: Vec<(Descriptor, BlobRecord)> = Vec::new();
+    let layout = opts
+        .profile
+        .as_ref()
+        .map(|p| Arc::new(HotLayout::from_profile(p)));
 
     let (config, source_name) = match src {
         SourceRef::Path { dir } => {
             let _progress = Progress::start(opts.progress, "converting", 0, input.clone());
-            let packer = start_packer(&store, table, 0, opts, &input)?;
+            let packer = start_packer(&store, table, 0, opts, &input, &layout)?;
             let (packer, result) = run(packer, |p| crate::dirsource::apply_dir(dir, &mut tree, p));
             result?;
             let (t, blob) = packer.finish()?;
@@ -130,7 +140,7 @@ pub fn convert(
             let read = Arc::new(AtomicU64::new(0));
             let _progress = Progress::start(opts.progress, "converting", total, read.clone());
             for (i, layer) in image.layers.iter().enumerate() {
-                let packer = start_packer(&store, table, i as u32, opts, &input)?;
+                let packer = start_packer(&store, table, i as u32, opts, &input, &layout)?;
                 let (t, blob) = convert_layer(layer, i as u32, &mut tree, packer, &read)?;
                 table = t;
                 let source_digest = match &layer.expected {
@@ -218,6 +228,7 @@ fn start_packer(
     blob_index: u32,
     opts: &ConvertOptions,
     input: &Arc<AtomicU64>,
+    layout: &Option<Arc<HotLayout>>,
 ) -> Result<LayerPacker, ConvertError> {
     Ok(LayerPacker::start(
         table,
@@ -227,7 +238,8 @@ fn start_packer(
         opts.level,
         opts.jobs,
         input.clone(),
-    ))
+    )
+    .with_layout(layout.clone()))
 }
 
 /// Counts bytes read from a layer blob for the progress bar.
@@ -335,4 +347,152 @@ fn directory_config() -> Vec<u8> {
         "rootfs": {"type": "layers", "diff_ids": []},
     }))
     .expect("static json")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    use agent::local::LocalChunkSource;
+    use fusefs::reader::{Attr, FileKind};
+    use fusefs::ImageReader;
+
+    use super::*;
+
+    const CS: usize = 4096;
+
+    /// A directory of 40 small cold files, two hot ones of 3000 bytes (no two fit one chunk),
+    /// a 5-chunk file of which the profile read the third chunk, and a hot file read first.
+    fn source_dir(dir: &Path) {
+        std::fs::create_dir_all(dir.join("a")).unwrap();
+        std::fs::create_dir_all(dir.join("z")).unwrap();
+        for i in 0..40 {
+            let bytes = lazy_tests::pseudo_random_bytes(i, 500);
+            std::fs::write(dir.join(format!("a/f{i:02}")), bytes).unwrap();
+        }
+        for (path, seed) in [("a/hot10", 100), ("a/hot33", 101), ("z/late.txt", 102)] {
+            std::fs::write(dir.join(path), lazy_tests::pseudo_random_bytes(seed, 3000)).unwrap();
+        }
+        let big = lazy_tests::pseudo_random_bytes(103, 5 * CS + 100);
+        std::fs::write(dir.join("big.bin"), big).unwrap();
+        std::os::unix::fs::symlink("a/f01", dir.join("link")).unwrap();
+    }
+
+    fn hot_profile() -> Profile {
+        crate::layout::tests::profile(&[
+            ("/z/late.txt", 0, 3000),
+            ("/big.bin", 2 * CS as u64, CS as u32),
+            ("/a/hot33", 0, 3000),
+            ("/a/hot10", 0, 3000),
+        ])
+    }
+
+    fn convert_dir(src: &Path, store: &Path, profile: Option<Profile>) -> ConvertReport {
+        let opts = ConvertOptions {
+            chunk_size: CS as u32,
+            jobs: 2,
+            progress: false,
+            profile: profile.map(Arc::new),
+            ..ConvertOptions::default()
+        };
+        let src = SourceRef::Path {
+            dir: src.to_path_buf(),
+        };
+        let dst = StoreRef {
+            path: store.to_path_buf(),
+            tag: "latest".into(),
+        };
+        convert(&src, &dst, &opts).unwrap()
+    }
+
+    /// Every path with its attributes and content (file bytes or link target), and, for
+    /// regular files, where each of its extents' chunks is stored (`comp_off`).
+    type Tree = BTreeMap<String, (Attr, Vec<u8>)>;
+
+    fn read_tree(store: &Path) -> (Tree, ImageReader) {
+        let store = LocalStore::open(store).unwrap();
+        let image = store.open_image("latest").unwrap();
+        let source = LocalChunkSource::new(&store, &image.index, 1 << 20).unwrap();
+        let reader = ImageReader::new(image.index, Arc::new(source)).unwrap();
+        let mut tree = Tree::new();
+        let mut stack = vec![(reader.root_ino(), String::new())];
+        while let Some((dir, path)) = stack.pop() {
+            let mut children = Vec::new();
+            reader
+                .readdir(dir, 2, |e| {
+                    children.push((e.ino, String::from_utf8_lossy(e.name).into_owned()));
+                    true
+                })
+                .unwrap();
+            for (ino, name) in children {
+                let path = format!("{path}/{name}");
+                let attr = reader.getattr(ino).unwrap();
+                let content = match attr.kind {
+                    FileKind::Regular => reader.read(ino, 0, attr.size as u32).unwrap(),
+                    FileKind::Symlink => reader.readlink(ino).unwrap().to_vec(),
+                    FileKind::Directory => {
+                        stack.push((ino, path.clone()));
+                        Vec::new()
+                    }
+                    _ => Vec::new(),
+                };
+                tree.insert(path, (attr, content));
+            }
+        }
+        (tree, reader)
+    }
+
+    /// Where the chunk holding byte `off` of `path` is stored in its blob.
+    fn stored_at(reader: &ImageReader, tree: &Tree, path: &str, off: u64) -> u64 {
+        let ino = tree[path].0.ino;
+        let (_, pieces) = reader.plan_read(ino, off, 1).unwrap();
+        let chunk = reader.chunk_ref(pieces[0].1.chunk).unwrap();
+        chunk.record.comp_off
+    }
+
+    #[test]
+    fn profile_layout_puts_hot_data_first_and_keeps_the_tree() {
+        let scratch = tempfile::tempdir().unwrap();
+        let src = scratch.path().join("src");
+        source_dir(&src);
+        let plain = convert_dir(&src, &scratch.path().join("plain"), None);
+        let laid_out = convert_dir(&src, &scratch.path().join("hot"), Some(hot_profile()));
+
+        let (plain_tree, _) = read_tree(&scratch.path().join("plain"));
+        let (tree, reader) = read_tree(&scratch.path().join("hot"));
+        assert_eq!(tree.len(), 47);
+        // Same paths, inode numbers, attributes and bytes: only the layout differs.
+        assert_eq!(tree, plain_tree);
+        assert_eq!(laid_out.stored_bytes, plain.stored_bytes);
+        assert_ne!(laid_out.manifest_digest, plain.manifest_digest);
+
+        // The hot chunks first, in profile order; everything else after them.
+        let hot: Vec<u64> = [
+            ("/z/late.txt", 0),
+            ("/big.bin", 2 * CS as u64),
+            ("/a/hot33", 0),
+            ("/a/hot10", 0),
+        ]
+        .iter()
+        .map(|&(path, off)| stored_at(&reader, &tree, path, off))
+        .collect();
+        assert_eq!(hot[0], 0);
+        assert!(hot.windows(2).all(|w| w[0] < w[1]), "{hot:?}");
+        let first_cold = (0..5)
+            .filter(|&c| c != 2)
+            .map(|c| stored_at(&reader, &tree, "/big.bin", (c * CS) as u64))
+            .chain((0..40).map(|i| stored_at(&reader, &tree, &format!("/a/f{i:02}"), 0)))
+            .min()
+            .unwrap();
+        assert!(first_cold > hot[3], "{first_cold} <= {hot:?}");
+
+        // A profile that names nothing in the image changes nothing, byte for byte.
+        let mut unrelated = hot_profile();
+        for e in &mut unrelated.entries {
+            e.path = format!("/elsewhere{}", e.path);
+        }
+        let same = convert_dir(&src, &scratch.path().join("same"), Some(unrelated));
+        assert_eq!(same.manifest_digest, plain.manifest_digest);
+    }
 }

@@ -103,7 +103,7 @@ pub fn apply_dir(
                     let mut f = fs::File::open(&path)
                         .map_err(ConvertError::io(format!("opening {}", path.display())))?;
                     let what = || path.display().to_string();
-                    let extents = packer.add_file(&mut f, md.len(), &what)?;
+                    let extents = packer.add_file(&mut f, md.len(), &entry_comps, &what)?;
                     file_node(meta, md.len(), extents)
                 }
                 S_IFLNK => {

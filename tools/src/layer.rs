@@ -281,12 +281,13 @@ pub fn apply_tar(
             T::Regular | T::Continuous | T::GNUSparse => {
                 let size = entry.size();
                 let what = || format!("layer {label}: entry {shown:?}");
-                let extents = packer
-                    .add_file(&mut entry, size, &what)
-                    .map_err(|e| match e {
-                        ConvertError::Io { source, .. } => corrupt(source),
-                        other => other,
-                    })?;
+                let extents =
+                    packer
+                        .add_file(&mut entry, size, &path, &what)
+                        .map_err(|e| match e {
+                            ConvertError::Io { source, .. } => corrupt(source),
+                            other => other,
+                        })?;
                 file_node(meta, size, extents)
             }
             T::Directory => dir_node(meta),
