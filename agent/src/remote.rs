@@ -4,7 +4,8 @@
 //! Opening an image fetches its manifest and its index and nothing else; file data is fetched
 //! later, chunk by chunk, through the returned `BlobStore`. The index is checked against the
 //! manifest's sha256 before use and kept in the cache directory by digest, so mounting the same
-//! image again fetches only the manifest.
+//! image again fetches only the manifest; the manifest is kept too, and used when the backend
+//! cannot be reached.
 //!
 //! In a registry a lazy image is an OCI artifact (`artifactType`
 //! `application/vnd.lazyimg.image.v1`). A reference may name it directly (`REPO:TAG-lazy`) or
@@ -12,7 +13,6 @@
 //! its tag-schema fallback, `sha256-<hex>`) and then, failing that, at the tag `TAG-lazy`.
 
 use std::fmt;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -77,6 +77,23 @@ pub enum RemoteError {
 }
 
 impl RemoteError {
+    /// Whether trying again later cannot help (a missing image, a bad reference, corrupt data),
+    /// as opposed to a backend that is down or slow.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            RemoteError::Registry(e) => e.is_permanent(),
+            RemoteError::S3(e) => e.is_permanent(),
+            RemoteError::Blob(e) => e.is_permanent(),
+            RemoteError::Store(e) => e.is_permanent(),
+            RemoteError::BadLocation { .. }
+            | RemoteError::Manifest { .. }
+            | RemoteError::Index(_)
+            | RemoteError::NoLazyImage { .. }
+            | RemoteError::IndexDigest { .. }
+            | RemoteError::Io { .. } => true,
+        }
+    }
+
     pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RemoteError + '_ {
         move |source| RemoteError::Io {
             path: path.to_path_buf(),
@@ -204,14 +221,18 @@ pub struct OpenedImage {
     pub store: Arc<dyn BlobStore>,
 }
 
-/// Opens the image at `location`: fetches and checks its manifest and index. With
-/// `index_dir`, indexes are kept there by digest and reused when they verify.
+/// Opens the image at `location`: fetches and checks its manifest and index.
+///
+/// With `cache_dir`, what was fetched is kept there: indexes by digest (`CACHE/indexes`, reused
+/// when they verify) and the lazy manifest last seen at each location (`CACHE/manifests`). When
+/// the backend cannot be reached (a transient error), the kept manifest is used instead, with a
+/// warning, so an image opened or warmed here before opens with its registry down.
 pub async fn open_image(
     location: &ImageLocation,
     opts: &RemoteOptions,
-    index_dir: Option<&Path>,
+    cache_dir: Option<&Path>,
 ) -> Result<OpenedImage, RemoteError> {
-    let (manifest_bytes, store): (Vec<u8>, Arc<dyn BlobStore>) = match location {
+    let (fetched, store): (Result<Vec<u8>, RemoteError>, Arc<dyn BlobStore>) = match location {
         ImageLocation::Dir { path, tag } => {
             // The store's own checks, on the index mapped in place (no copy).
             let image = LocalStore::open(path)?.open_image(tag)?;
@@ -225,21 +246,38 @@ pub async fn open_image(
         }
         ImageLocation::Registry(image) => {
             let client = registry_client(&image.registry, opts)?;
-            let bytes = lazy_manifest_in_registry(&client, image).await?;
+            let fetched = lazy_manifest_in_registry(&client, image).await;
             let store = RegistryBlobStore::new(client, &image.repository)?;
-            (bytes, Arc::new(store))
+            (fetched, Arc::new(store))
         }
         ImageLocation::S3(l) => {
             let s3 = s3_store(l, opts, 1).await?;
             let key = l.manifest_key();
-            let bytes = s3
-                .get_object(&key, MAX_MANIFEST_BYTES)
-                .await?
-                .ok_or_else(|| S3Error::NotFound {
+            let fetched = match s3.get_object(&key, MAX_MANIFEST_BYTES).await {
+                Ok(Some(bytes)) => Ok(bytes),
+                Ok(None) => Err(S3Error::NotFound {
                     url: l.object_url(&key),
-                })?;
-            (bytes, Arc::new(s3))
+                }
+                .into()),
+                Err(e) => Err(e.into()),
+            };
+            (fetched, Arc::new(s3))
         }
+    };
+    let kept = cache_dir.map(|dir| kept_manifest_path(dir, location));
+    let manifest_bytes = match (fetched, &kept) {
+        (Ok(bytes), Some(path)) => {
+            if let Err(e) = write_atomically(path, &bytes) {
+                warn!(path = %path.display(), "cannot keep the manifest: {e}");
+            }
+            bytes
+        }
+        (Ok(bytes), None) => bytes,
+        (Err(e), Some(path)) if !e.is_permanent() && path.is_file() => {
+            warn!(image = %location, "backend unreachable ({e}); using the manifest kept in {}", path.display());
+            std::fs::read(path).map_err(RemoteError::io(path))?
+        }
+        (Err(e), _) => return Err(e),
     };
     let manifest_digest = sha256_digest(&manifest_bytes);
     let manifest =
@@ -247,7 +285,8 @@ pub async fn open_image(
             location: location.to_string(),
             source,
         })?;
-    let index = load_index(location, &manifest, store.as_ref(), index_dir).await?;
+    let index_dir = cache_dir.map(|dir| dir.join(INDEX_DIR));
+    let index = load_index(location, &manifest, store.as_ref(), index_dir.as_deref()).await?;
     Ok(OpenedImage {
         location: location.clone(),
         manifest,
@@ -255,6 +294,33 @@ pub async fn open_image(
         index,
         store,
     })
+}
+
+/// Inside a cache directory: the chunk cache's segments.
+pub const CHUNK_DIR: &str = "chunks";
+/// Inside a cache directory: indexes by digest.
+pub const INDEX_DIR: &str = "indexes";
+/// Inside a cache directory: the last lazy manifest seen at each location.
+pub const MANIFEST_DIR: &str = "manifests";
+
+/// Where the manifest last seen at `location` is kept: named by the sha256 of the location as
+/// written, so any location string maps to a plain file name.
+fn kept_manifest_path(cache_dir: &Path, location: &ImageLocation) -> PathBuf {
+    cache_dir
+        .join(MANIFEST_DIR)
+        .join(kept_manifest_name(location))
+}
+
+/// The file name in `CACHE/manifests` of the manifest kept for `location`.
+pub fn kept_manifest_name(location: &ImageLocation) -> String {
+    sha256_digest(location.to_string().as_bytes()).replace(':', "-")
+}
+
+/// Writes `bytes` to `path`, creating its directory, so a reader never sees a partial file.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), RemoteError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(RemoteError::io(dir))?;
+    Ok(crate::store::write_atomic(dir, path, bytes)?)
 }
 
 /// The manifest bytes of the lazy image `image` names: the manifest itself when it is lazy,
@@ -348,13 +414,6 @@ async fn load_index(
     let Some(path) = kept else {
         return Ok(Index::from_bytes(bytes)?);
     };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(RemoteError::io(dir))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(RemoteError::io(dir))?;
-    tmp.write_all(&bytes).map_err(RemoteError::io(&path))?;
-    tmp.persist(&path).map_err(|e| RemoteError::Io {
-        path: path.clone(),
-        source: e.error,
-    })?;
+    write_atomically(&path, &bytes)?;
     Index::open_verified(&path, verify)
 }

@@ -2,8 +2,8 @@
 //! scratch store, then push), pushing a stored image, and setting up the chunk cache and fetcher
 //! a remote mount reads through.
 //!
-//! Cache directory layout: `DIR/chunks` (the compressed chunk cache's segments) and
-//! `DIR/indexes` (indexes of mounted images, by digest).
+//! Cache directory layout: `DIR/chunks` (the compressed chunk cache's segments), `DIR/indexes`
+//! (indexes of opened images, by digest) and `DIR/manifests` (their manifests, by location).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,12 +22,7 @@ use crate::{convert, ConvertOptions, ConvertReport};
 
 /// Where the chunk cache of `cache_dir` keeps its segments.
 pub fn chunk_dir(cache_dir: &Path) -> PathBuf {
-    cache_dir.join("chunks")
-}
-
-/// Where the indexes of mounted images are kept.
-pub fn index_dir(cache_dir: &Path) -> PathBuf {
-    cache_dir.join("indexes")
+    cache_dir.join(agent::remote::CHUNK_DIR)
 }
 
 /// Opens the chunk cache in `cache_dir` (creating it) and a fetcher over it.
