@@ -1,30 +1,38 @@
-//! The agent side of lazy images: where image bytes come from and how mounts are run.
+//! The agent side of lazy images: where image bytes come from, how mounts are run, and the
+//! `lazyd` host agent that owns them.
 //!
 //! - `blobstore`: the `BlobStore` trait remote and local blob stores implement.
-//! - `fetcher`: the `ChunkSource` of remote mounts: caches, single-flight, priorities, retries.
-//! - `metrics`: fetch and cache counters, as JSON and Prometheus text.
-//! - `remote`: image locations (dir:, docker://, s3://) and opening images there.
-//! - `push`: copying a lazy image to a registry, S3 or another store.
-//! - `fetcher`: the `ChunkSource` of remote mounts: caches, single-flight, priorities, retries.
-//! - `metrics`: fetch and cache counters, as JSON and Prometheus text.
-//! - `remote`: image locations (dir:, docker://, s3://) and opening images there.
-//! - `push`: copying a lazy image to a registry, S3 or another store.
-//! - `store`: the local lazy-image store (`dir:PATH`, an OCI image layout).
-//! - `cache`: the on-disk compressed chunk cache shared by all mounts (segments, LRU, crc checks).
-//! - `local`: a `ChunkSource` over a local store's blobs, with a decoded-chunk LRU.
 //! - `registry`: an OCI distribution API client (pulls, pushes, referrers) and
 //!   `RegistryBlobStore`, the blob store over one repository.
 //! - `s3`: S3 and S3-compatible stores: a `BlobStore` for reads, uploads for `lazyctl push`.
+//! - `store`: the local lazy-image store (`dir:PATH`, an OCI image layout).
+//! - `remote`: image locations (dir:, docker://, s3://) and opening images there.
+//! - `push`: copying a lazy image to a registry, S3 or another store.
+//! - `cache`: the on-disk compressed chunk cache shared by all mounts (segments, LRU, crc checks).
+//! - `fetcher`: the `ChunkSource` of remote mounts: caches, single-flight, priorities (demand,
+//!   read-ahead, background), retries, warm.
+//! - `local`: a `ChunkSource` over a local store's blobs, with a decoded-chunk LRU.
+//! - `profile`: hot-chunk profiles: recording first reads, merging runs, storing them beside
+//!   the image.
 //! - `mount`: opening an image and running a FUSE mount of it until it is unmounted.
+//! - `metrics`: fetch and cache counters, as JSON and Prometheus text.
+//! - `config`: lazyd's TOML configuration.
+//! - `daemon`: the `Agent` lazyd runs: mounts, warms, profiles, gc.
+//! - `api`, `server`: the control API's messages and its HTTP server on the unix socket.
 
+pub mod api;
 pub mod blobstore;
 pub mod cache;
+pub mod config;
+pub mod daemon;
 pub mod fetcher;
 pub mod local;
 pub mod metrics;
 pub mod mount;
+pub mod profile;
 pub mod push;
 pub mod registry;
 pub mod remote;
 pub mod s3;
+pub mod server;
 pub mod store;

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use crate::fetcher::Fetcher;
 use crate::local::{LocalChunkSource, DEFAULT_MEMORY_CACHE};
+use crate::profile::{Recorder, RecordingSource};
 use crate::remote::OpenedImage;
 use crate::store::{LocalStore, StoreError};
 
@@ -65,14 +66,32 @@ impl MountedImage {
     pub fn join(self) -> std::io::Result<()> {
         self.session.join()
     }
+
+    /// Whether the session has ended (the filesystem was unmounted, by anyone).
+    pub fn is_finished(&self) -> bool {
+        self.session.guard.is_finished()
+    }
 }
 
-/// Opens image `tag` of the store at `store_path` and mounts it at `mountpoint`.
+/// The chunk source a mount reads through: `chunks`, or `chunks` seen by `recorder`.
+fn recorded(
+    chunks: Arc<dyn ChunkSource>,
+    recorder: Option<&Arc<Recorder>>,
+) -> Arc<dyn ChunkSource> {
+    match recorder {
+        Some(r) => Arc::new(RecordingSource::new(chunks, r.clone())),
+        None => chunks,
+    }
+}
+
+/// Opens image `tag` of the store at `store_path` and mounts it at `mountpoint`; with
+/// `recorder`, first accesses of chunks are recorded for a profile.
 pub fn mount_local(
     store_path: &Path,
     tag: &str,
     mountpoint: &Path,
     cfg: &MountConfig,
+    recorder: Option<&Arc<Recorder>>,
 ) -> Result<MountedImage, MountError> {
     let started = Instant::now();
     check_mountpoint(mountpoint)?;
@@ -85,7 +104,7 @@ pub fn mount_local(
     )?);
     mount_index(
         image.index,
-        source.clone(),
+        recorded(source.clone(), recorder),
         MountSource::Local(source),
         &image.manifest_digest,
         mountpoint,
@@ -94,20 +113,22 @@ pub fn mount_local(
     )
 }
 
-/// Mounts an image opened with `remote::open_image`, reading its data through `fetcher`.
+/// Mounts an image opened with `remote::open_image`, reading its data through `fetcher`; with
+/// `recorder`, first accesses of chunks are recorded for a profile.
 pub fn mount_remote(
-    image: OpenedImage,
+    image: &OpenedImage,
     fetcher: &Arc<Fetcher>,
     mountpoint: &Path,
     cfg: &MountConfig,
+    recorder: Option<&Arc<Recorder>>,
 ) -> Result<MountedImage, MountError> {
     let started = Instant::now();
     check_mountpoint(mountpoint)?;
     let backend = fetcher.backend(image.store.clone());
     let source = Arc::new(fetcher.source(backend));
     mount_index(
-        image.index,
-        source,
+        image.index.clone(),
+        recorded(source, recorder),
         MountSource::Remote(fetcher.clone()),
         &image.manifest_digest,
         mountpoint,

@@ -1,0 +1,187 @@
+//! The control API's messages: HTTP/1.1 with JSON bodies on lazyd's unix socket, shared by the
+//! server (`daemon::serve`) and `lazyctl`'s client so the two cannot drift. docs/API.md
+//! describes every route with examples.
+//!
+//! Errors are a JSON body `{"error": "..."}` with a status that says whose fault it was: 400 a
+//! bad request, 404 no such mount, 409 a conflict (mountpoint in use or busy), 502 the backend
+//! failed, 503 the agent is shutting down, 500 anything else.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cache::RetainReport;
+use crate::fetcher::WarmProgress;
+use crate::metrics::MetricsSnapshot;
+use crate::profile::Profile;
+
+/// Version prefix of every route but `/metrics`.
+pub const PREFIX: &str = "/v1";
+
+/// `POST /v1/mounts`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MountRequest {
+    /// `dir:PATH[:TAG]`, `docker://HOST/REPO:TAG`, `HOST/REPO:TAG` or `s3://BUCKET/PREFIX`.
+    pub image: String,
+    /// An existing, empty directory.
+    pub mountpoint: PathBuf,
+    /// Overrides the config's `mount.allow_other`.
+    #[serde(default)]
+    pub allow_other: Option<bool>,
+}
+
+/// `POST /v1/umount`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UmountRequest {
+    pub mountpoint: PathBuf,
+    /// Detach even while files are open (`umount -l`).
+    #[serde(default)]
+    pub lazy: bool,
+}
+
+/// A live mount, as `status` and `mount` report it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MountInfo {
+    pub mountpoint: PathBuf,
+    pub image: String,
+    pub manifest_digest: String,
+    pub files: u64,
+    pub mounted_secs: f64,
+    /// File bytes read through the mount.
+    pub bytes_served: u64,
+    pub profile: MountProfile,
+}
+
+/// What a mount does with hot-chunk profiles.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MountProfile {
+    /// Still recording first accesses.
+    pub recording: bool,
+    /// Chunks recorded so far in this mount's recording.
+    pub recorded_chunks: u64,
+    /// Chunks of the profile queued for prefetch after mounting (0: no profile).
+    pub prefetch_chunks: u64,
+    /// Where that profile came from (`local`, or the image's location).
+    pub prefetch_source: Option<String>,
+}
+
+/// `POST /v1/warm`: the response is a stream of [`WarmEvent`]s, one JSON object per line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WarmRequest {
+    pub image: String,
+    /// Only the chunks of the image's profile (its hot set).
+    #[serde(default)]
+    pub hot: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum WarmEvent {
+    /// The image was opened; `progress` has the totals and what is cached already.
+    Started {
+        manifest_digest: String,
+        progress: WarmProgress,
+    },
+    Progress {
+        progress: WarmProgress,
+    },
+    Done {
+        progress: WarmProgress,
+        seconds: f64,
+    },
+    Failed {
+        error: String,
+        progress: WarmProgress,
+    },
+}
+
+/// A warm in progress, as `status` reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WarmInfo {
+    pub image: String,
+    pub hot: bool,
+    pub running_secs: f64,
+    pub progress: WarmProgress,
+}
+
+/// `GET /v1/status`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_secs: f64,
+    pub cache_dir: PathBuf,
+    pub shutting_down: bool,
+    pub mounts: Vec<MountInfo>,
+    pub warms: Vec<WarmInfo>,
+    pub images: Vec<KnownImage>,
+    pub metrics: MetricsSnapshot,
+}
+
+/// An image the agent has opened (mounted or warmed), kept in `STATE/images.json` so `gc`
+/// knows which cached chunks are still wanted.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct KnownImage {
+    pub location: String,
+    pub manifest_digest: String,
+    pub index_digest: String,
+    /// Seconds since the Unix epoch of the last mount, unmount or warm.
+    pub last_used: u64,
+}
+
+/// `POST /v1/gc`
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GcRequest {
+    /// Also forget images that are not mounted and were not used for this many seconds.
+    #[serde(default)]
+    pub unused_for_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GcReport {
+    pub forgotten_images: Vec<String>,
+    pub removed_indexes: u64,
+    pub cache: RetainReport,
+}
+
+/// `POST /v1/profile/record`: (re)starts recording first accesses on a live mount.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecordRequest {
+    pub mountpoint: PathBuf,
+    /// Default: the config's `profile.window`.
+    #[serde(default)]
+    pub window_secs: Option<f64>,
+}
+
+/// `POST /v1/profile/push` and `POST /v1/profile/show`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProfileRequest {
+    pub image: String,
+}
+
+/// The profiles the agent knows for one image.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProfileReport {
+    pub image: String,
+    pub manifest_digest: String,
+    /// Merged from the runs recorded on this host.
+    pub local: Option<Profile>,
+    /// Stored beside the image.
+    pub remote: Option<Profile>,
+    /// Why the profile beside the image could not be read (backend down, say).
+    pub remote_error: Option<String>,
+    /// Runs recorded here and not yet pushed.
+    pub pending_runs: u32,
+    /// After a push: where the profile went.
+    pub pushed_to: Option<String>,
+    /// Bytes (stored) of the image's chunks the local or else the remote profile names.
+    pub hot_bytes: u64,
+    /// Bytes (stored) of the whole image.
+    pub image_bytes: u64,
+}
+
+/// Body of every error response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}

@@ -1,0 +1,175 @@
+//! `lazyd`: the host agent. Owns the chunk cache, the fetcher and every lazy mount of the host,
+//! and serves the control API on a unix socket (docs/API.md) for `lazyctl`.
+//!
+//! Stopping: the first SIGTERM or SIGINT refuses new work, unmounts every mount nobody uses and
+//! keeps serving the ones in use (a running container's rootfs) until they are released, then
+//! exits; a second signal detaches the remaining mounts at once (their users then get errors).
+//! docs/OPERATIONS.md explains how the systemd unit relies on this.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent::config::{AgentConfig, DEFAULT_CONFIG};
+use agent::daemon::Agent;
+use agent::server;
+use anyhow::{Context, Result};
+use clap::Parser;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{info, warn};
+
+#[derive(Parser)]
+#[command(name = "lazyd", version, about = "The lazy-image host agent")]
+struct Args {
+    /// TOML config file (every key optional; see docs/OPERATIONS.md). Default:
+    /// /etc/lazyd/config.toml when it exists, else built-in defaults.
+    #[arg(long, short, env = "LAZYD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Check the config file and print the settings in effect, then exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+/// How often a stopping agent retries unmounting mounts that are in use.
+const DRAIN_RETRY: Duration = Duration::from_secs(1);
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match load_config(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("lazyd: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.check_config {
+        println!("{config:#?}");
+        return ExitCode::SUCCESS;
+    }
+    // RUST_LOG, when set, replaces the config's `log`.
+    let (filter, from) = match std::env::var("RUST_LOG") {
+        Ok(f) => (f, "RUST_LOG"),
+        Err(_) => (config.log.clone(), "the config's log"),
+    };
+    let filter = match tracing_subscriber::EnvFilter::try_new(&filter) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("lazyd: log filter {filter:?} in {from}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lazyd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(path: Option<&Path>) -> Result<AgentConfig> {
+    match path {
+        Some(p) => Ok(AgentConfig::load(p)?),
+        None if Path::new(DEFAULT_CONFIG).exists() => {
+            Ok(AgentConfig::load(Path::new(DEFAULT_CONFIG))?)
+        }
+        None => Ok(AgentConfig::default()),
+    }
+}
+
+fn run(config: AgentConfig) -> Result<()> {
+    let agent = Agent::new(config).context("starting the agent")?;
+    let runtime = agent.fetcher().clone();
+    runtime.runtime().block_on(serve(agent))
+}
+
+async fn serve(agent: Arc<Agent>) -> Result<()> {
+    let config = agent.config().clone();
+    let listener = server::bind_socket(&config.socket)
+        .await
+        .with_context(|| format!("binding the control socket {}", config.socket.display()))?;
+    let api = axum::serve(listener, server::router(agent.clone()));
+    tokio::spawn(async move {
+        if let Err(e) = api.await {
+            warn!("control API stopped: {e}");
+        }
+    });
+    if let Some(addr) = config.metrics_listen {
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics listener {addr}"))?;
+        let metrics = axum::serve(tcp, server::metrics_router(agent.clone()));
+        tokio::spawn(async move {
+            if let Err(e) = metrics.await {
+                warn!("metrics listener stopped: {e}");
+            }
+        });
+        info!("metrics on http://{addr}/metrics");
+    }
+    info!(
+        socket = %config.socket.display(),
+        cache = %config.cache_dir.display(),
+        cache_size = config.cache_size,
+        "lazyd ready"
+    );
+    notify(&[sd_notify::NotifyState::Ready]);
+
+    let mut term = signal(SignalKind::terminate()).context("installing signal handlers")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing signal handlers")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    info!("stopping: unmounting mounts that are not in use");
+    notify(&[sd_notify::NotifyState::Stopping]);
+    agent.begin_shutdown();
+    let mut reported = usize::MAX;
+    loop {
+        let busy = agent.unmount_all(false).await;
+        if busy.is_empty() {
+            break;
+        }
+        if busy.len() != reported {
+            reported = busy.len();
+            let list: Vec<String> = busy.iter().map(|p| p.display().to_string()).collect();
+            warn!(
+                "{} mount(s) in use, still serving them until they are released: {}; signal again to detach them now",
+                busy.len(),
+                list.join(", ")
+            );
+            let status = format!("draining: {} mount(s) in use", busy.len());
+            notify(&[sd_notify::NotifyState::Status(&status)]);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(DRAIN_RETRY) => {}
+            _ = term.recv() => { force(&agent).await; break; }
+            _ = int.recv() => { force(&agent).await; break; }
+        }
+    }
+    if let Err(e) = std::fs::remove_file(&config.socket) {
+        warn!("cannot remove the socket {}: {e}", config.socket.display());
+    }
+    info!("stopped");
+    Ok(())
+}
+
+async fn force(agent: &Arc<Agent>) {
+    warn!("detaching the mounts still in use; their users will get errors");
+    let left = agent.unmount_all(true).await;
+    if !left.is_empty() {
+        warn!("could not detach {} mount(s)", left.len());
+    }
+}
+
+/// Tells systemd (Type=notify) about the agent's state; a no-op outside systemd.
+fn notify(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, state) {
+        warn!("cannot notify systemd: {e}");
+    }
+}

@@ -1,0 +1,415 @@
+//! lazyd's configuration: a TOML file where every key has a default, so an empty file (or none)
+//! gives a working agent. Sizes are bytes or strings with K/M/G suffixes (`"10G"`), durations
+//! are humantime strings (`"30s"`, `"2m"`). Unknown keys are errors, so a typo is reported
+//! instead of silently ignored. The reference with every key is in docs/OPERATIONS.md.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use thiserror::Error;
+
+use crate::fetcher::FetcherConfig;
+use crate::remote::RemoteOptions;
+
+/// Where `lazyd` listens and `lazyctl` looks when neither `--socket` nor `LAZYD_SOCKET` says.
+pub const DEFAULT_SOCKET: &str = "/run/lazyd/lazyd.sock";
+/// Where the packaged unit's config file lives.
+pub const DEFAULT_CONFIG: &str = "/etc/lazyd/config.toml";
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The control API's unix socket.
+    pub socket: PathBuf,
+    /// The agent's own state: known images, recorded profiles.
+    pub state_dir: PathBuf,
+    /// The chunk cache (and kept manifests and indexes).
+    pub cache_dir: PathBuf,
+    /// Disk budget of the chunk cache.
+    #[serde(deserialize_with = "size")]
+    pub cache_size: u64,
+    /// Log filter (tracing-subscriber `EnvFilter` syntax); `RUST_LOG` overrides it.
+    pub log: String,
+    /// Also serve `GET /metrics` on this TCP address (for Prometheus), besides the socket.
+    pub metrics_listen: Option<SocketAddr>,
+    pub fetch: FetchConfig,
+    pub background: BackgroundConfig,
+    pub profile: ProfileConfig,
+    pub mount: MountOptions,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            state_dir: PathBuf::from("/var/lib/lazyd"),
+            cache_dir: PathBuf::from("/var/cache/lazyimg"),
+            cache_size: 10 << 30,
+            log: "info,fuser::mnt=error".to_string(),
+            metrics_listen: None,
+            fetch: FetchConfig::default(),
+            background: BackgroundConfig::default(),
+            profile: ProfileConfig::default(),
+            mount: MountOptions::default(),
+        }
+    }
+}
+
+/// Requests to registries and S3.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FetchConfig {
+    /// Requests in flight per backend (demand reads always get a slot; background work at most
+    /// half of them).
+    pub concurrency: usize,
+    #[serde(deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    /// Bound on one request; transient failures are retried.
+    #[serde(deserialize_with = "duration")]
+    pub request_timeout: Duration,
+    /// How long a read through a mount waits for its data before it fails with EIO.
+    #[serde(deserialize_with = "duration")]
+    pub read_timeout: Duration,
+    /// Attempts per request, the first included.
+    pub max_attempts: u32,
+    /// Largest coalesced range request.
+    #[serde(deserialize_with = "size")]
+    pub max_request_size: u64,
+    /// Budget of the decoded-chunk memory cache.
+    #[serde(deserialize_with = "size")]
+    pub memory_cache: u64,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        let f = FetcherConfig::default();
+        let r = RemoteOptions::default();
+        FetchConfig {
+            concurrency: f.concurrency,
+            connect_timeout: r.connect_timeout,
+            request_timeout: f.request_timeout,
+            read_timeout: f.read_timeout,
+            max_attempts: f.max_attempts,
+            max_request_size: f.max_request_bytes,
+            memory_cache: f.memory_budget as u64,
+        }
+    }
+}
+
+/// Work nobody waits for: hot-profile prefetch after a mount.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackgroundConfig {
+    /// Bytes per second background prefetch may use (per agent); 0 = no limit. `lazyctl warm`
+    /// is work an operator asked for and runs at full speed.
+    #[serde(deserialize_with = "size")]
+    pub bandwidth: u64,
+    /// Background requests (warm, prefetch) in flight per backend: enough to fill the link,
+    /// few enough that a demand read shares it with little.
+    pub max_requests: usize,
+    /// Largest background request.
+    #[serde(deserialize_with = "size")]
+    pub max_request_size: u64,
+}
+
+impl Default for BackgroundConfig {
+    fn default() -> Self {
+        // About 80 % of a 1 Gbit/s link: a host's hot set arrives in seconds while a container
+        // that starts anyway still finds headroom for its own misses.
+        let f = FetcherConfig::default();
+        BackgroundConfig {
+            bandwidth: 100 << 20,
+            max_requests: f.background_requests,
+            max_request_size: f.background_request_bytes,
+        }
+    }
+}
+
+/// Hot-chunk profiles.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProfileConfig {
+    /// Record which chunks are read in the first `window` after each mount.
+    pub record: bool,
+    #[serde(deserialize_with = "duration")]
+    pub window: Duration,
+    /// Push the merged profile beside the image when a recording ends (needs write access to
+    /// the registry or bucket); otherwise it stays local until `lazyctl profile push`.
+    pub push: bool,
+    /// Prefetch an image's profile (local, else the one beside the image) after mounting it.
+    pub prefetch: bool,
+}
+
+impl Default for ProfileConfig {
+    fn default() -> Self {
+        ProfileConfig {
+            record: true,
+            window: Duration::from_secs(30),
+            push: false,
+            prefetch: true,
+        }
+    }
+}
+
+/// Defaults for mounts made through the agent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MountOptions {
+    /// Let other users (a container's non-root users) use mounts.
+    pub allow_other: bool,
+    /// Threads serving reads, per mount.
+    pub read_workers: usize,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            allow_other: true,
+            read_workers: 16,
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Reads `path`; a missing file is an error (the caller decides whether one is needed).
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        AgentConfig::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<AgentConfig, String> {
+        let config: AgentConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.fetch.concurrency == 0 {
+            return Err("fetch.concurrency must be at least 1".into());
+        }
+        if self.fetch.max_attempts == 0 {
+            return Err("fetch.max_attempts must be at least 1".into());
+        }
+        if self.fetch.max_request_size < 64 << 10 {
+            return Err("fetch.max_request_size must be at least 64K".into());
+        }
+        if self.background.max_requests == 0 {
+            return Err("background.max_requests must be at least 1".into());
+        }
+        if self.background.max_request_size < 64 << 10 {
+            return Err("background.max_request_size must be at least 64K".into());
+        }
+        if self.mount.read_workers == 0 {
+            return Err("mount.read_workers must be at least 1".into());
+        }
+        if self.cache_size == 0 {
+            return Err("cache_size must be more than 0".into());
+        }
+        Ok(())
+    }
+
+    pub fn fetcher(&self) -> FetcherConfig {
+        FetcherConfig {
+            request_timeout: self.fetch.request_timeout,
+            read_timeout: self.fetch.read_timeout,
+            max_attempts: self.fetch.max_attempts,
+            max_request_bytes: self.fetch.max_request_size,
+            concurrency: self.fetch.concurrency,
+            background_requests: self.background.max_requests,
+            background_request_bytes: self.background.max_request_size,
+            memory_budget: usize::try_from(self.fetch.memory_cache).unwrap_or(usize::MAX),
+            ..FetcherConfig::default()
+        }
+    }
+
+    pub fn remote(&self) -> RemoteOptions {
+        RemoteOptions {
+            connect_timeout: self.fetch.connect_timeout,
+            read_timeout: self.fetch.request_timeout,
+        }
+    }
+
+    /// Where the chunk segments live.
+    pub fn chunk_dir(&self) -> PathBuf {
+        self.cache_dir.join(crate::remote::CHUNK_DIR)
+    }
+}
+
+/// Parses a size: a number of bytes with an optional K, M or G suffix (powers of 1024; `KiB`,
+/// `MiB`, `GiB` accepted too).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_uppercase();
+    let (num, shift) = [
+        ("GIB", 30),
+        ("G", 30),
+        ("MIB", 20),
+        ("M", 20),
+        ("KIB", 10),
+        ("K", 10),
+    ]
+    .iter()
+    .find_map(|(suffix, shift)| t.strip_suffix(suffix).map(|n| (n.trim(), *shift)))
+    .unwrap_or((t.as_str(), 0));
+    let n: u64 = num.parse().map_err(|_| format!("not a size: {s:?}"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("size too large: {s:?}"))
+}
+
+fn size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Bytes(n) => Ok(n),
+        Size::Text(s) => parse_size(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s)
+        .map_err(|e| serde::de::Error::custom(format!("not a duration: {s:?} ({e})")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_gives_the_defaults() {
+        let c = AgentConfig::parse("").unwrap();
+        assert_eq!(c.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(c.cache_size, 10 << 30);
+        assert_eq!(c.fetch.concurrency, 16);
+        assert_eq!(c.fetch.read_timeout, Duration::from_secs(30));
+        assert!(c.profile.record && c.profile.prefetch && !c.profile.push);
+        assert_eq!(c.background.bandwidth, 100 << 20);
+    }
+
+    #[test]
+    fn every_section_parses() {
+        let c = AgentConfig::parse(
+            r#"
+            socket = "/tmp/l.sock"
+            state_dir = "/tmp/state"
+            cache_dir = "/tmp/cache"
+            cache_size = "512M"
+            log = "debug"
+            metrics_listen = "127.0.0.1:9480"
+            [fetch]
+            concurrency = 32
+            connect_timeout = "2s"
+            request_timeout = "15s"
+            read_timeout = "1m"
+            max_attempts = 2
+            max_request_size = "4M"
+            memory_cache = 1048576
+            [background]
+            bandwidth = "0"
+            max_requests = 8
+            max_request_size = "8M"
+            [profile]
+            record = false
+            window = "10s"
+            push = true
+            prefetch = false
+            [mount]
+            allow_other = false
+            read_workers = 4
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.cache_size, 512 << 20);
+        assert_eq!(c.metrics_listen.unwrap().port(), 9480);
+        assert_eq!(c.fetch.read_timeout, Duration::from_secs(60));
+        assert_eq!(c.fetcher().max_request_bytes, 4 << 20);
+        assert_eq!(c.fetcher().memory_budget, 1 << 20);
+        assert_eq!(c.remote().connect_timeout, Duration::from_secs(2));
+        assert_eq!(c.background.bandwidth, 0);
+        assert_eq!(c.fetcher().background_requests, 8);
+        assert_eq!(c.fetcher().background_request_bytes, 8 << 20);
+        assert_eq!(c.profile.window, Duration::from_secs(10));
+        assert!(!c.mount.allow_other);
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let err = AgentConfig::parse("cache_sise = \"1G\"").unwrap_err();
+        assert!(err.contains("cache_sise"), "{err}");
+        let err = AgentConfig::parse("cache_size = \"lots\"").unwrap_err();
+        assert!(err.contains("not a size"), "{err}");
+        let err = AgentConfig::parse("[fetch]\nread_timeout = \"soon\"").unwrap_err();
+        assert!(err.contains("not a duration"), "{err}");
+        let err = AgentConfig::parse("[fetch]\nconcurrency = 0").unwrap_err();
+        assert!(err.contains("concurrency"), "{err}");
+    }
+
+    /// packaging/config/lazyd.toml lists every key commented out at its default: uncommented, it
+    /// must parse to the defaults (but for `metrics_listen`, which has none).
+    #[test]
+    fn the_example_config_states_the_defaults() {
+        let example = include_str!("../../packaging/config/lazyd.toml");
+        let key = |l: &str| {
+            let l = l.trim_start_matches('#');
+            (l.starts_with('[') && l.ends_with(']'))
+                || l.split_once(" = ").is_some_and(|(k, _)| {
+                    !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                })
+        };
+        let text: String = example
+            .lines()
+            .map(|l| {
+                if l.starts_with('#') && key(l) {
+                    &l[1..]
+                } else {
+                    l
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let mut parsed = AgentConfig::parse(&text).unwrap();
+        assert!(
+            parsed.metrics_listen.is_some(),
+            "metrics_listen is in the example"
+        );
+        parsed.metrics_listen = None;
+        assert_eq!(
+            format!("{parsed:?}"),
+            format!("{:?}", AgentConfig::default())
+        );
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("10G").unwrap(), 10 << 30);
+        assert_eq!(parse_size("1 MiB").unwrap(), 1 << 20);
+        assert_eq!(parse_size("64k").unwrap(), 64 << 10);
+        assert_eq!(parse_size("123").unwrap(), 123);
+        assert!(parse_size("99999999999G").is_err());
+        assert!(parse_size("G").is_err());
+    }
+}

@@ -1,0 +1,1013 @@
+//! The agent: what `lazyd` runs. One [`Agent`] per host owns the chunk cache, the fetcher and
+//! every FUSE mount, so the read path never crosses a process boundary; `server` exposes it on
+//! the control socket.
+//!
+//! Beyond serving reads it moves bytes ahead of demand:
+//! - **warm** fetches a whole image (or its hot set) into the cache at background priority and
+//!   full speed, reporting progress; chunks already cached are skipped, so a second warm fetches
+//!   nothing and an interrupted one continues where it stopped;
+//! - **profiles**: each mount records which chunks are read in its first seconds
+//!   (`profile.window`), in first-access order; when the window ends the run is merged into the
+//!   image's local profile (`STATE/profiles`) and queued for pushing beside the image
+//!   (`STATE/profiles/pending`, pushed by `lazyctl profile push` or at once with
+//!   `profile.push`). Mounting an image that has a profile (local, else beside the image)
+//!   queues its chunks for prefetch in profile order, below demand reads and under
+//!   `background.bandwidth`.
+//!
+//! State that must survive a restart is small and lives in files: the images the agent has
+//! opened (`STATE/images.json`, used by `gc`), kept manifests and indexes in the cache directory
+//! (so a warmed image mounts with its backend down), and profiles. Mounts themselves do not
+//! survive the process: on SIGTERM the agent unmounts what is idle and keeps serving what is in
+//! use until it is released (see `lazyd` and docs/OPERATIONS.md).
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use fusefs::fuse::MountConfig;
+use fusefs::Index;
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::api::{
+    GcReport, GcRequest, KnownImage, MountInfo, MountProfile, MountRequest, ProfileReport,
+    RecordRequest, Status, UmountRequest, WarmEvent, WarmInfo, WarmRequest,
+};
+use crate::cache::{CacheConfig, CacheError, ChunkCache};
+use crate::config::AgentConfig;
+use crate::fetcher::{Backend, Fetcher, RateLimit, WarmError, WarmOptions, WarmProgress};
+use crate::mount::{self, MountError, MountedImage};
+use crate::profile::{self, ProfileError, Recorder};
+use crate::remote::{self, ImageLocation, OpenedImage, RemoteError, RemoteOptions};
+
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("nothing is mounted by lazyd at {0}")]
+    NotMounted(PathBuf),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{path} is in use (open files, a working directory or an overlay on it); stop its users or unmount with --lazy")]
+    Busy { path: PathBuf },
+    #[error("lazyd is shutting down")]
+    ShuttingDown,
+    #[error("cannot open {image}: {source}")]
+    Open {
+        image: String,
+        #[source]
+        source: RemoteError,
+    },
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error("profile: {0}")]
+    Profile(#[from] ProfileError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error(transparent)]
+    Warm(#[from] WarmError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl AgentError {
+    /// Whether the failure is the backend's (down, slow) rather than the request's.
+    pub fn is_backend(&self) -> bool {
+        match self {
+            AgentError::Open { source, .. } => !source.is_permanent(),
+            AgentError::Profile(e) => !e.is_permanent(),
+            _ => false,
+        }
+    }
+
+    fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
+        let context = context.into();
+        move |source| AgentError::Io { context, source }
+    }
+}
+
+/// A mount served by the agent.
+struct LiveMount {
+    image: String,
+    opened: OpenedImage,
+    /// `None` for local stores, read in place.
+    backend: Option<Arc<Backend>>,
+    session: Mutex<Option<MountedImage>>,
+    reader: Arc<fusefs::ImageReader>,
+    mounted_at: Instant,
+    recorder: Option<Arc<Recorder>>,
+    /// Bumped by every (re)start of a recording, so only the latest one's timer saves it.
+    recording: AtomicU64,
+    /// Whether the latest recording has been saved.
+    saved: AtomicBool,
+    prefetch: Mutex<(u64, Option<String>)>,
+}
+
+impl LiveMount {
+    fn info(&self, mountpoint: &Path) -> MountInfo {
+        let (prefetch_chunks, prefetch_source) = lock(&self.prefetch).clone();
+        MountInfo {
+            mountpoint: mountpoint.to_path_buf(),
+            image: self.image.clone(),
+            manifest_digest: self.opened.manifest_digest.clone(),
+            files: self.opened.index.inode_count(),
+            mounted_secs: self.mounted_at.elapsed().as_secs_f64(),
+            bytes_served: self.reader.bytes_served(),
+            profile: MountProfile {
+                recording: self.recorder.as_ref().is_some_and(|r| r.is_recording()),
+                recorded_chunks: self.recorder.as_ref().map_or(0, |r| r.len() as u64),
+                prefetch_chunks,
+                prefetch_source,
+            },
+        }
+    }
+
+    fn is_finished(&self) -> bool {
+        lock(&self.session).as_ref().is_none_or(|s| s.is_finished())
+    }
+}
+
+struct RunningWarm {
+    image: String,
+    hot: bool,
+    started: Instant,
+    progress: WarmProgress,
+}
+
+pub struct Agent {
+    config: AgentConfig,
+    remote: RemoteOptions,
+    fetcher: Arc<Fetcher>,
+    cache: Arc<ChunkCache>,
+    background_limit: Option<Arc<RateLimit>>,
+    mounts: Mutex<BTreeMap<PathBuf, Arc<LiveMount>>>,
+    warms: Mutex<BTreeMap<u64, RunningWarm>>,
+    next_warm: AtomicU64,
+    images: Mutex<Vec<KnownImage>>,
+    shutting_down: AtomicBool,
+    started: Instant,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every guarded value is replaced or updated in single statements; a panic elsewhere cannot
+    // leave one torn.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// How often a warm reports progress to its client (the last report is always sent).
+const WARM_REPORT_INTERVAL: Duration = Duration::from_millis(200);
+
+impl Agent {
+    /// Opens the cache (taking its lock) and starts the fetcher. Contacts no backend: the agent
+    /// starts with every registry and bucket unreachable.
+    pub fn new(config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
+        for dir in [&config.state_dir, &config.cache_dir] {
+            std::fs::create_dir_all(dir)
+                .map_err(AgentError::io(format!("creating {}", dir.display())))?;
+        }
+        let cache = Arc::new(ChunkCache::open(&CacheConfig {
+            dir: config.chunk_dir(),
+            budget_bytes: config.cache_size,
+        })?);
+        let fetcher = Fetcher::new(config.fetcher(), Some(cache.clone()))
+            .map_err(AgentError::io("starting the fetcher"))?;
+        let images = load_images(&config.state_dir.join(IMAGES_FILE));
+        let background_limit =
+            (config.background.bandwidth > 0).then(|| RateLimit::new(config.background.bandwidth));
+        Ok(Arc::new(Agent {
+            remote: config.remote(),
+            config,
+            fetcher,
+            cache,
+            background_limit,
+            mounts: Mutex::new(BTreeMap::new()),
+            warms: Mutex::new(BTreeMap::new()),
+            next_warm: AtomicU64::new(0),
+            images: Mutex::new(images),
+            shutting_down: AtomicBool::new(false),
+            started: Instant::now(),
+        }))
+    }
+
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    pub fn fetcher(&self) -> &Arc<Fetcher> {
+        &self.fetcher
+    }
+
+    fn check_running(&self) -> Result<(), AgentError> {
+        if self.shutting_down.load(Ordering::Relaxed) {
+            Err(AgentError::ShuttingDown)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Opens `image` (manifest and index); with `remember`, records it for `gc` as in use.
+    async fn open(&self, image: &str, remember: bool) -> Result<OpenedImage, AgentError> {
+        let location =
+            ImageLocation::parse(image).map_err(|e| AgentError::BadRequest(e.to_string()))?;
+        let opened = remote::open_image(&location, &self.remote, Some(&self.config.cache_dir))
+            .await
+            .map_err(|source| AgentError::Open {
+                image: image.to_string(),
+                source,
+            })?;
+        if remember {
+            self.remember(image, &opened);
+        }
+        Ok(opened)
+    }
+
+    /// Mounts an image; mounting the same image again at the same place is a no-op.
+    pub async fn mount(self: &Arc<Self>, req: MountRequest) -> Result<MountInfo, AgentError> {
+        self.check_running()?;
+        self.reap();
+        let mountpoint = absolute(&req.mountpoint)?;
+        if let Some(live) = lock(&self.mounts).get(&mountpoint) {
+            return if live.image == req.image {
+                Ok(live.info(&mountpoint))
+            } else {
+                Err(AgentError::Conflict(format!(
+                    "{} already has {} mounted",
+                    mountpoint.display(),
+                    live.image
+                )))
+            };
+        }
+        let opened = self.open(&req.image, true).await?;
+        let recorder = self
+            .config
+            .profile
+            .record
+            .then(|| Recorder::new(self.config.profile.window));
+        let cfg = MountConfig {
+            fs_name: format!("lazyimg:{}", req.image),
+            allow_other: req.allow_other.unwrap_or(self.config.mount.allow_other),
+            read_workers: self.config.mount.read_workers,
+            ..MountConfig::default()
+        };
+        let backend = match &opened.location {
+            ImageLocation::Dir { .. } => None,
+            _ => Some(self.fetcher.backend(opened.store.clone())),
+        };
+        let fetcher = self.fetcher.clone();
+        let (opened, mounted) = {
+            let mountpoint = mountpoint.clone();
+            let recorder = recorder.clone();
+            tokio::task::spawn_blocking(move || {
+                let mounted = match &opened.location {
+                    ImageLocation::Dir { path, tag } => {
+                        mount::mount_local(path, tag, &mountpoint, &cfg, recorder.as_ref())
+                    }
+                    _ => {
+                        mount::mount_remote(&opened, &fetcher, &mountpoint, &cfg, recorder.as_ref())
+                    }
+                };
+                mounted.map(|m| (opened, m))
+            })
+            .await
+            .map_err(|e| AgentError::Io {
+                context: "mount task".into(),
+                source: std::io::Error::other(e),
+            })??
+        };
+        let live = Arc::new(LiveMount {
+            image: req.image.clone(),
+            reader: mounted.reader.clone(),
+            opened,
+            backend,
+            session: Mutex::new(Some(mounted)),
+            mounted_at: Instant::now(),
+            recorder,
+            recording: AtomicU64::new(0),
+            saved: AtomicBool::new(false),
+            prefetch: Mutex::new((0, None)),
+        });
+        lock(&self.mounts).insert(mountpoint.clone(), live.clone());
+        if live.recorder.is_some() {
+            self.schedule_recording_end(&live, 0, self.config.profile.window);
+        }
+        if self.config.profile.prefetch && live.backend.is_some() {
+            let agent = self.clone();
+            let live = live.clone();
+            tokio::spawn(async move { agent.prefetch_profile(&live).await });
+        }
+        Ok(live.info(&mountpoint))
+    }
+
+    /// Queues the chunks of the image's profile (local, else the one beside the image) for
+    /// background prefetch.
+    async fn prefetch_profile(&self, live: &LiveMount) {
+        let Some(backend) = &live.backend else { return };
+        let digest = &live.opened.manifest_digest;
+        let (profile, source) = match profile::load_local(&self.profile_dir(), digest) {
+            Ok(Some(p)) => (p, "local".to_string()),
+            Ok(None) => match profile::fetch_profile(&live.opened, &self.remote).await {
+                Ok(Some(p)) => (p, live.image.clone()),
+                Ok(None) => return,
+                Err(e) => {
+                    warn!(image = %live.image, "cannot fetch the image's profile, not prefetching: {e}");
+                    return;
+                }
+            },
+            Err(e) => {
+                warn!(image = %live.image, "local profile unusable, not prefetching: {e}");
+                return;
+            }
+        };
+        let chunks = profile.chunks(&live.opened.index);
+        let bytes: u64 = chunks.iter().map(|c| u64::from(c.record.comp_len)).sum();
+        info!(
+            image = %live.image,
+            chunks = chunks.len(),
+            bytes,
+            runs = profile.runs,
+            "prefetching the hot set from the {source} profile"
+        );
+        *lock(&live.prefetch) = (chunks.len() as u64, Some(source));
+        self.fetcher
+            .prefetch_background(backend, &chunks, self.background_limit.clone());
+    }
+
+    fn schedule_recording_end(
+        self: &Arc<Self>,
+        live: &Arc<LiveMount>,
+        generation: u64,
+        window: Duration,
+    ) {
+        let agent = self.clone();
+        let live = live.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(window).await;
+            if live.recording.load(Ordering::SeqCst) == generation {
+                agent.save_recording(&live).await;
+            }
+        });
+    }
+
+    /// Merges what the mount recorded into the image's local profile and its pending runs,
+    /// once per recording; pushes it when the config says so.
+    async fn save_recording(&self, live: &LiveMount) {
+        let Some(recorder) = &live.recorder else {
+            return;
+        };
+        if live.saved.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let digest = &live.opened.manifest_digest;
+        let run = recorder.profile(digest, &live.opened.index);
+        if run.entries.is_empty() {
+            return;
+        }
+        let result = (|| -> Result<(), ProfileError> {
+            for dir in [self.profile_dir(), self.pending_dir()] {
+                let merged = match profile::load_local(&dir, digest)? {
+                    Some(mut p) => {
+                        p.merge(&run);
+                        p
+                    }
+                    None => run.clone(),
+                };
+                profile::save_local(&dir, &merged)?;
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => info!(
+                image = %live.image,
+                chunks = run.entries.len(),
+                "recorded the image's first reads into its profile"
+            ),
+            Err(e) => {
+                error!(image = %live.image, "cannot save the recorded profile: {e}");
+                return;
+            }
+        }
+        if self.config.profile.push {
+            match self.push_pending(&live.opened).await {
+                Ok(Some(to)) => info!(image = %live.image, "pushed the profile to {to}"),
+                Ok(None) => {}
+                Err(e) => warn!(image = %live.image, "cannot push the profile (kept locally): {e}"),
+            }
+        }
+    }
+
+    /// Merges the runs recorded here and not pushed yet into the profile beside the image and
+    /// pushes the result. Returns where it went, or `None` when there was nothing to push.
+    async fn push_pending(&self, opened: &OpenedImage) -> Result<Option<String>, AgentError> {
+        let digest = &opened.manifest_digest;
+        let Some(pending) = profile::load_local(&self.pending_dir(), digest)? else {
+            return Ok(None);
+        };
+        let merged = match profile::fetch_profile(opened, &self.remote).await? {
+            Some(mut remote) => {
+                remote.merge(&pending);
+                remote
+            }
+            None => pending,
+        };
+        let to = profile::push_profile(opened, &merged, &self.remote).await?;
+        profile::remove_local(&self.pending_dir(), digest)?;
+        Ok(Some(to))
+    }
+
+    /// Unmounts; fails with `Busy` while the mount is in use unless `lazy`.
+    pub async fn umount(self: &Arc<Self>, req: UmountRequest) -> Result<(), AgentError> {
+        let mountpoint = absolute(&req.mountpoint)?;
+        let Some(live) = lock(&self.mounts).get(&mountpoint).cloned() else {
+            return Err(AgentError::NotMounted(mountpoint));
+        };
+        let target = mountpoint.clone();
+        let lazy = req.lazy;
+        let session = {
+            let live = live.clone();
+            tokio::task::spawn_blocking(move || -> Result<(), AgentError> {
+                if !live.is_finished() {
+                    match mount::unmount(&target, lazy) {
+                        Ok(()) => {}
+                        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                            return Err(AgentError::Busy { path: target });
+                        }
+                        Err(e) => {
+                            return Err(AgentError::io(format!("unmounting {}", target.display()))(
+                                e,
+                            ))
+                        }
+                    }
+                }
+                let session = lock(&live.session).take();
+                let Some(session) = session else {
+                    return Ok(());
+                };
+                if lazy && !session.is_finished() {
+                    // Detached while in use: the kernel ends the session when the last file is
+                    // closed; serve those reads until then without holding the caller.
+                    std::thread::spawn(move || {
+                        if let Err(e) = session.join() {
+                            warn!(mountpoint = %target.display(), "FUSE session ended with an error: {e}");
+                        }
+                    });
+                } else if let Err(e) = session.join() {
+                    warn!(mountpoint = %target.display(), "FUSE session ended with an error: {e}");
+                }
+                Ok(())
+            })
+        };
+        session.await.map_err(|e| AgentError::Io {
+            context: "unmount task".into(),
+            source: std::io::Error::other(e),
+        })??;
+        self.forget_mount(&mountpoint, &live).await;
+        info!(mountpoint = %mountpoint.display(), image = %live.image, "unmounted");
+        Ok(())
+    }
+
+    async fn forget_mount(&self, mountpoint: &Path, live: &Arc<LiveMount>) {
+        {
+            let mut mounts = lock(&self.mounts);
+            if mounts.get(mountpoint).is_some_and(|m| Arc::ptr_eq(m, live)) {
+                mounts.remove(mountpoint);
+            }
+        }
+        self.touch(&live.opened.manifest_digest);
+        self.save_recording(live).await;
+    }
+
+    /// Drops mounts whose FUSE session ended without the agent (`umount` run by hand).
+    fn reap(self: &Arc<Self>) {
+        let finished: Vec<(PathBuf, Arc<LiveMount>)> = lock(&self.mounts)
+            .iter()
+            .filter(|(_, m)| m.is_finished())
+            .map(|(p, m)| (p.clone(), m.clone()))
+            .collect();
+        for (path, live) in finished {
+            info!(mountpoint = %path.display(), image = %live.image, "mount was unmounted outside lazyd");
+            let session = lock(&live.session).take();
+            if let Some(session) = session {
+                let _ = session.join();
+            }
+            let agent = self.clone();
+            tokio::spawn(async move { agent.forget_mount(&path, &live).await });
+        }
+    }
+
+    /// Restarts the recording of a live mount's first reads for `window`.
+    pub fn record(self: &Arc<Self>, req: RecordRequest) -> Result<MountInfo, AgentError> {
+        let mountpoint = absolute(&req.mountpoint)?;
+        let live = lock(&self.mounts)
+            .get(&mountpoint)
+            .cloned()
+            .ok_or_else(|| AgentError::NotMounted(mountpoint.clone()))?;
+        let Some(recorder) = &live.recorder else {
+            return Err(AgentError::BadRequest(
+                "profile recording is off in the config (profile.record = false)".into(),
+            ));
+        };
+        let window = match req.window_secs {
+            Some(s) => Duration::try_from_secs_f64(s)
+                .map_err(|_| AgentError::BadRequest(format!("not a duration: {s}")))?,
+            None => self.config.profile.window,
+        };
+        let generation = live.recording.fetch_add(1, Ordering::SeqCst) + 1;
+        live.saved.store(false, Ordering::SeqCst);
+        recorder.restart(window);
+        self.schedule_recording_end(&live, generation, window);
+        Ok(live.info(&mountpoint))
+    }
+
+    /// The image's profiles: the one merged here, the one beside the image, and what they cover.
+    pub async fn profile_show(&self, image: &str) -> Result<ProfileReport, AgentError> {
+        let opened = self.open(image, false).await?;
+        self.profile_report(image, &opened, None).await
+    }
+
+    /// Pushes the runs recorded here (merged into the profile beside the image).
+    pub async fn profile_push(&self, image: &str) -> Result<ProfileReport, AgentError> {
+        let opened = self.open(image, false).await?;
+        let to = self.push_pending(&opened).await?;
+        if to.is_none() {
+            return Err(AgentError::BadRequest(format!(
+                "no runs of {image} were recorded here since the last push; mount it and run its workload first (lazyctl profile record MOUNTPOINT restarts a recording)"
+            )));
+        }
+        self.profile_report(image, &opened, to).await
+    }
+
+    async fn profile_report(
+        &self,
+        image: &str,
+        opened: &OpenedImage,
+        pushed_to: Option<String>,
+    ) -> Result<ProfileReport, AgentError> {
+        let digest = &opened.manifest_digest;
+        let local = profile::load_local(&self.profile_dir(), digest)?;
+        let pending_runs = profile::load_local(&self.pending_dir(), digest)?.map_or(0, |p| p.runs);
+        let (remote, remote_error) = match profile::fetch_profile(opened, &self.remote).await {
+            Ok(p) => (p, None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        let chunks = opened
+            .index
+            .chunk_refs()
+            .map_err(|e| AgentError::BadRequest(e.to_string()))?;
+        let image_bytes = chunks.iter().map(|c| u64::from(c.record.comp_len)).sum();
+        let hot_bytes = local.as_ref().or(remote.as_ref()).map_or(0, |p| {
+            p.chunks(&opened.index)
+                .iter()
+                .map(|c| u64::from(c.record.comp_len))
+                .sum()
+        });
+        Ok(ProfileReport {
+            image: image.to_string(),
+            manifest_digest: digest.clone(),
+            local,
+            remote,
+            remote_error,
+            pending_runs,
+            pushed_to,
+            hot_bytes,
+            image_bytes,
+        })
+    }
+
+    /// The checks a warm request must pass before its event stream starts.
+    pub fn check_warm(&self, req: &WarmRequest) -> Result<(), AgentError> {
+        self.check_running()?;
+        ImageLocation::parse(&req.image).map_err(|e| AgentError::BadRequest(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Fetches an image (or, with `hot`, its profile's chunks) into the cache, sending
+    /// progress events to `events`. Stops when the receiver is dropped (the client went away).
+    pub async fn warm(self: &Arc<Self>, req: WarmRequest, events: mpsc::Sender<WarmEvent>) {
+        let mut last = WarmProgress::default();
+        if let Err(e) = self.warm_inner(&req, &events, &mut last).await {
+            warn!(image = %req.image, "warm failed: {e}");
+            let _ = events
+                .send(WarmEvent::Failed {
+                    error: e.to_string(),
+                    progress: last,
+                })
+                .await;
+        }
+    }
+
+    async fn warm_inner(
+        self: &Arc<Self>,
+        req: &WarmRequest,
+        events: &mpsc::Sender<WarmEvent>,
+        last: &mut WarmProgress,
+    ) -> Result<(), AgentError> {
+        self.check_running()?;
+        let started = Instant::now();
+        let opened = self.open(&req.image, true).await?;
+        let chunks = if req.hot {
+            let profile = match profile::load_local(&self.profile_dir(), &opened.manifest_digest)? {
+                Some(p) => p,
+                None => profile::fetch_profile(&opened, &self.remote)
+                    .await?
+                    .ok_or_else(|| {
+                        AgentError::BadRequest(format!(
+                            "{} has no profile (none recorded here, none beside the image); warm the whole image, or record one (lazyctl profile --help)",
+                            req.image
+                        ))
+                    })?,
+            };
+            profile.chunks(&opened.index)
+        } else {
+            let mut all = opened
+                .index
+                .chunk_refs()
+                .map_err(|e| AgentError::BadRequest(e.to_string()))?;
+            // Blob and offset order: neighbours coalesce into long range requests.
+            all.sort_by(|a, b| {
+                (&a.blob_digest, a.record.comp_off).cmp(&(&b.blob_digest, b.record.comp_off))
+            });
+            all
+        };
+        if let ImageLocation::Dir { .. } = opened.location {
+            // A local store is read in place; there is nothing to fetch.
+            let stored: u64 = chunks.iter().map(|c| u64::from(c.record.comp_len)).sum();
+            *last = WarmProgress {
+                total_chunks: chunks.len() as u64,
+                total_bytes: stored,
+                cached_chunks: chunks.len() as u64,
+                cached_bytes: stored,
+                ..WarmProgress::default()
+            };
+            let _ = events
+                .send(WarmEvent::Started {
+                    manifest_digest: opened.manifest_digest.clone(),
+                    progress: last.clone(),
+                })
+                .await;
+        } else {
+            *last = self.run_warm(req, &opened, chunks, events).await?;
+        }
+        self.touch(&opened.manifest_digest);
+        let seconds = started.elapsed().as_secs_f64();
+        info!(
+            image = %req.image,
+            fetched_bytes = last.fetched_bytes,
+            cached_bytes = last.cached_bytes,
+            "warmed {} ({} chunks) in {seconds:.1} s, {:.1} MB/s",
+            if req.hot { "the hot set" } else { "the image" },
+            last.total_chunks,
+            last.fetched_bytes as f64 / seconds.max(1e-3) / 1e6
+        );
+        let _ = events
+            .send(WarmEvent::Done {
+                progress: last.clone(),
+                seconds,
+            })
+            .await;
+        Ok(())
+    }
+
+    async fn run_warm(
+        self: &Arc<Self>,
+        req: &WarmRequest,
+        opened: &OpenedImage,
+        chunks: Vec<fusefs::ChunkRef>,
+        events: &mpsc::Sender<WarmEvent>,
+    ) -> Result<WarmProgress, AgentError> {
+        let backend = self.fetcher.backend(opened.store.clone());
+        let id = self.next_warm.fetch_add(1, Ordering::Relaxed);
+        lock(&self.warms).insert(
+            id,
+            RunningWarm {
+                image: req.image.clone(),
+                hot: req.hot,
+                started: Instant::now(),
+                progress: WarmProgress::default(),
+            },
+        );
+        let agent = self.clone();
+        let events = events.clone();
+        let digest = opened.manifest_digest.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let mut started = false;
+            let mut last_report: Option<Instant> = None;
+            let mut report = |p: &WarmProgress| -> bool {
+                if let Some(w) = lock(&agent.warms).get_mut(&id) {
+                    w.progress = p.clone();
+                }
+                let event = if !started {
+                    started = true;
+                    WarmEvent::Started {
+                        manifest_digest: digest.clone(),
+                        progress: p.clone(),
+                    }
+                } else if last_report.is_some_and(|t| t.elapsed() < WARM_REPORT_INTERVAL) {
+                    return !events.is_closed();
+                } else {
+                    WarmEvent::Progress {
+                        progress: p.clone(),
+                    }
+                };
+                last_report = Some(Instant::now());
+                events.blocking_send(event).is_ok()
+            };
+            let result =
+                agent
+                    .fetcher
+                    .warm(&backend, &chunks, &WarmOptions::default(), &mut report);
+            lock(&agent.warms).remove(&id);
+            result
+        })
+        .await
+        .map_err(|e| AgentError::Io {
+            context: "warm task".into(),
+            source: std::io::Error::other(e),
+        })?;
+        Ok(outcome?)
+    }
+
+    /// Forgets images unused for `unused_for_secs` (never a mounted one), drops their kept
+    /// manifests and indexes, and removes every cached chunk no remembered image references.
+    pub async fn gc(self: &Arc<Self>, req: GcRequest) -> Result<GcReport, AgentError> {
+        self.reap();
+        let now = unix_now();
+        let mounted: Vec<Arc<LiveMount>> = lock(&self.mounts).values().cloned().collect();
+        let mounted_digests: HashSet<&str> = mounted
+            .iter()
+            .map(|m| m.opened.manifest_digest.as_str())
+            .collect();
+        let mut forgotten = Vec::new();
+        let kept: Vec<KnownImage> = {
+            let mut images = lock(&self.images);
+            images.retain(|img| {
+                let stale = !mounted_digests.contains(img.manifest_digest.as_str())
+                    && req
+                        .unused_for_secs
+                        .is_some_and(|d| now.saturating_sub(img.last_used) >= d);
+                if stale {
+                    forgotten.push(img.location.clone());
+                }
+                !stale
+            });
+            images.clone()
+        };
+        let index_dir = self.config.cache_dir.join(remote::INDEX_DIR);
+        let mut live_chunks: HashSet<[u8; 32]> = HashSet::new();
+        let mut wanted_indexes: HashSet<String> = HashSet::new();
+        for m in &mounted {
+            wanted_indexes.insert(m.opened.manifest.index().digest.replace(':', "-"));
+            add_chunks(&m.opened.index, &mut live_chunks);
+        }
+        let mut unusable = Vec::new();
+        for img in &kept {
+            let name = img.index_digest.replace(':', "-");
+            if !wanted_indexes.insert(name.clone()) {
+                continue;
+            }
+            match Index::open(&index_dir.join(&name)) {
+                Ok(index) => add_chunks(&index, &mut live_chunks),
+                Err(e) => {
+                    warn!(image = %img.location, "kept index unusable, forgetting the image: {e}");
+                    unusable.push(img.manifest_digest.clone());
+                    forgotten.push(img.location.clone());
+                    wanted_indexes.remove(&name);
+                }
+            }
+        }
+        if !unusable.is_empty() {
+            lock(&self.images).retain(|i| !unusable.contains(&i.manifest_digest));
+        }
+        self.save_images();
+        let removed_indexes = remove_unwanted(&index_dir, &wanted_indexes);
+        let wanted_manifests: HashSet<String> = lock(&self.images)
+            .iter()
+            .filter_map(|i| ImageLocation::parse(&i.location).ok())
+            .map(|l| remote::kept_manifest_name(&l))
+            .collect();
+        remove_unwanted(
+            &self.config.cache_dir.join(remote::MANIFEST_DIR),
+            &wanted_manifests,
+        );
+        let cache = self.cache.clone();
+        let report = tokio::task::spawn_blocking(move || {
+            cache.retain(&|digest: &[u8; 32]| live_chunks.contains(digest))
+        })
+        .await
+        .map_err(|e| AgentError::Io {
+            context: "gc task".into(),
+            source: std::io::Error::other(e),
+        })??;
+        info!(
+            forgotten = forgotten.len(),
+            removed_indexes,
+            removed_chunks = report.removed_chunks,
+            freed_bytes = report.freed_bytes,
+            "garbage collected"
+        );
+        Ok(GcReport {
+            forgotten_images: forgotten,
+            removed_indexes,
+            cache: report,
+        })
+    }
+
+    pub fn status(self: &Arc<Self>) -> Status {
+        self.reap();
+        let mounts = lock(&self.mounts)
+            .iter()
+            .map(|(path, live)| live.info(path))
+            .collect();
+        let warms = lock(&self.warms)
+            .values()
+            .map(|w| WarmInfo {
+                image: w.image.clone(),
+                hot: w.hot,
+                running_secs: w.started.elapsed().as_secs_f64(),
+                progress: w.progress.clone(),
+            })
+            .collect();
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            uptime_secs: self.started.elapsed().as_secs_f64(),
+            cache_dir: self.config.cache_dir.clone(),
+            shutting_down: self.shutting_down.load(Ordering::Relaxed),
+            mounts,
+            warms,
+            images: lock(&self.images).clone(),
+            metrics: self.fetcher.snapshot(),
+        }
+    }
+
+    /// The Prometheus text of `GET /metrics`: the fetcher's counters plus the agent's own
+    /// gauges.
+    pub fn prometheus(&self) -> String {
+        let mut text = self.fetcher.snapshot().prometheus();
+        let mounts = lock(&self.mounts).len();
+        let warms = lock(&self.warms).len();
+        for (name, help, value) in [
+            (
+                crate::metrics::MOUNTS,
+                "FUSE mounts served by this agent.",
+                mounts as f64,
+            ),
+            (crate::metrics::WARMS, "Warms in progress.", warms as f64),
+            (
+                crate::metrics::UPTIME,
+                "Seconds since the agent started.",
+                self.started.elapsed().as_secs_f64(),
+            ),
+        ] {
+            text.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
+            ));
+        }
+        text
+    }
+
+    /// Refuses new mounts and warms from now on.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+    }
+
+    /// Unmounts every mount that is not in use (with `force`, detaches them all); returns the
+    /// mountpoints still mounted because they are busy.
+    pub async fn unmount_all(self: &Arc<Self>, force: bool) -> Vec<PathBuf> {
+        let paths: Vec<PathBuf> = lock(&self.mounts).keys().cloned().collect();
+        let mut busy = Vec::new();
+        for mountpoint in paths {
+            let req = UmountRequest {
+                mountpoint: mountpoint.clone(),
+                lazy: force,
+            };
+            match self.umount(req).await {
+                Ok(()) | Err(AgentError::NotMounted(_)) => {}
+                Err(AgentError::Busy { path }) => busy.push(path),
+                Err(e) => {
+                    error!(mountpoint = %mountpoint.display(), "cannot unmount: {e}");
+                    busy.push(mountpoint);
+                }
+            }
+        }
+        busy
+    }
+
+    fn profile_dir(&self) -> PathBuf {
+        self.config.state_dir.join("profiles")
+    }
+
+    fn pending_dir(&self) -> PathBuf {
+        self.config.state_dir.join("profiles").join("pending")
+    }
+
+    /// Records that the agent uses `opened`, for `gc`.
+    fn remember(&self, location: &str, opened: &OpenedImage) {
+        if let ImageLocation::Dir { .. } = opened.location {
+            return;
+        }
+        {
+            let mut images = lock(&self.images);
+            let entry = KnownImage {
+                location: location.to_string(),
+                manifest_digest: opened.manifest_digest.clone(),
+                index_digest: opened.manifest.index().digest.clone(),
+                last_used: unix_now(),
+            };
+            match images.iter_mut().find(|i| i.location == location) {
+                Some(old) => *old = entry,
+                None => images.push(entry),
+            }
+        }
+        self.save_images();
+    }
+
+    fn touch(&self, manifest_digest: &str) {
+        {
+            let mut images = lock(&self.images);
+            for img in images
+                .iter_mut()
+                .filter(|i| i.manifest_digest == manifest_digest)
+            {
+                img.last_used = unix_now();
+            }
+        }
+        self.save_images();
+    }
+
+    fn save_images(&self) {
+        let path = self.config.state_dir.join(IMAGES_FILE);
+        let bytes = match serde_json::to_vec_pretty(&*lock(&self.images)) {
+            Ok(b) => b,
+            Err(e) => {
+                error!("cannot encode the image list: {e}");
+                return;
+            }
+        };
+        if let Err(e) = crate::store::write_atomic(&self.config.state_dir, &path, &bytes) {
+            error!("cannot save the image list: {e}");
+        }
+    }
+}
+
+/// The images the agent has opened, in the state directory.
+const IMAGES_FILE: &str = "images.json";
+
+fn load_images(path: &Path) -> Vec<KnownImage> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            warn!(path = %path.display(), "image list unreadable, starting a new one: {e}");
+            Vec::new()
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            warn!(path = %path.display(), "image list unreadable, starting a new one: {e}");
+            Vec::new()
+        }
+    }
+}
+
+fn add_chunks(index: &Index, into: &mut HashSet<[u8; 32]>) {
+    for i in 0..index.chunk_count() as u32 {
+        if let Ok(c) = index.chunk(i) {
+            into.insert(c.digest);
+        }
+    }
+}
+
+/// Deletes the files of `dir` whose names are not in `wanted`; returns how many.
+fn remove_unwanted(dir: &Path, wanted: &HashSet<String>) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !wanted.contains(&name) && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+fn absolute(path: &Path) -> Result<PathBuf, AgentError> {
+    if !path.is_absolute() {
+        return Err(AgentError::BadRequest(format!(
+            "mountpoint {} must be an absolute path",
+            path.display()
+        )));
+    }
+    Ok(path.to_path_buf())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,201 @@
+//! The control API on lazyd's unix socket: HTTP/1.1 routes onto [`Agent`] calls (messages in
+//! `api`, reference in docs/API.md), and the Prometheus endpoint, also servable on TCP.
+//!
+//! The socket is created mode 0660 in a directory the agent creates; whoever can connect can
+//! mount images as root, so access is access to root.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use http_body::Frame;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+
+use crate::api::{
+    ErrorBody, GcRequest, MountRequest, ProfileRequest, RecordRequest, UmountRequest, WarmEvent,
+    WarmRequest,
+};
+use crate::daemon::{Agent, AgentError};
+use crate::mount::MountError;
+
+/// Every route of the control API.
+pub fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/mounts", get(mounts).post(mount))
+        .route("/v1/umount", post(umount))
+        .route("/v1/warm", post(warm))
+        .route("/v1/gc", post(gc))
+        .route("/v1/profile/show", post(profile_show))
+        .route("/v1/profile/push", post(profile_push))
+        .route("/v1/profile/record", post(profile_record))
+        .route("/metrics", get(metrics))
+        .with_state(agent)
+}
+
+/// Only `GET /metrics`, for a TCP listener.
+pub fn metrics_router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(agent)
+}
+
+/// Binds the control socket at `path`, creating its directory. A socket file left by a
+/// process that is gone is replaced; one that still answers means another lazyd runs.
+pub async fn bind_socket(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("another lazyd answers on {}", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}
+
+/// An agent error as an HTTP response; the one place errors become statuses.
+struct ApiError(AgentError);
+
+impl From<AgentError> for ApiError {
+    fn from(e: AgentError) -> Self {
+        ApiError(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let backend = self.0.is_backend();
+        let status = match &self.0 {
+            AgentError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AgentError::NotMounted(_) => StatusCode::NOT_FOUND,
+            AgentError::Conflict(_) | AgentError::Busy { .. } => StatusCode::CONFLICT,
+            AgentError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            AgentError::Open { .. } | AgentError::Profile(_) | AgentError::Warm(_) => {
+                if backend {
+                    StatusCode::BAD_GATEWAY
+                } else {
+                    StatusCode::BAD_REQUEST
+                }
+            }
+            AgentError::Mount(MountError::NotADirectory(_)) => StatusCode::BAD_REQUEST,
+            AgentError::Mount(_) | AgentError::Cache(_) | AgentError::Io { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        let error = crate::registry::error_chain(&self.0);
+        (status, Json(ErrorBody { error })).into_response()
+    }
+}
+
+type Result<T> = std::result::Result<T, ApiError>;
+
+async fn status(State(agent): State<Arc<Agent>>) -> Json<crate::api::Status> {
+    Json(agent.status())
+}
+
+async fn mounts(State(agent): State<Arc<Agent>>) -> Json<Vec<crate::api::MountInfo>> {
+    Json(agent.status().mounts)
+}
+
+async fn mount(
+    State(agent): State<Arc<Agent>>,
+    Json(req): Json<MountRequest>,
+) -> Result<Json<crate::api::MountInfo>> {
+    Ok(Json(agent.mount(req).await?))
+}
+
+async fn umount(
+    State(agent): State<Arc<Agent>>,
+    Json(req): Json<UmountRequest>,
+) -> Result<Json<serde_json::Value>> {
+    agent.umount(req).await?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn gc(
+    State(agent): State<Arc<Agent>>,
+    Json(req): Json<GcRequest>,
+) -> Result<Json<crate::api::GcReport>> {
+    Ok(Json(agent.gc(req).await?))
+}
+
+async fn profile_show(
+    State(agent): State<Arc<Agent>>,
+    Json(req): Json<ProfileRequest>,
+) -> Result<Json<crate::api::ProfileReport>> {
+    Ok(Json(agent.profile_show(&req.image).await?))
+}
+
+async fn profile_push(
+    State(agent): State<Arc<Agent>>,
+    Json(req): Json<ProfileRequest>,
+) -> Result<Json<crate::api::ProfileReport>> {
+    Ok(Json(agent.profile_push(&req.image).await?))
+}
+
+async fn profile_record(
+    State(agent): State<Arc<Agent>>,
+    Json(req): Json<RecordRequest>,
+) -> Result<Json<crate::api::MountInfo>> {
+    Ok(Json(agent.record(req)?))
+}
+
+async fn metrics(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        agent.prometheus(),
+    )
+}
+
+/// Warm events, one JSON object per line, for as long as the warm runs. When the client goes
+/// away the body is dropped, the channel closes and the warm stops.
+async fn warm(State(agent): State<Arc<Agent>>, Json(req): Json<WarmRequest>) -> Result<Response> {
+    agent.check_warm(&req)?;
+    // A few events of slack: the warm reports at most every 200 ms, so a full channel means a
+    // client that stopped reading, and the warm then waits for it.
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move { agent.warm(req, tx).await });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::new(EventBody(rx)),
+    )
+        .into_response())
+}
+
+/// A response body fed by a channel of warm events.
+struct EventBody(mpsc::Receiver<WarmEvent>);
+
+impl http_body::Body for EventBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<std::result::Result<Frame<Bytes>, Self::Error>>> {
+        self.0.poll_recv(cx).map(|event| {
+            event.map(|e| {
+                // Serialising these plain structs cannot fail; an empty line would be skipped.
+                let mut line = serde_json::to_vec(&e).unwrap_or_default();
+                line.push(b'\n');
+                Ok(Frame::data(Bytes::from(line)))
+            })
+        })
+    }
+}
