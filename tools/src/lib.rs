@@ -6,14 +6,20 @@
 //! - `dirsource`: reading a plain directory.
 //! - `tree`: the merged tree with whiteouts and hardlinks.
 //! - `packer`: chunking, parallel compression and blob writing.
+//! - `layout`: which data an access profile says to write first.
 //! - `convert`: the whole conversion.
 //! - `remote`: converting to and pushing to registries and S3; the remote mount's cache.
 //! - `progress`: the terminal progress bar.
+//! - `client`: the client of lazyd's control API (unix socket).
+//! - `ctl`: the `lazyctl` commands that drive lazyd (mount, umount, status, warm, gc, profile).
 
+pub mod client;
 pub mod convert;
+pub mod ctl;
 pub mod dirsource;
 pub mod error;
 pub mod layer;
+pub mod layout;
 pub mod packer;
 pub mod pax;
 pub mod progress;

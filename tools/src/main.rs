@@ -5,10 +5,13 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use agent::config::{parse_size, DEFAULT_SOCKET};
 use agent::remote::ImageLocation;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use signal_hook::consts::{SIGINT, SIGTERM};
+use tools::client::AgentClient;
+use tools::ctl;
 use tools::reference::{SourceRef, StoreRef};
 use tools::ConvertOptions;
 
@@ -19,6 +22,9 @@ use tools::ConvertOptions;
     about = "Lazy container images and model weights"
 )]
 struct Cli {
+    /// lazyd's control socket.
+    #[arg(long, global = true, env = "LAZYD_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -36,7 +42,7 @@ enum Command {
         src: String,
         dst: String,
         /// Uncompressed chunk size (bytes; K/M suffixes accepted).
-        #[arg(long, default_value = "1M", value_parser = parse_size)]
+        #[arg(long, default_value = "1M", value_parser = parse_chunk_size)]
         chunk_size: u32,
         /// zstd compression level.
         #[arg(long, default_value_t = fusefs::chunk::DEFAULT_ZSTD_LEVEL)]
@@ -47,6 +53,13 @@ enum Command {
         /// Never show a progress bar.
         #[arg(long)]
         no_progress: bool,
+        /// Lay the data out for this access profile (a profile JSON file as lazyd records
+        /// it): in each layer's blob, the file data the profile read comes first, in the order
+        /// it was first read (of large files only the parts read), then everything else as
+        /// without the flag. The image's files and metadata are the same either way; a start
+        /// like the profiled one then reads a few long ranges instead of many scattered ones.
+        #[arg(long, value_name = "FILE")]
+        profile: Option<PathBuf>,
         #[command(flatten)]
         remote: RemoteArgs,
     },
@@ -63,33 +76,68 @@ enum Command {
         #[command(flatten)]
         remote: RemoteArgs,
     },
-    /// Mount a lazy image read-only and serve it until unmounted (foreground).
+    /// Mount a lazy image read-only through lazyd (or, with --standalone, in this process).
     ///
     /// IMAGE: dir:PATH[:TAG], docker://HOST/REPO:TAG or HOST/REPO:TAG (a lazy image, or an
     /// image that has one: found through the referrers API or the tag TAG-lazy), or
     /// s3://BUCKET/PREFIX. Remote images fetch the manifest and index at mount time and file
-    /// data on first read, through the chunk cache.
+    /// data on first read, through the agent's chunk cache.
     Mount {
         image: String,
         mountpoint: PathBuf,
+        /// Do not let other users (e.g. a container's non-root users) use the mount.
+        #[arg(long)]
+        no_allow_other: bool,
+        /// Serve the mount from this process, in the foreground, until it is unmounted (no
+        /// lazyd needed; for debugging and single mounts).
+        #[arg(long)]
+        standalone: bool,
+        /// Threads serving reads (--standalone).
+        #[arg(long, default_value_t = 16)]
+        read_workers: usize,
         #[command(flatten)]
         remote: RemoteArgs,
         #[command(flatten)]
         cache: CacheArgs,
-        /// Do not let other users (e.g. a container's non-root users) use the mount.
-        #[arg(long)]
-        no_allow_other: bool,
-        /// Threads serving reads.
-        #[arg(long, default_value_t = 16)]
-        read_workers: usize,
     },
-    /// Unmount a lazy image mount.
+    /// Unmount a lazy image mount (lazyd's, or a --standalone one).
     Umount {
         mountpoint: PathBuf,
         /// Detach now even if files are open (umount -l).
         #[arg(long)]
         lazy: bool,
     },
+    /// Show lazyd's mounts, warms, cache and fetch counters.
+    Status {
+        /// Print the agent's JSON status.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fetch a lazy image into lazyd's cache before it is needed.
+    ///
+    /// Chunks already cached are skipped: a second warm fetches nothing and an interrupted one
+    /// continues where it stopped. Afterwards the image mounts and reads with its backend
+    /// unreachable.
+    Warm {
+        image: String,
+        /// Only the image's hot set (the chunks its profile names).
+        #[arg(long)]
+        hot: bool,
+        /// Never show a progress bar.
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Free cache space: drop chunks no remembered image uses.
+    Gc {
+        /// Also forget images not mounted and not used for this long (e.g. 7d, 12h, 0s).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        unused_for: Option<std::time::Duration>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hot-chunk profiles: show, record and push them.
+    #[command(subcommand)]
+    Profile(ProfileCommand),
     /// Show what a lazy image holds (fetches only its manifest and index).
     Inspect {
         /// dir:PATH[:TAG], docker://HOST/REPO:TAG or s3://BUCKET/PREFIX
@@ -97,6 +145,30 @@ enum Command {
         #[command(flatten)]
         remote: RemoteArgs,
     },
+}
+
+#[derive(Subcommand)]
+enum ProfileCommand {
+    /// Show the image's profiles (recorded here, and stored beside the image).
+    Show {
+        image: String,
+        /// Print the profiles themselves as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Write the profile (the one recorded here, else the one beside the image) to FILE,
+        /// for `lazyctl convert --profile FILE`.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Restart recording the first reads of a live mount (for --window, default the config's
+    /// profile.window); run the workload now.
+    Record {
+        mountpoint: PathBuf,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        window: Option<std::time::Duration>,
+    },
+    /// Merge the runs recorded here into the profile stored beside the image and push it.
+    Push { image: String },
 }
 
 /// How to reach registries and S3. Credentials come from docker's config.json and the AWS
@@ -120,14 +192,15 @@ impl RemoteArgs {
     }
 }
 
-/// The chunk cache and fetcher of a remote mount.
+/// The chunk cache and fetcher of a --standalone remote mount.
 #[derive(clap::Args)]
+#[command(next_help_heading = "Standalone mounts (--standalone)")]
 struct CacheArgs {
     /// Chunk cache directory, shared by mounts and kept across restarts.
     #[arg(long, env = "LAZY_CACHE_DIR", default_value = "/var/cache/lazyimg")]
     cache_dir: PathBuf,
     /// Disk budget of the chunk cache (K/M/G suffixes).
-    #[arg(long, default_value = "10G", value_parser = parse_size_u64)]
+    #[arg(long, default_value = "10G", value_parser = parse_size)]
     cache_size: u64,
     /// Seconds a read waits for its data before failing with EIO.
     #[arg(long, default_value_t = 30.0, value_name = "SECS")]
@@ -148,29 +221,8 @@ fn seconds(s: f64) -> Result<std::time::Duration> {
 /// was already unmounted by `lazyctl umount`, which is the normal way to stop a mount.
 const DEFAULT_LOG_FILTER: &str = "info,fuser::mnt=error";
 
-fn parse_size(s: &str) -> Result<u32, String> {
-    u32::try_from(parse_size_u64(s)?).map_err(|_| format!("size too large: {s:?}"))
-}
-
-fn parse_size_u64(s: &str) -> Result<u64, String> {
-    let (num, mult) = match s.trim().to_ascii_uppercase() {
-        t if t.ends_with("GIB") || t.ends_with('G') => (
-            t.trim_end_matches("GIB").trim_end_matches('G').to_string(),
-            1u64 << 30,
-        ),
-        t if t.ends_with("KIB") || t.ends_with('K') => (
-            t.trim_end_matches("KIB").trim_end_matches('K').to_string(),
-            1u64 << 10,
-        ),
-        t if t.ends_with("MIB") || t.ends_with('M') => (
-            t.trim_end_matches("MIB").trim_end_matches('M').to_string(),
-            1u64 << 20,
-        ),
-        t => (t, 1),
-    };
-    let n: u64 = num.parse().map_err(|_| format!("not a size: {s:?}"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size too large: {s:?}"))
+fn parse_chunk_size(s: &str) -> Result<u32, String> {
+    u32::try_from(parse_size(s)?).map_err(|_| format!("size too large: {s:?}"))
 }
 
 fn main() -> ExitCode {
@@ -179,6 +231,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -198,14 +251,26 @@ fn run(cli: Cli) -> Result<()> {
             level,
             jobs,
             no_progress,
+            profile,
             remote,
         } => {
             let src = SourceRef::parse(&src)?;
+            let profile = match profile {
+                Some(path) => {
+                    let bytes = std::fs::read(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    let profile = agent::profile::Profile::from_bytes(&bytes)
+                        .with_context(|| format!("reading profile {}", path.display()))?;
+                    Some(Arc::new(profile))
+                }
+                None => None,
+            };
             let dst = ImageLocation::parse(&dst)?;
             let mut opts = ConvertOptions {
                 chunk_size,
                 level,
                 progress: !no_progress,
+                profile,
                 ..ConvertOptions::default()
             };
             if let Some(j) = jobs {
@@ -233,10 +298,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Mount {
             image,
             mountpoint,
+            no_allow_other,
+            standalone: true,
+            read_workers,
             remote,
             cache,
-            no_allow_other,
-            read_workers,
         } => mount(
             &image,
             &mountpoint,
@@ -245,10 +311,45 @@ fn run(cli: Cli) -> Result<()> {
             !no_allow_other,
             read_workers,
         ),
-        Command::Umount { mountpoint, lazy } => agent::mount::unmount(&mountpoint, lazy)
-            .with_context(|| format!("unmounting {}", mountpoint.display())),
+        Command::Mount {
+            image,
+            mountpoint,
+            no_allow_other,
+            standalone: false,
+            ..
+        } => ctl::mount(
+            &client(&cli.socket)?,
+            &image,
+            &mountpoint,
+            no_allow_other.then_some(false),
+        ),
+        Command::Umount { mountpoint, lazy } => {
+            ctl::umount(&client(&cli.socket)?, &mountpoint, lazy)
+        }
+        Command::Status { json } => ctl::status(&client(&cli.socket)?, json),
+        Command::Warm {
+            image,
+            hot,
+            no_progress,
+        } => ctl::warm(&client(&cli.socket)?, &image, hot, !no_progress),
+        Command::Gc { unused_for, json } => ctl::gc(&client(&cli.socket)?, unused_for, json),
+        Command::Profile(ProfileCommand::Show {
+            image,
+            json,
+            output,
+        }) => ctl::profile_show(&client(&cli.socket)?, &image, json, output.as_deref()),
+        Command::Profile(ProfileCommand::Record { mountpoint, window }) => {
+            ctl::profile_record(&client(&cli.socket)?, &mountpoint, window)
+        }
+        Command::Profile(ProfileCommand::Push { image }) => {
+            ctl::profile_push(&client(&cli.socket)?, &image)
+        }
         Command::Inspect { image, remote } => inspect(&image, &remote),
     }
+}
+
+fn client(socket: &std::path::Path) -> Result<AgentClient> {
+    AgentClient::new(socket).context("starting a runtime")
 }
 
 fn mount(
@@ -267,7 +368,9 @@ fn mount(
         ..fusefs::fuse::MountConfig::default()
     };
     let mounted = match &location {
-        ImageLocation::Dir { path, tag } => agent::mount::mount_local(path, tag, mountpoint, &cfg)?,
+        ImageLocation::Dir { path, tag } => {
+            agent::mount::mount_local(path, tag, mountpoint, &cfg, None)?
+        }
         _ => {
             let fetcher = tools::remote::fetcher(
                 &cache.cache_dir,
@@ -284,10 +387,10 @@ fn mount(
                 .block_on(agent::remote::open_image(
                     &location,
                     &remote.options()?,
-                    Some(&tools::remote::index_dir(&cache.cache_dir)),
+                    Some(&cache.cache_dir),
                 ))
                 .with_context(|| format!("opening {location}"))?;
-            agent::mount::mount_remote(opened, &fetcher, mountpoint, &cfg)?
+            agent::mount::mount_remote(&opened, &fetcher, mountpoint, &cfg, None)?
         }
     };
     let target = mounted.mountpoint.clone();
