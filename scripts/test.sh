@@ -15,6 +15,8 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# The end-to-end tests run the lazyctl and lazyd binaries of this build.
+cargo build --workspace --bins
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace -- --test-threads=2 2>&1 | tee "$log"

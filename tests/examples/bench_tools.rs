@@ -2,6 +2,7 @@
 //!
 //! - `bench_tools debian-layout`: builds (or reuses) the Debian minbase fixture and prints
 //!   `LAYOUT_DIR TAG`;
+//! - `bench_tools python-layout`: the same for the Debian + python3 fixture;
 //! - `bench_tools proxy UPSTREAM DELAY_MS`: runs the delaying TCP proxy in front of UPSTREAM
 //!   (`HOST:PORT`), prints its `HOST:PORT` on stdout, and serves until killed.
 
@@ -24,6 +25,11 @@ fn main() -> Result<()> {
             println!("{} {}", image.dir.display(), image.tag);
             Ok(())
         }
+        ["python-layout"] => {
+            let image = debian::python_image(&debian::default_python_cache_dir())?;
+            println!("{} {}", image.dir.display(), image.tag);
+            Ok(())
+        }
         ["proxy", upstream, delay_ms] => {
             let delay = Duration::from_millis(delay_ms.parse().context("DELAY_MS")?);
             let proxy = DelayProxy::start(upstream, delay)?;
@@ -32,6 +38,8 @@ fn main() -> Result<()> {
                 std::thread::park();
             }
         }
-        _ => bail!("usage: bench_tools debian-layout | bench_tools proxy UPSTREAM DELAY_MS"),
+        _ => bail!(
+            "usage: bench_tools debian-layout | bench_tools python-layout | bench_tools proxy UPSTREAM DELAY_MS"
+        ),
     }
 }

@@ -6,19 +6,23 @@
 //!
 //! - [`oci`]: OCI image layouts (and docker/oci archives) built from layers described in code;
 //! - [`synthetic`]: an image holding every tar entry type and layering rule;
-//! - [`debian`]: a cached Debian bookworm minbase image made with debootstrap and umoci;
-//! - [`reference`]: the reference unpack (`umoci unpack`) and `skopeo copy`;
+//! - [`debian`]: cached Debian bookworm images made with debootstrap and umoci: minbase, and
+//!   minbase plus python3;
+//! - [`reference`](mod@reference): the reference unpack (`umoci unpack`) and `skopeo copy`;
 //! - [`tree`]: a full comparison of two directory trees (metadata, xattrs, hardlinks, content);
+//! - [`agent`]: a real `lazyd` with its own socket, cache and state, driven through `lazyctl`;
 //! - [`mount`]: running `lazyctl`, a guard around a live FUSE mount, root/FUSE preconditions;
 //! - [`registry`]: a real `docker-registry` on a loopback port, stoppable and restartable;
 //! - [`s3`]: a real S3 API (`moto_server`) on a loopback port, stoppable for fault tests;
-//! - [`proxy`]: a TCP proxy adding per-request latency.
+//! - [`proxy`]: a TCP proxy adding per-request latency and, optionally, a shared reply rate
+//!   limit (a shaped link).
 //!
 //! The harness uses `anyhow` for errors: it is test-only code whose callers `unwrap()` or `?`
 //! and want the context chain in the failure message, not a typed error to match on.
 //! Everything here needs root (devices, ownership, `trusted.*` xattrs) and the `umoci`,
 //! `skopeo`, `debootstrap` and GNU `tar` tools; missing preconditions fail loudly.
 
+pub mod agent;
 pub mod debian;
 pub mod mount;
 pub mod oci;
@@ -61,15 +65,7 @@ pub fn cached_fixture<T>(
 ) -> Result<T> {
     let parent = dir.parent().context("fixture directory has no parent")?;
     std::fs::create_dir_all(parent)?;
-    let lock_path = dir.with_extension("lock");
-    let lock = File::create(&lock_path)
-        .with_context(|| format!("creating lock file {}", lock_path.display()))?;
-    // SAFETY: flock on a file descriptor we own; the lock is released when `lock` is dropped.
-    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("locking {}", lock_path.display()));
-    }
+    let lock = lock_exclusive(&dir.with_extension("lock"))?;
     let marker = dir.join(COMPLETE_MARKER);
     if !marker.exists() {
         if dir.exists() {
@@ -83,6 +79,20 @@ pub fn cached_fixture<T>(
     let opened = open(dir);
     drop(lock);
     opened
+}
+
+/// Creates `path` if needed and takes an exclusive `flock` on it, waiting for other holders;
+/// the lock is released when the returned file is dropped.
+pub(crate) fn lock_exclusive(path: &Path) -> Result<File> {
+    let lock =
+        File::create(path).with_context(|| format!("creating lock file {}", path.display()))?;
+    // SAFETY: flock on a file descriptor we own; the lock is released when `lock` is dropped.
+    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("locking {}", path.display()));
+    }
+    Ok(lock)
 }
 
 /// `len` pseudo-random bytes from `seed` (splitmix64): incompressible, reproducible test data

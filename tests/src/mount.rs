@@ -1,6 +1,6 @@
 //! Running `lazyctl` and holding a live FUSE mount for the length of a test.
 //!
-//! [`Mounted`] starts `lazyctl mount dir:STORE MNT` (which stays in the foreground until the
+//! [`Mounted`] starts `lazyctl mount --standalone dir:STORE MNT` (which stays in the foreground until the
 //! file system is unmounted), waits until `/proc/self/mountinfo` shows a `fuse*` mount at MNT,
 //! and on drop unmounts with `lazyctl umount MNT`, waits for the child, and falls back to
 //! SIGTERM, SIGKILL and `umount -l` so a failing test never leaves a mount behind. The child's
@@ -224,10 +224,11 @@ impl Mounted {
         Mounted::with_args(&[source], mountpoint)
     }
 
-    /// Runs `lazyctl mount ARGS... MNT` (e.g. extra flags before the store) and waits.
+    /// Runs `lazyctl mount --standalone ARGS... MNT` (e.g. extra flags before the store) and
+    /// waits.
     pub fn with_args(args: &[OsString], mountpoint: &Path) -> Result<Mounted> {
         let lazyctl = lazyctl_path().into_os_string();
-        let mut command = vec![lazyctl.clone(), "mount".into()];
+        let mut command = vec![lazyctl.clone(), "mount".into(), "--standalone".into()];
         command.extend(args.iter().cloned());
         Mounted::spawn(
             &command,
@@ -511,6 +512,24 @@ impl Drop for TmpfsMount {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
+}
+
+/// Stored bytes of a lazy image's data blobs, from `lazyctl inspect IMAGE` (run with `env`,
+/// e.g. an S3 endpoint).
+pub fn stored_bytes(image: &str, env: &[(String, String)]) -> u64 {
+    let out = Command::new(lazyctl_path())
+        .args(["inspect", image])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run lazyctl inspect: {e}"));
+    assert!(out.status.success(), "lazyctl inspect {image}: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix("chunks:"))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no stored size in inspect output:\n{text}"))
 }
 
 #[cfg(test)]

@@ -1,32 +1,83 @@
-//! A TCP proxy on a loopback port that adds a fixed delay to every request: each burst of bytes
-//! from the client (an HTTP request) is held for `delay` before it is passed on, so each
-//! request costs one extra `delay`, like a link with that much latency. Replies pass at once.
-//! (`tc netem` would do this in the kernel, but it is not available here; `tc` htb shapes the
-//! rate.)
+//! A TCP proxy on a loopback port that models a slow link (`tc netem` would do this in the
+//! kernel, but it is not available here).
+//!
+//! - Latency: each burst of bytes from the client (an HTTP request) is held for `delay` before it
+//!   is passed on, so each request costs one extra `delay`.
+//! - Bandwidth ([`DelayProxy::start_shaped`]): replies (upstream to client) share one token
+//!   bucket of `rate` bytes per second across every connection of the proxy, like one shaped
+//!   link. Each connection reads at most [`SLICE`] bytes from upstream, waits until the link
+//!   has carried them, passes them on, and only then reads again: the proxy holds at most one
+//!   slice per connection (no queue that grows, no bufferbloat), upstream is read only as fast
+//!   as the link sends, and concurrent connections take turns slice by slice, so each gets
+//!   about an equal share.
+//!
+//! Without a rate, replies pass at once.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{ensure, Result};
+
+/// Bytes a shaped connection reads and sends at a time: small enough that connections sharing
+/// the link interleave finely (16 KiB is 16 ms at 1 MB/s) and the proxy buffers little, large
+/// enough that one `read`, one sleep and one `write` per slice cost little next to the
+/// transfer even at 100 MB/s (160 us a slice).
+pub const SLICE: usize = 16 << 10;
+
+/// How long the link may have been idle and still send at once what it would have sent
+/// meanwhile (the bucket's depth, at least one [`SLICE`]). A sleeping sender wakes up to about
+/// a scheduler tick (4 ms at 250 Hz) late; the bucket must keep the tokens of that time or fast
+/// links fall short of their rate (the reason `tc tbf` wants a burst of at least rate/HZ). An
+/// idle link therefore passes at most 4 ms worth of bytes in one burst.
+const BURST: Duration = Duration::from_millis(4);
+
+/// Read buffer of an unshaped direction: one large read per burst the peer sends.
+const UNSHAPED_READ: usize = 256 << 10;
 
 /// A running proxy; stops accepting on drop (open connections end with their peers).
 pub struct DelayProxy {
     port: u16,
     stop: Arc<AtomicBool>,
+    bytes_sent: Arc<AtomicU64>,
 }
 
 impl DelayProxy {
-    /// Listens on a free 127.0.0.1 port and forwards to `upstream` (`HOST:PORT`).
+    /// Listens on a free 127.0.0.1 port and forwards to `upstream` (`HOST:PORT`), delaying each
+    /// request by `delay`; replies are not limited.
     pub fn start(upstream: &str, delay: Duration) -> Result<DelayProxy> {
+        DelayProxy::spawn(upstream, delay, None)
+    }
+
+    /// Like [`DelayProxy::start`], and replies of all connections together pass at most
+    /// `reply_bytes_per_sec` (see the module documentation).
+    pub fn start_shaped(
+        upstream: &str,
+        delay: Duration,
+        reply_bytes_per_sec: u64,
+    ) -> Result<DelayProxy> {
+        ensure!(
+            reply_bytes_per_sec > 0,
+            "a shaped link needs a rate above 0"
+        );
+        DelayProxy::spawn(
+            upstream,
+            delay,
+            Some(Arc::new(Link::new(reply_bytes_per_sec))),
+        )
+    }
+
+    fn spawn(upstream: &str, delay: Duration, link: Option<Arc<Link>>) -> Result<DelayProxy> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let port = listener.local_addr()?.port();
         let stop = Arc::new(AtomicBool::new(false));
+        let bytes_sent = Arc::new(AtomicU64::new(0));
         let upstream = upstream.to_string();
         let stopping = stop.clone();
+        let counter = bytes_sent.clone();
         thread::spawn(move || {
             for client in listener.incoming() {
                 if stopping.load(Ordering::Relaxed) {
@@ -41,16 +92,35 @@ impl DelayProxy {
                 let (Ok(client2), Ok(server2)) = (client.try_clone(), server.try_clone()) else {
                     continue;
                 };
-                thread::spawn(move || pump(client, server, delay));
-                thread::spawn(move || pump(server2, client2, Duration::ZERO));
+                let requests = Direction {
+                    delay,
+                    link: None,
+                    counter: None,
+                };
+                let replies = Direction {
+                    delay: Duration::ZERO,
+                    link: link.clone(),
+                    counter: Some(counter.clone()),
+                };
+                thread::spawn(move || pump(client, server, requests));
+                thread::spawn(move || pump(server2, client2, replies));
             }
         });
-        Ok(DelayProxy { port, stop })
+        Ok(DelayProxy {
+            port,
+            stop,
+            bytes_sent,
+        })
     }
 
     /// `127.0.0.1:PORT`.
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Reply bytes passed to clients so far, all connections together.
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent.load(Ordering::Relaxed)
     }
 }
 
@@ -62,18 +132,85 @@ impl Drop for DelayProxy {
     }
 }
 
-/// Copies `from` to `to`, sleeping `delay` before passing on each read.
-fn pump(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
-    let mut buf = vec![0u8; 256 << 10];
+/// The shaped link: a token bucket of `rate` bytes per second, [`BURST`] deep, that may go into
+/// debt. A sender takes tokens for what it has read, then sleeps until the debt it made is
+/// paid, so senders queue on the link in the order they asked, each for its own slice.
+struct Link {
+    rate: f64,
+    /// Most tokens the bucket holds.
+    depth: f64,
+    bucket: Mutex<Bucket>,
+}
+
+struct Bucket {
+    /// Negative while senders wait for the link.
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl Link {
+    fn new(bytes_per_sec: u64) -> Link {
+        let rate = bytes_per_sec as f64;
+        let depth = (rate * BURST.as_secs_f64()).max(SLICE as f64);
+        Link {
+            rate,
+            depth,
+            bucket: Mutex::new(Bucket {
+                tokens: depth,
+                refilled: Instant::now(),
+            }),
+        }
+    }
+
+    /// Waits until the link has carried `bytes` more (after those already queued).
+    fn transmit(&self, bytes: usize) {
+        let wait = {
+            let mut bucket = self.bucket.lock().unwrap();
+            let now = Instant::now();
+            let earned = now.duration_since(bucket.refilled).as_secs_f64() * self.rate;
+            bucket.tokens = (bucket.tokens + earned).min(self.depth) - bytes as f64;
+            bucket.refilled = now;
+            (-bucket.tokens).max(0.0) / self.rate
+        };
+        if wait > 0.0 {
+            thread::sleep(Duration::from_secs_f64(wait));
+        }
+    }
+}
+
+/// What happens to the bytes going one way through a connection.
+struct Direction {
+    /// Held this long before each read is passed on.
+    delay: Duration,
+    /// The shaped link they must pass, if any.
+    link: Option<Arc<Link>>,
+    /// Counts the bytes passed on.
+    counter: Option<Arc<AtomicU64>>,
+}
+
+/// Copies `from` to `to` as `direction` says.
+fn pump(mut from: TcpStream, mut to: TcpStream, direction: Direction) {
+    let read_size = if direction.link.is_some() {
+        SLICE
+    } else {
+        UNSHAPED_READ
+    };
+    let mut buf = vec![0u8; read_size];
     loop {
         match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                if !delay.is_zero() {
-                    thread::sleep(delay);
+                if !direction.delay.is_zero() {
+                    thread::sleep(direction.delay);
+                }
+                if let Some(link) = &direction.link {
+                    link.transmit(n);
                 }
                 if to.write_all(&buf[..n]).is_err() {
                     break;
+                }
+                if let Some(counter) = &direction.counter {
+                    counter.fetch_add(n as u64, Ordering::Relaxed);
                 }
             }
         }
@@ -84,7 +221,6 @@ fn pump(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Instant;
 
     #[test]
     fn each_request_is_delayed_and_replies_pass_through() {
@@ -110,5 +246,89 @@ mod tests {
             let rtt = started.elapsed();
             assert!(rtt >= Duration::from_millis(50), "{rtt:?}");
         }
+    }
+
+    /// Serves `len` pseudo-random bytes to every connection, then closes it.
+    fn serve_bytes(len: usize) -> (String, Vec<u8>) {
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = server.local_addr().unwrap().to_string();
+        let data = crate::pseudo_random_bytes(4, len);
+        let served = data.clone();
+        thread::spawn(move || {
+            for stream in server.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let data = served.clone();
+                thread::spawn(move || {
+                    let _ = stream.write_all(&data);
+                });
+            }
+        });
+        (address, data)
+    }
+
+    /// Downloads everything the proxy passes on one connection; returns the bytes and the time.
+    fn download(proxy: &str) -> (Vec<u8>, Duration) {
+        let started = Instant::now();
+        let mut c = TcpStream::connect(proxy).unwrap();
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).unwrap();
+        (got, started.elapsed())
+    }
+
+    /// 1 MiB through a 2 MiB/s link: half a second.
+    const SHAPED_LEN: usize = 1 << 20;
+    const SHAPED_RATE: u64 = 2 << 20;
+
+    /// `took` is within loose bounds of `expected` (a loaded machine oversleeps).
+    fn assert_about(took: Duration, expected: Duration) {
+        let ratio = took.as_secs_f64() / expected.as_secs_f64();
+        assert!(
+            (0.8..1.5).contains(&ratio),
+            "took {took:?}, expected about {expected:?}"
+        );
+    }
+
+    #[test]
+    fn a_shaped_transfer_takes_its_size_over_the_rate() {
+        let (upstream, data) = serve_bytes(SHAPED_LEN);
+        let proxy = DelayProxy::start_shaped(&upstream, Duration::ZERO, SHAPED_RATE).unwrap();
+        let (got, took) = download(&proxy.host());
+        assert!(got == data, "the reply arrived changed");
+        assert_about(
+            took,
+            Duration::from_secs_f64(SHAPED_LEN as f64 / SHAPED_RATE as f64),
+        );
+        assert_eq!(proxy.bytes_sent(), SHAPED_LEN as u64);
+    }
+
+    #[test]
+    fn concurrent_shaped_transfers_share_the_link() {
+        let (upstream, data) = serve_bytes(SHAPED_LEN);
+        let proxy = DelayProxy::start_shaped(&upstream, Duration::ZERO, SHAPED_RATE).unwrap();
+        let host = proxy.host();
+        let transfers: Vec<_> = (0..2)
+            .map(|_| {
+                let host = host.clone();
+                thread::spawn(move || download(&host))
+            })
+            .collect();
+        // Each gets half the link, so each takes as long as both together would alone.
+        let both = Duration::from_secs_f64(2.0 * SHAPED_LEN as f64 / SHAPED_RATE as f64);
+        for transfer in transfers {
+            let (got, took) = transfer.join().unwrap();
+            assert!(got == data, "the reply arrived changed");
+            assert_about(took, both);
+        }
+        assert_eq!(proxy.bytes_sent(), 2 * SHAPED_LEN as u64);
+    }
+
+    #[test]
+    fn an_unshaped_transfer_is_fast_and_counted() {
+        let (upstream, data) = serve_bytes(SHAPED_LEN);
+        let proxy = DelayProxy::start(&upstream, Duration::ZERO).unwrap();
+        let (got, took) = download(&proxy.host());
+        assert!(got == data, "the reply arrived changed");
+        assert!(took < Duration::from_millis(250), "{took:?}");
+        assert_eq!(proxy.bytes_sent(), SHAPED_LEN as u64);
     }
 }

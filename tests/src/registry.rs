@@ -116,6 +116,27 @@ impl LocalRegistry {
             .join(hex)
             .join("data")
     }
+
+    /// Pushes `image` here as `REPO:TAG` (`repo_tag`) with skopeo, then converts it with
+    /// `lazyctl convert` to `REPO:TAG-lazy`, with the source image as its subject. Returns the
+    /// lazy image's `docker://` reference.
+    pub fn push_and_convert(
+        &self,
+        image: &crate::oci::LayoutInfo,
+        repo_tag: &str,
+    ) -> Result<String> {
+        let source = format!("docker://{}/{repo_tag}", self.host());
+        crate::reference::skopeo_copy(&image.oci_ref(), &source)?;
+        let lazy = format!("{source}-lazy");
+        let out = crate::mount::lazyctl(["convert", "--no-progress", &source, &lazy]);
+        if !out.status.success() {
+            bail!(
+                "lazyctl convert {source} {lazy} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(lazy)
+    }
 }
 
 impl Drop for LocalRegistry {

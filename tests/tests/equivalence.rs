@@ -272,6 +272,7 @@ fn mount_of_missing_image_fails_clearly() {
     let missing = format!("dir:{}", work.path().join("nowhere").display());
     let out = lazyctl([
         OsString::from("mount"),
+        OsString::from("--standalone"),
         missing.into(),
         mnt.clone().into_os_string(),
     ]);

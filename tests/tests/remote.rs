@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use lazy_tests::mount::{lazyctl_ok, require_root_and_fuse, Mounted};
+use lazy_tests::mount::{require_root_and_fuse, stored_bytes, Mounted};
 use lazy_tests::proxy::DelayProxy;
 use lazy_tests::registry::LocalRegistry;
 use lazy_tests::s3::MotoServer;
@@ -22,11 +22,9 @@ use serde_json::Value;
 fn push_debian(registry: &LocalRegistry) -> PathBuf {
     let image = debian::minbase_image(&debian::default_cache_dir()).unwrap();
     let expected = reference::umoci_unpack_cached(&image).unwrap();
-    let source = format!("docker://{}/lazy/debian:bookworm", registry.host());
-    reference::skopeo_copy(&image.oci_ref(), &source).unwrap();
-    let lazy = format!("docker://{}/lazy/debian:bookworm-lazy", registry.host());
-    let out = lazyctl_ok(["convert", "--no-progress", &source, &lazy]);
-    println!("{}", String::from_utf8_lossy(&out.stdout));
+    registry
+        .push_and_convert(&image, "lazy/debian:bookworm")
+        .unwrap();
     expected
 }
 
@@ -75,6 +73,7 @@ impl RemoteMount {
         command.extend(env.iter().map(|(k, v)| OsString::from(format!("{k}={v}"))));
         command.push(lazy_tests::mount::lazyctl_path().into());
         command.push("mount".into());
+        command.push("--standalone".into());
         command.extend(args);
         Mounted::spawn(
             &command,
@@ -116,23 +115,6 @@ fn requests(metrics: &Value) -> u64 {
         .iter()
         .map(|b| b["requests"].as_u64().unwrap())
         .sum()
-}
-
-/// Stored bytes of an image's data blobs, from `lazyctl inspect`.
-fn stored_bytes(image: &str, env: &[(String, String)]) -> u64 {
-    let out = Command::new(lazy_tests::mount::lazyctl_path())
-        .args(["inspect", image])
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.lines()
-        .find_map(|l| l.strip_prefix("chunks:"))
-        .and_then(|l| l.split(", ").nth(1))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no stored size in inspect output:\n{text}"))
 }
 
 fn chroot_echo_ok(root: &Path) {
@@ -561,7 +543,7 @@ fn mount_of_an_image_without_a_lazy_version_fails_clearly() {
     reference::skopeo_copy(&image.oci_ref(), &source).unwrap();
     std::fs::create_dir_all(work.path().join("mnt")).unwrap();
     let out = Command::new(lazy_tests::mount::lazyctl_path())
-        .args(["mount", "--cache-dir"])
+        .args(["mount", "--standalone", "--cache-dir"])
         .arg(work.path().join("cache"))
         .arg(&source)
         .arg(work.path().join("mnt"))
