@@ -16,25 +16,13 @@
 # Environment: BENCH_DIR=/var/tmp/lazy-bench, RATE=1gbit, DELAY_MS=20, RUNS=3
 set -euo pipefail
 
-BENCH_DIR=${BENCH_DIR:-/var/tmp/lazy-bench}
-RATE=${RATE:-1gbit}
-RATE_BYTES=${RATE_BYTES:-125000000} # $RATE in bytes/s, for percentages
-DELAY_MS=${DELAY_MS:-20}
-RUNS=${RUNS:-3}
+BENCH_NAME=remote.sh
+# shellcheck source=bench/link.sh
+source "$(dirname "$0")/link.sh"
 APP_FILES=8
 APP_FILE_MIB=64
 START_CMD='cat /etc/os-release >/dev/null; ls /usr/bin >/dev/null; dpkg -l >/dev/null; echo ok'
-
-die() {
-    echo "bench/remote.sh: $*" >&2
-    exit 1
-}
-log() { echo "[bench $(date +%T)] $*" >&2; }
-[[ $(id -u) == 0 ]] || die "run me as root (tc, FUSE, chroot)"
-[[ -f bench/remote.sh ]] || die "run me from the repository root"
-for tool in cargo skopeo umoci docker-registry tc curl python3 chroot; do
-    command -v "$tool" >/dev/null || die "$tool is not in PATH (run scripts/setup.sh)"
-done
+require_tools cargo skopeo umoci docker-registry tc curl python3 chroot
 
 W=$BENCH_DIR/remote
 rm -rf "$W/run"
@@ -76,46 +64,19 @@ if [[ ! -f $W/inputs/COMPLETE ]]; then
 fi
 
 # --- registry, image push, conversion (unshaped) ----------------------------------------------
-REG_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat >"$RUN/registry.yml" <<EOF
-version: 0.1
-log:
-  level: error
-storage:
-  filesystem:
-    rootdirectory: $RUN/registry
-http:
-  addr: 127.0.0.1:$REG_PORT
-EOF
-docker-registry serve "$RUN/registry.yml" >"$RUN/registry.log" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$REG_PORT/v2/" >/dev/null && break; sleep 0.1; done
-REG=127.0.0.1:$REG_PORT
+start_registry "$RUN/registry"
 log "pushing the image to $REG and converting it"
 skopeo copy -q --insecure-policy --dest-tls-verify=false "oci:$LAYOUT:app" "docker://$REG/bench/app:v1"
 "$LAZYCTL" convert --no-progress "docker://$REG/bench/app:v1" "docker://$REG/bench/app:v1-lazy" >"$RUN/convert.log"
 
 # --- the shaped link --------------------------------------------------------------------------
-tc qdisc del dev lo root 2>/dev/null || true
-tc qdisc add dev lo root handle 1: htb default 1
-tc class add dev lo parent 1: classid 1:1 htb rate 100gbit
-tc class add dev lo parent 1: classid 1:2 htb rate "$RATE" ceil "$RATE"
-tc filter add dev lo parent 1: protocol ip prio 1 u32 match ip sport "$REG_PORT" 0xffff flowid 1:2
-coproc PROXY { exec "$TOOLS" proxy "$REG" "$DELAY_MS"; }
-PIDS+=("$PROXY_PID")
-read -r LINK <&"${PROXY[0]}"
-log "registry $REG shaped to $RATE, reached through $LINK (+$DELAY_MS ms per request)"
+shape_link "$TOOLS"
 
 # --- helpers ----------------------------------------------------------------------------------
-now() { date +%s.%N; }
-elapsed() { python3 -c "print(f'{$(now) - $1:.3f}')"; }
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END{print (NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2}'; }
-calc() { python3 -c "print(f'{$1}')"; }
-drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 
 mount_lazy() { # mount_lazy IMAGE MNT CACHE METRICS: starts a lazy mount, waits for it
     mkdir -p "$2"
-    "$LAZYCTL" mount --cache-dir "$3" --metrics-json "$4" "$1" "$2" 2>>"$RUN/mount.log" &
+    "$LAZYCTL" mount --standalone --cache-dir "$3" --metrics-json "$4" "$1" "$2" 2>>"$RUN/mount.log" &
     MOUNT_PID=$!
     for _ in $(seq 600); do
         mountpoint -q "$2" && return 0

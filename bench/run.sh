@@ -114,7 +114,7 @@ trap 'exit 130' INT TERM
 # mount_bg IMAGE MNT LOG: starts a foreground `lazyctl mount` in the background, waits for it.
 mount_bg() {
     local image=$1 mnt=$2 logf=$3 i
-    RUST_LOG=info,fuser::mnt=error NO_COLOR=1 "$LAZYCTL" mount "$image" "$mnt" 2>>"$logf" &
+    RUST_LOG=info,fuser::mnt=error NO_COLOR=1 "$LAZYCTL" mount --standalone "$image" "$mnt" 2>>"$logf" &
     MOUNT_PID=$!
     MOUNT_PIDS+=("$MOUNT_PID")
     for ((i = 0; i < 3000; i++)); do

@@ -1,0 +1,67 @@
+# Shared by bench/remote.sh and bench/agent.sh (sourced, not run): the settings of the shaped
+# link, a registry on a free loopback port, the link itself (tc htb on the registry's port +
+# the harness's delaying proxy), and small helpers. The sourcing script sets BENCH_NAME first
+# and keeps the pids it must stop in PIDS.
+
+BENCH_DIR=${BENCH_DIR:-/var/tmp/lazy-bench}
+RATE=${RATE:-1gbit}
+RATE_BYTES=${RATE_BYTES:-125000000} # $RATE in bytes/s, for percentages
+DELAY_MS=${DELAY_MS:-20}
+RUNS=${RUNS:-3}
+
+die() {
+    echo "bench/$BENCH_NAME: $*" >&2
+    exit 1
+}
+log() { echo "[bench $(date +%T)] $*" >&2; }
+
+# require_tools TOOL...: root, the repository root, and every TOOL on PATH.
+require_tools() {
+    [[ $(id -u) == 0 ]] || die "run me as root (tc, FUSE, chroot)"
+    [[ -f bench/$BENCH_NAME ]] || die "run me from the repository root"
+    for tool in "$@"; do
+        command -v "$tool" >/dev/null || die "$tool is not in PATH (run scripts/setup.sh)"
+    done
+}
+
+now() { date +%s.%N; }
+elapsed() { python3 -c "print(f'{$(now) - $1:.3f}')"; }
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END{print (NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2}'; }
+calc() { python3 -c "print(f'{$1}')"; }
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+
+# start_registry DIR: docker-registry on a free 127.0.0.1 port storing into DIR; sets REG.
+start_registry() {
+    local dir=$1 port
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    mkdir -p "$dir"
+    cat >"$dir.yml" <<YML
+version: 0.1
+log:
+  level: error
+storage:
+  filesystem:
+    rootdirectory: $dir
+http:
+  addr: 127.0.0.1:$port
+YML
+    docker-registry serve "$dir.yml" >"$dir.log" 2>&1 &
+    PIDS+=($!)
+    for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.1; done
+    REG=127.0.0.1:$port
+}
+
+# shape_link TOOLS: limits what the registry sends to $RATE (tc htb on lo) and starts the
+# delaying proxy (TOOLS = the bench_tools binary) in front of it; sets LINK (its HOST:PORT).
+shape_link() {
+    local tools=$1
+    tc qdisc del dev lo root 2>/dev/null || true
+    tc qdisc add dev lo root handle 1: htb default 1
+    tc class add dev lo parent 1: classid 1:1 htb rate 100gbit
+    tc class add dev lo parent 1: classid 1:2 htb rate "$RATE" ceil "$RATE"
+    tc filter add dev lo parent 1: protocol ip prio 1 u32 match ip sport "${REG##*:}" 0xffff flowid 1:2
+    coproc PROXY { exec "$tools" proxy "$REG" "$DELAY_MS"; }
+    PIDS+=("$PROXY_PID")
+    read -r LINK <&"${PROXY[0]}"
+    log "registry $REG shaped to $RATE, reached through $LINK (+$DELAY_MS ms per request)"
+}
