@@ -3,8 +3,8 @@
 //! describes every route with examples.
 //!
 //! Errors are a JSON body `{"error": "..."}` with a status that says whose fault it was: 400 a
-//! bad request, 404 no such mount, 409 a conflict (mountpoint in use or busy), 502 the backend
-//! failed, 503 the agent is shutting down, 500 anything else.
+//! bad request, 404 no such mount or container, 409 a conflict (mountpoint in use or busy, name
+//! taken), 502 the backend failed, 503 the agent is shutting down, 500 anything else.
 
 use std::path::PathBuf;
 
@@ -114,6 +114,9 @@ pub struct Status {
     pub shutting_down: bool,
     pub mounts: Vec<MountInfo>,
     pub warms: Vec<WarmInfo>,
+    /// Containers' root filesystems (`POST /v1/rootfs`); their shared lowers are in `mounts`.
+    #[serde(default)]
+    pub containers: Vec<RootfsInfo>,
     pub images: Vec<KnownImage>,
     pub metrics: MetricsSnapshot,
 }
@@ -178,6 +181,57 @@ pub struct ProfileReport {
     pub hot_bytes: u64,
     /// Bytes (stored) of the whole image.
     pub image_bytes: u64,
+}
+
+/// `POST /v1/rootfs`: an overlaid, writable root filesystem of an image for one container.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RootfsRequest {
+    pub image: String,
+    /// Unique per agent; default: a random 12-hex-digit name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Where to mount the overlay; default STATE/containers/NAME/rootfs.
+    #[serde(default)]
+    pub target: Option<PathBuf>,
+}
+
+/// A container's root filesystem, as `POST /v1/rootfs` and `status` report it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RootfsInfo {
+    pub name: String,
+    pub image: String,
+    pub manifest_digest: String,
+    /// The overlay mountpoint.
+    pub rootfs: PathBuf,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+    /// The shared read-only lazy mount.
+    pub lower: PathBuf,
+    /// STATE/containers/NAME: lazyctl run writes its bundle here (NAME/bundle).
+    pub dir: PathBuf,
+}
+
+/// `POST /v1/rootfs/remove`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RootfsRemoveRequest {
+    pub name: String,
+    /// Keep the container's directory (its upper layer) for inspection.
+    #[serde(default)]
+    pub keep: bool,
+}
+
+/// The answer to `POST /v1/rootfs/remove`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RootfsRemoved {
+    pub name: String,
+    /// With `keep`: the upper layer left for inspection (the container's writes).
+    pub kept_upper: Option<PathBuf>,
+}
+
+/// `POST /v1/image/config` -> the image's OCI config JSON (serde_json::Value), verbatim.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageRequest {
+    pub image: String,
 }
 
 /// Body of every error response.

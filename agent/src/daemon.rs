@@ -14,6 +14,13 @@
 //!   queues its chunks for prefetch in profile order, below demand reads and under
 //!   `background.bandwidth`.
 //!
+//! **Containers' root filesystems** (`POST /v1/rootfs`): an image is mounted once per manifest
+//! digest as a shared read-only lower (`STATE/lower/<hex>`, an ordinary mount that records and
+//! prefetches like any other), and each container gets an overlay of its own upper and work
+//! dirs (`STATE/containers/NAME`) over it. The lower is referenced by the containers using it
+//! and unmounted with the last of them. Creating and removing containers is serialised, so a
+//! lower is never mounted twice nor unmounted under a container being created.
+//!
 //! State that must survive a restart is small and lives in files: the images the agent has
 //! opened (`STATE/images.json`, used by `gc`), kept manifests and indexes in the cache directory
 //! (so a warmed image mounts with its backend down), and profiles. Mounts themselves do not
@@ -34,7 +41,8 @@ use tracing::{error, info, warn};
 
 use crate::api::{
     GcReport, GcRequest, KnownImage, MountInfo, MountProfile, MountRequest, ProfileReport,
-    RecordRequest, Status, UmountRequest, WarmEvent, WarmInfo, WarmRequest,
+    RecordRequest, RootfsInfo, RootfsRemoved, RootfsRequest, Status, UmountRequest, WarmEvent,
+    WarmInfo, WarmRequest,
 };
 use crate::cache::{CacheConfig, CacheError, ChunkCache};
 use crate::config::AgentConfig;
@@ -53,10 +61,23 @@ pub enum AgentError {
     Conflict(String),
     #[error("{path} is in use (open files, a working directory or an overlay on it); stop its users or unmount with --lazy")]
     Busy { path: PathBuf },
+    #[error("no container rootfs named {0:?} (lazyctl status lists them)")]
+    NoContainer(String),
+    #[error("{path} is the shared read-only lower of container(s) {}; it is unmounted when the last of them is removed (lazyctl umount ROOTFS)", containers.join(", "))]
+    LowerInUse {
+        path: PathBuf,
+        containers: Vec<String>,
+    },
     #[error("lazyd is shutting down")]
     ShuttingDown,
     #[error("cannot open {image}: {source}")]
     Open {
+        image: String,
+        #[source]
+        source: RemoteError,
+    },
+    #[error("cannot read the config of {image}: {source}")]
+    Config {
         image: String,
         #[source]
         source: RemoteError,
@@ -81,7 +102,9 @@ impl AgentError {
     /// Whether the failure is the backend's (down, slow) rather than the request's.
     pub fn is_backend(&self) -> bool {
         match self {
-            AgentError::Open { source, .. } => !source.is_permanent(),
+            AgentError::Open { source, .. } | AgentError::Config { source, .. } => {
+                !source.is_permanent()
+            }
             AgentError::Profile(e) => !e.is_permanent(),
             _ => false,
         }
@@ -134,6 +157,13 @@ impl LiveMount {
     }
 }
 
+/// A container's root filesystem: an overlay over a shared lower mount.
+struct Container {
+    info: RootfsInfo,
+    /// Whether the caller chose the target (it is then left in place at removal).
+    own_target: bool,
+}
+
 struct RunningWarm {
     image: String,
     hot: bool,
@@ -148,6 +178,11 @@ pub struct Agent {
     cache: Arc<ChunkCache>,
     background_limit: Option<Arc<RateLimit>>,
     mounts: Mutex<BTreeMap<PathBuf, Arc<LiveMount>>>,
+    /// Containers' root filesystems by name.
+    containers: Mutex<BTreeMap<String, Container>>,
+    /// Held while a container is created or removed (and a lower unmounted by request), so
+    /// lower mounts and their references change one at a time.
+    container_ops: tokio::sync::Mutex<()>,
     warms: Mutex<BTreeMap<u64, RunningWarm>>,
     next_warm: AtomicU64,
     images: Mutex<Vec<KnownImage>>,
@@ -188,6 +223,8 @@ impl Agent {
             cache,
             background_limit,
             mounts: Mutex::new(BTreeMap::new()),
+            containers: Mutex::new(BTreeMap::new()),
+            container_ops: tokio::sync::Mutex::new(()),
             warms: Mutex::new(BTreeMap::new()),
             next_warm: AtomicU64::new(0),
             images: Mutex::new(images),
@@ -244,15 +281,37 @@ impl Agent {
                 )))
             };
         }
+        if let Some(name) = self.container_at(&mountpoint) {
+            return Err(AgentError::Conflict(format!(
+                "{} is the root filesystem of container {name}",
+                mountpoint.display()
+            )));
+        }
         let opened = self.open(&req.image, true).await?;
+        let allow_other = req.allow_other.unwrap_or(self.config.mount.allow_other);
+        let live = self
+            .serve(&req.image, opened, &mountpoint, allow_other)
+            .await?;
+        Ok(live.info(&mountpoint))
+    }
+
+    /// Mounts an opened image at `mountpoint` and serves it: starts its recording and the
+    /// prefetch of its profile.
+    async fn serve(
+        self: &Arc<Self>,
+        image: &str,
+        opened: OpenedImage,
+        mountpoint: &Path,
+        allow_other: bool,
+    ) -> Result<Arc<LiveMount>, AgentError> {
         let recorder = self
             .config
             .profile
             .record
             .then(|| Recorder::new(self.config.profile.window));
         let cfg = MountConfig {
-            fs_name: format!("lazyimg:{}", req.image),
-            allow_other: req.allow_other.unwrap_or(self.config.mount.allow_other),
+            fs_name: format!("lazyimg:{image}"),
+            allow_other,
             read_workers: self.config.mount.read_workers,
             ..MountConfig::default()
         };
@@ -262,7 +321,7 @@ impl Agent {
         };
         let fetcher = self.fetcher.clone();
         let (opened, mounted) = {
-            let mountpoint = mountpoint.clone();
+            let mountpoint = mountpoint.to_path_buf();
             let recorder = recorder.clone();
             tokio::task::spawn_blocking(move || {
                 let mounted = match &opened.location {
@@ -282,7 +341,7 @@ impl Agent {
             })??
         };
         let live = Arc::new(LiveMount {
-            image: req.image.clone(),
+            image: image.to_string(),
             reader: mounted.reader.clone(),
             opened,
             backend,
@@ -293,7 +352,7 @@ impl Agent {
             saved: AtomicBool::new(false),
             prefetch: Mutex::new((0, None)),
         });
-        lock(&self.mounts).insert(mountpoint.clone(), live.clone());
+        lock(&self.mounts).insert(mountpoint.to_path_buf(), live.clone());
         if live.recorder.is_some() {
             self.schedule_recording_end(&live, 0, self.config.profile.window);
         }
@@ -302,7 +361,7 @@ impl Agent {
             let live = live.clone();
             tokio::spawn(async move { agent.prefetch_profile(&live).await });
         }
-        Ok(live.info(&mountpoint))
+        Ok(live)
     }
 
     /// Queues the chunks of the image's profile (local, else the one beside the image) for
@@ -421,8 +480,31 @@ impl Agent {
         Ok(Some(to))
     }
 
-    /// Unmounts; fails with `Busy` while the mount is in use unless `lazy`.
+    /// Unmounts; fails with `Busy` while the mount is in use unless `lazy`. On the target of a
+    /// container's rootfs it removes that container, keeping nothing (`lazyctl umount` of a
+    /// `lazyctl mount --rootfs`); a shared lower is refused while containers use it.
     pub async fn umount(self: &Arc<Self>, req: UmountRequest) -> Result<(), AgentError> {
+        let mountpoint = absolute(&req.mountpoint)?;
+        if let Some(name) = self.container_at(&mountpoint) {
+            self.remove_container(&name, false, req.lazy).await?;
+            return Ok(());
+        }
+        if mountpoint.starts_with(self.lower_root()) {
+            let _ops = self.container_ops.lock().await;
+            let containers = self.lower_users(&mountpoint);
+            if !containers.is_empty() {
+                return Err(AgentError::LowerInUse {
+                    path: mountpoint,
+                    containers,
+                });
+            }
+            return self.unmount_mount(req).await;
+        }
+        self.unmount_mount(req).await
+    }
+
+    /// Unmounts one of the agent's FUSE mounts.
+    async fn unmount_mount(self: &Arc<Self>, req: UmountRequest) -> Result<(), AgentError> {
         let mountpoint = absolute(&req.mountpoint)?;
         let Some(live) = lock(&self.mounts).get(&mountpoint).cloned() else {
             return Err(AgentError::NotMounted(mountpoint));
@@ -470,6 +552,213 @@ impl Agent {
         self.forget_mount(&mountpoint, &live).await;
         info!(mountpoint = %mountpoint.display(), image = %live.image, "unmounted");
         Ok(())
+    }
+
+    fn lower_root(&self) -> PathBuf {
+        self.config.state_dir.join(LOWER_DIR)
+    }
+
+    fn containers_root(&self) -> PathBuf {
+        self.config.state_dir.join(CONTAINERS_DIR)
+    }
+
+    /// The container whose overlay is mounted at `target`.
+    fn container_at(&self, target: &Path) -> Option<String> {
+        lock(&self.containers)
+            .values()
+            .find(|c| c.info.rootfs == target)
+            .map(|c| c.info.name.clone())
+    }
+
+    /// The containers whose overlays use the lower mount at `lower`.
+    fn lower_users(&self, lower: &Path) -> Vec<String> {
+        lock(&self.containers)
+            .values()
+            .filter(|c| c.info.lower == lower)
+            .map(|c| c.info.name.clone())
+            .collect()
+    }
+
+    /// Creates a container's root filesystem: mounts the image as the shared lower (once per
+    /// manifest digest), then an overlay of the container's own upper and work dirs over it.
+    pub async fn create_rootfs(
+        self: &Arc<Self>,
+        req: RootfsRequest,
+    ) -> Result<RootfsInfo, AgentError> {
+        self.check_running()?;
+        self.reap();
+        let name = match req.name {
+            Some(n) => n,
+            None => random_name()?,
+        };
+        mount::check_container_name(&name).map_err(AgentError::BadRequest)?;
+        let target = req.target.as_deref().map(absolute).transpose()?;
+        let _ops = self.container_ops.lock().await;
+        if lock(&self.containers).contains_key(&name) {
+            return Err(AgentError::Conflict(format!(
+                "a container named {name} exists; remove it first or choose another name"
+            )));
+        }
+        let dir = self.containers_root().join(&name);
+        if dir.exists() {
+            return Err(AgentError::Conflict(format!(
+                "{} exists (kept from an earlier container?); delete it or choose another name",
+                dir.display()
+            )));
+        }
+        if let Some(t) = &target {
+            if !t.is_dir() {
+                return Err(MountError::NotADirectory(t.clone()).into());
+            }
+            if lock(&self.mounts).contains_key(t) || self.container_at(t).is_some() {
+                return Err(AgentError::Conflict(format!(
+                    "lazyd already has something mounted at {}",
+                    t.display()
+                )));
+            }
+        }
+        let opened = self.open(&req.image, true).await?;
+        let manifest_digest = opened.manifest_digest.clone();
+        let hex = manifest_digest
+            .strip_prefix("sha256:")
+            .unwrap_or(&manifest_digest);
+        let lower = self.lower_root().join(hex);
+        if lock(&self.mounts).contains_key(&lower) {
+            self.touch(&manifest_digest);
+        } else {
+            std::fs::create_dir_all(&lower)
+                .map_err(AgentError::io(format!("creating {}", lower.display())))?;
+            // Containers run as any user: the lower must let them all through (root mounts it).
+            self.serve(&req.image, opened, &lower, true).await?;
+        }
+        let made = {
+            let (dir, lower, target) = (dir.clone(), lower.clone(), target.clone());
+            tokio::task::spawn_blocking(move || make_overlay(&dir, &lower, target.as_deref()))
+                .await
+                .map_err(|e| AgentError::Io {
+                    context: "overlay task".into(),
+                    source: std::io::Error::other(e),
+                })
+                .and_then(|r| r)
+        };
+        let (rootfs, upper, work) = match made {
+            Ok(paths) => paths,
+            Err(e) => {
+                self.release_lower(&lower, false).await;
+                return Err(e);
+            }
+        };
+        let info = RootfsInfo {
+            name: name.clone(),
+            image: req.image,
+            manifest_digest,
+            rootfs,
+            upper,
+            work,
+            lower,
+            dir,
+        };
+        info!(
+            container = %name,
+            image = %info.image,
+            rootfs = %info.rootfs.display(),
+            lower = %info.lower.display(),
+            "container rootfs ready"
+        );
+        lock(&self.containers).insert(
+            name,
+            Container {
+                info: info.clone(),
+                own_target: target.is_some(),
+            },
+        );
+        Ok(info)
+    }
+
+    /// Removes a container's root filesystem: unmounts its overlay (busy: refused), deletes its
+    /// directory unless `keep`, and unmounts the lower when no other container uses it.
+    pub async fn remove_rootfs(
+        self: &Arc<Self>,
+        name: &str,
+        keep: bool,
+    ) -> Result<RootfsRemoved, AgentError> {
+        self.remove_container(name, keep, false).await
+    }
+
+    /// [`Agent::remove_rootfs`]; with `lazy`, detaches the overlay (and the lower) even while
+    /// in use.
+    async fn remove_container(
+        self: &Arc<Self>,
+        name: &str,
+        keep: bool,
+        lazy: bool,
+    ) -> Result<RootfsRemoved, AgentError> {
+        let _ops = self.container_ops.lock().await;
+        let (info, own_target) = lock(&self.containers)
+            .get(name)
+            .map(|c| (c.info.clone(), c.own_target))
+            .ok_or_else(|| AgentError::NoContainer(name.to_string()))?;
+        let kept_upper = {
+            let info = info.clone();
+            tokio::task::spawn_blocking(move || remove_overlay(&info, own_target, keep, lazy))
+                .await
+                .map_err(|e| AgentError::Io {
+                    context: "overlay task".into(),
+                    source: std::io::Error::other(e),
+                })??
+        };
+        lock(&self.containers).remove(name);
+        match &kept_upper {
+            Some(upper) => info!(
+                container = %name,
+                "container rootfs removed; its upper (the container's writes) is kept in {}",
+                upper.display()
+            ),
+            None => info!(container = %name, "container rootfs removed"),
+        }
+        self.release_lower(&info.lower, lazy).await;
+        self.touch(&info.manifest_digest);
+        Ok(RootfsRemoved {
+            name: name.to_string(),
+            kept_upper,
+        })
+    }
+
+    /// Unmounts the lower at `lower` when no container uses it any more. A busy lower (someone
+    /// works in it directly) is left mounted, for a later umount or the agent's stop.
+    async fn release_lower(self: &Arc<Self>, lower: &Path, lazy: bool) {
+        if !self.lower_users(lower).is_empty() || !lock(&self.mounts).contains_key(lower) {
+            return;
+        }
+        let req = UmountRequest {
+            mountpoint: lower.to_path_buf(),
+            lazy,
+        };
+        match self.unmount_mount(req).await {
+            Ok(()) => {
+                let _ = std::fs::remove_dir(lower);
+            }
+            Err(e) => warn!(
+                lower = %lower.display(),
+                "no container uses this lower any more, but it cannot be unmounted yet; left mounted for lazyctl umount or the agent's stop: {e}"
+            ),
+        }
+    }
+
+    /// The image's OCI config JSON, verbatim (kept in `CACHE/configs` for remote images).
+    pub async fn image_config(&self, image: &str) -> Result<Vec<u8>, AgentError> {
+        let opened = self.open(image, false).await?;
+        remote::read_config(
+            &opened.location,
+            &opened.manifest.config,
+            opened.store.as_ref(),
+            Some(&self.config.cache_dir),
+        )
+        .await
+        .map_err(|source| AgentError::Config {
+            image: image.to_string(),
+            source,
+        })
     }
 
     async fn forget_mount(&self, mountpoint: &Path, live: &Arc<LiveMount>) {
@@ -841,6 +1130,10 @@ impl Agent {
             shutting_down: self.shutting_down.load(Ordering::Relaxed),
             mounts,
             warms,
+            containers: lock(&self.containers)
+                .values()
+                .map(|c| c.info.clone())
+                .collect(),
             images: lock(&self.images).clone(),
             metrics: self.fetcher.snapshot(),
         }
@@ -879,16 +1172,34 @@ impl Agent {
 
     /// Unmounts every mount that is not in use (with `force`, detaches them all); returns the
     /// mountpoints still mounted because they are busy.
+    ///
+    /// Containers' overlays go first, keeping their upper dirs (a container's writes are not
+    /// thrown away by a restart of the agent); a lower stays while an overlay still uses it.
     pub async fn unmount_all(self: &Arc<Self>, force: bool) -> Vec<PathBuf> {
-        let paths: Vec<PathBuf> = lock(&self.mounts).keys().cloned().collect();
+        let containers: Vec<(String, PathBuf)> = lock(&self.containers)
+            .values()
+            .map(|c| (c.info.name.clone(), c.info.rootfs.clone()))
+            .collect();
         let mut busy = Vec::new();
+        for (name, rootfs) in containers {
+            match self.remove_container(&name, true, force).await {
+                Ok(_) | Err(AgentError::NoContainer(_)) => {}
+                Err(AgentError::Busy { path }) => busy.push(path),
+                Err(e) => {
+                    error!(container = %name, "cannot unmount the container's rootfs: {e}");
+                    busy.push(rootfs);
+                }
+            }
+        }
+        let paths: Vec<PathBuf> = lock(&self.mounts).keys().cloned().collect();
         for mountpoint in paths {
             let req = UmountRequest {
                 mountpoint: mountpoint.clone(),
                 lazy: force,
             };
             match self.umount(req).await {
-                Ok(()) | Err(AgentError::NotMounted(_)) => {}
+                // A lower of a busy container goes with the container.
+                Ok(()) | Err(AgentError::NotMounted(_)) | Err(AgentError::LowerInUse { .. }) => {}
                 Err(AgentError::Busy { path }) => busy.push(path),
                 Err(e) => {
                     error!(mountpoint = %mountpoint.display(), "cannot unmount: {e}");
@@ -958,6 +1269,113 @@ impl Agent {
 
 /// The images the agent has opened, in the state directory.
 const IMAGES_FILE: &str = "images.json";
+/// In the state directory: the shared lower mounts of containers, by manifest digest.
+const LOWER_DIR: &str = "lower";
+/// In the state directory: one directory per container (upper, work, rootfs, bundle).
+const CONTAINERS_DIR: &str = "containers";
+
+/// A random 12-hex-digit container name.
+fn random_name() -> Result<String, AgentError> {
+    use std::io::Read;
+    let mut bytes = [0u8; 6];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(AgentError::io("reading /dev/urandom"))?;
+    Ok(hex::encode(bytes))
+}
+
+/// Creates a container's directory (`dir`: upper, work, and the default target `rootfs`) and
+/// mounts its overlay over `lower` at `target` or `dir/rootfs`; on failure removes what it
+/// created. Returns (rootfs, upper, work).
+fn make_overlay(
+    dir: &Path,
+    lower: &Path,
+    target: Option<&Path>,
+) -> Result<(PathBuf, PathBuf, PathBuf), AgentError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(parent)
+        .map_err(AgentError::io(format!("creating {}", parent.display())))?;
+    // Containers' writes (setuid binaries copied up, say) are reachable only through their
+    // overlays, not by listing the state dir.
+    std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o711)).map_err(
+        AgentError::io(format!("setting the mode of {}", parent.display())),
+    )?;
+    std::fs::create_dir(dir).map_err(AgentError::io(format!("creating {}", dir.display())))?;
+    let upper = dir.join("upper");
+    let work = dir.join("work");
+    let rootfs = target.map_or_else(|| dir.join("rootfs"), Path::to_path_buf);
+    let made = (|| -> Result<(), AgentError> {
+        for d in [&upper, &work] {
+            std::fs::create_dir(d).map_err(AgentError::io(format!("creating {}", d.display())))?;
+        }
+        if target.is_none() {
+            std::fs::create_dir(&rootfs)
+                .map_err(AgentError::io(format!("creating {}", rootfs.display())))?;
+        }
+        // The overlay's root takes the upper dir's owner and mode: make them the image's.
+        let root = std::fs::metadata(lower)
+            .map_err(AgentError::io(format!("reading {}", lower.display())))?;
+        std::os::unix::fs::chown(&upper, Some(root.uid()), Some(root.gid()))
+            .map_err(AgentError::io(format!("chown {}", upper.display())))?;
+        std::fs::set_permissions(
+            &upper,
+            std::fs::Permissions::from_mode(root.mode() & 0o7777),
+        )
+        .map_err(AgentError::io(format!(
+            "setting the mode of {}",
+            upper.display()
+        )))?;
+        mount::mount_overlay(lower, &upper, &work, &rootfs)?;
+        Ok(())
+    })();
+    if let Err(e) = made {
+        if let Err(rm) = std::fs::remove_dir_all(dir) {
+            warn!(dir = %dir.display(), "cannot clean up after a failed overlay: {rm}");
+        }
+        return Err(e);
+    }
+    Ok((rootfs, upper, work))
+}
+
+/// Unmounts a container's overlay and, unless `keep`, deletes its directory (a target the
+/// caller chose is left). Returns the upper dir when it was kept.
+fn remove_overlay(
+    info: &RootfsInfo,
+    own_target: bool,
+    keep: bool,
+    lazy: bool,
+) -> Result<Option<PathBuf>, AgentError> {
+    match mount::unmount(&info.rootfs, lazy) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            return Err(AgentError::Busy {
+                path: info.rootfs.clone(),
+            })
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            warn!(rootfs = %info.rootfs.display(), "the overlay was already unmounted (outside lazyd)");
+        }
+        Err(e) => {
+            return Err(AgentError::io(format!(
+                "unmounting {}",
+                info.rootfs.display()
+            ))(e))
+        }
+    }
+    if keep {
+        return Ok(Some(info.upper.clone()));
+    }
+    if !own_target && mount::is_mount_point(&info.rootfs) {
+        // Something else was mounted there since; never delete through a mount.
+        warn!(rootfs = %info.rootfs.display(), "still a mount point after unmounting the overlay; leaving {}", info.dir.display());
+        return Ok(None);
+    }
+    if let Err(e) = std::fs::remove_dir_all(&info.dir) {
+        warn!(dir = %info.dir.display(), "cannot delete the container's directory: {e}");
+    }
+    Ok(None)
+}
 
 fn load_images(path: &Path) -> Vec<KnownImage> {
     match std::fs::read(path) {

@@ -1,6 +1,7 @@
 //! Mount lifecycle: open an image (from a local store, or remotely through the fetcher), mount
 //! it read-only through FUSE, wait until it is unmounted (by `lazyctl umount`, `umount`, or a
-//! signal handled by the caller), and unmount by path.
+//! signal handled by the caller), and unmount by path. Also the overlay of a container's root
+//! filesystem: a writable upper directory over an image's read-only lazy mount.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -30,6 +31,15 @@ pub enum MountError {
     #[error("cannot mount at {path} (is /dev/fuse available and fuse3 installed?)")]
     Mount {
         path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("overlay directory {path} contains ',', ':' or '\\', which overlayfs options cannot carry; use a state dir or target without them")]
+    OverlayPath { path: PathBuf },
+    #[error("cannot mount the overlay at {target} ({options}); does the kernel have overlayfs (modprobe overlay) and accept a FUSE lower?")]
+    Overlay {
+        target: PathBuf,
+        options: String,
         #[source]
         source: std::io::Error,
     },
@@ -203,6 +213,93 @@ fn raise_read_ahead(mountpoint: &Path) {
     }
 }
 
+/// Longest container name: a hostname's label length, and well under every runtime's limit.
+pub const MAX_CONTAINER_NAME: usize = 64;
+
+/// Checks a container name: 1 to 64 of `[A-Za-z0-9_.-]`, starting with a letter or digit (so it
+/// is never `.`, `..` or taken for an option by a runtime's command line). Says what is wrong.
+pub fn check_container_name(name: &str) -> Result<(), String> {
+    let fix = "use 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit";
+    if name.is_empty() || name.len() > MAX_CONTAINER_NAME {
+        return Err(format!(
+            "container name {name:?} is {} bytes long; {fix}",
+            name.len()
+        ));
+    }
+    if !name.as_bytes()[0].is_ascii_alphanumeric() {
+        return Err(format!(
+            "container name {name:?} must start with a letter or digit; {fix}"
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    {
+        return Err(format!("container name {name:?} contains {c:?}; {fix}"));
+    }
+    Ok(())
+}
+
+/// The `data` of an overlay mount(2): `lowerdir=..,upperdir=..,workdir=..`. Refuses paths that
+/// the option syntax would split (`,` between options, `:` between lower layers, `\` escapes).
+pub fn overlay_options(lower: &Path, upper: &Path, work: &Path) -> Result<String, MountError> {
+    let mut parts = Vec::with_capacity(3);
+    for (key, path) in [("lowerdir", lower), ("upperdir", upper), ("workdir", work)] {
+        let text = path.to_str().filter(|t| !t.contains([',', ':', '\\']));
+        let Some(text) = text else {
+            return Err(MountError::OverlayPath {
+                path: path.to_path_buf(),
+            });
+        };
+        parts.push(format!("{key}={text}"));
+    }
+    Ok(parts.join(","))
+}
+
+/// Mounts an overlay of `upper` (with its `work` dir) over the read-only `lower` at `target`.
+pub fn mount_overlay(
+    lower: &Path,
+    upper: &Path,
+    work: &Path,
+    target: &Path,
+) -> Result<(), MountError> {
+    let options = overlay_options(lower, upper, work)?;
+    let err = |source| MountError::Overlay {
+        target: target.to_path_buf(),
+        options: options.clone(),
+        source,
+    };
+    let c_target = CString::new(target.as_os_str().as_bytes())
+        .map_err(|_| err(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
+    let c_options =
+        CString::new(options.as_str()).map_err(|_| err(std::io::ErrorKind::InvalidInput.into()))?;
+    // SAFETY: every pointer is a valid NUL-terminated string that outlives the call.
+    let rc = unsafe {
+        libc::mount(
+            c"overlay".as_ptr(),
+            c_target.as_ptr(),
+            c"overlay".as_ptr(),
+            libc::MS_NODEV,
+            c_options.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    info!(target = %target.display(), lower = %lower.display(), "overlay mounted");
+    Ok(())
+}
+
+/// Whether `path` is a mount point (its device differs from its parent's).
+pub fn is_mount_point(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    match (std::fs::symlink_metadata(path), std::fs::metadata(parent)) {
+        (Ok(a), Ok(b)) => a.dev() != b.dev() || a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 /// Unmounts the filesystem at `path`: `umount2(2)` as root, else `fusermount3 -u`. With
 /// `lazy`, detaches it even while files are open (MNT_DETACH).
 pub fn unmount(path: &Path, lazy: bool) -> std::io::Result<()> {
@@ -231,5 +328,51 @@ pub fn unmount(path: &Path, lazy: bool) -> std::io::Result<()> {
         Err(std::io::Error::other(format!(
             "fusermount3 -u failed: {status}"
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_names() {
+        for ok in ["a", "web-1", "x_y.z", "0123456789ab", &"n".repeat(64)] {
+            assert_eq!(check_container_name(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../etc",
+            "a/b",
+            "-rm",
+            ".hidden",
+            "a b",
+            "é",
+            "a\0b",
+            &"n".repeat(65),
+        ] {
+            let e = check_container_name(bad).unwrap_err();
+            assert!(e.contains("letters, digits"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn overlay_option_string() {
+        let o = overlay_options(
+            Path::new("/var/lib/lazyd/lower/ab"),
+            Path::new("/var/lib/lazyd/containers/c/upper"),
+            Path::new("/var/lib/lazyd/containers/c/work"),
+        )
+        .unwrap();
+        assert_eq!(
+            o,
+            "lowerdir=/var/lib/lazyd/lower/ab,upperdir=/var/lib/lazyd/containers/c/upper,workdir=/var/lib/lazyd/containers/c/work"
+        );
+        for bad in ["/a,b", "/a:b", "/a\\b"] {
+            let e = overlay_options(Path::new("/l"), Path::new(bad), Path::new("/w")).unwrap_err();
+            assert!(matches!(e, MountError::OverlayPath { ref path } if path == Path::new(bad)));
+        }
     }
 }

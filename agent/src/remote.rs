@@ -5,7 +5,8 @@
 //! later, chunk by chunk, through the returned `BlobStore`. The index is checked against the
 //! manifest's sha256 before use and kept in the cache directory by digest, so mounting the same
 //! image again fetches only the manifest; the manifest is kept too, and used when the backend
-//! cannot be reached.
+//! cannot be reached. The image's OCI config (the source image's: entrypoint, env, user...) is
+//! read on request, verified, and kept by digest in the cache directory too.
 //!
 //! In a registry a lazy image is an OCI artifact (`artifactType`
 //! `application/vnd.lazyimg.image.v1`). A reference may name it directly (`REPO:TAG-lazy`) or
@@ -68,6 +69,14 @@ pub enum RemoteError {
         expected: String,
         actual: String,
     },
+    #[error("config blob {expected} ({expected_size} bytes) of {location} is {actual_size} bytes hashing to {actual}; the store is corrupt or was changed")]
+    ConfigDigest {
+        location: String,
+        expected: String,
+        expected_size: u64,
+        actual: String,
+        actual_size: u64,
+    },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -90,6 +99,7 @@ impl RemoteError {
             | RemoteError::Index(_)
             | RemoteError::NoLazyImage { .. }
             | RemoteError::IndexDigest { .. }
+            | RemoteError::ConfigDigest { .. }
             | RemoteError::Io { .. } => true,
         }
     }
@@ -302,6 +312,76 @@ pub const CHUNK_DIR: &str = "chunks";
 pub const INDEX_DIR: &str = "indexes";
 /// Inside a cache directory: the last lazy manifest seen at each location.
 pub const MANIFEST_DIR: &str = "manifests";
+/// Inside a cache directory: image configs by digest.
+pub const CONFIG_DIR: &str = "configs";
+/// Largest image config accepted (configs are a few KiB; registries cap manifests at 4 MiB).
+const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
+/// The image's OCI config blob, verbatim: the lazy manifest's `config` descriptor, read from
+/// `store` and checked for size and sha256. With `cache_dir` (remote images) it is kept in
+/// `CACHE/configs` by digest and read from there next time, so it is available with the
+/// backend down once seen; a `dir:` store is read in place.
+pub async fn read_config(
+    location: &ImageLocation,
+    desc: &fusefs::manifest::Descriptor,
+    store: &dyn BlobStore,
+    cache_dir: Option<&Path>,
+) -> Result<Vec<u8>, RemoteError> {
+    let kept = match (location, cache_dir) {
+        (ImageLocation::Dir { .. }, _) | (_, None) => None,
+        (_, Some(dir)) => Some(dir.join(CONFIG_DIR).join(desc.digest.replace(':', "-"))),
+    };
+    if let Some(path) = &kept {
+        if let Ok(bytes) = std::fs::read(path) {
+            match check_config(location, desc, &bytes) {
+                Ok(()) => return Ok(bytes),
+                Err(e) => {
+                    warn!(path = %path.display(), "kept config is unusable, fetching it again: {e}");
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+    }
+    if desc.size > MAX_CONFIG_BYTES {
+        return Err(BlobError::Invalid {
+            store: store.describe(),
+            digest: desc.digest.clone(),
+            reason: format!(
+                "config of {} bytes is over the {MAX_CONFIG_BYTES}-byte limit",
+                desc.size
+            ),
+        }
+        .into());
+    }
+    let bytes = store.read_blob(&desc.digest, desc.size).await?;
+    check_config(location, desc, &bytes)?;
+    if let Some(path) = &kept {
+        if let Err(e) = write_atomically(path, &bytes) {
+            warn!(path = %path.display(), "cannot keep the image config: {e}");
+        }
+    }
+    Ok(bytes)
+}
+
+/// Checks a config blob against its descriptor: exact size and sha256.
+fn check_config(
+    location: &ImageLocation,
+    desc: &fusefs::manifest::Descriptor,
+    bytes: &[u8],
+) -> Result<(), RemoteError> {
+    let actual = sha256_digest(bytes);
+    if actual == desc.digest && bytes.len() as u64 == desc.size {
+        Ok(())
+    } else {
+        Err(RemoteError::ConfigDigest {
+            location: location.to_string(),
+            expected: desc.digest.clone(),
+            expected_size: desc.size,
+            actual,
+            actual_size: bytes.len() as u64,
+        })
+    }
+}
 
 /// Where the manifest last seen at `location` is kept: named by the sha256 of the location as
 /// written, so any location string maps to a plain file name.
@@ -416,4 +496,108 @@ async fn load_index(
     };
     write_atomically(&path, &bytes)?;
     Index::open_verified(&path, verify)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blobstore::MemoryBlobStore;
+    use fusefs::manifest::{Descriptor, MEDIA_TYPE_OCI_CONFIG};
+
+    fn desc(digest: &str, size: u64) -> Descriptor {
+        Descriptor {
+            media_type: MEDIA_TYPE_OCI_CONFIG.into(),
+            digest: digest.into(),
+            size,
+            annotations: None,
+        }
+    }
+
+    fn registry() -> ImageLocation {
+        ImageLocation::parse("127.0.0.1:5000/app:v1").unwrap()
+    }
+
+    #[tokio::test]
+    async fn config_is_verified_kept_and_read_back_offline() {
+        let cache = tempfile::tempdir().unwrap();
+        let config = br#"{"architecture":"amd64","config":{"Cmd":["sh"]}}"#.to_vec();
+        let store = MemoryBlobStore::new();
+        let digest = store.insert(config.clone());
+        let d = desc(&digest, config.len() as u64);
+        let got = read_config(&registry(), &d, &store, Some(cache.path()))
+            .await
+            .unwrap();
+        assert_eq!(got, config);
+        assert_eq!(store.requests(), 1);
+        let kept = cache.path().join(CONFIG_DIR).join(digest.replace(':', "-"));
+        assert_eq!(std::fs::read(&kept).unwrap(), config);
+        // Kept: a second read does not ask the store (it works with the backend down).
+        let empty = MemoryBlobStore::new();
+        let again = read_config(&registry(), &d, &empty, Some(cache.path()))
+            .await
+            .unwrap();
+        assert_eq!(again, config);
+        assert_eq!(empty.requests(), 0);
+    }
+
+    #[tokio::test]
+    async fn config_with_wrong_digest_or_size_is_refused_and_not_kept() {
+        let cache = tempfile::tempdir().unwrap();
+        let store = MemoryBlobStore::new();
+        let digest = store.insert(b"{}".to_vec());
+        // The right digest with a descriptor claiming another size.
+        let e = read_config(&registry(), &desc(&digest, 3), &store, Some(cache.path()))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, RemoteError::ConfigDigest { actual_size: 2, .. }),
+            "{e}"
+        );
+        // Another blob's digest.
+        let other = MemoryBlobStore::new();
+        other.insert(b"{}".to_vec());
+        let lying = desc(&format!("sha256:{}", "0".repeat(64)), 2);
+        assert!(read_config(&registry(), &lying, &other, Some(cache.path()))
+            .await
+            .is_err());
+        assert!(!cache
+            .path()
+            .join(CONFIG_DIR)
+            .join(format!("sha256-{}", "0".repeat(64)))
+            .exists());
+
+        // A kept file that was changed on disk is refetched and replaced.
+        let kept = cache.path().join(CONFIG_DIR).join(digest.replace(':', "-"));
+        std::fs::create_dir_all(kept.parent().unwrap()).unwrap();
+        std::fs::write(&kept, b"{\"x\":1}").unwrap();
+        let got = read_config(&registry(), &desc(&digest, 2), &store, Some(cache.path()))
+            .await
+            .unwrap();
+        assert_eq!(got, b"{}");
+        assert_eq!(std::fs::read(&kept).unwrap(), b"{}");
+
+        // check_config names both digests.
+        let bad = check_config(&registry(), &desc(&digest, 2), b"[]").unwrap_err();
+        assert!(
+            matches!(bad, RemoteError::ConfigDigest { ref expected, .. } if *expected == digest)
+        );
+        assert!(bad.is_permanent());
+        assert!(bad.to_string().contains("corrupt"), "{bad}");
+    }
+
+    #[tokio::test]
+    async fn oversized_config_is_refused_before_reading() {
+        let store = MemoryBlobStore::new();
+        let digest = store.insert(b"{}".to_vec());
+        let e = read_config(
+            &registry(),
+            &desc(&digest, MAX_CONFIG_BYTES + 1),
+            &store,
+            None,
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("limit"), "{e}");
+        assert_eq!(store.requests(), 0);
+    }
 }

@@ -21,8 +21,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
 use crate::api::{
-    ErrorBody, GcRequest, MountRequest, ProfileRequest, RecordRequest, UmountRequest, WarmEvent,
-    WarmRequest,
+    ErrorBody, GcRequest, ImageRequest, MountRequest, ProfileRequest, RecordRequest,
+    RootfsRemoveRequest, RootfsRequest, UmountRequest, WarmEvent, WarmRequest,
 };
 use crate::daemon::{Agent, AgentError};
 use crate::mount::MountError;
@@ -38,6 +38,9 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/profile/show", post(profile_show))
         .route("/v1/profile/push", post(profile_push))
         .route("/v1/profile/record", post(profile_record))
+        .route("/v1/rootfs", post(rootfs))
+        .route("/v1/rootfs/remove", post(rootfs_remove))
+        .route("/v1/image/config", post(image_config))
         .route("/metrics", get(metrics))
         .with_state(agent)
 }
@@ -83,20 +86,32 @@ impl IntoResponse for ApiError {
         let backend = self.0.is_backend();
         let status = match &self.0 {
             AgentError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            AgentError::NotMounted(_) => StatusCode::NOT_FOUND,
-            AgentError::Conflict(_) | AgentError::Busy { .. } => StatusCode::CONFLICT,
+            AgentError::NotMounted(_) | AgentError::NoContainer(_) => StatusCode::NOT_FOUND,
+            AgentError::Conflict(_) | AgentError::Busy { .. } | AgentError::LowerInUse { .. } => {
+                StatusCode::CONFLICT
+            }
             AgentError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-            AgentError::Open { .. } | AgentError::Profile(_) | AgentError::Warm(_) => {
+            AgentError::Open { .. }
+            | AgentError::Config { .. }
+            | AgentError::Profile(_)
+            | AgentError::Warm(_) => {
                 if backend {
                     StatusCode::BAD_GATEWAY
                 } else {
                     StatusCode::BAD_REQUEST
                 }
             }
-            AgentError::Mount(MountError::NotADirectory(_)) => StatusCode::BAD_REQUEST,
-            AgentError::Mount(_) | AgentError::Cache(_) | AgentError::Io { .. } => {
-                StatusCode::INTERNAL_SERVER_ERROR
+            AgentError::Mount(MountError::NotADirectory(_) | MountError::OverlayPath { .. }) => {
+                StatusCode::BAD_REQUEST
             }
+            AgentError::Mount(
+                MountError::Store(_)
+                | MountError::Index(_)
+                | MountError::Mount { .. }
+                | MountError::Overlay { .. },
+            )
+            | AgentError::Cache(_)
+            | AgentError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let error = crate::registry::error_chain(&self.0);
         (status, Json(ErrorBody { error })).into_response()
@@ -154,6 +169,30 @@ async fn profile_record(
     Json(req): Json<RecordRequest>,
 ) -> Result<Json<crate::api::MountInfo>> {
     Ok(Json(agent.record(req)?))
+}
+
+async fn rootfs(
+    State(agent): State<Arc<Agent>>,
+    Json(req): Json<RootfsRequest>,
+) -> Result<Json<crate::api::RootfsInfo>> {
+    Ok(Json(agent.create_rootfs(req).await?))
+}
+
+async fn rootfs_remove(
+    State(agent): State<Arc<Agent>>,
+    Json(req): Json<RootfsRemoveRequest>,
+) -> Result<Json<crate::api::RootfsRemoved>> {
+    Ok(Json(agent.remove_rootfs(&req.name, req.keep).await?))
+}
+
+/// The image's config blob as stored: its bytes are what the digest covers, so they are passed
+/// on verbatim, not re-serialised.
+async fn image_config(
+    State(agent): State<Arc<Agent>>,
+    Json(req): Json<ImageRequest>,
+) -> Result<Response> {
+    let bytes = agent.image_config(&req.image).await?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response())
 }
 
 async fn metrics(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
