@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use agent::api::{
     GcReport, GcRequest, MountInfo, MountRequest, ProfileReport, ProfileRequest, RecordRequest,
-    Status, UmountRequest, WarmEvent, WarmRequest,
+    RootfsInfo, RootfsRequest, Status, UmountRequest, WarmEvent, WarmRequest,
 };
 use agent::fetcher::WarmProgress;
 use anyhow::{bail, Context, Result};
@@ -38,6 +38,37 @@ pub fn mount(
         info.mountpoint.display(),
         info.files,
         info.manifest_digest
+    );
+    Ok(())
+}
+
+/// Mounts a container's root filesystem (a writable overlay on the image's shared lazy mount)
+/// at `target`, for runtimes and tools that make their own bundles.
+pub fn mount_rootfs(
+    client: &AgentClient,
+    image: &str,
+    target: &Path,
+    name: Option<String>,
+) -> Result<()> {
+    let info: RootfsInfo = client.post(
+        "/v1/rootfs",
+        &RootfsRequest {
+            image: image.to_string(),
+            name,
+            target: Some(absolute(target)?),
+        },
+    )?;
+    println!(
+        "mounted a root filesystem of {} at {} ({})",
+        info.image,
+        info.rootfs.display(),
+        info.manifest_digest
+    );
+    println!("name:  {}", info.name);
+    println!("upper: {}", info.upper.display());
+    println!(
+        "remove it (and its writes) with `lazyctl umount {}`",
+        info.rootfs.display()
     );
     Ok(())
 }
@@ -115,6 +146,18 @@ pub fn status(client: &AgentClient, json: bool) -> Result<()> {
             bytes(m.bytes_served),
             profile
         );
+    }
+    if !status.containers.is_empty() {
+        println!("containers: {}", status.containers.len());
+        for c in &status.containers {
+            println!(
+                "  {}  {}  rootfs {}, upper {}",
+                c.name,
+                c.image,
+                c.rootfs.display(),
+                c.upper.display()
+            );
+        }
     }
     for w in &status.warms {
         println!(

@@ -12,6 +12,8 @@
 //! - `progress`: the terminal progress bar.
 //! - `client`: the client of lazyd's control API (unix socket).
 //! - `ctl`: the `lazyctl` commands that drive lazyd (mount, umount, status, warm, gc, profile).
+//! - `spec`: the OCI runtime spec of a container, from the image's config and `run`'s flags.
+//! - `run`: `lazyctl run`: a rootfs from lazyd, a bundle, the OCI runtime, cleanup.
 
 pub mod client;
 pub mod convert;
@@ -26,7 +28,9 @@ pub mod progress;
 pub mod pull;
 pub mod reference;
 pub mod remote;
+pub mod run;
 pub mod source;
+pub mod spec;
 pub mod tree;
 
 pub use convert::{convert, ConvertOptions, ConvertReport};

@@ -88,6 +88,14 @@ enum Command {
         /// Do not let other users (e.g. a container's non-root users) use the mount.
         #[arg(long)]
         no_allow_other: bool,
+        /// Mount a container's root filesystem instead: a writable overlay (its upper layer in
+        /// lazyd's state dir) on the image's shared read-only lazy mount, for runtimes and tools
+        /// that make their own bundles. `lazyctl umount DIR` removes it, writes included.
+        #[arg(long, conflicts_with = "standalone")]
+        rootfs: bool,
+        /// With --rootfs: the container's name (default: a random one).
+        #[arg(long, requires = "rootfs")]
+        name: Option<String>,
         /// Serve the mount from this process, in the foreground, until it is unmounted (no
         /// lazyd needed; for debugging and single mounts).
         #[arg(long)]
@@ -107,6 +115,15 @@ enum Command {
         #[arg(long)]
         lazy: bool,
     },
+    /// Run a container on a lazy image with crun or runc; exits with the container's status.
+    ///
+    /// lazyd mounts the image (shared by every container of it) with a writable overlay for
+    /// this container; the bundle's config.json comes from the image's config and the flags.
+    /// Like `docker run --rm`: the overlay, with everything the container wrote, is removed
+    /// when it exits, unless --keep. Stdio is the container's; SIGINT, SIGTERM, SIGHUP,
+    /// SIGQUIT, SIGUSR1 and SIGUSR2 are passed on to it. The container shares the host's
+    /// network.
+    Run(RunArgs),
     /// Show lazyd's mounts, warms, cache and fetch counters.
     Status {
         /// Print the agent's JSON status.
@@ -145,6 +162,40 @@ enum Command {
         #[command(flatten)]
         remote: RemoteArgs,
     },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// dir:PATH[:TAG], docker://HOST/REPO:TAG, HOST/REPO:TAG or s3://BUCKET/PREFIX (as for mount).
+    image: String,
+    /// The command and its arguments (replace the image's CMD; the ENTRYPOINT stays).
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<String>,
+    /// The container's name: its runtime id and hostname (default: a random one).
+    #[arg(long)]
+    name: Option<String>,
+    /// Keep the container's upper layer (its writes) and bundle after it exits, and print where.
+    #[arg(long)]
+    keep: bool,
+    /// Set an environment variable (KEY=VALUE; KEY alone passes lazyctl's own value).
+    #[arg(short, long, value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Bind-mount a host path: SRC:DST[:ro|rw] (SRC must exist; DST absolute).
+    #[arg(short, long, value_name = "SRC:DST[:ro]")]
+    volume: Vec<String>,
+    /// Working directory in the container (absolute; default the image's, else /).
+    #[arg(short, long, value_name = "DIR")]
+    workdir: Option<String>,
+    /// User: NAME, UID, NAME:GROUP or UID:GID, resolved in the image's /etc/passwd and
+    /// /etc/group (default the image's, else root).
+    #[arg(short, long)]
+    user: Option<String>,
+    /// Replace the image's ENTRYPOINT (and drop its CMD); "" clears it.
+    #[arg(long, value_name = "CMD")]
+    entrypoint: Option<String>,
+    /// OCI runtime: crun, runc, or a path (default: crun, else runc, on PATH).
+    #[arg(long, env = "LAZY_RUNTIME", value_name = "crun|runc|PATH")]
+    runtime: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -233,8 +284,13 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Run(args) => run_container(&cli.socket, args).map(ExitCode::from),
+        command => run(&cli.socket, command).map(|()| ExitCode::SUCCESS),
+    };
+    match outcome {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("lazyctl: {e:#}");
             ExitCode::FAILURE
@@ -242,8 +298,26 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
-    match cli.command {
+fn run_container(socket: &std::path::Path, args: RunArgs) -> Result<u8> {
+    tools::run::run(
+        &client(socket)?,
+        &tools::run::RunOptions {
+            image: args.image,
+            name: args.name,
+            keep: args.keep,
+            env: args.env,
+            volumes: args.volume,
+            workdir: args.workdir,
+            user: args.user,
+            entrypoint: args.entrypoint,
+            runtime: args.runtime,
+            command: args.command,
+        },
+    )
+}
+
+fn run(socket: &std::path::Path, command: Command) -> Result<()> {
+    match command {
         Command::Convert {
             src,
             dst,
@@ -303,6 +377,7 @@ fn run(cli: Cli) -> Result<()> {
             read_workers,
             remote,
             cache,
+            ..
         } => mount(
             &image,
             &mountpoint,
@@ -314,37 +389,43 @@ fn run(cli: Cli) -> Result<()> {
         Command::Mount {
             image,
             mountpoint,
+            rootfs: true,
+            name,
+            ..
+        } => ctl::mount_rootfs(&client(socket)?, &image, &mountpoint, name),
+        Command::Mount {
+            image,
+            mountpoint,
             no_allow_other,
             standalone: false,
             ..
         } => ctl::mount(
-            &client(&cli.socket)?,
+            &client(socket)?,
             &image,
             &mountpoint,
             no_allow_other.then_some(false),
         ),
-        Command::Umount { mountpoint, lazy } => {
-            ctl::umount(&client(&cli.socket)?, &mountpoint, lazy)
-        }
-        Command::Status { json } => ctl::status(&client(&cli.socket)?, json),
+        Command::Umount { mountpoint, lazy } => ctl::umount(&client(socket)?, &mountpoint, lazy),
+        Command::Status { json } => ctl::status(&client(socket)?, json),
         Command::Warm {
             image,
             hot,
             no_progress,
-        } => ctl::warm(&client(&cli.socket)?, &image, hot, !no_progress),
-        Command::Gc { unused_for, json } => ctl::gc(&client(&cli.socket)?, unused_for, json),
+        } => ctl::warm(&client(socket)?, &image, hot, !no_progress),
+        Command::Gc { unused_for, json } => ctl::gc(&client(socket)?, unused_for, json),
         Command::Profile(ProfileCommand::Show {
             image,
             json,
             output,
-        }) => ctl::profile_show(&client(&cli.socket)?, &image, json, output.as_deref()),
+        }) => ctl::profile_show(&client(socket)?, &image, json, output.as_deref()),
         Command::Profile(ProfileCommand::Record { mountpoint, window }) => {
-            ctl::profile_record(&client(&cli.socket)?, &mountpoint, window)
+            ctl::profile_record(&client(socket)?, &mountpoint, window)
         }
         Command::Profile(ProfileCommand::Push { image }) => {
-            ctl::profile_push(&client(&cli.socket)?, &image)
+            ctl::profile_push(&client(socket)?, &image)
         }
         Command::Inspect { image, remote } => inspect(&image, &remote),
+        Command::Run(_) => unreachable!("`run` exits with the container's status; see main"),
     }
 }
 
