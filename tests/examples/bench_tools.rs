@@ -1,8 +1,11 @@
-//! Pieces of the test harness for `bench/remote.sh`:
+//! Pieces of the test harness for the shaped-link benchmarks (`bench/remote.sh`,
+//! `bench/agent.sh`, `bench/containers.sh`):
 //!
 //! - `bench_tools debian-layout`: builds (or reuses) the Debian minbase fixture and prints
 //!   `LAYOUT_DIR TAG`;
 //! - `bench_tools python-layout`: the same for the Debian + python3 fixture;
+//! - `bench_tools python-packages-layout`: the same for the Debian + python3 + scientific
+//!   Python packages fixture (three layers, over 500 MB unpacked; `bench/containers.sh`);
 //! - `bench_tools proxy UPSTREAM DELAY_MS`: runs the delaying TCP proxy in front of UPSTREAM
 //!   (`HOST:PORT`), prints its `HOST:PORT` on stdout, and serves until killed.
 
@@ -30,6 +33,12 @@ fn main() -> Result<()> {
             println!("{} {}", image.dir.display(), image.tag);
             Ok(())
         }
+        ["python-packages-layout"] => {
+            let image =
+                debian::python_packages_image(&debian::default_python_packages_cache_dir())?;
+            println!("{} {}", image.dir.display(), image.tag);
+            Ok(())
+        }
         ["proxy", upstream, delay_ms] => {
             let delay = Duration::from_millis(delay_ms.parse().context("DELAY_MS")?);
             let proxy = DelayProxy::start(upstream, delay)?;
@@ -39,7 +48,7 @@ fn main() -> Result<()> {
             }
         }
         _ => bail!(
-            "usage: bench_tools debian-layout | bench_tools python-layout | bench_tools proxy UPSTREAM DELAY_MS"
+            "usage: bench_tools debian-layout | python-layout | python-packages-layout | proxy UPSTREAM DELAY_MS"
         ),
     }
 }
