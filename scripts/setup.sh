@@ -1,8 +1,22 @@
 #!/usr/bin/env bash
 # One-time set-up of a Debian 12 machine (as root): the system packages lazyctl and its test
 # suite use, then a release build of lazyctl. Safe to run again.
+#
+#   scripts/setup.sh                   packages, moto, the build
+#   scripts/setup.sh --packages-only   packages and moto only (packaging/docker/Dockerfile.test
+#                                      runs this while building the test image: no /dev/fuse,
+#                                      no source tree to build yet)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+packages_only=false
+case "${1:-}" in
+    "") ;;
+    --packages-only) packages_only=true ;;
+    *)
+        echo "usage: scripts/setup.sh [--packages-only]" >&2
+        exit 2
+        ;;
+esac
 
 if [ "$(id -u)" != 0 ]; then
     echo "setup.sh: run as root (it installs packages with apt-get)" >&2
@@ -14,16 +28,21 @@ apt-get update -qq
 # fuse3: fusermount3 and /etc/fuse.conf; umoci/skopeo/debootstrap: build and move real images;
 # docker-registry: a real OCI registry for tests; attr: getfattr/setfattr for checks; bindfs: a
 # stand-in FUSE filesystem the test harness checks its own mount guard with; python3-venv: the
-# virtualenv moto is installed into below.
+# virtualenv moto is installed into below; crun and runc: the OCI runtimes `lazyctl run` starts
+# containers with (both tested); iproute2: tc, which the benchmarks shape their link with.
 apt-get install -y -qq --no-install-recommends \
     fuse3 umoci skopeo debootstrap docker-registry attr bindfs ca-certificates \
-    curl gcc pkg-config tar gzip zstd python3 python3-venv >/dev/null
+    curl gcc pkg-config tar gzip zstd python3 python3-venv crun runc iproute2 >/dev/null
 
 # moto[server]: a real S3 API for the S3 tests (lazy_tests::s3 runs its moto_server), in a
 # virtualenv at /opt/lazy-venv so pip never touches the system Python.
 if [ ! -x /opt/lazy-venv/bin/moto_server ]; then
     python3 -m venv /opt/lazy-venv
     /opt/lazy-venv/bin/pip install --quiet 'moto[server]'
+fi
+if $packages_only; then
+    echo "setup done: packages only"
+    exit 0
 fi
 
 if ! command -v cargo >/dev/null; then
