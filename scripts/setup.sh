@@ -40,6 +40,20 @@ if [ ! -x /opt/lazy-venv/bin/moto_server ]; then
     python3 -m venv /opt/lazy-venv
     /opt/lazy-venv/bin/pip install --quiet 'moto[server]'
 fi
+# crun (1.8 in Debian 12) refuses every container on a hybrid cgroup host (v1 controllers, v2
+# at /sys/fs/cgroup/unified) while a controller is still bound to v2, as hugetlb is on some VMs:
+# bind such controllers to v1 instead (runc copes either way). Nothing to do on pure v1 or v2.
+unified=/sys/fs/cgroup/unified/cgroup.controllers
+if [ -s "$unified" ] && [ -d /sys/fs/cgroup/cpu ]; then
+    for controller in $(cat "$unified"); do
+        if ! mountpoint -q "/sys/fs/cgroup/$controller"; then
+            mkdir -p "/sys/fs/cgroup/$controller"
+            mount -t cgroup -o "$controller" cgroup "/sys/fs/cgroup/$controller" ||
+                echo "setup.sh: cannot bind cgroup controller $controller to v1; crun may refuse to run (runc works)" >&2
+        fi
+    done
+fi
+
 if $packages_only; then
     echo "setup done: packages only"
     exit 0
