@@ -85,33 +85,6 @@ shape_link "$TOOLS"
 
 # --- helpers ----------------------------------------------------------------------------------
 
-# start_agent NAME CONFIG: a fresh lazyd with its own socket, cache and state under $RUN/NAME.
-start_agent() {
-    local root=$RUN/$1
-    rm -rf "$root"
-    mkdir -p "$root"
-    printf 'socket = "%s/sock"\nstate_dir = "%s/state"\ncache_dir = "%s/cache"\n%b\n' \
-        "$root" "$root" "$root" "$2" >"$root/config.toml"
-    RUST_LOG=info,fuser::mnt=error "$LAZYD" --config "$root/config.toml" >"$root/log" 2>&1 &
-    AGENT_PID=$!
-    AGENT_ROOT=$root
-    for _ in $(seq 500); do
-        [[ -S $root/sock ]] && "$LAZYCTL" --socket "$root/sock" status >/dev/null 2>&1 && return 0
-        kill -0 "$AGENT_PID" 2>/dev/null || die "lazyd did not start: $(tail -5 "$root/log")"
-        sleep 0.01
-    done
-    die "lazyd did not answer"
-}
-stop_agent() {
-    kill -TERM "$AGENT_PID"
-    wait "$AGENT_PID" || die "lazyd exited with $?"
-    AGENT_PID=
-}
-ctl() { "$LAZYCTL" --socket "$AGENT_ROOT/sock" "$@"; }
-status_field() { # status_field PYTHON-EXPR-ON-s: a figure from `lazyctl status --json`
-    ctl status --json | python3 -c "import json,sys; s=json.load(sys.stdin); print($1)"
-}
-fetched_bytes() { status_field "sum(b['bytes'] for b in s['metrics']['backends'])"; }
 read_ms() { # read_ms FILE: milliseconds to read FILE
     python3 -c "import sys,time; t=time.perf_counter(); open(sys.argv[1],'rb').read(); print(f'{(time.perf_counter()-t)*1e3:.1f}')" "$1"
 }
