@@ -11,6 +11,8 @@
 //! - [`reference`](mod@reference): the reference unpack (`umoci unpack`) and `skopeo copy`;
 //! - [`tree`]: a full comparison of two directory trees (metadata, xattrs, hardlinks, content);
 //! - [`agent`]: a real `lazyd` with its own socket, cache and state, driven through `lazyctl`;
+//! - [`model`]: sharded safetensors model directories from a seed, and a tensor-by-tensor
+//!   check of a mounted copy;
 //! - [`mount`]: running `lazyctl`, a guard around a live FUSE mount, root/FUSE preconditions;
 //! - [`registry`]: a real `docker-registry` on a loopback port, stoppable and restartable;
 //! - [`s3`]: a real S3 API (`moto_server`) on a loopback port, stoppable for fault tests;
@@ -24,6 +26,7 @@
 
 pub mod agent;
 pub mod debian;
+pub mod model;
 pub mod mount;
 pub mod oci;
 pub mod proxy;
