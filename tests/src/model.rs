@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -46,7 +46,8 @@ const COMPARE_BLOCK: usize = 1 << 20;
 pub struct ModelSpec {
     /// Number of `.safetensors` shards (at least 1).
     pub shards: usize,
-    /// Approximate size of each shard (the last one also holds `lm_head` and may be larger).
+    /// Approximate size of each shard: shards hold whole layers, so each is up to one layer
+    /// (about an eighth) smaller, and at least one layer whatever the size.
     pub shard_bytes: u64,
     /// Seed of every value: the same spec writes the same bytes.
     pub seed: u64,
@@ -533,6 +534,10 @@ fn plan_shards(spec: &ModelSpec, dims: &Dims) -> Vec<Vec<PlannedTensor>> {
             Fill::Norm,
             seed,
         ));
+        if k + 1 == spec.shards {
+            t.push(norm("model.norm.weight".into()));
+            t.push(bf16("lm_head.weight".into(), &[dims.vocab, h]));
+        }
         let mut used: u64 = t.iter().map(PlannedTensor::bytes).sum();
         loop {
             let p = format!("model.layers.{layer}");
@@ -550,10 +555,6 @@ fn plan_shards(spec: &ModelSpec, dims: &Dims) -> Vec<Vec<PlannedTensor>> {
             if used + dims.layer_bytes() > spec.shard_bytes {
                 break;
             }
-        }
-        if k + 1 == spec.shards {
-            t.push(norm("model.norm.weight".into()));
-            t.push(bf16("lm_head.weight".into(), &[dims.vocab, h]));
         }
         shards.push(t);
     }
@@ -724,7 +725,9 @@ fn write_shard(
         Some(metadata),
         &path,
     )
-    .map_err(|e| io::Error::other(format!("{}: {e}", path.display())))
+    .map_err(|e| io::Error::other(format!("{}: {e}", path.display())))?;
+    // The crate writes through a temporary file, created 0600; downloaded models are 0644.
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644))
 }
 
 fn write_companions(
