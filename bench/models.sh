@@ -1,0 +1,307 @@
+#!/usr/bin/env bash
+# Model-weight benchmark: loading a sharded safetensors model from S3, lazily through lazyd vs
+# download-then-load (results are printed and written to $BENCH_DIR/models/results.md;
+# docs/BENCHMARKS.md explains them):
+#
+#   Garage (a real S3 server, ~/.cargo/bin/garage or $GARAGE) on free 127.0.0.1 ports, single
+#   node, its data under $BENCH_DIR/models/run. Its S3 replies are rate-limited to $RATE by tc
+#   htb on lo and a delaying TCP proxy (tests/examples/bench_tools.rs) adds $DELAY_MS ms to
+#   every request (bench/link.sh). Everything measured talks to the proxy.
+#
+#   model: `bench_tools make-model`, $SHARDS shards of ~$SHARD_MB MiB (mostly BF16 weights,
+#          normal values; tests/src/model.rs), kept in $BENCH_DIR/models/model. Uploaded raw to
+#          s3://$BUCKET/raw/model/ (unshaped), then converted (unshaped) into two lazy images:
+#            s3://$BUCKET/lazy/model  `lazyctl convert s3://$BUCKET/raw/model/ ...` (compression
+#                                     auto: chunks stored compressed only where it pays)
+#            s3://$BUCKET/ref/model   the same with --reference (the index points at the raw
+#                                     objects in place; no copy of the data)
+#   a. download: boto3, all shards at once, 16 ranged parts in flight per file
+#      (bench/s3_transfer.py), then `bench_tools model-load` of the local copy
+#   b. `lazyctl mount s3://$BUCKET/lazy/model MNT` then at once `bench_tools model-load MNT`
+#      (a load_file-like loader: up to 8 shards at once, every tensor read in offset order):
+#      time to the first tensor and to the last, from the start of the mount command
+#   r. the same for the --reference image
+#   w. `lazyctl warm s3://$BUCKET/lazy/model`: throughput against the link rate
+#   Every lazyd starts with an empty cache. After the first run of b and r the mounted model is
+#   checked against the source file by file and tensor by tensor (bench_tools compare-model).
+#
+# Usage (as root, from the repository root):  sudo bench/models.sh
+# Environment: BENCH_DIR=/var/tmp/lazy-bench, RATE=1gbit, RATE_BYTES=125000000, DELAY_MS=20,
+#   RUNS=3, SHARDS=4, SHARD_MB=1024, PARALLEL=8 (model-load's shards at once),
+#   CASES=abrw (the cases to run), SOURCE=auto|s3|path: what the images are converted from
+#   (s3: the raw objects, as the benchmark intends; path: the local model directory, for
+#   builds whose lazyctl cannot read an S3 prefix; auto: s3, else path, said in the results).
+# Disk: about 4 x the model (the model, Garage's copy of the raw files and of the lazy image,
+#   the downloaded copy or lazyd's cache).
+set -euo pipefail
+
+BENCH_NAME=models.sh
+# shellcheck source=bench/link.sh
+source "$(dirname "$0")/link.sh"
+SHARDS=${SHARDS:-4}
+SHARD_MB=${SHARD_MB:-1024}
+PARALLEL=${PARALLEL:-8}
+CASES=${CASES:-abrw}
+SOURCE=${SOURCE:-auto}
+BUCKET=bench
+GARAGE=${GARAGE:-$HOME/.cargo/bin/garage}
+VENV_PY=${VENV_PY:-/opt/lazy-venv/bin/python3}
+want() { [[ $CASES == *$1* ]]; }
+require_tools cargo tc curl python3 openssl "$GARAGE" "$VENV_PY"
+"$VENV_PY" -c 'import boto3' 2>/dev/null || die "boto3 missing in $VENV_PY (run scripts/setup.sh)"
+
+W=$BENCH_DIR/models
+RUN=$W/run
+MODEL=$W/model
+rm -rf "$RUN"
+mkdir -p "$RUN"
+
+log "building lazyctl, lazyd and the bench tools (release)"
+cargo build --release -q -p tools --bin lazyctl
+cargo build --release -q -p agent --bin lazyd
+cargo build --release -q -p lazy-tests --example bench_tools
+TARGET=${CARGO_TARGET_DIR:-target}
+LAZYCTL=$(realpath "$TARGET/release/lazyctl")
+LAZYD=$(realpath "$TARGET/release/lazyd")
+TOOLS=$(realpath "$TARGET/release/examples/bench_tools")
+
+PIDS=()
+AGENT_PID=
+cleanup() {
+    set +e
+    for m in "$RUN"/mnt*; do mountpoint -q "$m" 2>/dev/null && umount -l "$m"; done
+    [[ -n $AGENT_PID ]] && kill -9 "$AGENT_PID" 2>/dev/null
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+    tc qdisc del dev lo root 2>/dev/null
+    wait 2>/dev/null
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+json_field() { python3 -c "import json,sys; d=json.loads(sys.argv[1]); print(f\"{d$2}\")" "$1"; }
+
+# --- the model --------------------------------------------------------------------------------
+SPEC="$SHARDS x $SHARD_MB MiB"
+if [[ $(cat "$MODEL.spec" 2>/dev/null) != "$SPEC" ]]; then
+    log "writing the model ($SPEC) into $MODEL"
+    rm -rf "$MODEL" "$MODEL.spec"
+    "$TOOLS" make-model "$MODEL" --shards "$SHARDS" --shard-mb "$SHARD_MB" >"$W/make-model.json"
+    echo "$SPEC" >"$MODEL.spec"
+fi
+MODEL_BYTES=$(du -sb --apparent-size "$MODEL" | cut -f1)
+MODEL_FILES=$(find "$MODEL" -type f | wc -l)
+
+# --- Garage -----------------------------------------------------------------------------------
+# start_garage DIR: a single-node Garage storing into DIR, with a fresh RPC secret; sets
+# GARAGE_S3 (HOST:PORT of its S3 API) and exports the AWS_* variables of a key that owns
+# $BUCKET.
+start_garage() {
+    local dir=$1 rpc s3 admin node key
+    rpc=$(free_port) s3=$(free_port) admin=$(free_port)
+    mkdir -p "$dir/meta" "$dir/data"
+    cat >"$dir/garage.toml" <<TOML
+metadata_dir = "$dir/meta"
+data_dir = "$dir/data"
+db_engine = "sqlite"
+replication_factor = 1
+# The benchmark measures the link, not Garage's CPU: store blocks as they come.
+compression_level = "none"
+rpc_bind_addr = "127.0.0.1:$rpc"
+rpc_public_addr = "127.0.0.1:$rpc"
+rpc_secret = "$(openssl rand -hex 32)"
+
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:$s3"
+root_domain = ".s3.garage.localhost"
+
+[admin]
+api_bind_addr = "127.0.0.1:$admin"
+TOML
+    GARAGE_CONF=$dir/garage.toml
+    RUST_LOG=garage=warn "$GARAGE" -c "$GARAGE_CONF" server >"$dir/log" 2>&1 &
+    PIDS+=($!)
+    for _ in $(seq 200); do
+        node=$("$GARAGE" -c "$GARAGE_CONF" node id -q 2>/dev/null) && break
+        sleep 0.1
+    done
+    [[ -n ${node:-} ]] || die "garage did not start: $(tail -5 "$dir/log")"
+    "$GARAGE" -c "$GARAGE_CONF" layout assign -z dc1 -c 100G "${node%%@*}" >/dev/null
+    "$GARAGE" -c "$GARAGE_CONF" layout apply --version 1 >/dev/null
+    key=$("$GARAGE" -c "$GARAGE_CONF" key create bench-key)
+    AWS_ACCESS_KEY_ID=$(awk '/Key ID:/ {print $NF}' <<<"$key")
+    AWS_SECRET_ACCESS_KEY=$(awk '/Secret key:/ {print $NF}' <<<"$key")
+    [[ -n $AWS_ACCESS_KEY_ID && -n $AWS_SECRET_ACCESS_KEY ]] || die "no key in: $key"
+    "$GARAGE" -c "$GARAGE_CONF" bucket create "$BUCKET" >/dev/null
+    "$GARAGE" -c "$GARAGE_CONF" bucket allow --read --write --owner "$BUCKET" --key bench-key >/dev/null
+    export AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_REGION=garage
+    GARAGE_S3=127.0.0.1:$s3
+    for _ in $(seq 100); do curl -s -o /dev/null "http://$GARAGE_S3/" && break; sleep 0.1; done
+    log "garage $("$GARAGE" --version 2>/dev/null | head -1) at $GARAGE_S3, bucket $BUCKET"
+}
+start_garage "$RUN/garage"
+
+# --- upload and conversion (unshaped) ---------------------------------------------------------
+export AWS_ENDPOINT_URL=http://$GARAGE_S3
+log "uploading the raw model to s3://$BUCKET/raw/model/"
+"$VENV_PY" bench/s3_transfer.py upload "$MODEL" "s3://$BUCKET/raw/model/" >"$RUN/upload.json"
+
+CONVERTED_FROM=
+convert_image() { # convert_image DST [FLAGS...]: converts the model into DST as $SOURCE says
+    local dst=$1
+    shift
+    if [[ $SOURCE != path ]]; then
+        if "$LAZYCTL" convert --no-progress "$@" "s3://$BUCKET/raw/model/" "$dst" >>"$RUN/convert.log" 2>&1; then
+            CONVERTED_FROM=${CONVERTED_FROM:-s3://$BUCKET/raw/model/}
+            return 0
+        fi
+        [[ $SOURCE == s3 ]] && die "lazyctl convert from s3://$BUCKET/raw/model/ failed: $(tail -3 "$RUN/convert.log")"
+        log "this lazyctl cannot convert from an S3 prefix ($(tail -1 "$RUN/convert.log")); converting path:$MODEL instead"
+    fi
+    "$LAZYCTL" convert --no-progress "$@" "path:$MODEL" "$dst" >>"$RUN/convert.log" 2>&1 ||
+        die "lazyctl convert path:$MODEL $dst failed: $(tail -3 "$RUN/convert.log")"
+    CONVERTED_FROM="path:$MODEL (the local model directory: this lazyctl could not convert from S3)"
+}
+t0=$(now)
+convert_image "s3://$BUCKET/lazy/model"
+CONVERT_S=$(elapsed "$t0")
+log "converted s3://$BUCKET/lazy/model in $CONVERT_S s"
+REF_NOTE=
+if want r; then
+    if "$LAZYCTL" convert --help | grep -q -- '--reference'; then
+        t0=$(now)
+        SOURCE=s3 convert_image "s3://$BUCKET/ref/model" --reference
+        REF_CONVERT_S=$(elapsed "$t0")
+        log "converted s3://$BUCKET/ref/model (--reference) in $REF_CONVERT_S s"
+    else
+        REF_NOTE="not run: this lazyctl has no convert --reference"
+        log "case r $REF_NOTE"
+        CASES=${CASES//r/}
+    fi
+fi
+# Stored bytes of each image (everything under its prefix).
+prefix_bytes() {
+    "$VENV_PY" - "$1" <<'PY'
+import sys, boto3
+from botocore.config import Config
+s3 = boto3.client("s3", config=Config(s3={"addressing_style": "path"}))
+bucket, _, prefix = sys.argv[1][len("s3://"):].partition("/")
+total = 0
+for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+    total += sum(o["Size"] for o in page.get("Contents", []))
+print(total)
+PY
+}
+LAZY_STORED=$(prefix_bytes "s3://$BUCKET/lazy/model")
+REF_STORED=-
+want r && REF_STORED=$(prefix_bytes "s3://$BUCKET/ref/model")
+
+# --- the shaped link --------------------------------------------------------------------------
+REG=$GARAGE_S3 # shape_link shapes $REG's port
+shape_link "$TOOLS"
+export AWS_ENDPOINT_URL=http://$LINK
+
+# --- the cases --------------------------------------------------------------------------------
+
+# lazy_load CASE IMAGE RUN: mounts IMAGE through a fresh lazyd and loads the model at once;
+# sets FIRST and TOTAL (seconds from the start of the mount command) and FETCHED (bytes over
+# the link). The first run also checks the mounted model against the source.
+lazy_load() {
+    local case=$1 image=$2 run=$3 mnt=$RUN/mnt-$1 t0 load
+    start_agent "$case" '[profile]\nrecord = false\nprefetch = false'
+    mkdir -p "$mnt"
+    drop_caches
+    t0=$(date +%s%N)
+    ctl mount "$image" "$mnt" >/dev/null
+    load=$("$TOOLS" model-load "$mnt" --parallel "$PARALLEL" --since-epoch-ns "$t0")
+    echo "$load" >>"$RUN/load-$case.jsonl"
+    FIRST=$(json_field "$load" "['first_tensor_s']:.3f")
+    TOTAL=$(json_field "$load" "['total_s']:.3f")
+    FETCHED=$(fetched_bytes)
+    if [[ $run == 1 ]]; then
+        "$TOOLS" compare-model "$MODEL" "$mnt" >"$RUN/compare-$case.json" ||
+            die "the model mounted from $image differs from the source"
+    fi
+    ctl umount "$mnt"
+    stop_agent
+}
+
+DL=() DL_READ=() DL_SUM=() B_FIRST=() B_TOTAL=() B_F=() R_FIRST=() R_TOTAL=() R_F=() WARM=() WARM_F=()
+for run in $(seq "$RUNS"); do
+    if want a; then
+        log "run $run/$RUNS: a. download (boto3) then load"
+        rm -rf "$RUN/download"
+        drop_caches
+        dl=$("$VENV_PY" bench/s3_transfer.py download "s3://$BUCKET/raw/model/" "$RUN/download")
+        load=$("$TOOLS" model-load "$RUN/download" --parallel "$PARALLEL")
+        DL+=("$(json_field "$dl" "['seconds']:.3f")")
+        DL_READ+=("$(json_field "$load" "['total_s']:.3f")")
+        DL_SUM+=("$(calc "${DL[-1]} + ${DL_READ[-1]}:.3f")")
+        if [[ $run == 1 ]]; then
+            "$TOOLS" compare-model "$MODEL" "$RUN/download" >"$RUN/compare-a.json" ||
+                die "the downloaded model differs from the source"
+        fi
+        rm -rf "$RUN/download"
+    fi
+    if want b; then
+        log "run $run/$RUNS: b. lazyctl mount s3://$BUCKET/lazy/model, then load"
+        lazy_load b "s3://$BUCKET/lazy/model" "$run"
+        B_FIRST+=("$FIRST") B_TOTAL+=("$TOTAL") B_F+=("$FETCHED")
+    fi
+    if want r; then
+        log "run $run/$RUNS: r. lazyctl mount s3://$BUCKET/ref/model (--reference), then load"
+        lazy_load r "s3://$BUCKET/ref/model" "$run"
+        R_FIRST+=("$FIRST") R_TOTAL+=("$TOTAL") R_F+=("$FETCHED")
+    fi
+    if want w; then
+        log "run $run/$RUNS: w. lazyctl warm"
+        start_agent w '[profile]\nrecord = false\nprefetch = false'
+        drop_caches
+        t0=$(now)
+        ctl warm --no-progress "s3://$BUCKET/lazy/model" >/dev/null
+        WARM+=("$(elapsed "$t0")")
+        WARM_F+=("$(fetched_bytes)")
+        stop_agent
+    fi
+done
+
+# --- summary ----------------------------------------------------------------------------------
+med() { if (($#)); then median "$@"; else echo -; fi; }
+verdict() { # verdict PYTHON-CONDITION (with "-" for cases not run)
+    if [[ $1 == *" - "* || $1 == "- "* || $1 == *" -" ]]; then echo "not run"; else python3 -c "print('met' if $1 else 'MISSED')"; fi
+}
+mDL=$(med "${DL[@]}")
+mDLR=$(med "${DL_READ[@]}")
+mDLS=$(med "${DL_SUM[@]}")
+mBF=$(med "${B_FIRST[@]}")
+mBT=$(med "${B_TOTAL[@]}")
+mBB=$(med "${B_F[@]}")
+mRF=$(med "${R_FIRST[@]}")
+mRT=$(med "${R_TOTAL[@]}")
+mRB=$(med "${R_F[@]}")
+mW=$(med "${WARM[@]}")
+mWB=$(med "${WARM_F[@]}")
+pct() { # pct BYTES SECONDS: BYTES/SECONDS as % of the link rate
+    if [[ $1 == - || $2 == - ]]; then echo -; else calc "100 * $1 / $2 / $RATE_BYTES:.0f"; fi
+}
+ratio() { if [[ $1 == - || $2 == - ]]; then echo -; else calc "$1 / $2:.2f"; fi; }
+
+cat <<EOF | tee "$W/results.md"
+Model-weight benchmark (bench/models.sh), $(date -u +%F), $(nproc) cores, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')
+link: Garage's S3 replies shaped to $RATE (tc htb on lo), +$DELAY_MS ms per request (delaying proxy); median of $RUNS runs; every lazyd starts empty; page cache dropped before each case
+model: $MODEL_FILES files, $MODEL_BYTES bytes ($SHARDS safetensors shards of ~$SHARD_MB MiB, BF16-heavy, tests/src/model.rs); lazy image: $LAZY_STORED bytes stored (converted from $CONVERTED_FROM in $CONVERT_S s); reference image: $REF_STORED bytes stored${REF_NOTE:+ ($REF_NOTE)}
+loader: bench_tools model-load, $PARALLEL shards at once, every tensor read in offset order into memory
+
+| case | first tensor (s) | total (s) | bytes over the link | link utilisation |
+|---|---|---|---|---|
+| a. boto3 download (16 parts in flight per file, all files at once), then load | - | $mDLS (download $mDL + load $mDLR) | $MODEL_BYTES | $(pct "$MODEL_BYTES" "$mDL") % during the download |
+| b. \`lazyctl mount\` + load, from the mount command's start | $mBF | $mBT | $mBB | $(pct "$MODEL_BYTES" "$mBT") % (model bytes / total) |
+| r. the same, --reference image | $mRF | $mRT | $mRB | $(pct "$MODEL_BYTES" "$mRT") % |
+| w. \`lazyctl warm\` | - | $mW | $mWB | $(pct "$mWB" "$mW") % (bytes over the link / time) |
+
+targets:
+- first tensor < 1 s from the mount command: b $(verdict "$mBF < 1"), r $(verdict "$mRF < 1")
+- total through the mount <= 1.1 x the pure download ($mDL s): b $(ratio "$mBT" "$mDL")x $(verdict "$mBT <= 1.1 * $mDL"), r $(ratio "$mRT" "$mDL")x $(verdict "$mRT <= 1.1 * $mDL")
+- link utilisation >= 90 %: b $(pct "$MODEL_BYTES" "$mBT") % $(verdict "$MODEL_BYTES / $mBT / $RATE_BYTES >= 0.9"), w $(pct "$mWB" "$mW") % $(verdict "$mWB / $mW / $RATE_BYTES >= 0.9")
+- runs: a ${DL[*]} + ${DL_READ[*]} s | b first ${B_FIRST[*]} total ${B_TOTAL[*]} s | r first ${R_FIRST[*]} total ${R_TOTAL[*]} s | w ${WARM[*]} s
+EOF
