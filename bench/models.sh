@@ -282,7 +282,7 @@ mRB=$(med "${R_F[@]}")
 mW=$(med "${WARM[@]}")
 mWB=$(med "${WARM_F[@]}")
 pct() { # pct BYTES SECONDS: BYTES/SECONDS as % of the link rate
-    if [[ $1 == - || $2 == - ]]; then echo -; else calc "100 * $1 / $2 / $RATE_BYTES:.0f"; fi
+    if [[ $1 == - || $2 == - ]]; then echo -; else echo "$(calc "100 * $1 / $2 / $RATE_BYTES:.0f") %"; fi
 }
 ratio() { if [[ $1 == - || $2 == - ]]; then echo -; else calc "$1 / $2:.2f"; fi; }
 
@@ -294,14 +294,14 @@ loader: bench_tools model-load, $PARALLEL shards at once, every tensor read in o
 
 | case | first tensor (s) | total (s) | bytes over the link | link utilisation |
 |---|---|---|---|---|
-| a. boto3 download (16 parts in flight per file, all files at once), then load | - | $mDLS (download $mDL + load $mDLR) | $MODEL_BYTES | $(pct "$MODEL_BYTES" "$mDL") % during the download |
-| b. \`lazyctl mount\` + load, from the mount command's start | $mBF | $mBT | $mBB | $(pct "$MODEL_BYTES" "$mBT") % (model bytes / total) |
-| r. the same, --reference image | $mRF | $mRT | $mRB | $(pct "$MODEL_BYTES" "$mRT") % |
-| w. \`lazyctl warm\` | - | $mW | $mWB | $(pct "$mWB" "$mW") % (bytes over the link / time) |
+| a. boto3 download (16 parts in flight per file, all files at once), then load | - | $mDLS (download $mDL + load $mDLR) | $MODEL_BYTES | $(pct "$MODEL_BYTES" "$mDL") during the download |
+| b. \`lazyctl mount\` + load, from the mount command's start | $mBF | $mBT | $mBB | $(pct "$MODEL_BYTES" "$mBT") (model bytes / total) |
+| r. the same, --reference image | $mRF | $mRT | $mRB | $(pct "$MODEL_BYTES" "$mRT") |
+| w. \`lazyctl warm\` | - | $mW | $mWB | $(pct "$mWB" "$mW") (bytes over the link / time) |
 
 targets:
 - first tensor < 1 s from the mount command: b $(verdict "$mBF < 1"), r $(verdict "$mRF < 1")
 - total through the mount <= 1.1 x the pure download ($mDL s): b $(ratio "$mBT" "$mDL")x $(verdict "$mBT <= 1.1 * $mDL"), r $(ratio "$mRT" "$mDL")x $(verdict "$mRT <= 1.1 * $mDL")
-- link utilisation >= 90 %: b $(pct "$MODEL_BYTES" "$mBT") % $(verdict "$MODEL_BYTES / $mBT / $RATE_BYTES >= 0.9"), w $(pct "$mWB" "$mW") % $(verdict "$mWB / $mW / $RATE_BYTES >= 0.9")
+- link utilisation >= 90 %: b $(pct "$MODEL_BYTES" "$mBT") $(verdict "$MODEL_BYTES / $mBT / $RATE_BYTES >= 0.9"), w $(pct "$mWB" "$mW") $(verdict "$mWB / $mW / $RATE_BYTES >= 0.9")
 - runs: a ${DL[*]} + ${DL_READ[*]} s | b first ${B_FIRST[*]} total ${B_TOTAL[*]} s | r first ${R_FIRST[*]} total ${R_TOTAL[*]} s | w ${WARM[*]} s
 EOF
