@@ -169,12 +169,14 @@ pub fn convert(
             media_type: MEDIA_TYPE_OCI_CONFIG.to_string(),
             digest: config_digest,
             size: config.len() as u64,
+            urls: None,
             annotations: None,
         },
         Descriptor {
             media_type: MEDIA_TYPE_INDEX.to_string(),
             digest: index_digest,
             size: index.len() as u64,
+            urls: None,
             annotations: None,
         },
         blobs.iter().map(|(d, _)| d.clone()).collect(),
@@ -330,6 +332,7 @@ fn commit(
             media_type: MEDIA_TYPE_BLOB.to_string(),
             digest,
             size,
+            urls: None,
             annotations: source_layer
                 .map(|s| BTreeMap::from([(ANNOTATION_SOURCE_LAYER.to_string(), s)])),
         },
