@@ -691,6 +691,16 @@ impl S3Store {
     /// Every object whose key starts with `prefix` (bucket-relative; `""` for the whole bucket),
     /// in key order, following ListObjectsV2's continuation tokens to the end.
     pub async fn list_objects(&self, prefix: &str) -> Result<Vec<ListedObject>, S3Error> {
+        self.list_objects_paged(prefix, None).await
+    }
+
+    /// [`S3Store::list_objects`] asking for pages of at most `page_size` keys (S3's default
+    /// is 1000).
+    async fn list_objects_paged(
+        &self,
+        prefix: &str,
+        page_size: Option<i32>,
+    ) -> Result<Vec<ListedObject>, S3Error> {
         let url = self.location.object_url(prefix);
         let mut objects = Vec::new();
         let mut token: Option<String> = None;
@@ -700,6 +710,7 @@ impl S3Store {
                 .list_objects_v2()
                 .bucket(&self.location.bucket)
                 .prefix(prefix)
+                .set_max_keys(page_size)
                 .set_continuation_token(token.take())
                 .send()
                 .await
@@ -1303,6 +1314,60 @@ mod tests {
             let err = check_endpoint_url(bad).unwrap_err();
             assert!(matches!(err, S3Error::BadEndpoint { .. }), "{bad}: {err}");
         }
+    }
+
+    /// A listing reads every page; a range GET with the ETag recorded at listing refuses the
+    /// object once it is replaced, and a deleted one is not found.
+    #[tokio::test]
+    async fn listing_follows_every_page_and_ranges_check_the_etag() {
+        let moto = lazy_tests::s3::MotoServer::start();
+        moto.create_bucket("lazy-list");
+        for key in ["m/a", "m/b/c", "m/d", "m/e", "m/f", "other/x"] {
+            moto.put_object("lazy-list", key, key.as_bytes());
+        }
+        let opts = S3Options {
+            endpoint_url: Some(moto.endpoint()),
+            region: Some("us-east-1".into()),
+            credentials: Some(("test".into(), "test".into())),
+            max_attempts: 1,
+            ..S3Options::default()
+        };
+        let location = S3Location::parse("s3://lazy-list").unwrap();
+        let store = S3Store::connect(location, &opts).await.unwrap();
+        let listed = store.list_objects_paged("m/", Some(2)).await.unwrap();
+        let keys: Vec<&str> = listed.iter().map(|o| o.key.as_str()).collect();
+        assert_eq!(keys, ["m/a", "m/b/c", "m/d", "m/e", "m/f"]);
+        assert_eq!(listed[1].size, 5);
+        assert!(listed[1].last_modified.is_some() && listed[1].etag.is_some());
+
+        let mut body = store.open_object("m/b/c").await.unwrap();
+        let mut bytes = Vec::new();
+        while let Some(piece) = body.next().await.unwrap() {
+            bytes.extend_from_slice(&piece);
+        }
+        assert_eq!(bytes, b"m/b/c");
+        let digest = format!("sha256:{}", "0".repeat(64));
+        let etag = listed[1].etag.clone();
+        let got = store
+            .read_object_range(&digest, "m/b/c", 2..4, etag.as_deref())
+            .await
+            .unwrap();
+        assert_eq!(got, b"b/");
+        moto.put_object("lazy-list", "m/b/c", b"M/B/C");
+        let e = store
+            .read_object_range(&digest, "m/b/c", 2..4, etag.as_deref())
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("changed since it was indexed"),
+            "{e}"
+        );
+        moto.delete_object("lazy-list", "m/b/c");
+        let e = store
+            .read_object_range(&digest, "m/b/c", 2..4, etag.as_deref())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, BlobError::NotFound { .. }), "{e}");
     }
 
     /// A part that cannot be read (here: the file is shorter than the size the upload
