@@ -5,6 +5,8 @@
 //! - `registry`: an OCI distribution API client (pulls, pushes, referrers) and
 //!   `RegistryBlobStore`, the blob store over one repository.
 //! - `s3`: S3 and S3-compatible stores: a `BlobStore` for reads, uploads for `lazyctl push`.
+//! - `external`: blobs indexed in place in S3 (`convert --reference`), routed beside an image's
+//!   own store.
 //! - `store`: the local lazy-image store (`dir:PATH`, an OCI image layout).
 //! - `remote`: image locations (dir:, docker://, s3://) and opening images there.
 //! - `push`: copying a lazy image to a registry, S3 or another store.
@@ -25,6 +27,7 @@ pub mod blobstore;
 pub mod cache;
 pub mod config;
 pub mod daemon;
+pub mod external;
 pub mod fetcher;
 pub mod local;
 pub mod metrics;

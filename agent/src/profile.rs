@@ -719,6 +719,7 @@ async fn push_to_registry(
         media_type: media_type.to_string(),
         digest,
         size: size as u64,
+        urls: None,
         annotations: None,
     };
     let created = humantime::format_rfc3339_nanos(SystemTime::now()).to_string();
@@ -1154,6 +1155,7 @@ mod tests {
             media_type: media_type.into(),
             digest: store.put_blob(bytes).unwrap(),
             size: bytes.len() as u64,
+            urls: None,
             annotations: None,
         };
         let manifest = LazyManifest::new(

@@ -2,7 +2,8 @@
 //! another local store.
 //!
 //! Blobs go first (config, index, data blobs; several at a time; blobs the destination already
-//! holds are skipped), the manifest last, so a reader never finds a manifest whose blobs are
+//! holds are skipped, and so are blobs whose descriptor has `urls`: objects indexed in place by
+//! `convert --reference`, which are in no store), the manifest last, so a reader never finds a manifest whose blobs are
 //! missing. In a registry the manifest may carry a `subject` (the source image's manifest), so
 //! the referrers API finds the lazy image from the source image; on registries without that API
 //! the referrers tag-schema index (`sha256-<hex>`) is updated instead, as OCI distribution 1.1
@@ -70,8 +71,10 @@ pub async fn push_image(
             source,
         }
     })?;
+    // Blobs with `urls` (`convert --reference`) are stored elsewhere, not in any store.
     let blobs: Vec<(String, PathBuf, u64)> = std::iter::once(&manifest.config)
         .chain(&manifest.layers)
+        .filter(|d| d.external_url().is_none())
         .map(|d| Ok((d.digest.clone(), src.blob_path(&d.digest)?, d.size)))
         .collect::<Result<_, RemoteError>>()?;
     let mut report = PushReport {

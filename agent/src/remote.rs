@@ -23,6 +23,7 @@ use thiserror::Error;
 use tracing::{debug, info, warn};
 
 use crate::blobstore::{BlobError, BlobStore, DirBlobStore};
+use crate::external::route_external;
 use crate::registry::{
     docker_config_credentials, ClientOptions, ImageRef, Reference, RegistryBlobStore,
     RegistryClient, RegistryError,
@@ -83,6 +84,12 @@ pub enum RemoteError {
         #[source]
         source: std::io::Error,
     },
+    #[error("blob {blob} of {image} is stored at {url}, which lazyd cannot fetch (only s3:// urls); re-run lazyctl convert --reference with an s3:// source")]
+    UnfetchableBlob {
+        blob: String,
+        image: String,
+        url: String,
+    },
 }
 
 impl RemoteError {
@@ -100,6 +107,7 @@ impl RemoteError {
             | RemoteError::NoLazyImage { .. }
             | RemoteError::IndexDigest { .. }
             | RemoteError::ConfigDigest { .. }
+            | RemoteError::UnfetchableBlob { .. }
             | RemoteError::Io { .. } => true,
         }
     }
@@ -246,12 +254,14 @@ pub async fn open_image(
         ImageLocation::Dir { path, tag } => {
             // The store's own checks, on the index mapped in place (no copy).
             let image = LocalStore::open(path)?.open_image(tag)?;
+            let own: Arc<dyn BlobStore> = Arc::new(DirBlobStore::new(path));
+            let store = route_external(own, &image.manifest, &location.to_string(), opts).await?;
             return Ok(OpenedImage {
                 location: location.clone(),
                 manifest: image.manifest,
                 manifest_digest: image.manifest_digest,
                 index: image.index,
-                store: Arc::new(DirBlobStore::new(path)),
+                store,
             });
         }
         ImageLocation::Registry(image) => {
@@ -297,6 +307,8 @@ pub async fn open_image(
         })?;
     let index_dir = cache_dir.map(|dir| dir.join(INDEX_DIR));
     let index = load_index(location, &manifest, store.as_ref(), index_dir.as_deref()).await?;
+    // Blobs indexed in place elsewhere (`lazyctl convert --reference`) are read from there.
+    let store = route_external(store, &manifest, &location.to_string(), opts).await?;
     Ok(OpenedImage {
         location: location.clone(),
         manifest,
@@ -509,6 +521,7 @@ mod tests {
             media_type: MEDIA_TYPE_OCI_CONFIG.into(),
             digest: digest.into(),
             size,
+            urls: None,
             annotations: None,
         }
     }

@@ -288,6 +288,62 @@ pub enum BlobUpload {
     Uploaded,
 }
 
+/// One object of a listing ([`S3Store::list_objects`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedObject {
+    /// The whole key, bucket-relative.
+    pub key: String,
+    pub size: u64,
+    /// `LastModified` as seconds and nanoseconds since the epoch.
+    pub last_modified: Option<(i64, u32)>,
+    /// The ETag as S3 gives it (with its quotes).
+    pub etag: Option<String>,
+}
+
+/// The body of a GET of a whole object ([`S3Store::open_object`]), read piece by piece.
+pub struct ObjectBody {
+    body: ByteStream,
+    read_timeout: Duration,
+    read: u64,
+    url: String,
+    /// `Content-Length` of the answer.
+    pub len: Option<u64>,
+    /// The ETag of the object the answer comes from.
+    pub etag: Option<String>,
+}
+
+impl ObjectBody {
+    /// The next piece of the body, `None` at its end; waits at most the read timeout for it.
+    pub async fn next(&mut self) -> Result<Option<bytes::Bytes>, S3Error> {
+        let piece = tokio::time::timeout(self.read_timeout, self.body.next())
+            .await
+            .map_err(|_| S3Error::Timeout {
+                url: self.url.clone(),
+                after: self.read_timeout,
+            })?;
+        match piece {
+            None => Ok(None),
+            Some(Ok(bytes)) => {
+                self.read += bytes.len() as u64;
+                Ok(Some(bytes))
+            }
+            Some(Err(e)) => Err(S3Error::Unavailable {
+                url: self.url.clone(),
+                reason: format!(
+                    "GET: body broke off after {} bytes: {}",
+                    self.read,
+                    error_chain(&e)
+                ),
+            }),
+        }
+    }
+}
+
+/// An ETag without the quotes S3 puts around it (some stores omit them).
+fn unquote(etag: &str) -> &str {
+    etag.trim_matches('"')
+}
+
 /// An image location in S3 with a client for it. Cheap to clone (the client is shared).
 #[derive(Clone)]
 pub struct S3Store {
@@ -632,6 +688,120 @@ impl S3Store {
             .build())
     }
 
+    /// Every object whose key starts with `prefix` (bucket-relative; `""` for the whole bucket),
+    /// in key order, following ListObjectsV2's continuation tokens to the end.
+    pub async fn list_objects(&self, prefix: &str) -> Result<Vec<ListedObject>, S3Error> {
+        self.list_objects_paged(prefix, None).await
+    }
+
+    /// [`S3Store::list_objects`] asking for pages of at most `page_size` keys (S3's default
+    /// is 1000).
+    async fn list_objects_paged(
+        &self,
+        prefix: &str,
+        page_size: Option<i32>,
+    ) -> Result<Vec<ListedObject>, S3Error> {
+        let url = self.location.object_url(prefix);
+        let mut objects = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.location.bucket)
+                .prefix(prefix)
+                .set_max_keys(page_size)
+                .set_continuation_token(token.take())
+                .send()
+                .await
+                .map_err(|e| {
+                    self.classify("ListObjectsV2", self.read_timeout, &e)
+                        .into_s3_error(url.clone())
+                })?;
+            for object in page.contents() {
+                let key = object.key().ok_or_else(|| S3Error::Invalid {
+                    url: url.clone(),
+                    reason: "ListObjectsV2 answer has an object without a key".into(),
+                })?;
+                let size = content_length(object.size()).ok_or_else(|| S3Error::Invalid {
+                    url: self.location.object_url(key),
+                    reason: "ListObjectsV2 answer has no size for it".into(),
+                })?;
+                objects.push(ListedObject {
+                    key: key.to_string(),
+                    size,
+                    last_modified: object.last_modified().map(|t| (t.secs(), t.subsec_nanos())),
+                    etag: object.e_tag().map(str::to_string),
+                });
+            }
+            match (page.is_truncated(), page.next_continuation_token()) {
+                (Some(true), Some(next)) => token = Some(next.to_string()),
+                (Some(true), None) => {
+                    return Err(S3Error::Invalid {
+                        url,
+                        reason: "ListObjectsV2 answer is truncated but has no continuation token"
+                            .into(),
+                    })
+                }
+                _ => break,
+            }
+        }
+        objects.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(objects)
+    }
+
+    /// Starts a GET of the whole object `key` (bucket-relative) and returns its body to read
+    /// piece by piece, so an object of any size streams through a small buffer.
+    pub async fn open_object(&self, key: &str) -> Result<ObjectBody, S3Error> {
+        let url = self.location.object_url(key);
+        let response = self
+            .client
+            .get_object()
+            .bucket(&self.location.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| {
+                self.classify("GET", self.read_timeout, &e)
+                    .into_s3_error(url.clone())
+            })?;
+        Ok(ObjectBody {
+            len: content_length(response.content_length()),
+            etag: response.e_tag().map(str::to_string),
+            body: response.body,
+            read_timeout: self.read_timeout,
+            read: 0,
+            url,
+        })
+    }
+
+    /// Bytes `range` of object `key` (bucket-relative), read as blob `digest` (for errors).
+    /// With `etag`, an answer from an object whose ETag differs (it was replaced) is refused
+    /// as [`BlobError::Invalid`] saying so; a missing object is [`BlobError::NotFound`].
+    pub async fn read_object_range(
+        &self,
+        digest: &str,
+        key: &str,
+        range: Range<u64>,
+        etag: Option<&str>,
+    ) -> Result<Vec<u8>, BlobError> {
+        if range.start > range.end {
+            return Err(BlobError::Invalid {
+                store: self.describe(),
+                digest: digest.to_string(),
+                reason: format!("range {}..{} is reversed", range.start, range.end),
+            });
+        }
+        if range.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.get_range_checked(key, range, etag)
+            .await
+            .map_err(|failure| {
+                failure.into_blob_error(self.describe(), digest, &self.location.object_url(key))
+            })
+    }
+
     /// Attempt timeout for an upload of `len` bytes: the read timeout plus time to send the
     /// body at [`UPLOAD_FLOOR_RATE`].
     fn upload_timeout(&self, len: u64) -> Duration {
@@ -674,6 +844,18 @@ impl S3Store {
 
     /// GETs exactly bytes `range` of object `key`.
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Vec<u8>, Failure> {
+        self.get_range_checked(key, range, None).await
+    }
+
+    /// GETs exactly bytes `range` of object `key`; with `etag`, refuses (as
+    /// [`Failure::Changed`]) an answer from an object whose ETag is another: the object was
+    /// replaced since the ETag was read.
+    async fn get_range_checked(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        etag: Option<&str>,
+    ) -> Result<Vec<u8>, Failure> {
         let want = range.end - range.start;
         let response = self
             .client
@@ -685,6 +867,14 @@ impl S3Store {
             .send()
             .await
             .map_err(|e| self.classify("GET", self.read_timeout, &e))?;
+        if let Some(expected) = etag {
+            let actual = response.e_tag().unwrap_or("");
+            if unquote(actual) != unquote(expected) {
+                return Err(Failure::Changed(format!(
+                    "the object's ETag is now {actual}, it was {expected} when the image was indexed"
+                )));
+            }
+        }
         let outside = |total: u64| {
             Failure::Invalid(format!(
                 "GET: range {}..{} is outside the object's {total} bytes",
@@ -863,6 +1053,8 @@ enum Failure {
     TooLong {
         limit: u64,
     },
+    /// The object is not the one the caller expects (its ETag changed).
+    Changed(String),
 }
 
 impl Failure {
@@ -897,6 +1089,11 @@ impl Failure {
                 digest,
                 reason: format!("body is longer than {limit} bytes"),
             },
+            Failure::Changed(reason) => BlobError::Invalid {
+                store,
+                digest,
+                reason: format!("{url} changed since it was indexed: {reason}"),
+            },
         }
     }
 
@@ -914,6 +1111,10 @@ impl Failure {
             Failure::TooLong { limit } => S3Error::Invalid {
                 url,
                 reason: format!("body is longer than {limit} bytes"),
+            },
+            Failure::Changed(reason) => S3Error::Invalid {
+                url,
+                reason: format!("changed: {reason}"),
             },
         }
     }
@@ -1113,6 +1314,60 @@ mod tests {
             let err = check_endpoint_url(bad).unwrap_err();
             assert!(matches!(err, S3Error::BadEndpoint { .. }), "{bad}: {err}");
         }
+    }
+
+    /// A listing reads every page; a range GET with the ETag recorded at listing refuses the
+    /// object once it is replaced, and a deleted one is not found.
+    #[tokio::test]
+    async fn listing_follows_every_page_and_ranges_check_the_etag() {
+        let moto = lazy_tests::s3::MotoServer::start();
+        moto.create_bucket("lazy-list");
+        for key in ["m/a", "m/b/c", "m/d", "m/e", "m/f", "other/x"] {
+            moto.put_object("lazy-list", key, key.as_bytes());
+        }
+        let opts = S3Options {
+            endpoint_url: Some(moto.endpoint()),
+            region: Some("us-east-1".into()),
+            credentials: Some(("test".into(), "test".into())),
+            max_attempts: 1,
+            ..S3Options::default()
+        };
+        let location = S3Location::parse("s3://lazy-list").unwrap();
+        let store = S3Store::connect(location, &opts).await.unwrap();
+        let listed = store.list_objects_paged("m/", Some(2)).await.unwrap();
+        let keys: Vec<&str> = listed.iter().map(|o| o.key.as_str()).collect();
+        assert_eq!(keys, ["m/a", "m/b/c", "m/d", "m/e", "m/f"]);
+        assert_eq!(listed[1].size, 5);
+        assert!(listed[1].last_modified.is_some() && listed[1].etag.is_some());
+
+        let mut body = store.open_object("m/b/c").await.unwrap();
+        let mut bytes = Vec::new();
+        while let Some(piece) = body.next().await.unwrap() {
+            bytes.extend_from_slice(&piece);
+        }
+        assert_eq!(bytes, b"m/b/c");
+        let digest = format!("sha256:{}", "0".repeat(64));
+        let etag = listed[1].etag.clone();
+        let got = store
+            .read_object_range(&digest, "m/b/c", 2..4, etag.as_deref())
+            .await
+            .unwrap();
+        assert_eq!(got, b"b/");
+        moto.put_object("lazy-list", "m/b/c", b"M/B/C");
+        let e = store
+            .read_object_range(&digest, "m/b/c", 2..4, etag.as_deref())
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("changed since it was indexed"),
+            "{e}"
+        );
+        moto.delete_object("lazy-list", "m/b/c");
+        let e = store
+            .read_object_range(&digest, "m/b/c", 2..4, etag.as_deref())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, BlobError::NotFound { .. }), "{e}");
     }
 
     /// A part that cannot be read (here: the file is shorter than the size the upload

@@ -221,6 +221,7 @@ impl LocalStore {
             media_type: MEDIA_TYPE_OCI_MANIFEST.to_string(),
             digest: digest.clone(),
             size: bytes.len() as u64,
+            urls: None,
             annotations: Some([(REF_NAME.to_string(), tag.to_string())].into()),
         });
         let path = self.root.join("index.json");

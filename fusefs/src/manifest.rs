@@ -16,6 +16,15 @@ pub const ARTIFACT_TYPE: &str = "application/vnd.lazyimg.image.v1";
 pub const MEDIA_TYPE_INDEX: &str = "application/vnd.lazyimg.index.v1";
 /// Media type of a data blob (independently zstd-compressed chunks, concatenated).
 pub const MEDIA_TYPE_BLOB: &str = "application/vnd.lazyimg.blob.v1";
+/// Media type of a data blob stored elsewhere (`lazyctl convert --reference`): an existing
+/// object, indexed in place, whose descriptor names it in `urls` (`s3://BUCKET/KEY`). Its
+/// chunks are byte ranges of the object, all stored uncompressed; its digest is the object's
+/// sha256 when it was indexed. Pushes skip it: it is not in any store.
+pub const MEDIA_TYPE_BLOB_EXTERNAL: &str = "application/vnd.lazyimg.blob.external.v1";
+/// Annotation on an external blob: the object's ETag when it was indexed.
+pub const ANNOTATION_ETAG: &str = "dev.lazyimg.etag";
+/// Annotation on an external blob: the object's size in bytes when it was indexed.
+pub const ANNOTATION_OBJECT_SIZE: &str = "dev.lazyimg.object-size";
 /// Annotation on a data blob: the digest of the source layer it was converted from.
 pub const ANNOTATION_SOURCE_LAYER: &str = "dev.lazyimg.source-layer";
 /// Annotation on the manifest: the source image reference.
@@ -38,8 +47,22 @@ pub struct Descriptor {
     pub media_type: String,
     pub digest: String,
     pub size: u64,
+    /// Where the blob is stored when it is in none of the image's stores (OCI's field for
+    /// foreign layers); set only on [`MEDIA_TYPE_BLOB_EXTERNAL`] blobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub urls: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub annotations: Option<BTreeMap<String, String>>,
+}
+
+impl Descriptor {
+    /// The blob's location outside the image's stores, if it has one.
+    pub fn external_url(&self) -> Option<&str> {
+        self.urls
+            .as_ref()
+            .and_then(|u| u.first())
+            .map(String::as_str)
+    }
 }
 
 /// A lazy image manifest.
@@ -99,11 +122,33 @@ impl LazyManifest {
                 ))
             }
         }
-        if m.layers[1..]
-            .iter()
-            .any(|d| d.media_type != MEDIA_TYPE_BLOB)
-        {
-            return Err(ManifestError::NotLazy("unknown layer media type".into()));
+        for d in &m.layers[1..] {
+            let has_urls = d.urls.as_ref().is_some_and(|u| !u.is_empty());
+            match (d.media_type.as_str(), has_urls) {
+                (MEDIA_TYPE_BLOB, false) | (MEDIA_TYPE_BLOB_EXTERNAL, true) => {}
+                (MEDIA_TYPE_BLOB, true) => {
+                    return Err(ManifestError::NotLazy(format!(
+                        "data blob {} has urls but is not of type {MEDIA_TYPE_BLOB_EXTERNAL}",
+                        d.digest
+                    )))
+                }
+                (MEDIA_TYPE_BLOB_EXTERNAL, false) => {
+                    return Err(ManifestError::NotLazy(format!(
+                        "external blob {} has no urls",
+                        d.digest
+                    )))
+                }
+                (other, _) => {
+                    return Err(ManifestError::NotLazy(format!(
+                        "unknown layer media type {other:?}"
+                    )))
+                }
+            }
+        }
+        if m.config.urls.is_some() || m.layers[0].urls.is_some() {
+            return Err(ManifestError::NotLazy(
+                "the config and the index must be stored with the image (no urls)".into(),
+            ));
         }
         for d in std::iter::once(&m.config).chain(&m.layers) {
             if !is_sha256_digest(&d.digest) {
@@ -137,6 +182,7 @@ mod tests {
             media_type: mt.into(),
             digest: format!("sha256:{}", c.to_string().repeat(64)),
             size: 1,
+            urls: None,
             annotations: None,
         }
     }
@@ -162,5 +208,34 @@ mod tests {
         bad.artifact_type = "x".into();
         assert!(LazyManifest::parse(&bad.to_json()).is_err());
         assert!(LazyManifest::parse(b"{").is_err());
+    }
+
+    #[test]
+    fn external_blobs_need_urls_and_their_own_media_type() {
+        let mut external = desc(MEDIA_TYPE_BLOB_EXTERNAL, 'c');
+        external.urls = Some(vec!["s3://models/raw/a.safetensors".into()]);
+        let m = LazyManifest::new(
+            desc(MEDIA_TYPE_OCI_CONFIG, 'a'),
+            desc(MEDIA_TYPE_INDEX, 'b'),
+            vec![external.clone(), desc(MEDIA_TYPE_BLOB, 'd')],
+        );
+        let parsed = LazyManifest::parse(&m.to_json()).unwrap();
+        assert_eq!(
+            parsed.blobs()[0].external_url(),
+            Some("s3://models/raw/a.safetensors")
+        );
+        assert_eq!(parsed.blobs()[1].external_url(), None);
+        let json = String::from_utf8(m.to_json()).unwrap();
+        assert_eq!(json.matches("\"urls\"").count(), 1, "{json}");
+
+        let mut bad = m.clone();
+        bad.layers[1].urls = None;
+        assert!(LazyManifest::parse(&bad.to_json()).is_err());
+        let mut bad = m.clone();
+        bad.layers[2].urls = external.urls.clone();
+        assert!(LazyManifest::parse(&bad.to_json()).is_err());
+        let mut bad = m;
+        bad.layers[0].urls = external.urls;
+        assert!(LazyManifest::parse(&bad.to_json()).is_err());
     }
 }

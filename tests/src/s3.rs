@@ -248,6 +248,98 @@ impl MotoServer {
     }
 }
 
+/// Objects, unsigned (moto accepts unsigned requests): what a test puts in a bucket as a user's
+/// upload would, and what it reads back to check what a push wrote.
+impl MotoServer {
+    /// `PUT /bucket/key` with `body`; replaces an existing object.
+    pub fn put_object(&self, bucket: &str, key: &str, body: &[u8]) {
+        let path = format!("/{bucket}/{}", encode_key(key));
+        match http_request(self.port, "PUT", &path, body) {
+            Ok((200, _)) => {}
+            other => panic!(
+                "PUT s3://{bucket}/{key} on moto: {other:?}\n{}",
+                self.log_tail()
+            ),
+        }
+    }
+
+    /// `DELETE /bucket/key`.
+    pub fn delete_object(&self, bucket: &str, key: &str) {
+        let path = format!("/{bucket}/{}", encode_key(key));
+        match http_request(self.port, "DELETE", &path, &[]) {
+            Ok((204 | 200, _)) => {}
+            other => panic!("DELETE s3://{bucket}/{key} on moto: {other:?}"),
+        }
+    }
+
+    /// `GET /bucket/key`: the object's bytes, `None` if it does not exist.
+    pub fn get_object(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+        let path = format!("/{bucket}/{}", encode_key(key));
+        match http_request(self.port, "GET", &path, &[]) {
+            Ok((200, body)) => Some(body),
+            Ok((404, _)) => None,
+            other => panic!("GET s3://{bucket}/{key} on moto: {other:?}"),
+        }
+    }
+
+    /// Keys under `prefix` in `bucket` (one ListObjectsV2 page: up to 1000 keys).
+    pub fn list_keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let path = format!("/{bucket}?list-type=2&prefix={}", encode_key(prefix));
+        let body = match http_request(self.port, "GET", &path, &[]) {
+            Ok((200, body)) => String::from_utf8(body).expect("listing is UTF-8"),
+            other => panic!("listing s3://{bucket}/{prefix} on moto: {other:?}"),
+        };
+        body.split("<Key>")
+            .skip(1)
+            .filter_map(|rest| rest.split_once("</Key>").map(|(k, _)| k.to_string()))
+            .collect()
+    }
+}
+
+/// Percent-encodes a key for a request path, keeping `/` (so `a/../b` reaches S3 as that key,
+/// never as a path a client or server might normalize).
+fn encode_key(key: &str) -> String {
+    key.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Sends `METHOD PATH` with `body`; returns the status and the response body (not chunked:
+/// moto answers with a Content-Length). The request names the test access key in an
+/// `Authorization` header whose signature moto does not check, so that it acts as the account
+/// the clients use (an anonymous GET of their objects is refused).
+fn http_request(port: u16, method: &str, path: &str, body: &[u8]) -> io::Result<(u16, Vec<u8>)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\n\
+         Authorization: AWS4-HMAC-SHA256 Credential={ACCESS_KEY_ID}/20240101/{REGION}/s3/\
+         aws4_request, SignedHeaders=host, Signature=0\r\n\
+         Connection: close\r\n\r\n",
+        body.len()
+    )?;
+    stream.write_all(body)?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| io::Error::other("no end of HTTP headers"))?;
+    let head = String::from_utf8_lossy(&response[..split]).into_owned();
+    let status = head
+        .strip_prefix("HTTP/1.")
+        .and_then(|rest| rest.get(2..5))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("not an HTTP response: {head:?}")))?;
+    Ok((status, response[split + 4..].to_vec()))
+}
+
 impl Drop for MotoServer {
     fn drop(&mut self) {
         // SIGKILL also ends a paused (SIGSTOPped) server.

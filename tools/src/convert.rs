@@ -6,6 +6,10 @@
 //! manifest naming config, index and blobs is stored and tagged. Nothing is tagged unless
 //! every step succeeded, so a failed conversion leaves the store as it was (plus, at most,
 //! complete blobs no manifest names yet).
+//!
+//! With `--reference` (an `s3://` source only), nothing is packed: the objects are indexed in
+//! place (`s3source::index_objects`) and the manifest names them as external blobs, so only the
+//! index, config and manifest are stored.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,6 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use agent::profile::Profile;
+use agent::remote::RemoteOptions;
 use agent::store::LocalStore;
 use fusefs::format::BlobRecord;
 use fusefs::manifest::{
@@ -22,6 +27,7 @@ use fusefs::manifest::{
 use fusefs::writer::IndexWriter;
 use tracing::info;
 
+use crate::compression::Compression;
 use crate::error::ConvertError;
 use crate::layer::{apply_tar, decompress, open_blob, HashingReader};
 use crate::layout::HotLayout;
@@ -45,6 +51,12 @@ pub struct ConvertOptions {
     /// An access profile: the data it read is written first in each layer's blob, in the
     /// order it was read (see `layout`). The image's content is the same either way.
     pub profile: Option<Arc<Profile>>,
+    /// Which chunks are compressed (`--compression`).
+    pub compression: Compression,
+    /// Index an `s3://` source's objects in place instead of copying them (`--reference`).
+    pub reference: bool,
+    /// Timeouts for reading an `s3://` source.
+    pub remote: RemoteOptions,
 }
 
 impl Default for ConvertOptions {
@@ -55,6 +67,9 @@ impl Default for ConvertOptions {
             jobs: std::thread::available_parallelism().map_or(2, |n| n.get()),
             progress: true,
             profile: None,
+            compression: Compression::Auto,
+            reference: false,
+            remote: RemoteOptions::default(),
         }
     }
 }
@@ -94,8 +109,28 @@ impl ConvertReport {
     }
 }
 
-fn validate(opts: &ConvertOptions) -> Result<(), ConvertError> {
+fn validate(src: &SourceRef, opts: &ConvertOptions) -> Result<(), ConvertError> {
     use fusefs::format::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+    if opts.reference {
+        if !matches!(src, SourceRef::S3 { .. }) {
+            return Err(ConvertError::Source(
+                "--reference indexes existing S3 objects in place: the source must be                  s3://BUCKET/PREFIX/; drop --reference to copy other sources into the image"
+                    .into(),
+            ));
+        }
+        if opts.compression != Compression::None {
+            return Err(ConvertError::Source(format!(
+                "--reference keeps the objects as they are (uncompressed): --compression {}                  cannot apply; drop it or pass --compression none",
+                opts.compression
+            )));
+        }
+        if opts.profile.is_some() {
+            return Err(ConvertError::Source(
+                "--reference keeps the objects as they are: --profile cannot reorder them;                  drop one of the two"
+                    .into(),
+            ));
+        }
+    }
     if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&opts.chunk_size) {
         return Err(ConvertError::Source(format!(
             "chunk size {} is outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE} bytes",
@@ -111,7 +146,7 @@ pub fn convert(
     dst: &StoreRef,
     opts: &ConvertOptions,
 ) -> Result<ConvertReport, ConvertError> {
-    validate(opts)?;
+    validate(src, opts)?;
     let started = Instant::now();
     let store = LocalStore::create(&dst.path)?;
     let input = Arc::new(AtomicU64::new(0));
@@ -133,6 +168,26 @@ pub fn convert(
             table = t;
             blobs.push(commit(&store, blob, None)?);
             (directory_config(), format!("path:{}", dir.display()))
+        }
+        SourceRef::S3 { location } => {
+            let objects = crate::s3source::ObjectSource::open(location, &opts.remote)?;
+            let _progress = Progress::start(opts.progress, "converting", 0, input.clone());
+            if opts.reference {
+                let indexed =
+                    crate::s3source::index_objects(&objects, &mut tree, opts.chunk_size, &input)?;
+                table = indexed.table;
+                blobs = indexed.blobs;
+            } else {
+                let packer = start_packer(&store, table, 0, opts, &input, &layout)?;
+                let (packer, result) = run(packer, |p| {
+                    crate::s3source::apply_objects(&objects, &mut tree, p)
+                });
+                result?;
+                let (t, blob) = packer.finish()?;
+                table = t;
+                blobs.push(commit(&store, blob, None)?);
+            }
+            (directory_config(), format!("{location}/"))
         }
         other => {
             let image = source::open(other)?;
@@ -169,12 +224,14 @@ pub fn convert(
             media_type: MEDIA_TYPE_OCI_CONFIG.to_string(),
             digest: config_digest,
             size: config.len() as u64,
+            urls: None,
             annotations: None,
         },
         Descriptor {
             media_type: MEDIA_TYPE_INDEX.to_string(),
             digest: index_digest,
             size: index.len() as u64,
+            urls: None,
             annotations: None,
         },
         blobs.iter().map(|(d, _)| d.clone()).collect(),
@@ -190,7 +247,12 @@ pub fn convert(
         entries: tree.entry_count(),
         inodes,
         input_bytes: input.load(Ordering::Relaxed),
-        stored_bytes: blobs.iter().map(|(d, _)| d.size).sum(),
+        // Objects indexed in place (`--reference`) are not stored by the image.
+        stored_bytes: blobs
+            .iter()
+            .filter(|(d, _)| d.external_url().is_none())
+            .map(|(d, _)| d.size)
+            .sum(),
         index_bytes: index.len() as u64,
         chunks: table.records.len(),
         deduplicated_chunks: table.deduplicated,
@@ -210,6 +272,7 @@ fn source_name(src: &SourceRef) -> String {
         SourceRef::DockerArchive { path } => format!("docker-archive:{}", path.display()),
         SourceRef::Docker { reference } => format!("docker://{reference}"),
         SourceRef::Path { dir } => format!("path:{}", dir.display()),
+        SourceRef::S3 { location } => format!("{location}/"),
     }
 }
 
@@ -239,7 +302,8 @@ fn start_packer(
         opts.jobs,
         input.clone(),
     )
-    .with_layout(layout.clone()))
+    .with_layout(layout.clone())
+    .with_compression(opts.compression))
 }
 
 /// Counts bytes read from a layer blob for the progress bar.
@@ -330,6 +394,7 @@ fn commit(
             media_type: MEDIA_TYPE_BLOB.to_string(),
             digest,
             size,
+            urls: None,
             annotations: source_layer
                 .map(|s| BTreeMap::from([(ANNOTATION_SOURCE_LAYER.to_string(), s)])),
         },

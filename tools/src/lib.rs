@@ -4,6 +4,8 @@
 //! - `source`, `pull`: resolving a source to a config and layer blobs on disk.
 //! - `layer`: decompressing and applying one layer's tar stream.
 //! - `dirsource`: reading a plain directory.
+//! - `s3source`: the objects under an S3 prefix as plain files, packed or indexed in place.
+//! - `compression`: `--compression auto|zstd|none`: which chunks are stored raw.
 //! - `tree`: the merged tree with whiteouts and hardlinks.
 //! - `packer`: chunking, parallel compression and blob writing.
 //! - `layout`: which data an access profile says to write first.
@@ -16,6 +18,7 @@
 //! - `run`: `lazyctl run`: a rootfs from lazyd, a bundle, the OCI runtime, cleanup.
 
 pub mod client;
+pub mod compression;
 pub mod convert;
 pub mod ctl;
 pub mod dirsource;
@@ -29,6 +32,7 @@ pub mod pull;
 pub mod reference;
 pub mod remote;
 pub mod run;
+pub mod s3source;
 pub mod source;
 pub mod spec;
 pub mod tree;

@@ -31,13 +31,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Convert an image or directory into a lazy image.
+    /// Convert an image, a directory or an S3 prefix into a lazy image.
     ///
     /// SRC: oci:PATH[:TAG], oci-archive:PATH, docker-archive:PATH, docker://HOST/REPO:TAG,
-    /// path:DIR. DST: dir:PATH[:TAG] (a local lazy-image store; TAG defaults to latest),
-    /// docker://HOST/REPO:TAG (pushed as an OCI artifact; when SRC is an image in the same
-    /// repository, its manifest becomes the subject so the referrers API finds the lazy image;
-    /// convention: TAG-lazy), or s3://BUCKET/PREFIX.
+    /// path:DIR (a plain directory: a rootfs or a model folder), or s3://BUCKET/PREFIX/ (every
+    /// object under the prefix as a plain file: keys relative to the prefix become paths, files
+    /// 0644 and directories 0755 owned by root, mtimes from LastModified; keys that cannot be
+    /// paths, such as a/../b, are refused). DST: dir:PATH[:TAG] (a local lazy-image store; TAG
+    /// defaults to latest), docker://HOST/REPO:TAG (pushed as an OCI artifact; when SRC is an
+    /// image in the same repository, its manifest becomes the subject so the referrers API
+    /// finds the lazy image; convention: TAG-lazy), or s3://BUCKET/PREFIX (a lazy image).
+    /// S3 credentials, region and endpoint come from the AWS environment (AWS_ENDPOINT_URL,
+    /// AWS_REGION, the default credentials chain).
     Convert {
         src: String,
         dst: String,
@@ -47,6 +52,22 @@ enum Command {
         /// zstd compression level.
         #[arg(long, default_value_t = fusefs::chunk::DEFAULT_ZSTD_LEVEL)]
         level: i32,
+        /// Which chunks to compress: `zstd` every chunk (stored raw where zstd saves under
+        /// 1/64); `none` no chunk (no compression work at conversion or on reads); `auto`
+        /// chunks of model weights and already-compressed files (.safetensors, .bin, .pt,
+        /// .gguf, .onnx, .npy, .gz, .zst, .zip, .png, .jpg, .mp4, ...) stored raw, everything
+        /// else, and shared chunks of small files, as `zstd`. Defaults to `none` with
+        /// --reference, else `auto`.
+        #[arg(long, value_name = "auto|zstd|none")]
+        compression: Option<tools::compression::Compression>,
+        /// Index the objects of an s3://BUCKET/PREFIX/ source in place instead of copying
+        /// them: each object is read once (to cut and hash its chunks) and becomes a data blob
+        /// of the image stored at its own URL (its chunks are byte ranges of the object,
+        /// uncompressed), so only the index, config and manifest are written to DST. lazyd
+        /// reads the data from the objects; an object changed or deleted afterwards makes
+        /// reads of its file fail (EIO) until the image is converted again.
+        #[arg(long)]
+        reference: bool,
         /// Compression threads (default: one per core).
         #[arg(long)]
         jobs: Option<usize>,
@@ -323,6 +344,8 @@ fn run(socket: &std::path::Path, command: Command) -> Result<()> {
             dst,
             chunk_size,
             level,
+            compression,
+            reference,
             jobs,
             no_progress,
             profile,
@@ -340,17 +363,26 @@ fn run(socket: &std::path::Path, command: Command) -> Result<()> {
                 None => None,
             };
             let dst = ImageLocation::parse(&dst)?;
+            let default_compression = if reference {
+                tools::compression::Compression::None
+            } else {
+                tools::compression::Compression::Auto
+            };
+            let remote_options = remote.options()?;
             let mut opts = ConvertOptions {
                 chunk_size,
                 level,
                 progress: !no_progress,
                 profile,
+                compression: compression.unwrap_or(default_compression),
+                reference,
+                remote: remote_options.clone(),
                 ..ConvertOptions::default()
             };
             if let Some(j) = jobs {
                 opts.jobs = j;
             }
-            let (report, pushed) = tools::convert_to(&src, &dst, &opts, &remote.options()?)?;
+            let (report, pushed) = tools::convert_to(&src, &dst, &opts, &remote_options)?;
             println!("{}", report.summary());
             if let Some(pushed) = pushed {
                 println!("{}", pushed.summary());

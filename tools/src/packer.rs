@@ -29,9 +29,10 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use fusefs::chunk::{encode_chunk, EncodedChunk};
-use fusefs::format::{ChunkRecord, ExtentRecord};
+use fusefs::format::{ChunkRecord, ExtentRecord, CHUNK_UNCOMPRESSED};
 use sha2::{Digest, Sha256};
 
+use crate::compression::Compression;
 use crate::error::ConvertError;
 use crate::layout::HotLayout;
 
@@ -53,6 +54,26 @@ impl ChunkTable {
     pub fn resolve(&self, provisional: u32) -> u32 {
         self.provisional[provisional as usize]
     }
+
+    /// Adds a chunk that is stored already (`convert --reference`), or finds the chunk with
+    /// its digest. Returns its provisional number and whether it is new.
+    pub fn add_record(&mut self, record: ChunkRecord) -> (u32, bool) {
+        let provisional = self.provisional.len() as u32;
+        let (id, new) = match self.by_digest.get(&record.digest) {
+            Some(id) => {
+                self.deduplicated += 1;
+                (*id, false)
+            }
+            None => {
+                let id = self.records.len() as u32;
+                self.by_digest.insert(record.digest, id);
+                self.records.push(record);
+                (id, true)
+            }
+        };
+        self.provisional.push(id);
+        (provisional, new)
+    }
 }
 
 /// A finished layer blob, not yet moved into the store.
@@ -69,6 +90,8 @@ struct Job {
     provisional: u32,
     /// Profile rank of hot data; `None` for cold.
     rank: Option<u32>,
+    /// zstd-compress it, or store it raw (`--compression`).
+    compress: bool,
     raw: Vec<u8>,
 }
 
@@ -101,6 +124,7 @@ pub struct LayerPacker {
     /// Small hot files (only with a layout).
     hot: Shared,
     layout: Option<Arc<HotLayout>>,
+    compression: Compression,
     next_provisional: u32,
     next_seq: u32,
     zeros: Vec<u8>,
@@ -132,11 +156,16 @@ impl LayerPacker {
                 let tx = done_tx.clone();
                 std::thread::spawn(move || {
                     for job in rx {
+                        let encoded = if job.compress {
+                            encode_chunk(&job.raw, level)
+                        } else {
+                            Ok(raw_chunk(job.raw))
+                        };
                         let done = Done {
                             seq: job.seq,
                             provisional: job.provisional,
                             rank: job.rank,
-                            encoded: encode_chunk(&job.raw, level),
+                            encoded,
                         };
                         if tx.send(done).is_err() {
                             break;
@@ -157,6 +186,7 @@ impl LayerPacker {
             cold: shared(),
             hot: shared(),
             layout: None,
+            compression: Compression::Zstd,
             next_provisional: first_provisional,
             next_seq: 0,
             zeros: vec![0u8; chunk_size as usize],
@@ -165,6 +195,12 @@ impl LayerPacker {
             writer: Some(writer),
             input_bytes,
         }
+    }
+
+    /// Chooses which chunks are compressed (default: all, as `Compression::Zstd`).
+    pub fn with_compression(mut self, compression: Compression) -> LayerPacker {
+        self.compression = compression;
+        self
     }
 
     /// Lays out data that `layout` names first (see the module docs).
@@ -183,6 +219,7 @@ impl LayerPacker {
         &mut self,
         provisional: u32,
         rank: Option<u32>,
+        compress: bool,
         raw: Vec<u8>,
     ) -> Result<(), ConvertError> {
         let seq = self.next_seq;
@@ -191,6 +228,7 @@ impl LayerPacker {
             seq,
             provisional,
             rank,
+            compress,
             raw,
         };
         let sent = self.jobs.as_ref().map(|tx| tx.send(job));
@@ -220,7 +258,7 @@ impl LayerPacker {
         }
         let raw = std::mem::replace(&mut shared.data, Vec::with_capacity(self.chunk_size));
         let (provisional, rank) = (shared.provisional, shared.rank.take());
-        self.send(provisional, rank, raw)
+        self.send(provisional, rank, self.compression.compresses_packs(), raw)
     }
 
     /// Reads `size` bytes of one file from `r` and returns its extents (with provisional
@@ -271,6 +309,8 @@ impl LayerPacker {
         // Keeps the cold packing what it is without a layout: small files on either side of a
         // large one do not share a chunk.
         self.flush(false)?;
+        let name = path.last().map_or(&[][..], Vec::as_slice);
+        let compress = self.compression.compresses_file(name);
         let mut extents = Vec::new();
         let mut off = 0u64;
         while off < size {
@@ -280,7 +320,7 @@ impl LayerPacker {
             self.input_bytes.fetch_add(n as u64, Ordering::Relaxed);
             if piece[..] != self.zeros[..n] {
                 let provisional = self.alloc_provisional();
-                self.send(provisional, rank_of(off, n as u64), piece)?;
+                self.send(provisional, rank_of(off, n as u64), compress, piece)?;
                 extents.push(ExtentRecord {
                     file_off: off,
                     chunk: provisional,
@@ -314,6 +354,17 @@ impl LayerPacker {
             Some(Ok(Err(e))) => Err(e),
             _ => Err(ConvertError::Source("chunk writer panicked".into())),
         }
+    }
+}
+
+/// A chunk stored as it is (`UNCOMPRESSED`): its checks, and no compression work.
+pub fn raw_chunk(raw: Vec<u8>) -> EncodedChunk {
+    EncodedChunk {
+        digest: *blake3::hash(&raw).as_bytes(),
+        crc32: crc32fast::hash(&raw),
+        raw_len: raw.len() as u32,
+        flags: CHUNK_UNCOMPRESSED,
+        stored: raw,
     }
 }
 

@@ -1,22 +1,39 @@
 //! Image references, following skopeo's transports so users already know them:
 //! `oci:PATH[:TAG]`, `oci-archive:PATH`, `docker-archive:PATH`, `docker://HOST/REPO:TAG`,
-//! `path:DIR` (a plain directory: a rootfs or a model folder) as sources, and `dir:PATH[:TAG]`
+//! `path:DIR` (a plain directory: a rootfs or a model folder) and `s3://BUCKET/PREFIX/` (the
+//! objects under a prefix as plain files) as sources, and `dir:PATH[:TAG]`
 //! (a local lazy-image store) as destination and mount source.
 
 use std::path::PathBuf;
 
 use agent::remote::{ImageLocation, RemoteError};
+use agent::s3::S3Location;
 
 use crate::error::ConvertError;
 
 /// Where a conversion reads from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceRef {
-    Oci { path: PathBuf, tag: Option<String> },
-    OciArchive { path: PathBuf },
-    DockerArchive { path: PathBuf },
-    Docker { reference: String },
-    Path { dir: PathBuf },
+    Oci {
+        path: PathBuf,
+        tag: Option<String>,
+    },
+    OciArchive {
+        path: PathBuf,
+    },
+    DockerArchive {
+        path: PathBuf,
+    },
+    Docker {
+        reference: String,
+    },
+    Path {
+        dir: PathBuf,
+    },
+    /// The objects under an S3 prefix, as plain files.
+    S3 {
+        location: S3Location,
+    },
 }
 
 /// A local lazy-image store and a tag in it.
@@ -48,7 +65,7 @@ impl SourceRef {
         let (transport, rest) = s.split_once(':').ok_or_else(|| {
             bad(
                 s,
-                "expected TRANSPORT:REF, one of oci:, oci-archive:, docker-archive:, docker://, path:",
+                "expected TRANSPORT:REF, one of oci:, oci-archive:, docker-archive:, docker://, path:, s3://",
             )
         })?;
         if rest.is_empty() {
@@ -73,6 +90,9 @@ impl SourceRef {
             },
             "path" => SourceRef::Path {
                 dir: PathBuf::from(rest),
+            },
+            "s3" => SourceRef::S3 {
+                location: S3Location::parse(s).map_err(|e| bad(s, &e.to_string()))?,
             },
             other => return Err(bad(s, &format!("unknown transport {other:?}"))),
         })
@@ -133,6 +153,16 @@ mod tests {
             SourceRef::parse("path:/models/x").unwrap(),
             SourceRef::Path { .. }
         ));
+        match SourceRef::parse("s3://models/raw/llama/").unwrap() {
+            SourceRef::S3 { location } => {
+                assert_eq!(
+                    (location.bucket(), location.prefix()),
+                    ("models", "raw/llama")
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(SourceRef::parse("s3://models/a/../b").is_err());
         assert!(SourceRef::parse("ftp:/x").is_err());
         assert!(SourceRef::parse("docker:x").is_err());
         assert!(SourceRef::parse("nonsense").is_err());

@@ -69,6 +69,7 @@ async fn subject_descriptor(
         media_type: manifest.media_type.clone(),
         digest: manifest.digest.clone(),
         size: manifest.bytes.len() as u64,
+        urls: None,
         annotations: None,
     })
 }

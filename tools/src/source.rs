@@ -282,5 +282,8 @@ pub fn open(src: &SourceRef) -> Result<SourceImage, ConvertError> {
             "{} is a directory source, not an image",
             dir.display()
         ))),
+        SourceRef::S3 { location } => Err(err(format!(
+            "{location} is a source of plain objects, not an image"
+        ))),
     }
 }

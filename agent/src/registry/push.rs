@@ -1032,6 +1032,7 @@ mod tests {
             media_type: media_type.into(),
             digest: digest.into(),
             size: size as u64,
+            urls: None,
             annotations: None,
         };
         let mut manifest = LazyManifest::new(

@@ -1,0 +1,346 @@
+//! Blobs stored outside an image's own store: `lazyctl convert --reference` indexes existing S3
+//! objects in place, and the manifest names each one in its descriptor's `urls`
+//! (`s3://BUCKET/KEY`, media type `MEDIA_TYPE_BLOB_EXTERNAL`), with the object's ETag and size
+//! as annotations. Such a blob's chunks are byte ranges of the object, stored uncompressed.
+//!
+//! [`route_external`] wraps an opened image's store in a [`RoutedBlobStore`] when its manifest
+//! has such blobs: reads of those digests become range GETs of the object (one S3 client per
+//! bucket, endpoint and credentials from the AWS environment as for `s3://` images), everything
+//! else goes to the image's own store. Each GET checks the object's ETag against the one
+//! recorded at indexing, so a replaced object is refused with a message saying it changed since
+//! it was indexed, and a deleted one is reported as gone; the fetcher's blake3 check of every
+//! chunk stays the last word (it also catches a store that keeps the ETag of changed bytes).
+//! Both are permanent errors: the read fails with EIO and the fetcher logs why.
+//!
+//! Only `s3://` urls are accepted; any other url is an error when the image is opened.
+
+use std::collections::{BTreeSet, HashMap};
+use std::ops::Range;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use fusefs::manifest::{LazyManifest, ANNOTATION_ETAG};
+
+use crate::blobstore::{too_large, BlobError, BlobStore};
+use crate::remote::{s3_store, RemoteError, RemoteOptions};
+use crate::s3::{S3Location, S3Store};
+
+/// Where one external blob is: its object and what it was when indexed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalObject {
+    /// `s3://BUCKET/KEY`, as the manifest says.
+    pub url: String,
+    pub bucket: String,
+    pub key: String,
+    /// The object's ETag when it was indexed, if recorded.
+    pub etag: Option<String>,
+    /// The object's size (the descriptor's size).
+    pub size: u64,
+}
+
+/// Parses `s3://BUCKET/KEY` (the key may hold any characters but must not be empty).
+pub fn parse_s3_url(url: &str) -> Option<(S3Location, String)> {
+    let rest = url.strip_prefix("s3://")?;
+    let (bucket, key) = rest.split_once('/')?;
+    if key.is_empty() {
+        return None;
+    }
+    let location = S3Location::parse(&format!("s3://{bucket}")).ok()?;
+    Some((location, key.to_string()))
+}
+
+/// The external blobs `manifest` names, by digest. `image` names the image in errors.
+pub fn external_objects(
+    manifest: &LazyManifest,
+    image: &str,
+) -> Result<HashMap<String, ExternalObject>, RemoteError> {
+    let mut objects = HashMap::new();
+    for d in manifest.blobs() {
+        let Some(url) = d.external_url() else {
+            continue;
+        };
+        let Some((location, key)) = parse_s3_url(url) else {
+            return Err(RemoteError::UnfetchableBlob {
+                blob: d.digest.clone(),
+                image: image.to_string(),
+                url: url.to_string(),
+            });
+        };
+        objects.insert(
+            d.digest.clone(),
+            ExternalObject {
+                url: url.to_string(),
+                bucket: location.bucket().to_string(),
+                key,
+                etag: d
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(ANNOTATION_ETAG))
+                    .cloned(),
+                size: d.size,
+            },
+        );
+    }
+    Ok(objects)
+}
+
+/// `own` if `manifest` has no external blobs, else a [`RoutedBlobStore`] over it.
+pub async fn route_external(
+    own: Arc<dyn BlobStore>,
+    manifest: &LazyManifest,
+    image: &str,
+    opts: &RemoteOptions,
+) -> Result<Arc<dyn BlobStore>, RemoteError> {
+    let objects = external_objects(manifest, image)?;
+    if objects.is_empty() {
+        return Ok(own);
+    }
+    let mut clients: HashMap<String, S3Store> = HashMap::new();
+    let mut routes = HashMap::new();
+    for (digest, object) in objects {
+        let store = match clients.get(&object.bucket) {
+            Some(store) => store.clone(),
+            None => {
+                let location = S3Location::parse(&format!("s3://{}", object.bucket))?;
+                // One attempt per request: the fetcher retries with its own policy.
+                let store = s3_store(&location, opts, 1).await?;
+                clients.insert(object.bucket.clone(), store.clone());
+                store
+            }
+        };
+        routes.insert(digest, Route { store, object });
+    }
+    Ok(Arc::new(RoutedBlobStore::new(own, routes)))
+}
+
+struct Route {
+    store: S3Store,
+    object: ExternalObject,
+}
+
+/// An image's own store plus the S3 objects its external blobs are (see the module docs).
+pub struct RoutedBlobStore {
+    own: Arc<dyn BlobStore>,
+    routes: HashMap<String, Route>,
+    name: String,
+}
+
+impl RoutedBlobStore {
+    fn new(own: Arc<dyn BlobStore>, routes: HashMap<String, Route>) -> RoutedBlobStore {
+        let buckets: BTreeSet<&str> = routes.values().map(|r| r.object.bucket.as_str()).collect();
+        // The fetcher shares one backend between stores of the same name: the name must tell
+        // this set of routes from another image's at the same location (a re-conversion).
+        let mut set: Vec<(&String, &str, Option<&str>)> = routes
+            .iter()
+            .map(|(d, r)| (d, r.object.url.as_str(), r.object.etag.as_deref()))
+            .collect();
+        set.sort();
+        let fingerprint = crate::store::sha256_digest(format!("{set:?}").as_bytes());
+        let name = format!(
+            "{} + {} referenced object(s) in {} [{}]",
+            own.describe(),
+            routes.len(),
+            buckets
+                .iter()
+                .map(|b| format!("s3://{b}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            &fingerprint[7..19]
+        );
+        RoutedBlobStore { own, routes, name }
+    }
+
+    /// Rewrites an S3 error about a referenced object so that it says what happened to it.
+    fn explain(&self, digest: &str, object: &ExternalObject, e: BlobError) -> BlobError {
+        match e {
+            BlobError::NotFound { .. } => BlobError::Invalid {
+                store: self.name.clone(),
+                digest: digest.to_string(),
+                reason: format!(
+                    "referenced object {} is gone (404): it was deleted since the image was \
+                     indexed; restore it or re-run lazyctl convert --reference",
+                    object.url
+                ),
+            },
+            BlobError::Invalid { reason, .. }
+                if reason.contains("changed since it was indexed") =>
+            {
+                BlobError::Invalid {
+                    store: self.name.clone(),
+                    digest: digest.to_string(),
+                    reason: format!(
+                        "referenced object {reason}; re-run lazyctl convert --reference"
+                    ),
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+#[async_trait]
+impl BlobStore for RoutedBlobStore {
+    fn kind(&self) -> &'static str {
+        self.own.kind()
+    }
+
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+
+    async fn read_range(&self, digest: &str, range: Range<u64>) -> Result<Vec<u8>, BlobError> {
+        let Some(route) = self.routes.get(digest) else {
+            return self.own.read_range(digest, range).await;
+        };
+        if range.end > route.object.size {
+            return Err(BlobError::Invalid {
+                store: self.name.clone(),
+                digest: digest.to_string(),
+                reason: format!(
+                    "range {}..{} is outside {}'s {} bytes",
+                    range.start, range.end, route.object.url, route.object.size
+                ),
+            });
+        }
+        route
+            .store
+            .read_object_range(
+                digest,
+                &route.object.key,
+                range,
+                route.object.etag.as_deref(),
+            )
+            .await
+            .map_err(|e| self.explain(digest, &route.object, e))
+    }
+
+    async fn read_blob(&self, digest: &str, max_size: u64) -> Result<Vec<u8>, BlobError> {
+        let Some(route) = self.routes.get(digest) else {
+            return self.own.read_blob(digest, max_size).await;
+        };
+        if route.object.size > max_size {
+            return Err(too_large(&self.name, digest, route.object.size, max_size));
+        }
+        self.read_range(digest, 0..route.object.size).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use fusefs::manifest::{
+        Descriptor, MEDIA_TYPE_BLOB, MEDIA_TYPE_BLOB_EXTERNAL, MEDIA_TYPE_INDEX,
+        MEDIA_TYPE_OCI_CONFIG,
+    };
+
+    use super::*;
+    use crate::blobstore::MemoryBlobStore;
+
+    fn desc(media_type: &str, c: char, url: Option<&str>) -> Descriptor {
+        Descriptor {
+            media_type: media_type.into(),
+            digest: format!("sha256:{}", c.to_string().repeat(64)),
+            size: 100,
+            urls: url.map(|u| vec![u.to_string()]),
+            annotations: url.map(|_| BTreeMap::from([(ANNOTATION_ETAG.into(), "\"e1\"".into())])),
+        }
+    }
+
+    fn manifest(urls: &[&str]) -> LazyManifest {
+        let chars = ['c', 'd', 'e', 'f'];
+        let mut blobs = vec![desc(MEDIA_TYPE_BLOB, '1', None)];
+        for (url, c) in urls.iter().zip(chars) {
+            blobs.push(desc(MEDIA_TYPE_BLOB_EXTERNAL, c, Some(url)));
+        }
+        LazyManifest::new(
+            desc(MEDIA_TYPE_OCI_CONFIG, 'a', None),
+            desc(MEDIA_TYPE_INDEX, 'b', None),
+            blobs,
+        )
+    }
+
+    #[test]
+    fn s3_urls_are_split_into_bucket_and_key() {
+        let (location, key) = parse_s3_url("s3://models/raw/m/x.safetensors").unwrap();
+        assert_eq!(location.bucket(), "models");
+        assert_eq!(key, "raw/m/x.safetensors");
+        // Keys keep what S3 allows in them.
+        assert_eq!(parse_s3_url("s3://models/a//b c").unwrap().1, "a//b c");
+        assert!(parse_s3_url("s3://models").is_none());
+        assert!(parse_s3_url("s3://models/").is_none());
+        assert!(parse_s3_url("https://models/x").is_none());
+    }
+
+    #[test]
+    fn external_blobs_are_found_with_their_etag_and_other_urls_refused() {
+        let objects =
+            external_objects(&manifest(&["s3://models/a.bin", "s3://other/b.bin"]), "img").unwrap();
+        assert_eq!(objects.len(), 2);
+        let a = &objects[&format!("sha256:{}", "c".repeat(64))];
+        assert_eq!((a.bucket.as_str(), a.key.as_str()), ("models", "a.bin"));
+        assert_eq!(a.etag.as_deref(), Some("\"e1\""));
+        assert_eq!(a.size, 100);
+
+        let e = external_objects(&manifest(&["https://example.com/a.bin"]), "s3://lazy/img")
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains(&format!("sha256:{}", "c".repeat(64)))
+                && text.contains("s3://lazy/img")
+                && text.contains("https://example.com/a.bin")
+                && text.contains("only s3:// urls"),
+            "{text}"
+        );
+        assert!(e.is_permanent());
+    }
+
+    #[tokio::test]
+    async fn images_without_external_blobs_keep_their_store() {
+        let own: Arc<dyn BlobStore> = Arc::new(MemoryBlobStore::new());
+        let routed = route_external(
+            own.clone(),
+            &manifest(&[]),
+            "img",
+            &RemoteOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert!(Arc::ptr_eq(&own, &routed));
+    }
+
+    #[tokio::test]
+    async fn routed_store_names_its_routes_and_reads_own_blobs_from_its_store() {
+        let own = Arc::new(MemoryBlobStore::new());
+        let digest = own.insert(b"own bytes".to_vec());
+        let m1 = manifest(&["s3://models/a.bin"]);
+        let m2 = manifest(&["s3://models/b.bin"]);
+        let opts = RemoteOptions::default();
+        let r1 = route_external(own.clone(), &m1, "img", &opts)
+            .await
+            .unwrap();
+        let r2 = route_external(own.clone(), &m2, "img", &opts)
+            .await
+            .unwrap();
+        assert!(r1
+            .describe()
+            .starts_with("memory + 1 referenced object(s) in s3://models ["));
+        assert_ne!(
+            r1.describe(),
+            r2.describe(),
+            "another set of objects, another backend"
+        );
+        assert_eq!(
+            r1.describe(),
+            route_external(own.clone(), &m1, "img", &opts)
+                .await
+                .unwrap()
+                .describe()
+        );
+        assert_eq!(r1.read_range(&digest, 0..3).await.unwrap(), b"own");
+        // A range past the object's indexed size is refused before any request.
+        let external = format!("sha256:{}", "c".repeat(64));
+        let e = r1.read_range(&external, 50..101).await.unwrap_err();
+        assert!(e.to_string().contains("outside s3://models/a.bin"), "{e}");
+    }
+}
