@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the index-reader fuzz target for N seconds (default 60), seeded with real indexes.
+# Runs the index-reader fuzz target for N seconds (default 60), seeded with real indexes, then
+# the safetensors header parser's for half as long, seeded with a small valid header.
 # cargo-fuzz needs nightly features; RUSTC_BOOTSTRAP=1 enables them on the stable toolchain.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,3 +22,10 @@ index=$(python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print(m["la
 cp "$seed_store/store/blobs/sha256/$index" "$corpus/seed-small-tree"
 cd fuzz
 cargo fuzz run index_open "corpus/index_open" -- -max_total_time="$seconds" -max_len=65536
+st_corpus=corpus/safetensors_header
+mkdir -p "$st_corpus"
+# Eight bytes of file size, then a file's first bytes: the length prefix and the JSON.
+python3 -c 'import struct,sys
+j=b"{\"__metadata__\":{\"format\":\"pt\"},\"w\":{\"dtype\":\"BF16\",\"shape\":[2,2],\"data_offsets\":[0,8]}}"
+sys.stdout.buffer.write(struct.pack("<QQ", 16+len(j), len(j)) + j)' > "$st_corpus/seed-one-tensor"
+cargo fuzz run safetensors_header "$st_corpus" -- -max_total_time="$(( (seconds + 1) / 2 ))" -max_len=4096

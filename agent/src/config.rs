@@ -12,6 +12,7 @@ use thiserror::Error;
 
 use crate::fetcher::FetcherConfig;
 use crate::remote::RemoteOptions;
+use crate::stream::StreamConfig;
 
 /// Where `lazyd` listens and `lazyctl` looks when neither `--socket` nor `LAZYD_SOCKET` says.
 pub const DEFAULT_SOCKET: &str = "/run/lazyd/lazyd.sock";
@@ -51,6 +52,7 @@ pub struct AgentConfig {
     pub background: BackgroundConfig,
     pub profile: ProfileConfig,
     pub mount: MountOptions,
+    pub stream: StreamOptions,
 }
 
 impl Default for AgentConfig {
@@ -66,6 +68,7 @@ impl Default for AgentConfig {
             background: BackgroundConfig::default(),
             profile: ProfileConfig::default(),
             mount: MountOptions::default(),
+            stream: StreamOptions::default(),
         }
     }
 }
@@ -74,8 +77,8 @@ impl Default for AgentConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FetchConfig {
-    /// Requests in flight per backend (demand reads always get a slot; background work at most
-    /// half of them).
+    /// Demand requests in flight per backend (read-ahead, streams and background work have
+    /// `stream.requests` slots of their own).
     pub concurrency: usize,
     #[serde(deserialize_with = "duration")]
     pub connect_timeout: Duration,
@@ -185,6 +188,34 @@ impl Default for MountOptions {
     }
 }
 
+/// Streams of model weights and sequential readers ahead of their reads (`agent::stream`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamOptions {
+    /// Stream the tensors of `*.safetensors` files in offset order when they are opened.
+    pub safetensors: bool,
+    /// Read-ahead, stream and background requests in flight per backend, besides demand ones.
+    pub requests: usize,
+    /// Most bytes one stream fetches ahead of what its reader has read (capped at a quarter of
+    /// `cache_size`).
+    #[serde(deserialize_with = "size")]
+    pub max_ahead: u64,
+    /// Largest read-ahead window of a sequential reader of any file (capped like `max_ahead`).
+    #[serde(deserialize_with = "size")]
+    pub read_ahead: u64,
+}
+
+impl Default for StreamOptions {
+    fn default() -> Self {
+        StreamOptions {
+            safetensors: true,
+            requests: FetcherConfig::default().prefetch_requests,
+            max_ahead: crate::stream::DEFAULT_MAX_AHEAD,
+            read_ahead: crate::stream::DEFAULT_READ_AHEAD,
+        }
+    }
+}
+
 impl AgentConfig {
     /// Reads `path`; a missing file is an error (the caller decides whether one is needed).
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
@@ -220,6 +251,9 @@ impl AgentConfig {
         if self.background.max_request_size < 64 << 10 {
             return Err("background.max_request_size must be at least 64K".into());
         }
+        if self.stream.requests == 0 {
+            return Err("stream.requests must be at least 1".into());
+        }
         if self.mount.read_workers == 0 {
             return Err("mount.read_workers must be at least 1".into());
         }
@@ -236,10 +270,22 @@ impl AgentConfig {
             max_attempts: self.fetch.max_attempts,
             max_request_bytes: self.fetch.max_request_size,
             concurrency: self.fetch.concurrency,
+            prefetch_requests: self.stream.requests,
             background_requests: self.background.max_requests,
             background_request_bytes: self.background.max_request_size,
             memory_budget: usize::try_from(self.fetch.memory_cache).unwrap_or(usize::MAX),
             ..FetcherConfig::default()
+        }
+    }
+
+    /// How streams run with a fetcher of [`AgentConfig::fetcher`] over a cache of `cache_size`.
+    pub fn streams(&self) -> StreamConfig {
+        let max_ahead = self.stream.max_ahead.min(self.cache_size / 4);
+        StreamConfig {
+            safetensors: self.stream.safetensors,
+            max_ahead,
+            queue_budget: self.stream.requests as u64 * self.fetch.max_request_size,
+            read_ahead: self.stream.read_ahead.min(max_ahead),
         }
     }
 
@@ -340,6 +386,11 @@ mod tests {
             [mount]
             allow_other = false
             read_workers = 4
+            [stream]
+            safetensors = false
+            requests = 32
+            max_ahead = "256M"
+            read_ahead = "512M"
             "#,
         )
         .unwrap();
@@ -354,6 +405,13 @@ mod tests {
         assert_eq!(c.fetcher().background_request_bytes, 8 << 20);
         assert_eq!(c.profile.window, Duration::from_secs(10));
         assert!(!c.mount.allow_other);
+        assert_eq!(c.fetcher().prefetch_requests, 32);
+        let s = c.streams();
+        assert!(!s.safetensors);
+        // A quarter of the cache, the stream's own cap, and read-ahead within it.
+        assert_eq!(s.max_ahead, 128 << 20);
+        assert_eq!(s.read_ahead, 128 << 20);
+        assert_eq!(s.queue_budget, 32 * (4 << 20));
     }
 
     #[test]

@@ -50,6 +50,7 @@ use crate::fetcher::{Backend, Fetcher, RateLimit, WarmError, WarmOptions, WarmPr
 use crate::mount::{self, MountError, MountedImage};
 use crate::profile::{self, ProfileError, Recorder};
 use crate::remote::{self, ImageLocation, OpenedImage, RemoteError, RemoteOptions};
+use crate::stream::Streams;
 
 #[derive(Debug, Error)]
 pub enum AgentError {
@@ -177,6 +178,8 @@ pub struct Agent {
     fetcher: Arc<Fetcher>,
     cache: Arc<ChunkCache>,
     background_limit: Option<Arc<RateLimit>>,
+    /// Streams of safetensors files, shared by every mount so they share the link fairly.
+    streams: Arc<Streams>,
     mounts: Mutex<BTreeMap<PathBuf, Arc<LiveMount>>>,
     /// Containers' root filesystems by name.
     containers: Mutex<BTreeMap<String, Container>>,
@@ -213,6 +216,7 @@ impl Agent {
         })?);
         let fetcher = Fetcher::new(config.fetcher(), Some(cache.clone()))
             .map_err(AgentError::io("starting the fetcher"))?;
+        let streams = Streams::new(fetcher.clone(), config.streams());
         let images = load_images(&config.state_dir.join(IMAGES_FILE));
         let background_limit =
             (config.background.bandwidth > 0).then(|| RateLimit::new(config.background.bandwidth));
@@ -222,6 +226,7 @@ impl Agent {
             fetcher,
             cache,
             background_limit,
+            streams,
             mounts: Mutex::new(BTreeMap::new()),
             containers: Mutex::new(BTreeMap::new()),
             container_ops: tokio::sync::Mutex::new(()),
@@ -319,7 +324,7 @@ impl Agent {
             ImageLocation::Dir { .. } => None,
             _ => Some(self.fetcher.backend(opened.store.clone())),
         };
-        let fetcher = self.fetcher.clone();
+        let streams = self.streams.clone();
         let (opened, mounted) = {
             let mountpoint = mountpoint.to_path_buf();
             let recorder = recorder.clone();
@@ -328,9 +333,13 @@ impl Agent {
                     ImageLocation::Dir { path, tag } => {
                         mount::mount_local(path, tag, &mountpoint, &cfg, recorder.as_ref())
                     }
-                    _ => {
-                        mount::mount_remote(&opened, &fetcher, &mountpoint, &cfg, recorder.as_ref())
-                    }
+                    _ => mount::mount_remote_streaming(
+                        &opened,
+                        &streams,
+                        &mountpoint,
+                        &cfg,
+                        recorder.as_ref(),
+                    ),
                 };
                 mounted.map(|m| (opened, m))
             })

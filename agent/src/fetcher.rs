@@ -7,7 +7,9 @@
 //! of one chunk cause one fetch), and one queue per backend and [`Priority`]:
 //!
 //! - `Demand`: a reader is blocked on the chunk. Dispatched before anything else, always.
-//! - `Prefetch`: a reader's read-ahead hint. Fills idle capacity; never limited or paused.
+//! - `Prefetch`: a reader's read-ahead hint, or a stream of a file's chunks ahead of its reader
+//!   (`stream`: safetensors tensors in offset order). Fills idle capacity; never limited or
+//!   paused.
 //! - `Background`: warm and hot-chunk profile prefetch. Strict priority: no background request
 //!   starts while a demand job of the backend is queued or running, so a reader's request never
 //!   shares the link with background transfers started after it; and a background job may carry
@@ -20,8 +22,10 @@
 //! When a queue is dispatched, the job taken is extended with jobs of the same queue and blob
 //! whose stored bytes are adjacent (before or after) into one range request of at most
 //! `max_request_bytes`: a kernel read-ahead of several chunks, or a warm run, becomes one GET.
-//! Each backend runs at most `concurrency` requests at once, of which at most half prefetch and
-//! background together, so a demand read finds a free slot soon. Background requests are fewer
+//! Each backend runs at most `concurrency` demand requests and, besides them, at most
+//! `prefetch_requests` prefetch and background requests at once: prefetch never takes a slot a
+//! demand read could use, and many prefetch requests can fill a fast link (object stores carry
+//! ~100 MB/s per connection). Background requests are fewer
 //! and smaller still (`background_requests` of at most `background_request_bytes`): a demand
 //! request that arrives during a warm shares the link with the background requests already in
 //! flight until they end, so those are kept to what fills the link.
@@ -40,7 +44,9 @@
 //! cannot be fetched (after retries) or cached: a warm that reports success has filled the
 //! cache. A cancelled warm drops its queued jobs that nothing else waits for (a reader that
 //! joined one as it was dropped fetches it again). [`Fetcher::prefetch_background`] queues a
-//! list (a hot-chunk profile) and returns.
+//! list (a hot-chunk profile) and returns. [`Fetcher::prefetch_watched`] queues one chunk at
+//! prefetch priority and tells a watcher when it is done (how a stream keeps a bounded number of
+//! bytes queued), and [`Fetcher::cancel_prefetch`] drops a stopped stream's queued jobs.
 //!
 //! A request is bounded by `request_timeout`; transient failures (connection errors, 5xx, short
 //! bodies, timeouts) are retried with exponential backoff up to `max_attempts`; permanent ones
@@ -69,7 +75,7 @@ use tracing::{debug, error, warn};
 
 use crate::blobstore::{BlobError, BlobStore};
 use crate::cache::{CacheError, ChunkCache};
-use crate::metrics::{BackendMetrics, ChunkMetrics, MetricsSnapshot};
+use crate::metrics::{BackendMetrics, ChunkMetrics, MetricsSnapshot, StreamMetrics};
 
 /// Who asked for a chunk, most urgent first; see the module docs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -236,11 +242,27 @@ impl WarmError {
     }
 }
 
-/// What a warm hears when a chunk it waits for is done. No chunk bytes, so a warm's memory does
-/// not grow with what it fetched.
-struct Done {
-    digest: [u8; 32],
+/// What a watcher (a warm, a stream) hears when a chunk it waits for is done. No chunk bytes,
+/// so a watcher's memory does not grow with what it fetched.
+pub struct Done {
+    /// The chunk's blake3 digest.
+    pub digest: [u8; 32],
     outcome: Result<(), WarmFailure>,
+}
+
+impl Done {
+    /// Whether the chunk was fetched and verified (and cached, with a disk cache).
+    pub fn is_ok(&self) -> bool {
+        self.outcome.is_ok()
+    }
+
+    /// A message naming no chunk: wakes a watcher to look at its own state again.
+    pub fn nudge() -> Done {
+        Done {
+            digest: [0; 32],
+            outcome: Ok(()),
+        }
+    }
 }
 
 enum WarmFailure {
@@ -261,10 +283,13 @@ pub struct FetcherConfig {
     pub retry_backoff: Duration,
     /// Largest coalesced range request.
     pub max_request_bytes: u64,
-    /// Requests in flight per backend.
+    /// Demand requests in flight per backend.
     pub concurrency: usize,
-    /// Background (warm, profile prefetch) requests in flight per backend, within the half of
-    /// `concurrency` that read-ahead and background work share.
+    /// Prefetch (read-ahead, streams) and background requests in flight per backend, besides
+    /// the demand requests.
+    pub prefetch_requests: usize,
+    /// Background (warm, profile prefetch) requests in flight per backend, within
+    /// `prefetch_requests`.
     pub background_requests: usize,
     /// Largest coalesced background request.
     pub background_request_bytes: u64,
@@ -285,6 +310,10 @@ impl Default for FetcherConfig {
             // Enough requests in flight to fill a 10 Gbit/s, 20 ms link with 8 MiB requests
             // (bandwidth-delay product ~25 MB), few enough not to trip registry rate limits.
             concurrency: 16,
+            // A stream of tensors should fill the link on its own: 16 requests of 8 MiB keep
+            // 128 MiB in flight, the bandwidth-delay product of 10 Gbit/s at 100 ms, and 16
+            // object-store connections of ~100 MB/s each.
+            prefetch_requests: 16,
             // Background bytes in flight are what a demand request shares the link with: a
             // demand read that arrives during a warm waits for its own bytes at 1/(n+1) of the
             // link until the n background requests in flight end (none start while it runs).
@@ -449,6 +478,7 @@ struct Shared {
     metrics: ChunkMetrics,
     /// Set while the disk cache refuses inserts, so "disk full" is logged once per episode.
     disk_full: AtomicBool,
+    stream_metrics: StreamMetrics,
 }
 
 impl Fetcher {
@@ -476,6 +506,7 @@ impl Fetcher {
                 backends: Mutex::new(Vec::new()),
                 metrics: ChunkMetrics::default(),
                 disk_full: AtomicBool::new(false),
+                stream_metrics: StreamMetrics::default(),
             }),
             runtime,
         }))
@@ -497,6 +528,11 @@ impl Fetcher {
 
     pub fn metrics(&self) -> &ChunkMetrics {
         &self.shared.metrics
+    }
+
+    /// The counters of the streams (`agent::stream`) of this fetcher's mounts.
+    pub fn stream_metrics(&self) -> &StreamMetrics {
+        &self.shared.stream_metrics
     }
 
     /// Registers a backend, reusing the one already registered for the same store location so
@@ -539,6 +575,31 @@ impl Fetcher {
                 shared.join(backend, chunk, Priority::Prefetch, None, None);
             }
         }
+    }
+
+    /// Queues `chunk` at prefetch priority, or joins its fetch in flight, and has `watcher` told
+    /// when it is done; returns at once. Returns false, telling nobody, when memory or the disk
+    /// cache already holds the chunk: there is nothing to fetch.
+    pub fn prefetch_watched(
+        &self,
+        backend: &Arc<Backend>,
+        chunk: &ChunkRef,
+        watcher: &mpsc::Sender<Done>,
+    ) -> bool {
+        let shared = &self.shared;
+        if shared.holds(&chunk.record.digest) {
+            return false;
+        }
+        shared.join(backend, chunk, Priority::Prefetch, None, Some(watcher));
+        true
+    }
+
+    /// Drops the queued, not yet dispatched prefetch jobs of `digests` that no reader waits
+    /// for and no other watcher watches (a stream stopped); requests in flight finish. Returns
+    /// how many were dropped.
+    pub fn cancel_prefetch(&self, backend: &Backend, digests: &HashSet<[u8; 32]>) -> usize {
+        self.shared
+            .drop_queued(backend, digests, Priority::Prefetch)
     }
 
     /// Queues `chunks` at background priority under `limit` (a hot-chunk profile), in their
@@ -671,7 +732,9 @@ impl Fetcher {
     /// and are cached).
     fn cancel_warm(&self, backend: &Backend, waiting: &HashMap<[u8; 32], &ChunkRef>) -> WarmError {
         let digests: HashSet<[u8; 32]> = waiting.keys().copied().collect();
-        let dropped = self.shared.drop_cancelled(backend, &digests);
+        let dropped = self
+            .shared
+            .drop_queued(backend, &digests, Priority::Background);
         debug!(backend = %backend.name, dropped, "warm cancelled");
         WarmError::Cancelled
     }
@@ -680,6 +743,7 @@ impl Fetcher {
         let shared = &self.shared;
         MetricsSnapshot {
             chunks: shared.metrics.snapshot(),
+            streams: shared.stream_metrics.snapshot(),
             backends: lock(&shared.backends)
                 .iter()
                 .map(|b| b.metrics.snapshot(b.store.kind(), &b.name))
@@ -786,29 +850,40 @@ impl Shared {
         })
     }
 
-    /// Drops the queued, not yet dispatched background jobs of `digests` that only a warm
-    /// being cancelled waits for, so a cancelled warm stops fetching at once. Jobs that a
-    /// reader, a read-ahead or another warm has joined stay queued.
-    fn drop_cancelled(&self, backend: &Backend, digests: &HashSet<[u8; 32]>) -> usize {
+    /// Drops the queued, not yet dispatched jobs of `digests` in the `queue` (background: a
+    /// cancelled warm's; prefetch: a stopped stream's) that only the one stopping watches, so
+    /// it stops fetching at once. Jobs that a reader or another watcher has joined stay
+    /// queued (a reader's promotes the job out of this queue); a read-ahead hint that joined a
+    /// dropped prefetch job loses it, which costs only that hint.
+    fn drop_queued(
+        &self,
+        backend: &Backend,
+        digests: &HashSet<[u8; 32]>,
+        queue: Priority,
+    ) -> usize {
         let dropped: VecDeque<Job> = {
-            let mut queue = lock(&backend.queue);
-            let (dropped, kept): (VecDeque<Job>, VecDeque<Job>) =
-                queue.background.drain(..).partition(|job| {
-                    digests.contains(&job.chunk.record.digest) && {
-                        let state = lock(&job.flight.state);
-                        state.for_warm
-                            && state.priority == Priority::Background
-                            && state.watchers.len() <= 1
-                    }
-                });
-            queue.background = kept;
+            let mut jobs = lock(&backend.queue);
+            let jobs = jobs.jobs(queue);
+            let (dropped, kept): (VecDeque<Job>, VecDeque<Job>) = jobs.drain(..).partition(|job| {
+                digests.contains(&job.chunk.record.digest) && {
+                    let state = lock(&job.flight.state);
+                    (state.for_warm || queue == Priority::Prefetch)
+                        && state.priority == queue
+                        && state.watchers.len() <= 1
+                }
+            });
+            *jobs = kept;
             dropped
+        };
+        let reason = match queue {
+            Priority::Background => "warm cancelled",
+            _ => "stream stopped",
         };
         for job in &dropped {
             lock(&job.flight.state).abandoned = true;
             let err = SourceError::Blob {
                 blob: job.chunk.blob_digest.clone(),
-                reason: "warm cancelled".to_string(),
+                reason: reason.to_string(),
             };
             self.finish(&job.chunk.record.digest, &job.flight, Err(err), None);
         }
@@ -849,7 +924,7 @@ impl Shared {
                 result: None,
                 cache_error: None,
                 watchers: watcher.into_iter().cloned().collect(),
-                for_warm: watcher.is_some(),
+                for_warm: watcher.is_some() && priority == Priority::Background,
                 abandoned: false,
             }),
             done: Condvar::new(),
@@ -1198,13 +1273,6 @@ async fn fetch_range(
     }
 }
 
-/// Requests prefetch and background work together may have in flight on one backend: half the
-/// slots, so that a demand read always finds a free slot soon and shares the link with few
-/// other transfers.
-fn prefetch_slots(config: &FetcherConfig) -> usize {
-    (config.concurrency / 2).max(1)
-}
-
 /// Queued jobs looked at when extending a request with adjacent chunks: a full 8 MiB request of
 /// 32 KiB chunks, or of default 1 MiB chunks with other blobs' jobs interleaved; images with
 /// smaller chunks get smaller coalesced requests.
@@ -1220,18 +1288,17 @@ enum Next {
     WaitForTokens(Duration),
 }
 
-/// Picks the next request by the module's rules: demand first; prefetch and background within
-/// half the slots; background only while no demand request is queued or running, and only
-/// with tokens for its bytes.
+/// Picks the next request by the module's rules: demand first, within `concurrency` demand
+/// requests; prefetch and background within `prefetch_requests` of their own; background only
+/// while no demand request is queued or running, and only with tokens for its bytes.
 fn next_batch(queue: &mut Queue, config: &FetcherConfig) -> Next {
-    if queue.running >= config.concurrency {
-        return Next::Idle;
-    }
     let max = config.max_request_bytes;
-    if let Some(batch) = take_batch(&mut queue.demand, max) {
-        return Next::Batch(batch, Priority::Demand);
+    if queue.running - queue.running_low < config.concurrency.max(1) {
+        if let Some(batch) = take_batch(&mut queue.demand, max) {
+            return Next::Batch(batch, Priority::Demand);
+        }
     }
-    if queue.running_low >= prefetch_slots(config) {
+    if queue.running_low >= config.prefetch_requests.max(1) {
         return Next::Idle;
     }
     if let Some(batch) = take_batch(&mut queue.prefetch, max) {
@@ -1434,6 +1501,8 @@ mod tests {
             6,
             FetcherConfig {
                 concurrency: 1,
+                // Half the slots for prefetch and background work (the rule before streams).
+                prefetch_requests: 1,
                 ..config()
             },
         );
@@ -1476,6 +1545,8 @@ mod tests {
         let fetcher = Fetcher::new(
             FetcherConfig {
                 concurrency: 1,
+                // Half the slots for prefetch and background work (the rule before streams).
+                prefetch_requests: 1,
                 // One chunk per request, so the order of requests is the order of dispatch.
                 max_request_bytes: 1,
                 background_request_bytes: 1,
@@ -1960,6 +2031,8 @@ mod tests {
             12,
             FetcherConfig {
                 concurrency: 2,
+                // Half the slots for prefetch and background work (the rule before streams).
+                prefetch_requests: 1,
                 max_request_bytes: 1,
                 background_request_bytes: 1,
                 ..config()
@@ -2006,6 +2079,8 @@ mod tests {
             40,
             FetcherConfig {
                 concurrency: 4,
+                // Half the slots for prefetch and background work (the rule before streams).
+                prefetch_requests: 2,
                 // One chunk per request, so the order of requests is the order of dispatch.
                 max_request_bytes: 1,
                 background_request_bytes: 1,
@@ -2098,6 +2173,8 @@ mod tests {
             FetcherConfig {
                 // One background slot, one chunk per request: requests in queue order.
                 concurrency: 2,
+                // Half the slots for prefetch and background work (the rule before streams).
+                prefetch_requests: 1,
                 max_request_bytes: 1,
                 background_request_bytes: 1,
                 ..config()
@@ -2125,6 +2202,8 @@ mod tests {
             10,
             FetcherConfig {
                 concurrency: 2,
+                // Half the slots for prefetch and background work (the rule before streams).
+                prefetch_requests: 1,
                 max_request_bytes: 1,
                 background_request_bytes: 1,
                 ..config()

@@ -14,6 +14,7 @@
 //! - `fetcher`: the `ChunkSource` of remote mounts: caches, single-flight, priorities (demand,
 //!   read-ahead, background), retries, warm.
 //! - `local`: a `ChunkSource` over a local store's blobs, with a decoded-chunk LRU.
+//! - `stream`: streams of safetensors files' tensors ahead of their readers, on open.
 //! - `profile`: hot-chunk profiles: recording first reads, merging runs, storing them beside
 //!   the image.
 //! - `mount`: opening an image and running a FUSE mount of it until it is unmounted.
@@ -39,3 +40,4 @@ pub mod remote;
 pub mod s3;
 pub mod server;
 pub mod store;
+pub mod stream;

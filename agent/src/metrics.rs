@@ -29,6 +29,9 @@ pub const BACKEND_RETRIES: &str = "lazy_backend_retries_total";
 pub const BACKEND_ERRORS: &str = "lazy_backend_errors_total";
 pub const BACKEND_TIMEOUTS: &str = "lazy_backend_timeouts_total";
 pub const BACKEND_LATENCY: &str = "lazy_backend_request_seconds";
+pub const STREAMS_STARTED: &str = "lazy_streams_started_total";
+pub const STREAM_BYTES: &str = "lazy_stream_bytes_total";
+pub const STREAM_HEADERS_REFUSED: &str = "lazy_stream_headers_refused_total";
 pub const MOUNTS: &str = "lazyd_mounts";
 pub const WARMS: &str = "lazyd_warms_running";
 pub const UPTIME: &str = "lazyd_uptime_seconds";
@@ -221,10 +224,41 @@ impl ChunkMetrics {
     }
 }
 
+/// What the streams of files ahead of their readers (`agent::stream`) did.
+#[derive(Debug, Default)]
+pub struct StreamMetrics {
+    /// Files whose chunks were streamed (safetensors files with a valid header).
+    pub started: Counter,
+    /// Stored bytes of the chunks streams fetched (not those already cached).
+    pub bytes: Counter,
+    /// Safetensors files not streamed because their header is invalid.
+    pub headers_refused: Counter,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StreamSnapshot {
+    pub started: u64,
+    pub bytes: u64,
+    pub headers_refused: u64,
+}
+
+impl StreamMetrics {
+    pub fn snapshot(&self) -> StreamSnapshot {
+        StreamSnapshot {
+            started: self.started.get(),
+            bytes: self.bytes.get(),
+            headers_refused: self.headers_refused.get(),
+        }
+    }
+}
+
 /// Everything at one moment: what tests read and what `lazyctl` prints.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct MetricsSnapshot {
     pub chunks: ChunkSnapshot,
+    /// Absent in snapshots written before streams existed.
+    #[serde(default)]
+    pub streams: StreamSnapshot,
     pub backends: Vec<BackendSnapshot>,
     pub cache: Option<crate::cache::CacheStats>,
 }
@@ -252,6 +286,14 @@ impl MetricsSnapshot {
             "\nfetches: {} for readers, {} read-ahead, {} background (warm, profile prefetch)",
             c.demand_fetches, c.prefetch_fetches, c.background_fetches
         );
+        let st = &self.streams;
+        if st.started + st.headers_refused > 0 {
+            let _ = write!(
+                out,
+                "\nstreams: {} files streamed ({} bytes fetched ahead of readers), {} headers refused",
+                st.started, st.bytes, st.headers_refused
+            );
+        }
         for b in &self.backends {
             let p50 = b.latency.quantile_bound(0.5).map_or("-".into(), fmt_secs);
             let p99 = b.latency.quantile_bound(0.99).map_or("-".into(), fmt_secs);
@@ -322,6 +364,21 @@ impl MetricsSnapshot {
                 READ_ERRORS,
                 "Chunk reads answered with an error.",
                 c.read_errors,
+            ),
+            (
+                STREAMS_STARTED,
+                "Files streamed ahead of their readers (safetensors tensors in offset order).",
+                self.streams.started,
+            ),
+            (
+                STREAM_BYTES,
+                "Stored bytes fetched by streams ahead of their readers.",
+                self.streams.bytes,
+            ),
+            (
+                STREAM_HEADERS_REFUSED,
+                "Safetensors files not streamed because their header is invalid.",
+                self.streams.headers_refused,
             ),
         ] {
             let _ = writeln!(

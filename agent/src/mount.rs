@@ -19,6 +19,7 @@ use crate::local::{LocalChunkSource, DEFAULT_MEMORY_CACHE};
 use crate::profile::{Recorder, RecordingSource};
 use crate::remote::OpenedImage;
 use crate::store::{LocalStore, StoreError};
+use crate::stream::{StreamConfig, Streams};
 
 #[derive(Debug, Error)]
 pub enum MountError {
@@ -123,8 +124,10 @@ pub fn mount_local(
     )
 }
 
-/// Mounts an image opened with `remote::open_image`, reading its data through `fetcher`; with
-/// `recorder`, first accesses of chunks are recorded for a profile.
+/// Mounts an image opened with `remote::open_image`, reading its data through `fetcher`, with
+/// streams of its safetensors files under the defaults for `fetcher`
+/// (`StreamConfig::for_fetcher`); with `recorder`, first accesses of chunks are recorded for a
+/// profile.
 pub fn mount_remote(
     image: &OpenedImage,
     fetcher: &Arc<Fetcher>,
@@ -132,13 +135,30 @@ pub fn mount_remote(
     cfg: &MountConfig,
     recorder: Option<&Arc<Recorder>>,
 ) -> Result<MountedImage, MountError> {
+    let streams = Streams::new(fetcher.clone(), StreamConfig::for_fetcher(fetcher));
+    mount_remote_streaming(image, &streams, mountpoint, cfg, recorder)
+}
+
+/// [`mount_remote`] with the streams (and fetcher) of `streams`, shared with other mounts so
+/// that their streams share the link fairly.
+pub fn mount_remote_streaming(
+    image: &OpenedImage,
+    streams: &Arc<Streams>,
+    mountpoint: &Path,
+    cfg: &MountConfig,
+    recorder: Option<&Arc<Recorder>>,
+) -> Result<MountedImage, MountError> {
     let started = Instant::now();
     check_mountpoint(mountpoint)?;
+    let fetcher = streams.fetcher();
     let backend = fetcher.backend(image.store.clone());
-    let source = Arc::new(fetcher.source(backend));
-    mount_index(
-        image.index.clone(),
-        recorded(source, recorder),
+    let fetch = Arc::new(fetcher.source(backend.clone()));
+    let source = Arc::new(streams.source(fetch, backend));
+    let index = image.index.clone();
+    let reader = ImageReader::new(index, recorded(source, recorder))?
+        .with_read_ahead_max(streams.config().read_ahead);
+    mount_reader(
+        reader,
         MountSource::Remote(fetcher.clone()),
         &image.manifest_digest,
         mountpoint,
@@ -164,8 +184,26 @@ fn mount_index(
     cfg: &MountConfig,
     started: Instant,
 ) -> Result<MountedImage, MountError> {
-    let files = index.inode_count();
-    let reader = Arc::new(ImageReader::new(index, chunks)?);
+    mount_reader(
+        ImageReader::new(index, chunks)?,
+        source,
+        manifest_digest,
+        mountpoint,
+        cfg,
+        started,
+    )
+}
+
+fn mount_reader(
+    reader: ImageReader,
+    source: MountSource,
+    manifest_digest: &str,
+    mountpoint: &Path,
+    cfg: &MountConfig,
+    started: Instant,
+) -> Result<MountedImage, MountError> {
+    let files = reader.index().inode_count();
+    let reader = Arc::new(reader);
     let session = fusefs::fuse::mount(reader.clone(), mountpoint, cfg).map_err(|source| {
         MountError::Mount {
             path: mountpoint.to_path_buf(),

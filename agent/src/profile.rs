@@ -544,6 +544,14 @@ impl ChunkSource for RecordingSource {
     fn read_ahead(&self, chunks: &[ChunkRef]) {
         self.inner.read_ahead(chunks)
     }
+
+    fn file_opened(&self, file: fusefs::OpenFile) {
+        self.inner.file_opened(file)
+    }
+
+    fn file_released(&self, ino: u64) {
+        self.inner.file_released(ino)
+    }
 }
 
 // ---------------------------------------------------------------- storage

@@ -120,6 +120,15 @@ pub trait ChunkSource: Send + Sync {
     /// Must not block. Sources with slow backends start fetching them at low priority; local
     /// sources ignore it.
     fn read_ahead(&self, _chunks: &[ChunkRef]) {}
+
+    /// A regular file was opened and had no other open handle. Must not block (it runs on the
+    /// FUSE session thread): a source that wants to read the file hands `file` to a thread of
+    /// its own.
+    fn file_opened(&self, _file: crate::reader::OpenFile) {}
+
+    /// The last open handle of file `ino` was released (or the filesystem is going away).
+    /// Must not block for long: it runs on the FUSE session thread.
+    fn file_released(&self, _ino: u64) {}
 }
 
 /// Lower-case hex of a byte string.

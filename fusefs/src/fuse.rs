@@ -78,6 +78,14 @@ impl LazyFs {
     }
 }
 
+impl Drop for LazyFs {
+    /// A session that ends without `destroy` (the connection was aborted) still tells the
+    /// source that every file is closed.
+    fn drop(&mut self) {
+        self.reader.release_all();
+    }
+}
+
 fn errno(e: &FsError) -> Errno {
     Errno::from_i32(e.errno())
 }
@@ -187,9 +195,31 @@ impl Filesystem for LazyFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         match self.reader.open(ino.0, write) {
-            Ok(()) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(()) => {
+                // Tells the source of a regular file's first open (it must not block).
+                self.reader.opened(ino.0);
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+            }
             Err(e) => reply.error(report("open", ino.0, &e)),
         }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.reader.released(ino.0);
+        reply.ok();
+    }
+
+    fn destroy(&mut self) {
+        self.reader.release_all();
     }
 
     fn read(

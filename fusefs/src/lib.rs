@@ -7,6 +7,7 @@
 //! - `reader`: `ImageReader`, POSIX semantics over an index; testable without FUSE.
 //! - `fuse`: the thin `fuser` adapter and `mount`.
 //! - `manifest`: the OCI manifest that names an image's index and blobs.
+//! - `safetensors`: the header of a safetensors file, parsed as untrusted input.
 
 pub mod chunk;
 pub mod error;
@@ -15,9 +16,10 @@ pub mod fuse;
 pub mod index;
 pub mod manifest;
 pub mod reader;
+pub mod safetensors;
 pub mod writer;
 
 pub use chunk::{ChunkRef, ChunkSource};
 pub use error::{ChunkError, FsError, IndexError, SourceError};
 pub use index::Index;
-pub use reader::ImageReader;
+pub use reader::{ImageReader, OpenFile};

@@ -2,8 +2,9 @@
 //! Plain types in, plain types out, so tests drive it without FUSE; `fuse.rs` only translates.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use crate::chunk::{ChunkRef, ChunkSource};
 use crate::error::{FsError, IndexError};
@@ -87,14 +88,81 @@ pub struct ImageReader {
     bytes_served: AtomicU64,
     /// Sequential-read detection per file, for read-ahead hints.
     streams: Mutex<HashMap<u64, Stream>>,
+    /// Largest read-ahead window (see [`READ_AHEAD_MAX`]).
+    read_ahead_max: u64,
+    /// Open handles per regular file, so the source hears of a file's first open and last
+    /// release only.
+    open_files: Mutex<HashMap<u64, u32>>,
+}
+
+/// A regular file that was just opened, as [`ChunkSource::file_opened`] gets it: enough to
+/// find its name, its chunks and its bytes from another thread. It holds the reader weakly, so
+/// a source that keeps it does not keep the filesystem alive; once the reader is gone every
+/// method fails.
+#[derive(Clone)]
+pub struct OpenFile {
+    pub ino: u64,
+    pub size: u64,
+    reader: Weak<ImageReader>,
+}
+
+/// Directory entries scanned to find an opened file's name: a directory larger than this
+/// (rare; a million files) leaves the file unnamed, so the cost of a name is bounded.
+const MAX_NAME_SCAN: u32 = 1 << 20;
+
+impl OpenFile {
+    /// A handle on file `ino` of `reader`, as the filesystem passes it to its source.
+    pub fn new(reader: &Arc<ImageReader>, ino: u64, size: u64) -> OpenFile {
+        OpenFile {
+            ino,
+            size,
+            reader: Arc::downgrade(reader),
+        }
+    }
+
+    fn reader(&self) -> Result<Arc<ImageReader>, FsError> {
+        self.reader.upgrade().ok_or(FsError::NotFound)
+    }
+
+    /// The file's name in the directory that holds it (for a file with several names, one of
+    /// them); `None` when the reader is gone or the directory is too large to scan. Costs a
+    /// scan of that directory: call it off the session thread.
+    pub fn name(&self) -> Option<Vec<u8>> {
+        let reader = self.reader().ok()?;
+        let rec = reader.inode(self.ino).ok()?;
+        let dir = reader.dir(rec.parent as u64).ok()?;
+        (0..dir.data_count.min(MAX_NAME_SCAN)).find_map(|i| {
+            let (d, name) = reader.dirent(&dir, i).ok()?;
+            (d.ino as u64 == self.ino).then(|| name.to_vec())
+        })
+    }
+
+    /// The chunks holding bytes `range` of the file, in file order, each with the file range
+    /// it serves there (clamped to `range`); a chunk serving two adjacent pieces is listed once.
+    pub fn chunks(&self, range: Range<u64>) -> Result<Vec<(Range<u64>, ChunkRef)>, FsError> {
+        self.reader()?.file_chunks(self.ino, range)
+    }
+
+    /// Bytes `offset..offset + size` of the file (clamped to its size), read from `source`
+    /// rather than the filesystem's own source, so the read is not seen as the reader's.
+    pub fn read(
+        &self,
+        source: &dyn ChunkSource,
+        offset: u64,
+        size: u32,
+    ) -> Result<Vec<u8>, FsError> {
+        self.reader()?.read_from(source, self.ino, offset, size)
+    }
 }
 
 /// Read-ahead starts at this window once a file is read sequentially...
 const READ_AHEAD_START: u64 = 4 << 20;
-/// ...and doubles with each sequential read up to this: at 1 Gbit/s and 20 ms per request, 32 MiB
-/// in flight is ~10x the bandwidth-delay product, enough to keep the link busy with a few large
-/// coalesced requests even when the reader stalls briefly.
-const READ_AHEAD_MAX: u64 = 32 << 20;
+/// ...and doubles with each sequential read up to this (unless [`ImageReader::with_read_ahead_max`]
+/// says otherwise): at 1 Gbit/s and 20 ms per request, 32 MiB in flight is ~10x the
+/// bandwidth-delay product, enough to keep the link busy with a few large coalesced requests
+/// even when the reader stalls briefly. Faster links (S3 at several Gbit/s, where each
+/// connection carries ~100 MB/s) want more: the agent raises it.
+pub const READ_AHEAD_MAX: u64 = 32 << 20;
 /// A read this close to where the previous one ended still counts as sequential: the kernel
 /// issues its read-ahead as concurrent 128 KiB requests that the worker pool may take out of
 /// order (16 workers: 2 MiB).
@@ -124,7 +192,84 @@ impl ImageReader {
             total_blocks,
             bytes_served: AtomicU64::new(0),
             streams: Mutex::new(HashMap::new()),
+            read_ahead_max: READ_AHEAD_MAX,
+            open_files: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Lets a sequential reader's read-ahead window grow to `bytes` (at least the starting
+    /// window): the most a reader that stops has caused to be fetched beyond where it stopped.
+    pub fn with_read_ahead_max(mut self, bytes: u64) -> ImageReader {
+        self.read_ahead_max = bytes.max(READ_AHEAD_START);
+        self
+    }
+
+    /// Notes an open handle of `ino`; a regular file's first one is passed on to the source
+    /// (`ChunkSource::file_opened`). Call it after a successful [`ImageReader::open`].
+    pub fn opened(self: &Arc<Self>, ino: u64) {
+        let Ok(rec) = self.inode(ino) else { return };
+        if rec.mode & S_IFMT != S_IFREG {
+            return;
+        }
+        let first = {
+            let mut open = self
+                .open_files
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let n = open.entry(ino).or_insert(0);
+            *n += 1;
+            *n == 1
+        };
+        if first {
+            self.source.file_opened(OpenFile::new(self, ino, rec.size));
+        }
+    }
+
+    /// Notes that a handle of `ino` was released; the source hears of the last one
+    /// (`ChunkSource::file_released`).
+    pub fn released(&self, ino: u64) {
+        let last = {
+            let mut open = self
+                .open_files
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            match open.get_mut(&ino) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                Some(_) => {
+                    open.remove(&ino);
+                    true
+                }
+                None => false,
+            }
+        };
+        if last {
+            self.source.file_released(ino);
+        }
+    }
+
+    /// Releases every file still open (the filesystem is going away): the source hears of each.
+    pub fn release_all(&self) {
+        let open: Vec<u64> = self
+            .open_files
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain()
+            .map(|(ino, _)| ino)
+            .collect();
+        for ino in open {
+            self.source.file_released(ino);
+        }
+    }
+
+    /// Files with open handles.
+    pub fn open_file_count(&self) -> usize {
+        self.open_files
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     pub fn index(&self) -> &Arc<Index> {
@@ -385,18 +530,69 @@ impl ImageReader {
         if let Some(ahead) = self.read_ahead_range(ino, offset, offset + len as u64) {
             self.hint(ino, ahead);
         }
+        let out = self.copy_pieces(self.source.as_ref(), len, pieces)?;
+        self.bytes_served
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// Reads up to `size` bytes at `offset` of file `ino` through `source`, without read-ahead.
+    fn read_from(
+        &self,
+        source: &dyn ChunkSource,
+        ino: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<Vec<u8>, FsError> {
+        let (len, pieces) = self.plan_read(ino, offset, size)?;
+        self.copy_pieces(source, len, pieces)
+    }
+
+    /// The `len` bytes that `pieces` (from `plan_read`) describe, read through `source`.
+    fn copy_pieces(
+        &self,
+        source: &dyn ChunkSource,
+        len: usize,
+        pieces: Vec<(usize, ExtentRecord)>,
+    ) -> Result<Vec<u8>, FsError> {
         let mut out = vec![0u8; len];
         for (at, piece) in pieces {
             let chunk = self.chunk_ref(piece.chunk)?;
-            let data = self.source.chunk(&chunk)?;
+            let data = source.chunk(&chunk)?;
             let from = piece.chunk_off as usize;
             let src = data
                 .get(from..from + piece.len as usize)
                 .ok_or_else(|| IndexError::Corrupt(format!("chunk {} is short", piece.chunk)))?;
             out[at..at + piece.len as usize].copy_from_slice(src);
         }
-        self.bytes_served
-            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// The chunks holding bytes `range` of file `ino`, in file order, each with the file range
+    /// it serves (clamped to `range` and the file size); consecutive pieces of one chunk merge.
+    pub fn file_chunks(
+        &self,
+        ino: u64,
+        range: Range<u64>,
+    ) -> Result<Vec<(Range<u64>, ChunkRef)>, FsError> {
+        let mut out: Vec<(Range<u64>, ChunkRef)> = Vec::new();
+        let mut at = range.start;
+        while at < range.end {
+            // plan_read takes a u32 size: walk big ranges in 1 GiB steps.
+            let step = (range.end - at).min(1 << 30) as u32;
+            let (len, pieces) = self.plan_read(ino, at, step)?;
+            if len == 0 {
+                break;
+            }
+            for (_, piece) in pieces {
+                let piece_range = piece.file_off..piece.file_off + piece.len as u64;
+                match out.last_mut() {
+                    Some((r, c)) if c.index == piece.chunk => r.end = piece_range.end,
+                    _ => out.push((piece_range, self.chunk_ref(piece.chunk)?)),
+                }
+            }
+            at += len as u64;
+        }
         Ok(out)
     }
 
@@ -418,7 +614,7 @@ impl ImageReader {
             window: 0,
         });
         if start.abs_diff(s.next) <= SEQUENTIAL_SLACK {
-            s.window = (s.window * 2).clamp(READ_AHEAD_START, READ_AHEAD_MAX);
+            s.window = (s.window * 2).clamp(READ_AHEAD_START, self.read_ahead_max);
             // Reads of one window may arrive out of order: never move backwards.
             s.next = s.next.max(end);
         } else {

@@ -9,13 +9,16 @@ use fusefs::chunk::{decode_chunk, encode_chunk};
 use fusefs::format::*;
 use fusefs::reader::FileKind;
 use fusefs::writer::{IndexWriter, NodeSpec};
-use fusefs::{ChunkRef, ChunkSource, ImageReader, Index, SourceError};
+use fusefs::{ChunkRef, ChunkSource, ImageReader, Index, OpenFile, SourceError};
 use proptest::prelude::*;
 
 /// One in-memory blob; chunks are decoded with the real checks. Records read-ahead hints.
 struct MemSource {
     blob: Vec<u8>,
     hints: Mutex<Vec<u32>>,
+    /// Files opened (with the name they resolve to) and released, in order.
+    opened: Mutex<Vec<(OpenFile, Option<Vec<u8>>)>>,
+    released: Mutex<Vec<u64>>,
 }
 
 impl ChunkSource for MemSource {
@@ -30,6 +33,15 @@ impl ChunkSource for MemSource {
             .lock()
             .unwrap()
             .extend(chunks.iter().map(|c| c.index));
+    }
+
+    fn file_opened(&self, file: OpenFile) {
+        let name = file.name();
+        self.opened.lock().unwrap().push((file, name));
+    }
+
+    fn file_released(&self, ino: u64) {
+        self.released.lock().unwrap().push(ino);
     }
 }
 
@@ -253,6 +265,8 @@ fn build(chunk_size: usize, entries: Vec<Entry>) -> Built {
     let source = Arc::new(MemSource {
         blob: packer.blob,
         hints: Mutex::new(Vec::new()),
+        opened: Mutex::new(Vec::new()),
+        released: Mutex::new(Vec::new()),
     });
     let reader = ImageReader::new(index, source.clone()).unwrap();
     Built {
@@ -443,4 +457,85 @@ fn sequential_reads_hint_the_chunks_ahead_and_random_reads_do_not() {
         *hints.iter().max().unwrap() >= 8 + 32,
         "read-ahead window did not grow: {hints:?}"
     );
+}
+
+fn file_entry(dir: usize, name: &[u8], data: Vec<u8>) -> Entry {
+    Entry {
+        dir,
+        name: name.to_vec(),
+        kind: Kind::File(data),
+        mode: 0o644,
+        uid: 0,
+        mtime: (0, 0),
+        xattrs: BTreeMap::new(),
+        link_as: None,
+    }
+}
+
+#[test]
+fn the_source_hears_of_first_opens_and_last_releases_with_name_chunks_and_bytes() {
+    let chunk = 1 << 12;
+    let data: Vec<u8> = (0..10 * chunk + 100)
+        .map(|i| (i * 13 % 251) as u8)
+        .collect();
+    let mut entries = vec![file_entry(1, b"model.safetensors", data.clone())];
+    for i in 0..20 {
+        entries.push(file_entry(
+            1,
+            format!("f{i:02}").as_bytes(),
+            vec![i as u8; 10],
+        ));
+    }
+    entries.push(Entry {
+        kind: Kind::Fifo,
+        ..file_entry(1, b"pipe", vec![])
+    });
+    let b = build(chunk, entries);
+    let reader = Arc::new(ImageReader::new(b.reader.index().clone(), b.source.clone()).unwrap());
+    let d1 = reader.lookup(1, b"d1").unwrap().ino;
+    let ino = reader.lookup(d1, b"model.safetensors").unwrap().ino;
+    let pipe = reader.lookup(d1, b"pipe").unwrap().ino;
+
+    reader.opened(ino);
+    reader.opened(ino);
+    reader.opened(pipe);
+    reader.opened(d1);
+    {
+        let opened = b.source.opened.lock().unwrap();
+        assert_eq!(opened.len(), 1, "one event for the file's first open only");
+        let (file, name) = &opened[0];
+        assert_eq!(name.as_deref(), Some(&b"model.safetensors"[..]));
+        assert_eq!((file.ino, file.size), (ino, data.len() as u64));
+        // Its chunks, in file order, cover exactly the asked range.
+        let chunks = file.chunks(chunk as u64 / 2..3 * chunk as u64 + 7).unwrap();
+        assert_eq!(chunks.len(), 4);
+        assert_eq!(chunks[0].0.start, chunk as u64 / 2);
+        assert_eq!(chunks[3].0.end, 3 * chunk as u64 + 7);
+        assert!(chunks.windows(2).all(|w| w[0].0.end == w[1].0.start));
+        let all = file.chunks(0..u64::MAX).unwrap();
+        assert_eq!(all.len(), 11);
+        assert_eq!(all.last().unwrap().0.end, data.len() as u64);
+        // Its bytes, through the given source.
+        let got = file.read(b.source.as_ref(), 5, 3 * chunk as u32).unwrap();
+        assert_eq!(got, &data[5..5 + 3 * chunk]);
+    }
+    assert_eq!(reader.open_file_count(), 1);
+    reader.released(ino);
+    assert!(
+        b.source.released.lock().unwrap().is_empty(),
+        "one handle left"
+    );
+    reader.released(ino);
+    reader.released(ino);
+    assert_eq!(*b.source.released.lock().unwrap(), vec![ino]);
+
+    // Going away releases what is still open; the handle then fails cleanly.
+    reader.opened(ino);
+    reader.release_all();
+    assert_eq!(*b.source.released.lock().unwrap(), vec![ino, ino]);
+    assert_eq!(reader.open_file_count(), 0);
+    let file = b.source.opened.lock().unwrap()[0].0.clone();
+    drop(reader);
+    assert!(file.chunks(0..10).is_err());
+    assert!(file.name().is_none());
 }

@@ -1,0 +1,964 @@
+//! Streams of model weights ahead of their readers: when a `*.safetensors` file of a remote
+//! image is opened, its header is read and its tensors' chunks are fetched in the order of
+//! their bytes, at prefetch priority and with many range requests at once, so a loader that
+//! reads every tensor (through `read` or mmap page faults, in any order) finds them fetched or
+//! in flight instead of waiting a round trip per read.
+//!
+//! [`StreamSource`] wraps a mount's [`ChunkSource`]; `ImageReader` tells it of each regular
+//! file's first open and last release. The open goes to a thread of the mount, which resolves
+//! the file's name and, for a safetensors file, starts a stream on a thread of its own:
+//!
+//! - **Header**: the 8-byte length and the JSON are read through the inner source (demand
+//!   priority) and checked as untrusted input (`fusefs::safetensors`). A refused header is a
+//!   warning naming the file and why; the file is then read as any other.
+//! - **Order**: the chunks of the tensors, in offset order, each once.
+//! - **Bound ahead of the reader**: a stream's chunks that were queued or fetched but not yet
+//!   read (reads pass through this wrapper, which credits each chunk to its stream) never
+//!   exceed `max_ahead` bytes; chunks already cached do not count. A reader that stops leaves
+//!   at most that much fetched beyond what it read.
+//! - **Bound in the fetcher, fairness**: all streams together keep at most `queue_budget`
+//!   bytes queued or in flight, each an equal share of it (at least one chunk), topped up as
+//!   the fetcher reports completions (`Fetcher::prefetch_watched`). The fetcher serves its
+//!   prefetch queue in order, so equal shares interleave concurrent streams; demand reads are
+//!   dispatched before any of them, and a queued chunk a reader waits for is promoted.
+//! - **Stop**: at the end of the file, when the file's last handle is released, and when the
+//!   filesystem goes away. A stopped stream's queued jobs are dropped at once (requests in
+//!   flight finish), so nothing more is fetched for it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
+
+use fusefs::safetensors::{header_len, parse_header, LEN_PREFIX};
+use fusefs::{ChunkRef, ChunkSource, OpenFile, SourceError};
+use tracing::{debug, info, warn};
+
+use crate::fetcher::{Backend, Done, Fetcher};
+
+/// The suffix of the files streamed.
+const SAFETENSORS_SUFFIX: &[u8] = b".safetensors";
+
+/// How streams run; see the module docs.
+#[derive(Debug, Clone)]
+pub struct StreamConfig {
+    /// Stream `*.safetensors` files when they are opened.
+    pub safetensors: bool,
+    /// Most stored bytes one stream has fetched or queued that its reader has not read.
+    pub max_ahead: u64,
+    /// Most stored bytes all streams together keep queued or in flight in the fetcher.
+    pub queue_budget: u64,
+    /// Largest read-ahead window of a sequential reader of any file (`ImageReader`).
+    pub read_ahead: u64,
+}
+
+impl StreamConfig {
+    /// The defaults for a fetcher: 1 GiB ahead of each reader, but at most a quarter of the disk
+    /// cache (or half the memory cache without one), so streamed chunks are not evicted before
+    /// they are read; as many bytes in the fetcher as its prefetch requests carry at once.
+    pub fn for_fetcher(fetcher: &Fetcher) -> StreamConfig {
+        let f = fetcher.config();
+        StreamConfig {
+            safetensors: true,
+            max_ahead: DEFAULT_MAX_AHEAD,
+            queue_budget: f.prefetch_requests.max(1) as u64 * f.max_request_bytes,
+            read_ahead: DEFAULT_READ_AHEAD,
+        }
+        .bounded_by(fetcher)
+    }
+
+    /// Caps `max_ahead` and `read_ahead` by what the fetcher's caches can hold.
+    pub fn bounded_by(mut self, fetcher: &Fetcher) -> StreamConfig {
+        let room = match fetcher.cache() {
+            Some(cache) => cache.budget_bytes() / 4,
+            None => fetcher.config().memory_budget as u64 / 2,
+        };
+        self.max_ahead = self.max_ahead.min(room);
+        self.read_ahead = self.read_ahead.min(self.max_ahead);
+        self
+    }
+}
+
+/// Default `max_ahead`: several shards' worth of tensors in flight at 10 Gbit/s for ~1 s.
+pub const DEFAULT_MAX_AHEAD: u64 = 1 << 30;
+
+/// Default largest read-ahead of sequential readers: 128 MiB in flight fills a 10 Gbit/s link at
+/// 100 ms per request (the bandwidth-delay product is 125 MB).
+pub const DEFAULT_READ_AHEAD: u64 = 128 << 20;
+
+/// What the streams of every mount of a fetcher share: the configuration, the fetcher and the
+/// count of running streams that sets each one's share of the queue budget.
+pub struct Streams {
+    config: StreamConfig,
+    fetcher: Arc<Fetcher>,
+    running: AtomicUsize,
+}
+
+impl Streams {
+    pub fn new(fetcher: Arc<Fetcher>, config: StreamConfig) -> Arc<Streams> {
+        Arc::new(Streams {
+            config,
+            fetcher,
+            running: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn config(&self) -> &StreamConfig {
+        &self.config
+    }
+
+    pub fn fetcher(&self) -> &Arc<Fetcher> {
+        &self.fetcher
+    }
+
+    /// Streams running now (header read, chunks being fetched).
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    /// Bytes one stream may keep queued or in flight: an equal share of the budget.
+    fn share(&self) -> u64 {
+        self.config.queue_budget / self.running().max(1) as u64
+    }
+
+    /// The wrapper of one mount's source, whose chunks live in `backend`.
+    pub fn source(
+        self: &Arc<Self>,
+        inner: Arc<dyn ChunkSource>,
+        backend: Arc<Backend>,
+    ) -> StreamSource {
+        let mount = Arc::new(MountStreams {
+            inner,
+            hub: self.clone(),
+            backend,
+            files: Mutex::new(HashMap::new()),
+            owners: Mutex::new(HashMap::new()),
+            owned: AtomicUsize::new(0),
+        });
+        let (opens, rx) = mpsc::channel::<Opened>();
+        let for_thread = mount.clone();
+        let started = std::thread::Builder::new()
+            .name("lazy-stream-open".into())
+            .spawn(move || {
+                for (file, stream) in rx {
+                    for_thread.clone().consider(file, stream);
+                }
+            });
+        if let Err(e) = &started {
+            warn!("cannot start the stream thread, files will not be streamed: {e}");
+        }
+        StreamSource {
+            mount,
+            opens: started.ok().map(|_| opens),
+        }
+    }
+}
+
+/// A mount's [`ChunkSource`] with streams of its safetensors files; see the module docs.
+pub struct StreamSource {
+    mount: Arc<MountStreams>,
+    /// Opens for the mount's stream thread; `None` when it could not be started.
+    opens: Option<mpsc::Sender<Opened>>,
+}
+
+/// An opened file and the stream it may get, as the mount's stream thread receives them.
+type Opened = (OpenFile, Arc<FileStream>);
+
+/// The state of one mount's streams, shared with their threads.
+struct MountStreams {
+    inner: Arc<dyn ChunkSource>,
+    hub: Arc<Streams>,
+    backend: Arc<Backend>,
+    /// Open files that may have a stream, by inode.
+    files: Mutex<HashMap<u64, Arc<FileStream>>>,
+    /// The stream each chunk of a streamed file belongs to, by chunk index.
+    owners: Mutex<HashMap<u32, Arc<FileStream>>>,
+    /// `owners.len()`, read without the lock on every chunk read.
+    owned: AtomicUsize,
+}
+
+/// One file's stream.
+struct FileStream {
+    ino: u64,
+    state: Mutex<StreamState>,
+}
+
+#[derive(Default)]
+struct StreamState {
+    stopped: bool,
+    /// Wakes the stream's thread (it also hears the fetcher's completions on this channel).
+    wake: Option<mpsc::Sender<Done>>,
+    /// Chunks queued or fetched by the stream and not read since, by index: stored bytes.
+    ahead: HashMap<u32, u64>,
+    ahead_bytes: u64,
+    /// Chunks queued or in flight in the fetcher, by digest: stored bytes.
+    queued: HashMap<[u8; 32], u64>,
+    queued_bytes: u64,
+    /// Chunks the reader read before the stream reached them: not fetched again.
+    read: HashSet<u32>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Guarded values change in single statements; a panic elsewhere cannot leave one torn.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl FileStream {
+    fn nudge(state: &StreamState) {
+        if let Some(wake) = &state.wake {
+            let _ = wake.send(Done::nudge());
+        }
+    }
+
+    /// Stops the stream and drops its jobs still queued in the fetcher.
+    fn stop(&self, fetcher: &Fetcher, backend: &Backend) {
+        let queued: HashSet<[u8; 32]> = {
+            let mut state = lock(&self.state);
+            state.stopped = true;
+            FileStream::nudge(&state);
+            state.queued.keys().copied().collect()
+        };
+        if !queued.is_empty() {
+            let dropped = fetcher.cancel_prefetch(backend, &queued);
+            debug!(ino = self.ino, dropped, "stream stopped");
+        }
+    }
+}
+
+impl ChunkSource for StreamSource {
+    fn chunk(&self, chunk: &ChunkRef) -> Result<Arc<Vec<u8>>, SourceError> {
+        if self.mount.owned.load(Ordering::Relaxed) > 0 {
+            self.mount.consumed(chunk.index);
+        }
+        self.mount.inner.chunk(chunk)
+    }
+
+    fn read_ahead(&self, chunks: &[ChunkRef]) {
+        self.mount.inner.read_ahead(chunks)
+    }
+
+    fn file_opened(&self, file: OpenFile) {
+        self.mount.inner.file_opened(file.clone());
+        let Some(opens) = &self.opens else { return };
+        if !self.mount.hub.config.safetensors {
+            return;
+        }
+        let stream = Arc::new(FileStream {
+            ino: file.ino,
+            state: Mutex::new(StreamState::default()),
+        });
+        if let Some(old) = lock(&self.mount.files).insert(file.ino, stream.clone()) {
+            old.stop(&self.mount.hub.fetcher, &self.mount.backend);
+        }
+        let _ = opens.send((file, stream));
+    }
+
+    fn file_released(&self, ino: u64) {
+        self.mount.inner.file_released(ino);
+        let stream = lock(&self.mount.files).remove(&ino);
+        if let Some(stream) = stream {
+            stream.stop(&self.mount.hub.fetcher, &self.mount.backend);
+        }
+    }
+}
+
+impl Drop for StreamSource {
+    /// The filesystem is gone: every stream stops.
+    fn drop(&mut self) {
+        let files: Vec<Arc<FileStream>> = lock(&self.mount.files).drain().map(|(_, s)| s).collect();
+        for stream in files {
+            stream.stop(&self.mount.hub.fetcher, &self.mount.backend);
+        }
+    }
+}
+
+impl MountStreams {
+    /// A reader reads chunk `index`: credit it to its stream.
+    fn consumed(&self, index: u32) {
+        let Some(stream) = lock(&self.owners).get(&index).cloned() else {
+            return;
+        };
+        let mut state = lock(&stream.state);
+        match state.ahead.remove(&index) {
+            Some(len) => {
+                state.ahead_bytes -= len;
+                FileStream::nudge(&state);
+            }
+            None => {
+                state.read.insert(index);
+            }
+        }
+    }
+
+    /// Whether `stream` is still the open file's (not released, not replaced by a new open).
+    fn is_current(&self, stream: &Arc<FileStream>) -> bool {
+        lock(&self.files)
+            .get(&stream.ino)
+            .is_some_and(|s| Arc::ptr_eq(s, stream))
+    }
+
+    /// Runs on the mount's stream thread: starts a stream of `file` if it is a safetensors file.
+    fn consider(self: Arc<Self>, file: OpenFile, stream: Arc<FileStream>) {
+        let name = file.name().filter(|n| n.ends_with(SAFETENSORS_SUFFIX));
+        let (Some(name), true) = (name, self.is_current(&stream)) else {
+            let mut files = lock(&self.files);
+            if files
+                .get(&file.ino)
+                .is_some_and(|s| Arc::ptr_eq(s, &stream))
+            {
+                files.remove(&file.ino);
+            }
+            return;
+        };
+        let name = String::from_utf8_lossy(&name).into_owned();
+        let spawned = std::thread::Builder::new()
+            .name("lazy-stream".into())
+            .spawn(move || self.run(&file, &name, &stream));
+        if let Err(e) = spawned {
+            warn!("cannot start a stream thread: {e}");
+        }
+    }
+
+    /// Reads and checks the header, then streams the tensors; see the module docs.
+    fn run(&self, file: &OpenFile, name: &str, stream: &Arc<FileStream>) {
+        let metrics = self.hub.fetcher.stream_metrics();
+        let plan = match self.plan(file) {
+            Ok(plan) => plan,
+            Err(Refusal::Header(reason)) => {
+                metrics.headers_refused.inc();
+                warn!(
+                    file = name,
+                    ino = file.ino,
+                    "not streaming: invalid safetensors header: {reason}"
+                );
+                return self.forget(stream);
+            }
+            Err(Refusal::Read(reason)) => {
+                debug!(file = name, ino = file.ino, "not streaming: {reason}");
+                return self.forget(stream);
+            }
+        };
+        metrics.started.inc();
+        let total: u64 = plan.iter().map(stored_len).sum();
+        info!(
+            file = name,
+            ino = file.ino,
+            chunks = plan.len(),
+            bytes = total,
+            "streaming safetensors tensors in offset order"
+        );
+        let started = Instant::now();
+        {
+            let mut owners = lock(&self.owners);
+            for c in &plan {
+                owners.entry(c.index).or_insert_with(|| stream.clone());
+            }
+            self.owned.store(owners.len(), Ordering::Relaxed);
+        }
+        self.hub.running.fetch_add(1, Ordering::Relaxed);
+        let fetched = self.stream(&plan, stream);
+        self.hub.running.fetch_sub(1, Ordering::Relaxed);
+        {
+            let mut owners = lock(&self.owners);
+            owners.retain(|_, s| !Arc::ptr_eq(s, stream));
+            self.owned.store(owners.len(), Ordering::Relaxed);
+        }
+        let stopped = lock(&stream.state).stopped;
+        info!(
+            file = name,
+            fetched,
+            "stream {} after {:.1} s",
+            if stopped { "stopped" } else { "done" },
+            started.elapsed().as_secs_f64()
+        );
+        self.forget(stream);
+    }
+
+    /// Forgets a stream that ended, unless its file was opened again since.
+    fn forget(&self, stream: &Arc<FileStream>) {
+        lock(&stream.state).wake = None;
+        let mut files = lock(&self.files);
+        if files
+            .get(&stream.ino)
+            .is_some_and(|s| Arc::ptr_eq(s, stream))
+        {
+            files.remove(&stream.ino);
+        }
+    }
+
+    /// The chunks to stream: those of the tensors, in offset order, each once.
+    fn plan(&self, file: &OpenFile) -> Result<Vec<ChunkRef>, Refusal> {
+        let read_err = |e: fusefs::FsError| Refusal::Read(format!("reading the header: {e}"));
+        let prefix = file
+            .read(self.inner.as_ref(), 0, LEN_PREFIX as u32)
+            .map_err(read_err)?;
+        let len = header_len(&prefix, file.size).map_err(|e| Refusal::Header(e.to_string()))?;
+        // `header_len` caps the length at 100 MB, well within a u32.
+        let json = file
+            .read(self.inner.as_ref(), LEN_PREFIX, len as u32)
+            .map_err(read_err)?;
+        let tensors = parse_header(&json, file.size).map_err(|e| Refusal::Header(e.to_string()))?;
+        let mut seen = HashSet::new();
+        let mut plan = Vec::new();
+        for t in tensors {
+            let chunks = file
+                .chunks(t.begin..t.end)
+                .map_err(|e| Refusal::Read(format!("mapping tensor {:?}: {e}", t.name)))?;
+            for (_, c) in chunks {
+                if seen.insert(c.index) {
+                    plan.push(c);
+                }
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Queues `plan` within the stream's bounds until it is done or stopped; returns the stored
+    /// bytes it fetched.
+    fn stream(&self, plan: &[ChunkRef], stream: &FileStream) -> u64 {
+        let fetcher = &self.hub.fetcher;
+        let metrics = fetcher.stream_metrics();
+        let max_ahead = self.hub.config.max_ahead;
+        let (tx, rx) = mpsc::channel();
+        lock(&stream.state).wake = Some(tx.clone());
+        let mut next = 0;
+        let mut fetched = 0;
+        loop {
+            {
+                let mut state = lock(&stream.state);
+                if state.stopped {
+                    break;
+                }
+                let share = self.hub.share();
+                while let Some(chunk) = plan.get(next) {
+                    if state.read.contains(&chunk.index) {
+                        next += 1;
+                        continue;
+                    }
+                    let len = stored_len(chunk);
+                    if (!state.queued.is_empty() && state.queued_bytes + len > share)
+                        || (!state.ahead.is_empty() && state.ahead_bytes + len > max_ahead)
+                    {
+                        break;
+                    }
+                    next += 1;
+                    // Under the state lock, so a stop cannot miss a job queued now.
+                    if fetcher.prefetch_watched(&self.backend, chunk, &tx)
+                        && state.queued.insert(chunk.record.digest, len).is_none()
+                    {
+                        state.queued_bytes += len;
+                        state.ahead.insert(chunk.index, len);
+                        state.ahead_bytes += len;
+                    }
+                }
+                if next == plan.len() && state.queued.is_empty() {
+                    break;
+                }
+            }
+            // The stream holds a sender, so the channel stays open.
+            let Ok(done) = rx.recv() else { break };
+            let mut state = lock(&stream.state);
+            if let Some(len) = state.queued.remove(&done.digest) {
+                state.queued_bytes -= len;
+                if done.is_ok() {
+                    fetched += len;
+                    metrics.bytes.add(len);
+                } else if let Some(index) = plan
+                    .iter()
+                    .find(|c| c.record.digest == done.digest)
+                    .map(|c| c.index)
+                {
+                    // Not fetched: the reader will ask for it; it is not ahead.
+                    if let Some(len) = state.ahead.remove(&index) {
+                        state.ahead_bytes -= len;
+                    }
+                }
+            }
+        }
+        fetched
+    }
+}
+
+enum Refusal {
+    /// The header is invalid: a warning and a metric.
+    Header(String),
+    /// The file could not be read (backend down): the reader will see that itself.
+    Read(String),
+}
+
+fn stored_len(chunk: &ChunkRef) -> u64 {
+    u64::from(chunk.record.comp_len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ops::Range;
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use fusefs::chunk::encode_chunk;
+    use fusefs::format::{BlobRecord, ChunkRecord, ExtentRecord};
+    use fusefs::writer::{IndexWriter, NodeSpec};
+    use fusefs::{ImageReader, Index};
+
+    use crate::blobstore::{BlobError, BlobStore, Faults, FaultyBlobStore, MemoryBlobStore};
+    use crate::fetcher::FetcherConfig;
+
+    /// Chunk size of the test images: small, so a file has many chunks.
+    const CS: usize = 16 << 10;
+
+    /// Records every range request (and when it came) before passing it on.
+    struct Log {
+        inner: Arc<FaultyBlobStore>,
+        ranges: Mutex<Vec<Range<u64>>>,
+    }
+
+    #[async_trait]
+    impl BlobStore for Log {
+        fn kind(&self) -> &'static str {
+            "memory"
+        }
+        fn describe(&self) -> String {
+            "log".into()
+        }
+        async fn read_range(&self, digest: &str, range: Range<u64>) -> Result<Vec<u8>, BlobError> {
+            lock(&self.ranges).push(range.clone());
+            self.inner.read_range(digest, range).await
+        }
+        async fn read_blob(&self, digest: &str, max: u64) -> Result<Vec<u8>, BlobError> {
+            self.inner.read_blob(digest, max).await
+        }
+    }
+
+    /// A safetensors file: header naming `tensors` (name, length) laid out in the given order
+    /// with `gap` unreferenced bytes after the first one, then the data.
+    fn safetensors(tensors: &[(&str, usize)], gap: usize, seed: u64) -> Vec<u8> {
+        let mut entries = Vec::new();
+        let mut at = 0;
+        for (i, (name, len)) in tensors.iter().enumerate() {
+            entries.push(format!(
+                r#""{name}":{{"dtype":"U8","shape":[{len}],"data_offsets":[{at},{}]}}"#,
+                at + len
+            ));
+            at += len;
+            if i == 0 {
+                at += gap;
+            }
+        }
+        let json = format!(
+            r#"{{"__metadata__":{{"format":"pt"}},{}}}"#,
+            entries.join(",")
+        );
+        let mut file = (json.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(json.as_bytes());
+        file.extend_from_slice(&lazy_tests::pseudo_random_bytes(seed, at));
+        file
+    }
+
+    struct Image {
+        reader: Arc<ImageReader>,
+        source: Arc<StreamSource>,
+        streams: Arc<Streams>,
+        store: Arc<FaultyBlobStore>,
+        log: Arc<Log>,
+        /// Per file name: inode, bytes, and its chunks' stored ranges in the blob.
+        files: HashMap<String, (u64, Vec<u8>, Range<u64>)>,
+    }
+
+    impl Image {
+        fn requests(&self) -> Vec<Range<u64>> {
+            lock(&self.log.ranges).clone()
+        }
+
+        fn fetched(&self) -> u64 {
+            self.requests().iter().map(|r| r.end - r.start).sum()
+        }
+
+        /// Requests that fell in file `name`'s part of the blob.
+        fn requests_of(&self, name: &str) -> Vec<Range<u64>> {
+            let part = &self.files[name].2;
+            self.requests()
+                .into_iter()
+                .filter(|r| r.start >= part.start && r.end <= part.end)
+                .collect()
+        }
+
+        fn ino(&self, name: &str) -> u64 {
+            self.files[name].0
+        }
+
+        /// The chunk refs of file `name`, in file order.
+        fn chunks(&self, name: &str) -> Vec<ChunkRef> {
+            let f = &self.files[name];
+            fusefs::OpenFile::new(&self.reader, f.0, f.1.len() as u64)
+                .chunks(0..u64::MAX)
+                .unwrap()
+                .into_iter()
+                .map(|(_, c)| c)
+                .collect()
+        }
+    }
+
+    /// An image of `files` (name, bytes), each cut into chunks of `CS` stored one after the
+    /// other in one blob, mounted (without FUSE) over a fetcher and a stream source.
+    fn image(files: Vec<(&str, Vec<u8>)>, fetch: FetcherConfig, streams: StreamConfig) -> Image {
+        let mut blob = Vec::new();
+        let mut w = IndexWriter::new(CS as u32);
+        let mut records = Vec::new();
+        let mut layout = Vec::new();
+        for (name, bytes) in &files {
+            let start = blob.len() as u64;
+            let mut extents = Vec::new();
+            for (i, raw) in bytes.chunks(CS).enumerate() {
+                let e = encode_chunk(raw, 1).unwrap();
+                extents.push(ExtentRecord {
+                    file_off: (i * CS) as u64,
+                    chunk: records.len() as u32,
+                    chunk_off: 0,
+                    len: raw.len() as u32,
+                });
+                records.push(ChunkRecord {
+                    blob: 0,
+                    flags: e.flags,
+                    comp_off: blob.len() as u64,
+                    comp_len: e.stored.len() as u32,
+                    raw_len: e.raw_len,
+                    crc32: e.crc32,
+                    digest: e.digest,
+                });
+                blob.extend_from_slice(&e.stored);
+            }
+            layout.push((
+                name.to_string(),
+                extents,
+                bytes.clone(),
+                start..blob.len() as u64,
+            ));
+        }
+        let memory = MemoryBlobStore::new();
+        let digest = memory.insert(blob.clone());
+        let mut sha = [0u8; 32];
+        hex::decode_to_slice(&digest[7..], &mut sha).unwrap();
+        w.add_blob(BlobRecord {
+            sha256: sha,
+            size: blob.len() as u64,
+        });
+        for r in records {
+            w.add_chunk(r);
+        }
+        let mut inos = Vec::new();
+        for (name, extents, bytes, _) in &layout {
+            let spec = NodeSpec::file(0o644, bytes.len() as u64, extents.clone());
+            inos.push(w.add_child(w.root(), name.as_bytes(), spec).unwrap());
+        }
+        let index = Index::from_bytes(w.finish().unwrap()).unwrap();
+        let store = Arc::new(FaultyBlobStore::new(Arc::new(memory)));
+        let log = Arc::new(Log {
+            inner: store.clone(),
+            ranges: Mutex::new(Vec::new()),
+        });
+        let fetcher = Fetcher::new(fetch, None).unwrap();
+        let backend = fetcher.backend(log.clone());
+        let streams = Streams::new(fetcher.clone(), streams);
+        let source = Arc::new(streams.source(Arc::new(fetcher.source(backend.clone())), backend));
+        let reader = Arc::new(ImageReader::new(index, source.clone()).unwrap());
+        let files = layout
+            .into_iter()
+            .zip(inos)
+            .map(|((name, _, bytes, part), ino)| (name, (ino as u64, bytes, part)))
+            .collect();
+        Image {
+            reader,
+            source,
+            streams,
+            store,
+            log,
+            files,
+        }
+    }
+
+    fn fetch_config(requests: usize) -> FetcherConfig {
+        FetcherConfig {
+            request_timeout: Duration::from_secs(5),
+            read_timeout: Duration::from_secs(5),
+            prefetch_requests: requests,
+            memory_budget: 256 << 20,
+            ..FetcherConfig::default()
+        }
+    }
+
+    fn stream_config(max_ahead: u64, queue_budget: u64) -> StreamConfig {
+        StreamConfig {
+            safetensors: true,
+            max_ahead,
+            queue_budget,
+            read_ahead: 4 << 20,
+        }
+    }
+
+    /// Waits until `done` holds, for at most 10 s.
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits until the image's store has seen no new request for `quiet`.
+    fn settle(img: &Image, quiet: Duration) {
+        let mut last = (img.requests().len(), Instant::now());
+        wait_for("the fetcher to settle", || {
+            let n = img.requests().len();
+            if n != last.0 {
+                last = (n, Instant::now());
+            }
+            last.1.elapsed() >= quiet
+        });
+    }
+
+    /// Names in name order that are laid out in reverse: a loader's name order is not the
+    /// order of the bytes.
+    fn reversed_tensors() -> Vec<(&'static str, usize)> {
+        vec![
+            ("z.0", 3 * CS + 100),
+            ("y.1", CS / 2),
+            ("x.2", 5 * CS),
+            ("w.3", 7),
+            ("v.4", 2 * CS),
+            ("a.5", 4 * CS + 1),
+        ]
+    }
+
+    #[test]
+    fn a_stream_fetches_every_tensor_chunk_once_in_offset_order_and_nothing_else() {
+        // One chunk per request, one request at a time: requests in the order they were queued.
+        let fetch = FetcherConfig {
+            max_request_bytes: 1,
+            ..fetch_config(1)
+        };
+        let file = safetensors(&reversed_tensors(), 3 * CS, 1);
+        let img = image(
+            vec![("m.safetensors", file.clone())],
+            fetch,
+            stream_config(1 << 30, 1 << 20),
+        );
+        let ino = img.ino("m.safetensors");
+        img.reader.opened(ino);
+        let metrics = img.streams.fetcher().stream_metrics();
+        wait_for("the stream to end", || {
+            metrics.started.get() == 1 && img.streams.running() == 0
+        });
+        let chunks = img.chunks("m.safetensors");
+        let header_end = 8 + u64::from_le_bytes(file[..8].try_into().unwrap());
+        let first_tensor_end = header_end + reversed_tensors()[0].1 as u64;
+        // The chunks holding tensor bytes: all but the gap's whole chunks.
+        let want: Vec<Range<u64>> = chunks
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| {
+                let (start, end) = ((i * CS) as u64, ((i + 1) * CS) as u64);
+                !(start >= first_tensor_end && end <= first_tensor_end + 3 * CS as u64)
+            })
+            .map(|(_, c)| c.record.comp_off..c.record.comp_off + u64::from(c.record.comp_len))
+            .collect();
+        assert!(want.len() < chunks.len(), "the gap holds whole chunks");
+        assert_eq!(
+            img.requests(),
+            want,
+            "header chunk, then tensors in offset order"
+        );
+        assert_eq!(
+            metrics.bytes.get(),
+            want[1..].iter().map(|r| r.end - r.start).sum::<u64>(),
+            "streamed bytes are those after the header's chunk"
+        );
+        // The reader then finds every byte without a request.
+        let before = img.requests().len();
+        let data = img
+            .reader
+            .read(ino, header_end, (file.len() as u64 - header_end) as u32);
+        assert_eq!(data.unwrap(), &file[header_end as usize..]);
+        assert_eq!(
+            img.requests().len() - before,
+            chunks.len() - want.len(),
+            "only the gap's chunks were fetched"
+        );
+        img.reader.released(ino);
+    }
+
+    #[test]
+    fn a_reader_that_stops_leaves_at_most_max_ahead_fetched_and_nothing_after_release() {
+        let tensors: Vec<(String, usize)> = (0..40).map(|i| (format!("t{i:02}"), CS)).collect();
+        let refs: Vec<(&str, usize)> = tensors.iter().map(|(n, l)| (n.as_str(), *l)).collect();
+        let file = safetensors(&refs, 0, 2);
+        let max_ahead = 8 * CS as u64;
+        let img = image(
+            vec![("m.safetensors", file)],
+            FetcherConfig {
+                max_request_bytes: 1,
+                ..fetch_config(1)
+            },
+            stream_config(max_ahead, 2 * CS as u64),
+        );
+        img.store.set(Faults {
+            delay: Duration::from_millis(10),
+            ..Faults::default()
+        });
+        let ino = img.ino("m.safetensors");
+        let chunks = img.chunks("m.safetensors");
+        img.reader.opened(ino);
+        // The reader reads the first ten chunks and stops.
+        for c in &chunks[..10] {
+            img.source.chunk(c).unwrap();
+        }
+        settle(&img, Duration::from_millis(300));
+        let read: u64 = chunks[..10].iter().map(stored_len).sum();
+        let fetched = img.fetched();
+        assert!(
+            fetched <= read + max_ahead,
+            "fetched {fetched} bytes for a reader of {read} with {max_ahead} ahead"
+        );
+        assert!(
+            fetched + 2 * CS as u64 >= read + max_ahead,
+            "the stream went ahead: fetched {fetched}, read {read}"
+        );
+        // The reader reads on a little, so the stream has jobs queued, then closes the file.
+        for c in &chunks[10..14] {
+            img.source.chunk(c).unwrap();
+        }
+        img.reader.released(ino);
+        let at_release = img.requests().len();
+        settle(&img, Duration::from_millis(300));
+        assert!(
+            img.requests().len() <= at_release + 1,
+            "{} requests after release (one may have been in flight)",
+            img.requests().len() - at_release
+        );
+        let read: u64 = chunks[..14].iter().map(stored_len).sum();
+        assert!(img.fetched() <= read + max_ahead);
+        assert_eq!(img.streams.running(), 0);
+        assert!(
+            img.requests().len() < chunks.len(),
+            "the rest was not fetched"
+        );
+    }
+
+    #[test]
+    fn two_streams_at_once_both_progress() {
+        let tensors: Vec<(String, usize)> = (0..60).map(|i| (format!("t{i:02}"), CS)).collect();
+        let refs: Vec<(&str, usize)> = tensors.iter().map(|(n, l)| (n.as_str(), *l)).collect();
+        let img = image(
+            vec![
+                ("a.safetensors", safetensors(&refs, 0, 3)),
+                ("b.safetensors", safetensors(&refs, 0, 4)),
+            ],
+            FetcherConfig {
+                max_request_bytes: 1,
+                ..fetch_config(1)
+            },
+            stream_config(1 << 30, 8 * CS as u64),
+        );
+        img.store.set(Faults {
+            delay: Duration::from_millis(5),
+            ..Faults::default()
+        });
+        img.reader.opened(img.ino("a.safetensors"));
+        img.reader.opened(img.ino("b.safetensors"));
+        wait_for("both streams to run", || img.streams.running() == 2);
+        // Once both run, each gets about half of the requests.
+        let (a0, b0) = (
+            img.requests_of("a.safetensors").len(),
+            img.requests_of("b.safetensors").len(),
+        );
+        wait_for("40 more requests", || {
+            img.requests_of("a.safetensors").len() + img.requests_of("b.safetensors").len()
+                >= a0 + b0 + 40
+        });
+        let a = img.requests_of("a.safetensors").len() - a0;
+        let b = img.requests_of("b.safetensors").len() - b0;
+        assert!(a >= 10 && b >= 10, "a: {a}, b: {b} of the last requests");
+        img.reader.released(img.ino("a.safetensors"));
+        img.reader.released(img.ino("b.safetensors"));
+        wait_for("both streams to stop", || img.streams.running() == 0);
+    }
+
+    #[test]
+    fn a_demand_read_during_a_stream_is_served_first() {
+        let tensors: Vec<(String, usize)> = (0..50).map(|i| (format!("t{i:02}"), CS)).collect();
+        let refs: Vec<(&str, usize)> = tensors.iter().map(|(n, l)| (n.as_str(), *l)).collect();
+        let img = image(
+            vec![
+                ("m.safetensors", safetensors(&refs, 0, 5)),
+                ("other", lazy_tests::pseudo_random_bytes(6, 4 * CS)),
+            ],
+            FetcherConfig {
+                max_request_bytes: 1,
+                concurrency: 1,
+                ..fetch_config(2)
+            },
+            stream_config(1 << 30, 1 << 30),
+        );
+        const DELAY: Duration = Duration::from_millis(40);
+        img.store.set(Faults {
+            delay: DELAY,
+            ..Faults::default()
+        });
+        img.reader.opened(img.ino("m.safetensors"));
+        wait_for("the stream to queue its chunks", || {
+            img.streams.running() == 1 && img.requests_of("m.safetensors").len() >= 3
+        });
+        let started = Instant::now();
+        let got = img.reader.read(img.ino("other"), 0, CS as u32).unwrap();
+        let waited = started.elapsed();
+        assert_eq!(got, img.files["other"].1[..CS]);
+        // Its own slot: one request's time, not the ~45 queued before it.
+        assert!(waited < DELAY * 4, "demand read waited {waited:?}");
+        img.reader.released(img.ino("m.safetensors"));
+    }
+
+    #[test]
+    fn invalid_headers_are_refused_and_the_file_still_reads() {
+        let mut huge = (fusefs::safetensors::MAX_HEADER_LEN + 1)
+            .to_le_bytes()
+            .to_vec();
+        huge.extend_from_slice(&lazy_tests::pseudo_random_bytes(7, 3 * CS));
+        let mut past_end = safetensors(&[("t", CS)], 0, 8);
+        past_end.truncate(past_end.len() - 1);
+        let mut bad_json = safetensors(&[("t", CS)], 0, 9);
+        bad_json[9] = b'[';
+        let files = vec![
+            ("huge.safetensors", huge),
+            ("past-end.safetensors", past_end),
+            ("bad-json.safetensors", bad_json),
+            ("short.safetensors", vec![1, 2, 3]),
+            ("not-weights.bin", safetensors(&[("t", CS)], 0, 10)),
+        ];
+        let img = image(
+            files.clone(),
+            fetch_config(4),
+            stream_config(1 << 30, 1 << 30),
+        );
+        let metrics = img.streams.fetcher().stream_metrics();
+        for (name, _) in &files {
+            img.reader.opened(img.ino(name));
+        }
+        wait_for("four refusals", || metrics.headers_refused.get() == 4);
+        // The open thread handles opens in order: the last (not a safetensors file) is done
+        // once it names no stream.
+        wait_for("the opens to be handled", || {
+            lock(&img.source.mount.files).is_empty()
+        });
+        assert_eq!(metrics.started.get(), 0);
+        for (name, bytes) in &files {
+            let got = img
+                .reader
+                .read(img.ino(name), 0, bytes.len() as u32)
+                .unwrap();
+            assert_eq!(&got, bytes, "{name}");
+            img.reader.released(img.ino(name));
+        }
+    }
+}
