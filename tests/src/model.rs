@@ -154,6 +154,34 @@ pub fn write_model(dir: &Path, spec: &ModelSpec) -> io::Result<ModelFiles> {
     })
 }
 
+/// The model directory `dir` as [`write_model`] describes what it wrote: for a model written
+/// before (a cached fixture). Shards are the `.safetensors` files in name order.
+pub fn open_model(dir: &Path) -> io::Result<ModelFiles> {
+    let mut rel = Vec::new();
+    list_files(dir, Path::new(""), &mut rel)?;
+    let files: Vec<PathBuf> = rel.iter().map(|r| dir.join(r)).collect();
+    let shards: Vec<PathBuf> = files
+        .iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "safetensors"))
+        .cloned()
+        .collect();
+    let mut total_bytes = 0;
+    for f in &files {
+        total_bytes += fs::metadata(f)?.len();
+    }
+    let mut count = 0;
+    for shard in &shards {
+        count += tensors(shard)?.len();
+    }
+    Ok(ModelFiles {
+        dir: dir.to_path_buf(),
+        shards,
+        files,
+        total_bytes,
+        tensors: count,
+    })
+}
+
 /// The tensors of the shard at `path`, from its header only, sorted by offset.
 pub fn tensors(path: &Path) -> io::Result<Vec<TensorInfo>> {
     read_header(&File::open(path)?).map_err(|e| annotate(e, path))

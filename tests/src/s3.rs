@@ -5,8 +5,10 @@
 //! server back on the same port (so clients configured with [`MotoServer::endpoint`] reconnect)
 //! but with no buckets or objects; a test re-creates what it needs. To make the server hang
 //! instead (accepting connections, answering nothing) and keep its data, use
-//! [`MotoServer::pause`] and [`MotoServer::resume`]. moto answers ranged GETs slowly (it is
-//! Python); it is for API behaviour, not throughput.
+//! [`MotoServer::pause`] and [`MotoServer::resume`]. moto runs through `tests/s3/moto_server.py`,
+//! which makes a ranged GET read only its range (moto reads the whole object for each one,
+//! which would make multi-GB objects unusable); it is still Python, for API behaviour, not
+//! throughput.
 //!
 //! The binary is `$MOTO_SERVER`, else `/opt/lazy-venv/bin/moto_server` (where
 //! `scripts/setup.sh` installs it), else `moto_server` in `PATH`. Every failure here panics
@@ -62,7 +64,31 @@ pub fn moto_server_path() -> PathBuf {
         })
 }
 
-/// A running `moto_server -H 127.0.0.1 -p PORT`.
+/// moto's server with ranged GETs that read only the range (moto itself reads the whole
+/// object for each one); run by the Python of the `moto_server` script. See the file.
+const RANGED_LAUNCHER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/s3/moto_server.py");
+
+/// The interpreter named by the `#!` line of the `moto_server` script (the Python that has
+/// moto installed).
+fn interpreter_of(script: &Path) -> PathBuf {
+    let text = fs::read(script).unwrap_or_else(|e| panic!("reading {}: {e}", script.display()));
+    let first = text.split(|&b| b == b'\n').next().unwrap_or_default();
+    let interpreter = std::str::from_utf8(first)
+        .ok()
+        .and_then(|line| line.strip_prefix("#!"))
+        .map(str::trim)
+        .filter(|path| !path.is_empty() && !path.contains(' '))
+        .unwrap_or_else(|| {
+            panic!(
+                "{} does not start with a #!/path/to/python line; point MOTO_SERVER at the \
+                 moto_server script of a Python environment with moto installed",
+                script.display()
+            )
+        });
+    PathBuf::from(interpreter)
+}
+
+/// A running `moto_server -H 127.0.0.1 -p PORT` (through [`RANGED_LAUNCHER`]).
 pub struct MotoServer {
     child: Option<Child>,
     port: u16,
@@ -207,7 +233,8 @@ impl MotoServer {
             .open(self.log_path())
             .expect("opening moto's log file");
         let stderr = log.try_clone().expect("cloning moto's log file handle");
-        let child = Command::new(&self.binary)
+        let child = Command::new(interpreter_of(&self.binary))
+            .arg(RANGED_LAUNCHER)
             .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())

@@ -1,0 +1,258 @@
+//! End-to-end tests of model weights: a synthetic multi-GB safetensors model (several shards,
+//! mixed dtypes, header metadata, the companions a loader reads) is uploaded to S3 (`moto`) as
+//! plain files, converted to lazy images both ways (copied with `--compression auto`, and by
+//! `--reference` to the raw objects in place), and mounted cold through a real `lazyd`:
+//!
+//! - every file and every tensor read through the mount equals the source bit for bit;
+//! - random tensor reads across all shards, and concurrent readers of every shard (each in
+//!   name order, as `load_file` reads), are served right while the agent streams the shards;
+//! - a reader that stops half-way through a shard and closes it makes the agent stop
+//!   streaming: it fetched no more than the stream's bound beyond what was read, and nothing
+//!   after the close.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use lazy_tests::agent::Lazyd;
+use lazy_tests::model::{self, ModelFiles, ModelSpec, TensorInfo};
+use lazy_tests::mount::require_root_and_fuse;
+use lazy_tests::s3::MotoServer;
+use lazy_tests::{cached_fixture, fixtures_dir};
+use serde_json::Value;
+
+/// Four shards of about 512 MiB: a model of about 2 GiB, several times the agent's default
+/// memory budget and large enough that streams run for seconds.
+const SPEC: ModelSpec = ModelSpec {
+    shards: 4,
+    shard_bytes: 512 << 20,
+    seed: 6,
+};
+
+const BUCKET: &str = "models";
+const RAW: &str = "raw/llm/";
+
+/// The stream bound of the agent that checks the half-way reader: small against a shard, so
+/// that stopping half-way means something.
+const MAX_AHEAD: u64 = 64 << 20;
+
+/// The model, written once into the fixtures directory.
+fn model() -> ModelFiles {
+    let dir = fixtures_dir().join(format!(
+        "model-{}x{}M-seed{}",
+        SPEC.shards,
+        SPEC.shard_bytes >> 20,
+        SPEC.seed
+    ));
+    cached_fixture(
+        &dir,
+        |dir| {
+            let files = model::write_model(&dir.join("model"), &SPEC)?;
+            Ok(format!(
+                "{} files, {} tensors, {} bytes",
+                files.files.len(),
+                files.tensors,
+                files.total_bytes
+            ))
+        },
+        |dir| Ok(model::open_model(&dir.join("model"))?),
+    )
+    .expect("model fixture")
+}
+
+fn backend_bytes(status: &Value) -> u64 {
+    status["metrics"]["backends"]
+        .as_array()
+        .map_or(0, |b| b.iter().map(|b| b["bytes"].as_u64().unwrap()).sum())
+}
+
+fn counter(status: &Value, path: &str) -> u64 {
+    status
+        .pointer(path)
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("no {path} in {status}"))
+}
+
+fn mountpoint(work: &Path, name: &str) -> PathBuf {
+    let p = work.join(name);
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+/// Reads every tensor of `shard` in `order` from the mounted copy and checks it against the
+/// source; returns the bytes compared.
+fn check_tensors(source: &Path, mounted: &Path, order: &[TensorInfo]) -> u64 {
+    let src = File::open(source).unwrap();
+    let mnt = File::open(mounted).unwrap();
+    let mut bytes = 0;
+    for t in order {
+        let want = model::read_tensor(&src, t).unwrap();
+        let got = model::read_tensor(&mnt, t)
+            .unwrap_or_else(|e| panic!("reading tensor {} of {}: {e}", t.name, mounted.display()));
+        assert!(
+            want == got,
+            "tensor {} ({} {:?}) of {} differs from the source",
+            t.name,
+            t.dtype,
+            t.shape,
+            mounted.display()
+        );
+        bytes += want.len() as u64;
+    }
+    bytes
+}
+
+/// A seeded shuffle (splitmix64 + Fisher-Yates), so a failure reproduces.
+fn shuffle<T>(items: &mut [T], seed: u64) {
+    let mut state = seed;
+    for i in (1..items.len()).rev() {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        let j = ((z ^ (z >> 31)) % (i as u64 + 1)) as usize;
+        items.swap(i, j);
+    }
+}
+
+/// Every shard read at once, one thread each, tensors in name order (as `load_file` walks
+/// them), each checked against the source.
+fn read_shards_concurrently(model: &ModelFiles, mnt: &Path) -> u64 {
+    std::thread::scope(|scope| {
+        let readers: Vec<_> = model
+            .shards
+            .iter()
+            .map(|shard| {
+                scope.spawn(move || {
+                    let name = shard.file_name().unwrap();
+                    let mut order = model::tensors(shard).unwrap();
+                    order.sort_by(|a, b| a.name.cmp(&b.name));
+                    check_tensors(shard, &mnt.join(name), &order)
+                })
+            })
+            .collect();
+        readers.into_iter().map(|r| r.join().unwrap()).sum()
+    })
+}
+
+fn convert(moto: &MotoServer, args: &[&str]) {
+    let out = std::process::Command::new(lazy_tests::mount::lazyctl_path())
+        .arg("convert")
+        .args(args)
+        .arg("--no-progress")
+        .envs(moto.env())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "lazyctl convert {args:?}: {out:?}");
+}
+
+#[test]
+fn model_converted_both_ways_reads_bit_exact_through_streaming_mounts() {
+    require_root_and_fuse();
+    let model = model();
+    assert!(model.total_bytes > 2_000_000_000 - (SPEC.shard_bytes / 4) * SPEC.shards as u64);
+    let work = tempfile::tempdir().unwrap();
+    let moto = MotoServer::start();
+    moto.create_bucket(BUCKET);
+    for file in &model.files {
+        let key = format!("{RAW}{}", file.file_name().unwrap().to_str().unwrap());
+        moto.put_object(BUCKET, &key, &std::fs::read(file).unwrap());
+    }
+    let raw = format!("s3://{BUCKET}/{RAW}");
+    let copied = format!("s3://{BUCKET}/lazy/llm");
+    let referenced = format!("s3://{BUCKET}/ref/llm");
+    convert(&moto, &[&raw, &copied]);
+    convert(&moto, &["--reference", &raw, &referenced]);
+
+    // The copy, cold: random tensors first, then every shard at once, then everything.
+    let mut agent = Lazyd::start_with_env("", &moto.env()).unwrap();
+    let mnt = mountpoint(work.path(), "copied");
+    agent.mount(&copied, &mnt);
+    let mut sample: Vec<(usize, TensorInfo)> = model
+        .shards
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| model::tensors(s).unwrap().into_iter().map(move |t| (i, t)))
+        .collect();
+    shuffle(&mut sample, 42);
+    for (i, t) in sample.iter().take(48) {
+        let shard = &model.shards[*i];
+        check_tensors(
+            shard,
+            &mnt.join(shard.file_name().unwrap()),
+            std::slice::from_ref(t),
+        );
+    }
+    let compared = read_shards_concurrently(&model, &mnt);
+    assert!(compared > model.total_bytes / 2);
+    let check = model::compare_model(&model.dir, &mnt).unwrap();
+    assert_eq!(check.tensors, model.tensors);
+    assert_eq!(check.files, model.files.len());
+    let status = agent.status();
+    assert!(
+        counter(&status, "/metrics/streams/started") >= SPEC.shards as u64,
+        "every shard opened should have been streamed: {status}"
+    );
+    let fetched = backend_bytes(&status);
+    assert!(
+        fetched < model.total_bytes + model.total_bytes / 20,
+        "fetched {fetched} bytes for a {}-byte model: chunks fetched more than once",
+        model.total_bytes
+    );
+    agent.ctl_ok(["umount", mnt.to_str().unwrap()]);
+    agent.stop().unwrap();
+
+    // The reference image, cold, with a small stream bound: a reader stops half-way.
+    let config = format!("[stream]\nmax_ahead = \"{}M\"\n", MAX_AHEAD >> 20);
+    let mut agent = Lazyd::start_with_env(&config, &moto.env()).unwrap();
+    let mnt = mountpoint(work.path(), "referenced");
+    agent.mount(&referenced, &mnt);
+    let shard = &model.shards[0];
+    let tensors = model::tensors(shard).unwrap();
+    let size = std::fs::metadata(shard).unwrap().len();
+    let half: Vec<TensorInfo> = tensors
+        .iter()
+        .take_while(|t| t.range.end <= size / 2)
+        .cloned()
+        .collect();
+    let read = check_tensors(shard, &mnt.join(shard.file_name().unwrap()), &half);
+    // Closed: the stream stops. Let requests in flight land, then nothing more may come.
+    std::thread::sleep(Duration::from_secs(2));
+    let after_close = backend_bytes(&agent.status());
+    let bound = half.last().unwrap().range.end + MAX_AHEAD + (16 << 20);
+    assert!(
+        after_close <= bound,
+        "a reader that read {read} bytes (to offset {}) and closed the shard made the agent fetch {after_close} bytes (bound {bound})",
+        half.last().unwrap().range.end
+    );
+    assert!(
+        after_close < size,
+        "the whole shard was fetched after a half read"
+    );
+    let quiet_since = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        backend_bytes(&agent.status()),
+        after_close,
+        "the agent kept fetching {:?} after the reader closed the shard",
+        quiet_since.elapsed()
+    );
+    // The rest reads right: every shard at once, then everything.
+    read_shards_concurrently(&model, &mnt);
+    let check = model::compare_model(&model.dir, &mnt).unwrap();
+    assert_eq!(check.tensors, model.tensors);
+    let status = agent.status();
+    let fetched = backend_bytes(&status);
+    assert!(
+        fetched < model.total_bytes + model.total_bytes / 20,
+        "fetched {fetched} bytes for a {}-byte model",
+        model.total_bytes
+    );
+    assert_eq!(
+        counter(&status, "/metrics/chunks/read_errors"),
+        0,
+        "{status}"
+    );
+    agent.ctl_ok(["umount", mnt.to_str().unwrap()]);
+    agent.stop().unwrap();
+}
