@@ -320,17 +320,14 @@ impl Agent {
             read_workers: self.config.mount.read_workers,
             ..MountConfig::default()
         };
-        let backend = match &opened.location {
-            ImageLocation::Dir { .. } => None,
-            _ => Some(self.fetcher.backend(opened.store.clone())),
-        };
+        let backend = (!opened.is_local()).then(|| self.fetcher.backend(opened.store.clone()));
         let streams = self.streams.clone();
         let (opened, mounted) = {
             let mountpoint = mountpoint.to_path_buf();
             let recorder = recorder.clone();
             tokio::task::spawn_blocking(move || {
                 let mounted = match &opened.location {
-                    ImageLocation::Dir { path, tag } => {
+                    ImageLocation::Dir { path, tag } if opened.is_local() => {
                         mount::mount_local(path, tag, &mountpoint, &cfg, recorder.as_ref())
                     }
                     _ => mount::mount_remote_streaming(
@@ -933,7 +930,7 @@ impl Agent {
             });
             all
         };
-        if let ImageLocation::Dir { .. } = opened.location {
+        if opened.is_local() {
             // A local store is read in place; there is nothing to fetch.
             let stored: u64 = chunks.iter().map(|c| u64::from(c.record.comp_len)).sum();
             *last = WarmProgress {
@@ -1229,6 +1226,8 @@ impl Agent {
 
     /// Records that the agent uses `opened`, for `gc`.
     fn remember(&self, location: &str, opened: &OpenedImage) {
+        // A local store keeps its own index; gc cannot reopen it from the cache, so chunks a
+        // `dir:` image with referenced S3 objects fetched are kept only while it is mounted.
         if let ImageLocation::Dir { .. } = opened.location {
             return;
         }

@@ -239,6 +239,19 @@ pub struct OpenedImage {
     pub store: Arc<dyn BlobStore>,
 }
 
+impl OpenedImage {
+    /// Whether every data blob is a file of a local store (`dir:` without blobs stored
+    /// elsewhere): such an image is read from disk, not through the fetcher and chunk cache.
+    pub fn is_local(&self) -> bool {
+        matches!(self.location, ImageLocation::Dir { .. })
+            && self
+                .manifest
+                .blobs()
+                .iter()
+                .all(|d| d.external_url().is_none())
+    }
+}
+
 /// Opens the image at `location`: fetches and checks its manifest and index.
 ///
 /// With `cache_dir`, what was fetched is kept there: indexes by digest (`CACHE/indexes`, reused

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use lazy_tests::agent::Lazyd;
-use lazy_tests::mount::{lazyctl_path, require_root_and_fuse};
+use lazy_tests::mount::{lazyctl_path, require_root_and_fuse, Mounted};
 use lazy_tests::s3::MotoServer;
 use lazy_tests::{pseudo_random_bytes, tree};
 use serde_json::Value;
@@ -98,6 +98,24 @@ fn lazyctl_env(moto: &MotoServer, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Checks that the mounted tree at `mnt` is the model directory (mtimes aside: S3 objects
+/// carry their upload time).
+fn assert_same_tree(model: &Path, mnt: &Path, what: &str) {
+    let differences = tree::compare_trees_with(
+        model,
+        mnt,
+        &tree::CompareOptions {
+            mtime: false,
+            ..tree::CompareOptions::default()
+        },
+    );
+    assert!(
+        differences.is_empty(),
+        "{what}: the mounted tree differs from the model directory:\n{}",
+        differences.join("\n")
+    );
+}
+
 fn convert(moto: &MotoServer, flags: &[&str], src: &str, dst: &str) {
     let mut args = vec!["convert", "--no-progress"];
     args.extend_from_slice(flags);
@@ -170,21 +188,39 @@ fn model_prefix_converts_with_each_compression_and_by_reference_and_mounts_byte_
         let mnt = work.path().join(format!("mnt-{name}"));
         std::fs::create_dir_all(&mnt).unwrap();
         agent.mount(&image, &mnt);
-        let differences = tree::compare_trees_with(
-            &model,
-            &mnt,
-            &tree::CompareOptions {
-                mtime: false,
-                ..tree::CompareOptions::default()
-            },
-        );
-        assert!(
-            differences.is_empty(),
-            "{name}: the mounted tree differs from the model directory:\n{}",
-            differences.join("\n")
-        );
+        assert_same_tree(&model, &mnt, name);
     }
     println!("(raw, stored) bytes per image: {sizes:?}");
+
+    // A reference image in a local store: its data is still the S3 objects, read through the
+    // fetcher both by lazyd and by a standalone mount.
+    let store = work.path().join("store");
+    let local_image = format!("dir:{}:reference", store.display());
+    convert(&moto, &["--reference"], &src, &local_image);
+    let mnt = work.path().join("mnt-dir-reference");
+    std::fs::create_dir_all(&mnt).unwrap();
+    agent.mount(&local_image, &mnt);
+    assert_same_tree(&model, &mnt, "dir: reference image through lazyd");
+    agent.ctl_ok(["umount", mnt.to_str().unwrap()]);
+    let mut standalone: Vec<std::ffi::OsString> = vec!["env".into()];
+    standalone.extend(moto.env().iter().map(|(k, v)| format!("{k}={v}").into()));
+    standalone.extend([
+        lazyctl_path().into_os_string(),
+        "mount".into(),
+        "--standalone".into(),
+        "--cache-dir".into(),
+        work.path().join("standalone-cache").into_os_string(),
+        local_image.clone().into(),
+    ]);
+    let mounted = Mounted::spawn(
+        &standalone,
+        &[lazyctl_path().into_os_string(), "umount".into()],
+        &mnt,
+        std::time::Duration::from_secs(30),
+    )
+    .unwrap();
+    assert_same_tree(&model, &mnt, "dir: reference image, standalone mount");
+    mounted.unmount().unwrap();
 
     // `none` stores every chunk as it is; `zstd` compresses the weights too, `auto` does not.
     let (none_raw, none_stored) = sizes["none"];

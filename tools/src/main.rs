@@ -480,8 +480,19 @@ fn mount(
         read_workers,
         ..fusefs::fuse::MountConfig::default()
     };
+    // A local store's image is read in place, unless it names blobs kept elsewhere (an image
+    // converted with --reference): those go through the fetcher and the cache like S3 images.
+    let local = match &location {
+        ImageLocation::Dir { path, tag } => agent::store::LocalStore::open(path)?
+            .open_image(tag)?
+            .manifest
+            .blobs()
+            .iter()
+            .all(|d| d.external_url().is_none()),
+        _ => false,
+    };
     let mounted = match &location {
-        ImageLocation::Dir { path, tag } => {
+        ImageLocation::Dir { path, tag } if local => {
             agent::mount::mount_local(path, tag, mountpoint, &cfg, None)?
         }
         _ => {
