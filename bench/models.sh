@@ -28,7 +28,8 @@
 # Usage (as root, from the repository root):  sudo bench/models.sh
 # Environment: BENCH_DIR=/var/tmp/lazy-bench, RATE=1gbit, RATE_BYTES=125000000, DELAY_MS=20,
 #   RUNS=3, SHARDS=4, SHARD_MB=1024, PARALLEL=8 (model-load's shards at once),
-#   CASES=abrw (the cases to run), SOURCE=auto|s3|path: what the images are converted from
+#   CASES=abrw (the cases to run), LAZYD_EXTRA (TOML appended to every lazyd config, e.g.
+#   "[background]\nmax_requests = 8" to try a setting), SOURCE=auto|s3|path: what the images are converted from
 #   (s3: the raw objects, as the benchmark intends; path: the local model directory, for
 #   builds whose lazyctl cannot read an S3 prefix; auto: s3, else path, said in the results).
 # Disk: about 4 x the model (the model, Garage's copy of the raw files and of the lazy image,
@@ -208,7 +209,7 @@ export AWS_ENDPOINT_URL=http://$LINK
 # the link). The first run also checks the mounted model against the source.
 lazy_load() {
     local case=$1 image=$2 run=$3 mnt=$RUN/mnt-$1 t0 load
-    start_agent "$case" '[profile]\nrecord = false\nprefetch = false'
+    start_agent "$case" "[profile]\nrecord = false\nprefetch = false\n${LAZYD_EXTRA:-}"
     mkdir -p "$mnt"
     drop_caches
     t0=$(date +%s%N)
@@ -255,7 +256,7 @@ for run in $(seq "$RUNS"); do
     fi
     if want w; then
         log "run $run/$RUNS: w. lazyctl warm"
-        start_agent w '[profile]\nrecord = false\nprefetch = false'
+        start_agent w "[profile]\nrecord = false\nprefetch = false\n${LAZYD_EXTRA:-}"
         drop_caches
         t0=$(now)
         ctl warm --no-progress "s3://$BUCKET/lazy/model" >/dev/null

@@ -155,10 +155,10 @@ impl RateLimit {
 }
 
 /// Default [`WarmOptions::window_bytes`]: four times what the background requests of a default
-/// fetcher carry at once (4 requests of 4 MiB), so the queue does not run dry between a
+/// fetcher carry at once (4 requests of 8 MiB), so the queue does not run dry between a
 /// completion and the warm topping it up, and a cancelled warm has little queued to drop. The
 /// window costs queue entries, not memory for chunk data: fetched chunks go to the disk cache.
-pub const DEFAULT_WARM_WINDOW: u64 = 4 * 4 * (4 << 20);
+pub const DEFAULT_WARM_WINDOW: u64 = 4 * 4 * (8 << 20);
 
 /// How often a warm that hears of no completion calls its `progress` anyway (background work
 /// paused behind readers, or a slow backend), so a cancel is noticed within about this long.
@@ -317,11 +317,13 @@ impl Default for FetcherConfig {
             // Background bytes in flight are what a demand request shares the link with: a
             // demand read that arrives during a warm waits for its own bytes at 1/(n+1) of the
             // link until the n background requests in flight end (none start while it runs).
-            // Four 4 MiB requests (16 MiB) fill a 1 Gbit/s, 20 ms link (bandwidth-delay product
-            // 2.5 MB; each request spends 20 ms waiting and ~34 ms transferring), and keep that
-            // share at 1/5 for at most ~130 ms. Faster or farther links want more.
+            // Four 8 MiB requests (32 MiB) fill a 1 Gbit/s, 20 ms link (bandwidth-delay product
+            // 2.5 MB; each request spends 20 ms waiting and ~67 ms transferring) with little
+            // cost per byte (a 4.2 GB model warmed from an S3 server at 1 Gbit/s: 87 % of the
+            // link with 4 MiB requests, 93 % with 8 MiB; docs/BENCHMARKS.md), and keep that
+            // share at 1/5 for at most ~270 ms. Faster or farther links want more.
             background_requests: 4,
-            background_request_bytes: 4 << 20,
+            background_request_bytes: 8 << 20,
             memory_budget: 64 << 20,
         }
     }
