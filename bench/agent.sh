@@ -33,26 +33,7 @@ rm -rf "$W/run"
 mkdir -p "$W/run" "$W/inputs"
 RUN=$W/run
 
-log "building lazyctl, lazyd and the bench tools (release)"
-cargo build --release -q -p tools --bin lazyctl
-cargo build --release -q -p agent --bin lazyd
-cargo build --release -q -p lazy-tests --example bench_tools
-TARGET=${CARGO_TARGET_DIR:-target}
-LAZYCTL=$(realpath "$TARGET/release/lazyctl")
-LAZYD=$(realpath "$TARGET/release/lazyd")
-TOOLS=$(realpath "$TARGET/release/examples/bench_tools")
-
-PIDS=()
-AGENT_PID=
-cleanup() {
-    set +e
-    for m in "$RUN"/mnt*; do mountpoint -q "$m" 2>/dev/null && umount -l "$m"; done
-    [[ -n $AGENT_PID ]] && kill -9 "$AGENT_PID" 2>/dev/null
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-    tc qdisc del dev lo root 2>/dev/null
-    wait 2>/dev/null
-}
-trap cleanup EXIT
+build_and_trap
 
 # --- inputs -----------------------------------------------------------------------------------
 if [[ ! -f $W/inputs/COMPLETE ]]; then

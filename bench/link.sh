@@ -25,6 +25,30 @@ require_tools() {
     done
 }
 
+# build_and_trap: builds lazyctl, lazyd and bench_tools (release) into LAZYCTL, LAZYD and TOOLS,
+# and on exit unmounts $RUN/mnt*, kills the agent and every pid in PIDS and removes the shaping.
+build_and_trap() {
+    log "building lazyctl, lazyd and the bench tools (release)"
+    cargo build --release -q -p tools --bin lazyctl
+    cargo build --release -q -p agent --bin lazyd
+    cargo build --release -q -p lazy-tests --example bench_tools
+    local target=${CARGO_TARGET_DIR:-target}
+    LAZYCTL=$(realpath "$target/release/lazyctl")
+    LAZYD=$(realpath "$target/release/lazyd")
+    TOOLS=$(realpath "$target/release/examples/bench_tools")
+    PIDS=()
+    AGENT_PID=
+    trap bench_cleanup EXIT
+}
+bench_cleanup() {
+    set +e
+    for m in "$RUN"/mnt*; do mountpoint -q "$m" 2>/dev/null && umount -l "$m"; done
+    [[ -n $AGENT_PID ]] && kill -9 "$AGENT_PID" 2>/dev/null
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+    tc qdisc del dev lo root 2>/dev/null
+    wait 2>/dev/null
+}
+
 now() { date +%s.%N; }
 elapsed() { python3 -c "print(f'{$(now) - $1:.3f}')"; }
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END{print (NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2}'; }

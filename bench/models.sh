@@ -57,26 +57,7 @@ MODEL=$W/model
 rm -rf "$RUN"
 mkdir -p "$RUN"
 
-log "building lazyctl, lazyd and the bench tools (release)"
-cargo build --release -q -p tools --bin lazyctl
-cargo build --release -q -p agent --bin lazyd
-cargo build --release -q -p lazy-tests --example bench_tools
-TARGET=${CARGO_TARGET_DIR:-target}
-LAZYCTL=$(realpath "$TARGET/release/lazyctl")
-LAZYD=$(realpath "$TARGET/release/lazyd")
-TOOLS=$(realpath "$TARGET/release/examples/bench_tools")
-
-PIDS=()
-AGENT_PID=
-cleanup() {
-    set +e
-    for m in "$RUN"/mnt*; do mountpoint -q "$m" 2>/dev/null && umount -l "$m"; done
-    [[ -n $AGENT_PID ]] && kill -9 "$AGENT_PID" 2>/dev/null
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-    tc qdisc del dev lo root 2>/dev/null
-    wait 2>/dev/null
-}
-trap cleanup EXIT
+build_and_trap
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 json_field() { python3 -c "import json,sys; d=json.loads(sys.argv[1]); print(f\"{d$2}\")" "$1"; }
