@@ -12,6 +12,7 @@ use std::process::{Command, Output};
 
 use lazy_tests::agent::Lazyd;
 use lazy_tests::mount::{lazyctl_path, require_root_and_fuse, Mounted};
+use lazy_tests::registry::LocalRegistry;
 use lazy_tests::s3::MotoServer;
 use lazy_tests::{pseudo_random_bytes, tree};
 use serde_json::Value;
@@ -191,6 +192,17 @@ fn model_prefix_converts_with_each_compression_and_by_reference_and_mounts_byte_
         assert_same_tree(&model, &mnt, name);
     }
     println!("(raw, stored) bytes per image: {sizes:?}");
+
+    // A reference image in a registry (an OCI artifact whose data blobs have `urls`, which
+    // docker-registry accepts): only its index and config are pushed; lazyd reads the objects.
+    let registry = LocalRegistry::start().unwrap();
+    let registry_image = format!("docker://{}/models/llm:ref", registry.host());
+    convert(&moto, &["--reference"], &src, &registry_image);
+    let mnt = work.path().join("mnt-registry-reference");
+    std::fs::create_dir_all(&mnt).unwrap();
+    agent.mount(&registry_image, &mnt);
+    assert_same_tree(&model, &mnt, "reference image in a registry");
+    agent.ctl_ok(["umount", mnt.to_str().unwrap()]);
 
     // A reference image in a local store: its data is still the S3 objects, read through the
     // fetcher both by lazyd and by a standalone mount.
