@@ -243,12 +243,7 @@ impl OpenedImage {
     /// Whether every data blob is a file of a local store (`dir:` without blobs stored
     /// elsewhere): such an image is read from disk, not through the fetcher and chunk cache.
     pub fn is_local(&self) -> bool {
-        matches!(self.location, ImageLocation::Dir { .. })
-            && self
-                .manifest
-                .blobs()
-                .iter()
-                .all(|d| d.external_url().is_none())
+        matches!(self.location, ImageLocation::Dir { .. }) && !self.manifest.has_external_blobs()
     }
 }
 

@@ -263,11 +263,17 @@ impl LocalStore {
             })
     }
 
+    /// Reads and checks the manifest of image `tag`; returns its digest and the manifest.
+    pub fn manifest(&self, tag: &str) -> Result<(String, LazyManifest), StoreError> {
+        let manifest_digest = self.resolve(tag)?;
+        let manifest = LazyManifest::parse(&self.read_blob(&manifest_digest)?)?;
+        Ok((manifest_digest, manifest))
+    }
+
     /// Opens image `tag`: reads and checks its manifest, verifies the index blob's digest,
     /// and maps and validates the index.
     pub fn open_image(&self, tag: &str) -> Result<StoredImage, StoreError> {
-        let manifest_digest = self.resolve(tag)?;
-        let manifest = LazyManifest::parse(&self.read_blob(&manifest_digest)?)?;
+        let (manifest_digest, manifest) = self.manifest(tag)?;
         let index_digest = manifest.index().digest.clone();
         let path = self.blob_path(&index_digest)?;
         // The mapped bytes are what gets served: check those, not a second read of the file.

@@ -171,6 +171,11 @@ impl LazyManifest {
     pub fn blobs(&self) -> &[Descriptor] {
         &self.layers[1..]
     }
+
+    /// Whether some data blob is stored elsewhere (`urls`: an image made with `--reference`).
+    pub fn has_external_blobs(&self) -> bool {
+        self.blobs().iter().any(|d| d.external_url().is_some())
+    }
 }
 
 #[cfg(test)]
@@ -197,6 +202,7 @@ mod tests {
         let parsed = LazyManifest::parse(&m.to_json()).unwrap();
         assert_eq!(parsed, m);
         assert_eq!(parsed.blobs().len(), 1);
+        assert!(!parsed.has_external_blobs());
 
         let mut bad = m.clone();
         bad.layers[0].digest = "sha256:../../etc/passwd".into();
@@ -225,6 +231,7 @@ mod tests {
             Some("s3://models/raw/a.safetensors")
         );
         assert_eq!(parsed.blobs()[1].external_url(), None);
+        assert!(parsed.has_external_blobs());
         let json = String::from_utf8(m.to_json()).unwrap();
         assert_eq!(json.matches("\"urls\"").count(), 1, "{json}");
 

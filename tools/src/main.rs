@@ -483,12 +483,10 @@ fn mount(
     // A local store's image is read in place, unless it names blobs kept elsewhere (an image
     // converted with --reference): those go through the fetcher and the cache like S3 images.
     let local = match &location {
-        ImageLocation::Dir { path, tag } => agent::store::LocalStore::open(path)?
-            .open_image(tag)?
-            .manifest
-            .blobs()
-            .iter()
-            .all(|d| d.external_url().is_none()),
+        ImageLocation::Dir { path, tag } => !agent::store::LocalStore::open(path)?
+            .manifest(tag)?
+            .1
+            .has_external_blobs(),
         _ => false,
     };
     let mounted = match &location {
