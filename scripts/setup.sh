@@ -43,9 +43,10 @@ fi
 # crun (1.8 in Debian 12) refuses every container on a hybrid cgroup host (v1 controllers, v2
 # at /sys/fs/cgroup/unified) while a controller is still bound to v2, as hugetlb is on some VMs:
 # bind such controllers to v1 instead (runc copes either way). Nothing to do on pure v1 or v2.
-unified=/sys/fs/cgroup/unified/cgroup.controllers
-if [ -s "$unified" ] && [ -d /sys/fs/cgroup/cpu ]; then
-    for controller in $(cat "$unified"); do
+# (cgroupfs files report a size of 0, so the controllers are read, not tested with -s.)
+unified=$(cat /sys/fs/cgroup/unified/cgroup.controllers 2>/dev/null || true)
+if [ -n "$unified" ] && [ -d /sys/fs/cgroup/cpu ]; then
+    for controller in $unified; do
         if ! mountpoint -q "/sys/fs/cgroup/$controller"; then
             mkdir -p "/sys/fs/cgroup/$controller"
             mount -t cgroup -o "$controller" cgroup "/sys/fs/cgroup/$controller" ||
