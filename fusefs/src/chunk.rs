@@ -79,33 +79,106 @@ pub fn check_stored(record: &ChunkRecord, stored: &[u8]) -> Result<(), ChunkErro
     Ok(())
 }
 
+/// Which checks [`decode_with`] runs on top of the ones it always runs (the stored length, and
+/// decompression to exactly `raw_len` bytes). What each check protects against, and where each
+/// one runs, is in docs/ARCHITECTURE.md ("Integrity").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checks {
+    /// crc32 of the stored bytes: transfer and storage errors (torn writes, rot, truncation).
+    pub crc32: bool,
+    /// blake3 of the decoded bytes: the chunk is the one the index names (the index is
+    /// authenticated by its sha256), whoever sent it.
+    pub digest: bool,
+}
+
+impl Checks {
+    /// Bytes of unknown provenance: a network fetch, a blob of a local store.
+    pub const ALL: Checks = Checks {
+        crc32: true,
+        digest: true,
+    };
+    /// Bytes whose crc32 the caller just checked (a disk cache read) and whose digest was not
+    /// checked yet in this process.
+    pub const DIGEST: Checks = Checks {
+        crc32: false,
+        digest: true,
+    };
+    /// Bytes whose crc32 the caller just checked and whose digest was checked before.
+    pub const NONE: Checks = Checks {
+        crc32: false,
+        digest: false,
+    };
+}
+
 /// Verifies and decodes stored bytes: crc32, decompression to exactly `raw_len` bytes, then
 /// blake3 of the result. Nothing that fails a check is returned.
 pub fn decode_chunk(record: &ChunkRecord, stored: &[u8]) -> Result<Vec<u8>, ChunkError> {
-    check_stored(record, stored)?;
-    let raw = if record.flags & CHUNK_UNCOMPRESSED != 0 {
-        stored.to_vec()
-    } else {
-        let raw = zstd::bulk::decompress(stored, record.raw_len as usize).map_err(|e| {
-            ChunkError::Decompress {
+    decode_with(record, stored, Checks::ALL)
+}
+
+/// Decodes stored bytes with `checks`; the length of the stored bytes and of the decoded ones
+/// is always checked, so nothing but `raw_len` bytes is ever returned.
+pub fn decode_with(
+    record: &ChunkRecord,
+    stored: &[u8],
+    checks: Checks,
+) -> Result<Vec<u8>, ChunkError> {
+    if checks.crc32 {
+        check_stored(record, stored)?;
+    } else if stored.len() != record.comp_len as usize {
+        return Err(ChunkError::Length {
+            digest: hex(&record.digest),
+            actual: stored.len(),
+            expected: record.comp_len as usize,
+        });
+    }
+    let raw = decompress(record, stored)?;
+    if checks.digest {
+        let digest = blake3::hash(&raw);
+        if digest.as_bytes() != &record.digest {
+            return Err(ChunkError::Digest {
                 digest: hex(&record.digest),
-                reason: e.to_string(),
-            }
-        })?;
-        if raw.len() != record.raw_len as usize {
-            return Err(ChunkError::Decompress {
-                digest: hex(&record.digest),
-                reason: format!("{} bytes, expected {}", raw.len(), record.raw_len),
+                actual: digest.to_hex().to_string(),
             });
         }
-        raw
+    }
+    Ok(raw)
+}
+
+thread_local! {
+    /// One zstd decoder context per thread: making a context for every chunk costs more than
+    /// decoding a small one.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The chunk's raw bytes: a copy of raw chunks, zstd's output (exactly `raw_len` bytes) for
+/// the others.
+fn decompress(record: &ChunkRecord, stored: &[u8]) -> Result<Vec<u8>, ChunkError> {
+    if record.flags & CHUNK_UNCOMPRESSED != 0 {
+        return Ok(stored.to_vec());
+    }
+    let failed = |reason: String| ChunkError::Decompress {
+        digest: hex(&record.digest),
+        reason,
     };
-    let digest = blake3::hash(&raw);
-    if digest.as_bytes() != &record.digest {
-        return Err(ChunkError::Digest {
-            digest: hex(&record.digest),
-            actual: digest.to_hex().to_string(),
-        });
+    let raw_len = record.raw_len as usize;
+    let raw = DECOMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let decompressor = match cell.as_mut() {
+            Some(d) => d,
+            None => {
+                cell.insert(zstd::bulk::Decompressor::new().map_err(|e| failed(e.to_string()))?)
+            }
+        };
+        let mut raw = Vec::with_capacity(raw_len);
+        decompressor
+            .decompress_to_buffer(stored, &mut raw)
+            .map_err(|e| failed(e.to_string()))?;
+        Ok::<_, ChunkError>(raw)
+    })?;
+    if raw.len() != raw_len {
+        return Err(failed(format!("{} bytes, expected {raw_len}", raw.len())));
     }
     Ok(raw)
 }
@@ -116,14 +189,36 @@ pub fn decode_chunk(record: &ChunkRecord, stored: &[u8]) -> Result<Vec<u8>, Chun
 pub trait ChunkSource: Send + Sync {
     fn chunk(&self, chunk: &ChunkRef) -> Result<Arc<Vec<u8>>, SourceError>;
 
+    /// The chunk, when the source holds it decoded in memory: what `chunk` would return, with
+    /// the same side effects (counters, recordings), but never blocking nor reading a disk;
+    /// `None` otherwise (the default). The filesystem answers a read whose chunk is held on
+    /// the session thread, without handing it to a read worker.
+    fn chunk_in_memory(&self, _chunk: &ChunkRef) -> Option<Arc<Vec<u8>>> {
+        None
+    }
+
     /// A hint that `chunks` will probably be read soon (a file is being read sequentially).
     /// Must not block. Sources with slow backends start fetching them at low priority; local
     /// sources ignore it.
     fn read_ahead(&self, _chunks: &[ChunkRef]) {}
 
-    /// A regular file was opened and had no other open handle. Must not block (it runs on the
-    /// FUSE session thread): a source that wants to read the file hands `file` to a thread of
-    /// its own.
+    /// A guess that `chunks` may be read soon, made from the image's layout (the rest of a file
+    /// or of a directory just touched). Must not block. Sources with slow backends fetch them
+    /// when the link has room, and decode cached ones ahead while a core is free; local sources
+    /// ignore it.
+    fn speculate(&self, _chunks: &[ChunkRef]) {}
+
+    /// Which files' opens this source wants to hear of ([`ChunkSource::file_opened`] and
+    /// [`ChunkSource::file_released`]), as a test of a file's name; `None` (the default): no
+    /// file's. A mount whose source wants no file of its image lets the kernel open and close
+    /// every file without asking (see `fuse`), which saves two round trips per open.
+    fn opens_wanted(&self) -> Option<fn(&[u8]) -> bool> {
+        None
+    }
+
+    /// A regular file that [`ChunkSource::opens_wanted`] names was opened and had no other
+    /// open handle. Must not block (it runs on the FUSE session thread): a source that wants
+    /// to read the file hands `file` to a thread of its own.
     fn file_opened(&self, _file: crate::reader::OpenFile) {}
 
     /// The last open handle of file `ino` was released (or the filesystem is going away).
@@ -196,6 +291,39 @@ mod tests {
         assert!(matches!(
             decode_chunk(&rec, &e.stored[1..]),
             Err(ChunkError::Length { .. })
+        ));
+    }
+
+    #[test]
+    fn decode_with_runs_the_checks_asked_for_but_always_the_lengths() {
+        let raw = b"cached chunk ".repeat(300);
+        let e = encode_chunk(&raw, DEFAULT_ZSTD_LEVEL).unwrap();
+        let mut rec = record_for(&e);
+        for checks in [Checks::ALL, Checks::DIGEST, Checks::NONE] {
+            assert_eq!(decode_with(&rec, &e.stored, checks).unwrap(), raw);
+        }
+        rec.crc32 ^= 1;
+        assert!(matches!(
+            decode_with(&rec, &e.stored, Checks::ALL),
+            Err(ChunkError::Crc { .. })
+        ));
+        assert_eq!(decode_with(&rec, &e.stored, Checks::DIGEST).unwrap(), raw);
+        rec.digest[0] ^= 1;
+        assert!(matches!(
+            decode_with(&rec, &e.stored, Checks::DIGEST),
+            Err(ChunkError::Digest { .. })
+        ));
+        // The checks left to the caller really are skipped...
+        assert_eq!(decode_with(&rec, &e.stored, Checks::NONE).unwrap(), raw);
+        // ...but never other than `raw_len` bytes come out.
+        assert!(matches!(
+            decode_with(&rec, &e.stored[1..], Checks::NONE),
+            Err(ChunkError::Length { .. })
+        ));
+        rec.raw_len += 1;
+        assert!(matches!(
+            decode_with(&rec, &e.stored, Checks::NONE),
+            Err(ChunkError::Decompress { .. })
         ));
     }
 

@@ -2,12 +2,35 @@
 //! results back into replies. Metadata comes from the mapped index and is answered inline;
 //! `read` may block on a fetch, so it is handed with its `Reply` to a pool of read workers and
 //! the session loop moves on at once.
+//!
+//! Every request that reaches the daemon is a round trip (two context switches and a queue),
+//! so the adapter lets the kernel answer whatever it can on its own (the kernel of this
+//! project's hosts, 6.x, offers each of these):
+//!
+//! - entries, attributes and pages are cached for a day (images are immutable), and so are
+//!   *missing* names: a lookup that finds nothing is answered with a negative entry (node id 0
+//!   with a TTL), so the next stat of that name never leaves the kernel;
+//! - `open` and `opendir` answer `ENOSYS` unless the source wants to hear of some file's opens
+//!   (`ImageReader::watches_opens`: a model image's safetensors files are streamed when
+//!   opened). The kernel then takes every later open as succeeding with `FOPEN_KEEP_CACHE`
+//!   (and `FOPEN_CACHE_DIR` for directories) without asking, and sends no release for them
+//!   (`FUSE_NO_OPEN_SUPPORT`, `FUSE_NO_OPENDIR_SUPPORT`);
+//! - `flush` answers `ENOSYS`: nothing is ever written, and the kernel stops sending flushes
+//!   on close for the whole mount;
+//! - `getxattr` and `listxattr` answer `ENOSYS` when the image has no extended attributes at
+//!   all, and the kernel stops asking (overlayfs asks a container's lower for
+//!   `trusted.overlay.*` on nearly every lookup);
+//! - `ioctl` cannot be switched off (the kernel sends every one, such as the `TCGETS` that
+//!   Python's `open` makes to ask whether a file is a terminal), so it is answered `ENOTTY`
+//!   inline, as cheaply as a request can be.
+//!
+//! [`OpStats`] counts what does reach the daemon, by kind, with the time spent on it.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{bounded, Sender};
 use fuser::{
@@ -19,6 +42,7 @@ use fuser::{
 use tracing::{debug, error, warn};
 
 use crate::error::FsError;
+use crate::ops::{Op, OpStats};
 use crate::reader::{Attr, FileKind, ImageReader};
 
 /// Images never change, so the kernel may cache entries and attributes for a long time.
@@ -39,6 +63,8 @@ pub struct MountConfig {
     pub read_workers: usize,
     /// Threads reading /dev/fuse.
     pub session_threads: usize,
+    /// Where the mount counts the requests it answers; several mounts may share one.
+    pub stats: Arc<OpStats>,
 }
 
 impl Default for MountConfig {
@@ -48,6 +74,7 @@ impl Default for MountConfig {
             allow_other: true,
             read_workers: 16,
             session_threads: 2,
+            stats: Arc::new(OpStats::default()),
         }
     }
 }
@@ -58,11 +85,21 @@ type ReadJob = Box<dyn FnOnce() + Send>;
 pub struct LazyFs {
     reader: Arc<ImageReader>,
     reads: Sender<ReadJob>,
+    stats: Arc<OpStats>,
+    /// Whether opens are answered (some file's opens are watched) or refused with `ENOSYS`.
+    watch_opens: bool,
+    /// Whether the image has extended attributes at all; if not, xattr requests are refused
+    /// with `ENOSYS`.
+    has_xattrs: bool,
 }
 
 impl LazyFs {
     /// Starts `read_workers` threads that serve reads; fails if none can be started.
-    pub fn new(reader: Arc<ImageReader>, read_workers: usize) -> std::io::Result<LazyFs> {
+    pub fn new(
+        reader: Arc<ImageReader>,
+        read_workers: usize,
+        stats: Arc<OpStats>,
+    ) -> std::io::Result<LazyFs> {
         let (tx, rx) = bounded::<ReadJob>(MAX_BACKGROUND as usize * 2);
         for i in 0..read_workers.max(1) {
             let rx = rx.clone();
@@ -74,7 +111,13 @@ impl LazyFs {
                     }
                 })?;
         }
-        Ok(LazyFs { reader, reads: tx })
+        Ok(LazyFs {
+            watch_opens: reader.watches_opens(),
+            has_xattrs: reader.has_xattrs(),
+            reader,
+            reads: tx,
+            stats,
+        })
     }
 }
 
@@ -172,36 +215,58 @@ impl Filesystem for LazyFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let started = Instant::now();
         match self.reader.lookup(parent.0, name.as_bytes()) {
             Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+            Err(FsError::NotFound) => {
+                // A negative entry: node id 0 with a TTL. The kernel remembers that the name is
+                // missing and answers the next lookup of it itself.
+                reply.entry(&TTL, &missing_attr(), Generation(0));
+                self.stats.record(Op::LookupMissing, started);
+            }
             Err(e) => reply.error(report("lookup", parent.0, &e)),
         }
+        self.stats.record(Op::Lookup, started);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let started = Instant::now();
         match self.reader.getattr(ino.0) {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
             Err(e) => reply.error(report("getattr", ino.0, &e)),
         }
+        self.stats.record(Op::Getattr, started);
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let started = Instant::now();
         match self.reader.readlink(ino.0) {
             Ok(t) => reply.data(t),
             Err(e) => reply.error(report("readlink", ino.0, &e)),
         }
+        self.stats.record(Op::Readlink, started);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let started = Instant::now();
+        if !self.watch_opens {
+            // The kernel takes this as success, with FOPEN_KEEP_CACHE, and opens every file
+            // of this mount without asking from now on (FUSE_NO_OPEN_SUPPORT). The mount is
+            // read-only, so the VFS refuses writable opens before they get here.
+            reply.error(Errno::from_i32(libc::ENOSYS));
+            self.stats.record(Op::Open, started);
+            return;
+        }
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         match self.reader.open(ino.0, write) {
             Ok(()) => {
-                // Tells the source of a regular file's first open (it must not block).
+                // Tells the source of a watched file's first open (it must not block).
                 self.reader.opened(ino.0);
                 reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
             }
             Err(e) => reply.error(report("open", ino.0, &e)),
         }
+        self.stats.record(Op::Open, started);
     }
 
     fn release(
@@ -214,8 +279,10 @@ impl Filesystem for LazyFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let started = Instant::now();
         self.reader.released(ino.0);
         reply.ok();
+        self.stats.record(Op::Release, started);
     }
 
     fn destroy(&mut self) {
@@ -233,10 +300,25 @@ impl Filesystem for LazyFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let started = Instant::now();
+        // A read whose chunk is in memory is answered here: handing it to a worker would cost
+        // two more context switches than the copy itself.
+        if let Some(result) = self.reader.read_from_memory(ino.0, offset, size) {
+            match result {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(report("read", ino.0, &e)),
+            }
+            self.stats.record(Op::Read, started);
+            return;
+        }
         let reader = self.reader.clone();
-        let job: ReadJob = Box::new(move || match reader.read(ino.0, offset, size) {
-            Ok(data) => reply.data(&data),
-            Err(e) => reply.error(report("read", ino.0, &e)),
+        let stats = self.stats.clone();
+        let job: ReadJob = Box::new(move || {
+            match reader.read(ino.0, offset, size) {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(report("read", ino.0, &e)),
+            }
+            stats.record(Op::Read, started);
         });
         if let Err(e) = self.reads.send(job) {
             warn!("read workers are gone; failing read of inode {}", ino.0);
@@ -252,19 +334,20 @@ impl Filesystem for LazyFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Nothing is ever written, so there is nothing to flush.
-        reply.ok();
+        // Nothing is ever written, so there is nothing to flush: ENOSYS tells the kernel to
+        // stop sending flushes on close for this mount.
+        let started = Instant::now();
+        reply.error(Errno::from_i32(libc::ENOSYS));
+        self.stats.record(Op::Flush, started);
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.reader.getattr(ino.0) {
-            Ok(a) if a.kind == FileKind::Directory => reply.opened(
-                FileHandle(0),
-                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-            ),
-            Ok(_) => reply.error(Errno::from_i32(libc::ENOTDIR)),
-            Err(e) => reply.error(report("opendir", ino.0, &e)),
-        }
+    /// Directories need no open state: ENOSYS makes the kernel open every directory of this
+    /// mount itself from now on, with `FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR`, and skip
+    /// `releasedir` (FUSE_NO_OPENDIR_SUPPORT). Only directories reach `opendir`.
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let started = Instant::now();
+        reply.error(Errno::from_i32(libc::ENOSYS));
+        self.stats.record(Op::Opendir, started);
     }
 
     fn readdir(
@@ -275,6 +358,7 @@ impl Filesystem for LazyFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let started = Instant::now();
         let result = self.reader.readdir(ino.0, offset, |e| {
             !reply.add(
                 INodeNo(e.ino),
@@ -287,6 +371,7 @@ impl Filesystem for LazyFs {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(report("readdir", ino.0, &e)),
         }
+        self.stats.record(Op::Readdir, started);
     }
 
     fn readdirplus(
@@ -297,6 +382,7 @@ impl Filesystem for LazyFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let started = Instant::now();
         let mut failure = None;
         let result = self
             .reader
@@ -318,11 +404,14 @@ impl Filesystem for LazyFs {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(report("readdirplus", ino.0, &e)),
         }
+        self.stats.record(Op::Readdirplus, started);
     }
 
     /// No ioctls: ENOTTY, what a file system without them answers. overlayfs asks for the
-    /// inode flags (FS_IOC_GETFLAGS) of every file it copies up from this lower layer; fuser's
-    /// default would answer ENOSYS with a warning per file.
+    /// inode flags (FS_IOC_GETFLAGS) of every file it copies up from this lower layer, and
+    /// Python's `open` asks every file whether it is a terminal (TCGETS). The kernel has no way
+    /// to be told that a file system has no ioctls (it turns ENOSYS into ENOTTY and asks again
+    /// next time), so each one is a round trip, answered here without a lookup.
     fn ioctl(
         &self,
         _req: &Request,
@@ -334,10 +423,13 @@ impl Filesystem for LazyFs {
         _out_size: u32,
         reply: ReplyIoctl,
     ) {
+        let started = Instant::now();
         reply.error(Errno::from_i32(libc::ENOTTY));
+        self.stats.record(Op::Ioctl, started);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let started = Instant::now();
         let s = self.reader.statfs();
         reply.statfs(
             s.blocks,
@@ -349,28 +441,76 @@ impl Filesystem for LazyFs {
             s.name_max,
             s.block_size,
         );
+        self.stats.record(Op::Statfs, started);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let started = Instant::now();
+        if !self.has_xattrs {
+            no_xattrs(reply);
+            self.stats.record(Op::Getxattr, started);
+            return;
+        }
         match self.reader.getxattr(ino.0, name.as_bytes()) {
             Ok(v) => xattr_reply(reply, size, v),
             Err(e) => reply.error(report("getxattr", ino.0, &e)),
         }
+        self.stats.record(Op::Getxattr, started);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let started = Instant::now();
+        if !self.has_xattrs {
+            no_xattrs(reply);
+            self.stats.record(Op::Listxattr, started);
+            return;
+        }
         match self.reader.listxattr(ino.0) {
             Ok(v) => xattr_reply(reply, size, &v),
             Err(e) => reply.error(report("listxattr", ino.0, &e)),
         }
+        self.stats.record(Op::Listxattr, started);
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let started = Instant::now();
         match self.reader.getattr(ino.0) {
             Ok(_) if mask.contains(AccessFlags::W_OK) => reply.error(Errno::from_i32(libc::EROFS)),
             Ok(_) => reply.ok(),
             Err(e) => reply.error(report("access", ino.0, &e)),
         }
+        self.stats.record(Op::Access, started);
+    }
+}
+
+/// The answer to an xattr request on an image without extended attributes: `ENOSYS`, after
+/// which the kernel answers every getxattr and listxattr of the mount itself (`EOPNOTSUPP`:
+/// "no attributes here", what overlayfs, `cp -a` and the capability check on exec take it
+/// as). overlayfs asks a lower layer for `trusted.overlay.*` attributes on nearly every lookup
+/// (thousands per Python start), so this saves as many round trips per container start; an
+/// image that has attributes answers each of them.
+fn no_xattrs(reply: ReplyXattr) {
+    reply.error(Errno::from_i32(libc::ENOSYS));
+}
+
+/// The attributes of a negative entry: node id 0 tells the kernel the name does not exist.
+fn missing_attr() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
     }
 }
 
@@ -399,6 +539,6 @@ pub fn mount(
     };
     config.n_threads = Some(cfg.session_threads.max(1));
     config.clone_fd = true;
-    let fs = LazyFs::new(reader, cfg.read_workers)?;
+    let fs = LazyFs::new(reader, cfg.read_workers, cfg.stats.clone())?;
     fuser::spawn_mount(fs, mountpoint, &config)
 }

@@ -6,8 +6,10 @@
 //! - `chunk`: chunk encoding and checks, and the `ChunkSource` trait data is read through.
 //! - `reader`: `ImageReader`, POSIX semantics over an index; testable without FUSE.
 //! - `fuse`: the thin `fuser` adapter and `mount`.
+//! - `ops`: counters of the FUSE requests a mount answers, by kind.
 //! - `manifest`: the OCI manifest that names an image's index and blobs.
 //! - `safetensors`: the header of a safetensors file, parsed as untrusted input.
+//! - `speculate`: guesses from the image's layout of what a reader reads next.
 
 pub mod chunk;
 pub mod error;
@@ -15,8 +17,10 @@ pub mod format;
 pub mod fuse;
 pub mod index;
 pub mod manifest;
+pub mod ops;
 pub mod reader;
 pub mod safetensors;
+mod speculate;
 pub mod writer;
 
 pub use chunk::{ChunkRef, ChunkSource};

@@ -1,7 +1,7 @@
 //! `ImageReader`: POSIX read-only semantics over a validated index and a `ChunkSource`.
 //! Plain types in, plain types out, so tests drive it without FUSE; `fuse.rs` only translates.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -10,6 +10,7 @@ use crate::chunk::{ChunkRef, ChunkSource};
 use crate::error::{FsError, IndexError};
 use crate::format::*;
 use crate::index::{Index, ROOT_INO};
+use crate::speculate::Speculator;
 
 /// File types as the filesystem reports them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,9 +91,14 @@ pub struct ImageReader {
     streams: Mutex<HashMap<u64, Stream>>,
     /// Largest read-ahead window (see [`READ_AHEAD_MAX`]).
     read_ahead_max: u64,
-    /// Open handles per regular file, so the source hears of a file's first open and last
+    /// Open handles per watched file, so the source hears of a file's first open and last
     /// release only.
     open_files: Mutex<HashMap<u64, u32>>,
+    /// The regular files whose opens the source wants to hear of
+    /// ([`ChunkSource::opens_wanted`]), found by name when the reader is made.
+    watched: HashSet<u64>,
+    /// Guesses from the layout of what is read next ([`ImageReader::with_speculation`]).
+    speculation: Option<Speculator>,
 }
 
 /// A regular file that was just opened, as [`ChunkSource::file_opened`] gets it: enough to
@@ -185,6 +191,10 @@ impl ImageReader {
             .map(|i| index.chunk(i).map(|c| c.raw_len as u64))
             .sum::<Result<u64, _>>()?
             .div_ceil(4096);
+        let watched = match source.opens_wanted() {
+            Some(wanted) => files_named(&index, wanted)?,
+            None => HashSet::new(),
+        };
         Ok(ImageReader {
             index,
             source,
@@ -194,7 +204,36 @@ impl ImageReader {
             streams: Mutex::new(HashMap::new()),
             read_ahead_max: READ_AHEAD_MAX,
             open_files: Mutex::new(HashMap::new()),
+            watched,
+            speculation: None,
         })
+    }
+
+    /// With `on`, the first read of each file (and of a second file of each directory) hint
+    /// what is likely read next to the source ([`ChunkSource::speculate`];
+    /// `speculate` has the rules), from a thread of the reader's own. Fails only when that
+    /// thread cannot be started.
+    pub fn with_speculation(mut self, on: bool) -> std::io::Result<ImageReader> {
+        self.speculation = match on {
+            true => Some(Speculator::start(
+                self.index.clone(),
+                self.blob_digests.clone(),
+                self.source.clone(),
+            )?),
+            false => None,
+        };
+        Ok(self)
+    }
+
+    /// Whether any inode of the image has extended attributes.
+    pub fn has_xattrs(&self) -> bool {
+        self.index.count(Section::Xattrs) > 0
+    }
+
+    /// Whether the source wants to hear of the opens of any file of this image. When not,
+    /// the filesystem lets the kernel open and close files without asking.
+    pub fn watches_opens(&self) -> bool {
+        !self.watched.is_empty()
     }
 
     /// Lets a sequential reader's read-ahead window grow to `bytes` (at least the starting
@@ -204,13 +243,13 @@ impl ImageReader {
         self
     }
 
-    /// Notes an open handle of `ino`; a regular file's first one is passed on to the source
+    /// Notes an open handle of `ino`; a watched file's first one is passed on to the source
     /// (`ChunkSource::file_opened`). Call it after a successful [`ImageReader::open`].
     pub fn opened(self: &Arc<Self>, ino: u64) {
-        let Ok(rec) = self.inode(ino) else { return };
-        if rec.mode & S_IFMT != S_IFREG {
+        if !self.watched.contains(&ino) {
             return;
         }
+        let Ok(rec) = self.inode(ino) else { return };
         let first = {
             let mut open = self
                 .open_files
@@ -278,17 +317,7 @@ impl ImageReader {
 
     /// The chunk with table index `i`, with its blob digest.
     pub fn chunk_ref(&self, i: u32) -> Result<ChunkRef, IndexError> {
-        let record = self.index.chunk(i)?;
-        let blob_digest = self
-            .blob_digests
-            .get(record.blob as usize)
-            .cloned()
-            .ok_or_else(|| IndexError::Corrupt(format!("chunk {i} names missing blob")))?;
-        Ok(ChunkRef {
-            index: i,
-            record,
-            blob_digest,
-        })
+        chunk_ref(&self.index, &self.blob_digests, i)
     }
 
     fn inode(&self, ino: u64) -> Result<InodeRecord, FsError> {
@@ -530,10 +559,54 @@ impl ImageReader {
         if let Some(ahead) = self.read_ahead_range(ino, offset, offset + len as u64) {
             self.hint(ino, ahead);
         }
+        if let Some(spec) = &self.speculation {
+            spec.file_read(ino, offset, offset + len as u64);
+        }
         let out = self.copy_pieces(self.source.as_ref(), len, pieces)?;
         self.bytes_served
             .fetch_add(out.len() as u64, Ordering::Relaxed);
         Ok(out)
+    }
+
+    /// [`ImageReader::read`] when it needs no more than one chunk and the source holds that
+    /// chunk in memory ([`ChunkSource::chunk_in_memory`]): never blocks. `None` when the read
+    /// must go to [`ImageReader::read`] (which then does everything, read-ahead included).
+    pub fn read_from_memory(
+        &self,
+        ino: u64,
+        offset: u64,
+        size: u32,
+    ) -> Option<Result<Vec<u8>, FsError>> {
+        let (len, pieces) = match self.plan_read(ino, offset, size) {
+            Ok(plan) => plan,
+            Err(e) => return Some(Err(e)),
+        };
+        let held = match pieces.as_slice() {
+            [] => None,
+            [(_, piece)] => {
+                let chunk = self.chunk_ref(piece.chunk).ok()?;
+                Some(self.source.chunk_in_memory(&chunk)?)
+            }
+            _ => return None,
+        };
+        if let Some(ahead) = self.read_ahead_range(ino, offset, offset + len as u64) {
+            self.hint(ino, ahead);
+        }
+        if let Some(spec) = &self.speculation {
+            spec.file_read(ino, offset, offset + len as u64);
+        }
+        let mut out = vec![0u8; len];
+        if let (Some(data), [(at, piece)]) = (held, pieces.as_slice()) {
+            let from = piece.chunk_off as usize;
+            let Some(src) = data.get(from..from + piece.len as usize) else {
+                let e = IndexError::Corrupt(format!("chunk {} is short", piece.chunk));
+                return Some(Err(e.into()));
+            };
+            out[*at..*at + piece.len as usize].copy_from_slice(src);
+        }
+        self.bytes_served
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        Some(Ok(out))
     }
 
     /// Reads up to `size` bytes at `offset` of file `ino` through `source`, without read-ahead.
@@ -681,4 +754,44 @@ impl ImageReader {
     pub fn root_ino(&self) -> u64 {
         ROOT_INO
     }
+}
+
+/// The regular files of `index` with a name `wanted` accepts (any of a file's names, for a
+/// file with several). One pass over every directory entry.
+fn files_named(index: &Index, wanted: fn(&[u8]) -> bool) -> Result<HashSet<u64>, IndexError> {
+    let mut files = HashSet::new();
+    for ino in ROOT_INO..=index.inode_count() {
+        let dir = index.inode(ino)?;
+        if dir.mode & S_IFMT != S_IFDIR {
+            continue;
+        }
+        for i in dir.data_start..dir.data_start + dir.data_count {
+            let d: DirentRecord = index.record(Section::Dirents, i as usize)?;
+            if !wanted(index.string(d.name_off, d.name_len)?) {
+                continue;
+            }
+            if index.inode(d.ino as u64)?.mode & S_IFMT == S_IFREG {
+                files.insert(d.ino as u64);
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// Chunk `i` of `index`, with the digest of its blob (`blob_digests`, in the index's order).
+pub(crate) fn chunk_ref(
+    index: &Index,
+    blob_digests: &[String],
+    i: u32,
+) -> Result<ChunkRef, IndexError> {
+    let record = index.chunk(i)?;
+    let blob_digest = blob_digests
+        .get(record.blob as usize)
+        .cloned()
+        .ok_or_else(|| IndexError::Corrupt(format!("chunk {i} names missing blob")))?;
+    Ok(ChunkRef {
+        index: i,
+        record,
+        blob_digest,
+    })
 }

@@ -12,20 +12,39 @@ use fusefs::writer::{IndexWriter, NodeSpec};
 use fusefs::{ChunkRef, ChunkSource, ImageReader, Index, OpenFile, SourceError};
 use proptest::prelude::*;
 
-/// One in-memory blob; chunks are decoded with the real checks. Records read-ahead hints.
+/// One in-memory blob; chunks are decoded with the real checks. Records read-ahead hints,
+/// guesses and the chunks it was asked for; watches the opens of `*.safetensors` files; holds
+/// the chunks of `in_memory` "in memory".
 struct MemSource {
     blob: Vec<u8>,
     hints: Mutex<Vec<u32>>,
+    guesses: Mutex<Vec<u32>>,
+    asked: Mutex<Vec<u32>>,
+    in_memory: Mutex<std::collections::HashSet<u32>>,
     /// Files opened (with the name they resolve to) and released, in order.
     opened: Mutex<Vec<(OpenFile, Option<Vec<u8>>)>>,
     released: Mutex<Vec<u64>>,
 }
 
-impl ChunkSource for MemSource {
-    fn chunk(&self, c: &ChunkRef) -> Result<Arc<Vec<u8>>, SourceError> {
+impl MemSource {
+    fn decode(&self, c: &ChunkRef) -> Result<Arc<Vec<u8>>, SourceError> {
         let start = c.record.comp_off as usize;
         let stored = &self.blob[start..start + c.record.comp_len as usize];
         Ok(Arc::new(decode_chunk(&c.record, stored)?))
+    }
+}
+
+impl ChunkSource for MemSource {
+    fn chunk(&self, c: &ChunkRef) -> Result<Arc<Vec<u8>>, SourceError> {
+        self.asked.lock().unwrap().push(c.index);
+        self.decode(c)
+    }
+
+    fn chunk_in_memory(&self, c: &ChunkRef) -> Option<Arc<Vec<u8>>> {
+        if !self.in_memory.lock().unwrap().contains(&c.index) {
+            return None;
+        }
+        self.decode(c).ok()
     }
 
     fn read_ahead(&self, chunks: &[ChunkRef]) {
@@ -33,6 +52,17 @@ impl ChunkSource for MemSource {
             .lock()
             .unwrap()
             .extend(chunks.iter().map(|c| c.index));
+    }
+
+    fn speculate(&self, chunks: &[ChunkRef]) {
+        self.guesses
+            .lock()
+            .unwrap()
+            .extend(chunks.iter().map(|c| c.index));
+    }
+
+    fn opens_wanted(&self) -> Option<fn(&[u8]) -> bool> {
+        Some(|name| name.ends_with(b".safetensors"))
     }
 
     fn file_opened(&self, file: OpenFile) {
@@ -265,6 +295,9 @@ fn build(chunk_size: usize, entries: Vec<Entry>) -> Built {
     let source = Arc::new(MemSource {
         blob: packer.blob,
         hints: Mutex::new(Vec::new()),
+        guesses: Mutex::new(Vec::new()),
+        asked: Mutex::new(Vec::new()),
+        in_memory: Mutex::new(Default::default()),
         opened: Mutex::new(Vec::new()),
         released: Mutex::new(Vec::new()),
     });
@@ -538,4 +571,160 @@ fn the_source_hears_of_first_opens_and_last_releases_with_name_chunks_and_bytes(
     drop(reader);
     assert!(file.chunks(0..10).is_err());
     assert!(file.name().is_none());
+}
+
+/// A source that wants to hear of no file's opens.
+struct Plain(Arc<MemSource>);
+
+impl ChunkSource for Plain {
+    fn chunk(&self, c: &ChunkRef) -> Result<Arc<Vec<u8>>, SourceError> {
+        self.0.chunk(c)
+    }
+}
+
+#[test]
+fn only_files_the_source_watches_make_opens_reach_it() {
+    let b = build(1 << 12, vec![file_entry(1, b"plain", vec![1; 100])]);
+    assert!(
+        !b.reader.watches_opens(),
+        "no safetensors file: the kernel may open files alone"
+    );
+    let plain = ImageReader::new(b.reader.index().clone(), Arc::new(Plain(b.source.clone())));
+    assert!(!plain.unwrap().watches_opens());
+    let b = build(
+        1 << 12,
+        vec![
+            file_entry(1, b"plain", vec![1; 100]),
+            file_entry(2, b"w.safetensors", vec![2; 100]),
+        ],
+    );
+    assert!(b.reader.watches_opens());
+    let reader = Arc::new(ImageReader::new(b.reader.index().clone(), b.source.clone()).unwrap());
+    let d1 = reader.lookup(1, b"d1").unwrap().ino;
+    let d2 = reader.lookup(d1, b"d2").unwrap().ino;
+    reader.opened(reader.lookup(d1, b"plain").unwrap().ino);
+    assert!(
+        b.source.opened.lock().unwrap().is_empty(),
+        "an unwatched file's open"
+    );
+    reader.opened(reader.lookup(d2, b"w.safetensors").unwrap().ino);
+    assert_eq!(b.source.opened.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn an_image_says_whether_it_has_extended_attributes() {
+    let b = build(1 << 12, vec![file_entry(1, b"f", vec![1; 10])]);
+    assert!(!b.reader.has_xattrs());
+    let mut e = file_entry(1, b"f", vec![1; 10]);
+    e.xattrs.insert(b"user.a".to_vec(), b"1".to_vec());
+    let b = build(1 << 12, vec![e]);
+    assert!(b.reader.has_xattrs());
+}
+
+#[test]
+fn reads_of_one_chunk_held_in_memory_are_answered_without_blocking_and_the_rest_are_deferred() {
+    let chunk = 1 << 12;
+    let big: Vec<u8> = (0..3 * chunk).map(|i| (i * 7 % 251) as u8).collect();
+    let b = build(
+        chunk,
+        vec![
+            file_entry(1, b"small", b"packed small file".to_vec()),
+            file_entry(1, b"big", big.clone()),
+        ],
+    );
+    let r = &b.reader;
+    let d1 = r.lookup(1, b"d1").unwrap().ino;
+    let small = r.lookup(d1, b"small").unwrap().ino;
+    let big_ino = r.lookup(d1, b"big").unwrap().ino;
+    // Nothing in memory: every read is deferred to `read`.
+    assert!(r.read_from_memory(small, 0, 4096).is_none());
+    assert!(r.read_from_memory(big_ino, 0, 100).is_none());
+    // Held: the read is answered, byte for byte, without asking the source's `chunk`.
+    b.source.in_memory.lock().unwrap().extend(0..8);
+    let got = r.read_from_memory(small, 7, 4096).unwrap().unwrap();
+    assert_eq!(got, b"small file");
+    let got = r.read_from_memory(big_ino, 100, 200).unwrap().unwrap();
+    assert_eq!(got, &big[100..300]);
+    // Past the end: empty, at once.
+    assert!(r
+        .read_from_memory(small, 1000, 10)
+        .unwrap()
+        .unwrap()
+        .is_empty());
+    // Two chunks: deferred, even when both are held.
+    assert!(r.read_from_memory(big_ino, chunk as u64 - 10, 20).is_none());
+    assert!(b.source.asked.lock().unwrap().is_empty());
+}
+
+/// Waits until the source has heard at least `n` guesses; panics after 5 s.
+fn wait_for_guesses(source: &MemSource, n: usize) -> Vec<u32> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let guesses = source.guesses.lock().unwrap().clone();
+        if guesses.len() >= n {
+            return guesses;
+        }
+        assert!(std::time::Instant::now() < deadline, "guesses: {guesses:?}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn first_touches_guess_a_package_a_file_read_and_nothing_twice() {
+    let chunk = 1 << 12;
+    let big: Vec<u8> = (0..20 * chunk).map(|i| (i * 7 % 251) as u8 | 1).collect();
+    let mut entries = vec![file_entry(2, b"big", big.clone())];
+    for i in 0..30 {
+        entries.push(file_entry(
+            2,
+            format!("m{i:02}.py").as_bytes(),
+            vec![i as u8 | 1; 500],
+        ));
+    }
+    let b = build(chunk, entries);
+    let reader = ImageReader::new(b.reader.index().clone(), b.source.clone())
+        .unwrap()
+        .with_speculation(true)
+        .unwrap();
+    let all_chunks = reader.index().chunk_count() as u32;
+    let settle = || std::thread::sleep(std::time::Duration::from_millis(100));
+    // Lookups guess nothing.
+    let d1 = reader.lookup(1, b"d1").unwrap().ino;
+    let d2 = reader.lookup(d1, b"d2").unwrap().ino;
+    let m00 = reader.lookup(d2, b"m00.py").unwrap().ino;
+    let _ = reader.lookup(d2, b"missing");
+    settle();
+    assert!(b.source.guesses.lock().unwrap().is_empty());
+    // The first two files read from the directory guess nothing more (a small file has no
+    // other chunks)...
+    assert_eq!(reader.read(m00, 0, 4096).unwrap(), vec![1u8; 500]);
+    let m01 = reader.lookup(d2, b"m01.py").unwrap().ino;
+    assert_eq!(reader.read(m01, 0, 4096).unwrap(), vec![1u8; 500]);
+    settle();
+    assert!(b.source.guesses.lock().unwrap().is_empty());
+    // ...a third one guesses the whole (small) directory: every chunk, each once.
+    let m02 = reader.lookup(d2, b"m02.py").unwrap().ino;
+    assert_eq!(reader.read(m02, 0, 4096).unwrap(), vec![2u8 | 1; 500]);
+    let guesses = wait_for_guesses(&b.source, all_chunks as usize);
+    let mut sorted = guesses.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (0..all_chunks).collect::<Vec<_>>(), "{guesses:?}");
+    // A first read in the middle of a big file guesses the chunks after it (and a few
+    // before), at once; a second read of the file, nothing.
+    let big_ino = reader.lookup(d2, b"big").unwrap().ino;
+    settle();
+    b.source.guesses.lock().unwrap().clear();
+    b.source.asked.lock().unwrap().clear();
+    let got = reader.read(big_ino, 8 * chunk as u64, 100).unwrap();
+    assert_eq!(got, &big[8 * chunk..8 * chunk + 100]);
+    let guesses = b.source.guesses.lock().unwrap().clone();
+    let read_chunk = b.source.asked.lock().unwrap()[0];
+    assert!(
+        !guesses.contains(&read_chunk),
+        "the read's own chunk: {guesses:?}"
+    );
+    assert!(guesses.contains(&(read_chunk + 1)) && guesses.contains(&(read_chunk - 1)));
+    assert!(guesses.len() <= 16, "{guesses:?}");
+    let _ = reader.read(big_ino, 0, 100).unwrap();
+    assert_eq!(b.source.guesses.lock().unwrap().len(), guesses.len());
 }
