@@ -63,6 +63,10 @@ pub struct MountProfile {
     pub prefetch_chunks: u64,
     /// Where that profile came from (`local`, or the image's location).
     pub prefetch_source: Option<String>,
+    /// Chunks of the whole image queued for background prefetch after mounting
+    /// (`background.whole_image`; 0: none).
+    #[serde(default)]
+    pub whole_image_chunks: u64,
 }
 
 /// `POST /v1/warm`: the response is a stream of [`WarmEvent`]s, one JSON object per line.

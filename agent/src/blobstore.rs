@@ -1,8 +1,9 @@
 //! Where a lazy image's blobs live: the `BlobStore` boundary the fetcher reads through.
 //!
 //! A store answers two questions: "give me bytes `start..end` of blob `sha256:...`" (chunk
-//! fetches, coalesced by the fetcher into one range per run of adjacent chunks) and "give me
-//! this whole small blob" (the index). It never verifies chunk contents: the fetcher checks every
+//! fetches, coalesced by the fetcher into one range per run of adjacent chunks, handed on piece
+//! by piece as the body arrives where the store can stream it) and "give me this whole small
+//! blob" (the index). It never verifies chunk contents: the fetcher checks every
 //! chunk's crc32 and blake3 before anything is cached or served, and the caller of `read_blob`
 //! checks the blob's sha256.
 //!
@@ -83,6 +84,22 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Bytes `range` of blob `digest` (`sha256:<hex>`): exactly `range.end - range.start` bytes
     /// or an error. A short body is [`BlobError::Unavailable`], never a short `Ok`.
     async fn read_range(&self, digest: &str, range: Range<u64>) -> Result<Vec<u8>, BlobError>;
+
+    /// Bytes `range` of blob `digest`, passed to `sink` in order as they arrive, so a caller
+    /// can use the first bytes of a long range before the last have come. `Ok` once the body
+    /// ended: the caller counts what it got (a short body is its to notice); on an error, what
+    /// `sink` got stands. The default reads the whole range first; stores that can stream a
+    /// body (registry, S3) pass it on piece by piece.
+    async fn read_range_to(
+        &self,
+        digest: &str,
+        range: Range<u64>,
+        sink: &mut (dyn for<'b> FnMut(&'b [u8]) + Send),
+    ) -> Result<(), BlobError> {
+        let bytes = self.read_range(digest, range).await?;
+        sink(&bytes);
+        Ok(())
+    }
 
     /// The whole blob `digest`, refusing blobs larger than `max_size` bytes. Used for the index.
     async fn read_blob(&self, digest: &str, max_size: u64) -> Result<Vec<u8>, BlobError>;

@@ -96,6 +96,20 @@ pub struct FetchConfig {
     /// Budget of the decoded-chunk memory cache.
     #[serde(deserialize_with = "size")]
     pub memory_cache: u64,
+    /// How long an image opened from a registry or S3 (its reference resolved to a manifest,
+    /// and the index fetched) is used again without asking the backend; 0: ask every time.
+    /// `lazyctl run` of an image asks twice (root filesystem, then config), and a host that
+    /// starts one image's containers one after another asks once per container.
+    #[serde(deserialize_with = "duration")]
+    pub resolve_ttl: Duration,
+    /// Guess what readers read next from the image's layout (the rest of a file or of a
+    /// directory just touched) and fetch it, or decode it from the disk cache, ahead of them.
+    pub speculate: bool,
+    /// Speculative requests in flight per backend (within `stream.requests`).
+    pub speculative_requests: usize,
+    /// Largest speculative request.
+    #[serde(deserialize_with = "size")]
+    pub speculative_request_size: u64,
 }
 
 impl Default for FetchConfig {
@@ -110,18 +124,27 @@ impl Default for FetchConfig {
             max_attempts: f.max_attempts,
             max_request_size: f.max_request_bytes,
             memory_cache: f.memory_budget as u64,
+            resolve_ttl: Duration::from_secs(60),
+            speculate: true,
+            speculative_requests: f.speculative_requests,
+            speculative_request_size: f.speculative_request_bytes,
         }
     }
 }
 
-/// Work nobody waits for: hot-profile prefetch after a mount.
+/// Work nobody waits for: the whole image after a mount, warms.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BackgroundConfig {
-    /// Bytes per second background prefetch may use (per agent); 0 = no limit. `lazyctl warm`
-    /// is work an operator asked for and runs at full speed.
+    /// Bytes per second the whole-image prefetch after a mount may use (per agent); 0 = no
+    /// limit. `lazyctl warm` is work an operator asked for and runs at full speed; a profile's
+    /// hot set is fetched at full speed, since a start waits for it.
     #[serde(deserialize_with = "size")]
     pub bandwidth: u64,
+    /// When to fetch the whole image (in layout order, up to half of `cache_size`) after
+    /// mounting it: `never`, `without-profile` (when the image has no profile) or `always`
+    /// (after the profile's hot set).
+    pub whole_image: WholeImage,
     /// Background requests (warm, prefetch) in flight per backend: enough to fill the link,
     /// few enough that a demand read shares it with little.
     pub max_requests: usize,
@@ -136,11 +159,21 @@ impl Default for BackgroundConfig {
         // that starts anyway still finds headroom for its own misses.
         let f = FetcherConfig::default();
         BackgroundConfig {
-            bandwidth: 100 << 20,
+            bandwidth: 0,
+            whole_image: WholeImage::WithoutProfile,
             max_requests: f.background_requests,
             max_request_size: f.background_request_bytes,
         }
     }
+}
+
+/// `background.whole_image`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WholeImage {
+    Never,
+    WithoutProfile,
+    Always,
 }
 
 /// Hot-chunk profiles.
@@ -156,6 +189,13 @@ pub struct ProfileConfig {
     pub push: bool,
     /// Prefetch an image's profile (local, else the one beside the image) after mounting it.
     pub prefetch: bool,
+    /// Most bytes of the profile's hot set queued or in flight at once. The hot set comes in
+    /// the order the start read it, so a reader that needs a chunk finds it on its way in a
+    /// request that is nearly done: a window just above the link's bandwidth-delay product
+    /// keeps the link full and the order tight (more in flight share the link and all arrive
+    /// late). 16 MiB fills 1 Gbit/s at up to 100 ms per request.
+    #[serde(deserialize_with = "size")]
+    pub prefetch_window: u64,
 }
 
 impl Default for ProfileConfig {
@@ -165,6 +205,7 @@ impl Default for ProfileConfig {
             window: Duration::from_secs(30),
             push: false,
             prefetch: true,
+            prefetch_window: 16 << 20,
         }
     }
 }
@@ -177,6 +218,11 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// Threads serving reads, per mount.
     pub read_workers: usize,
+    /// How long an image's shared container lower stays mounted after its last container is
+    /// removed, so the next container of that image finds the kernel's caches (pages,
+    /// entries) still full; 0: unmounted with the last container.
+    #[serde(deserialize_with = "duration")]
+    pub lower_linger: Duration,
 }
 
 impl Default for MountOptions {
@@ -184,6 +230,7 @@ impl Default for MountOptions {
         MountOptions {
             allow_other: true,
             read_workers: 16,
+            lower_linger: Duration::from_secs(600),
         }
     }
 }
@@ -245,6 +292,12 @@ impl AgentConfig {
         if self.fetch.max_request_size < 64 << 10 {
             return Err("fetch.max_request_size must be at least 64K".into());
         }
+        if self.fetch.speculative_requests == 0 {
+            return Err("fetch.speculative_requests must be at least 1".into());
+        }
+        if self.fetch.speculative_request_size < 64 << 10 {
+            return Err("fetch.speculative_request_size must be at least 64K".into());
+        }
         if self.background.max_requests == 0 {
             return Err("background.max_requests must be at least 1".into());
         }
@@ -272,6 +325,8 @@ impl AgentConfig {
             concurrency: self.fetch.concurrency,
             prefetch_requests: self.stream.requests,
             background_requests: self.background.max_requests,
+            speculative_requests: self.fetch.speculative_requests,
+            speculative_request_bytes: self.fetch.speculative_request_size,
             background_request_bytes: self.background.max_request_size,
             memory_budget: usize::try_from(self.fetch.memory_cache).unwrap_or(usize::MAX),
             ..FetcherConfig::default()
@@ -353,7 +408,11 @@ mod tests {
         assert_eq!(c.fetch.concurrency, 16);
         assert_eq!(c.fetch.read_timeout, Duration::from_secs(30));
         assert!(c.profile.record && c.profile.prefetch && !c.profile.push);
-        assert_eq!(c.background.bandwidth, 100 << 20);
+        assert_eq!(c.background.bandwidth, 0);
+        assert_eq!(c.background.whole_image, WholeImage::WithoutProfile);
+        assert!(c.fetch.speculate);
+        assert_eq!(c.fetch.resolve_ttl, Duration::from_secs(60));
+        assert_eq!(c.mount.lower_linger, Duration::from_secs(600));
     }
 
     #[test]

@@ -27,13 +27,14 @@
 //! survive the process: on SIGTERM the agent unmounts what is idle and keeps serving what is in
 //! use until it is released (see `lazyd` and docs/OPERATIONS.md).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use fusefs::fuse::MountConfig;
+use fusefs::ops::OpStats;
 use fusefs::Index;
 use thiserror::Error;
 use tokio::sync::mpsc;
@@ -45,10 +46,11 @@ use crate::api::{
     WarmInfo, WarmRequest,
 };
 use crate::cache::{CacheConfig, CacheError, ChunkCache};
-use crate::config::AgentConfig;
-use crate::fetcher::{Backend, Fetcher, RateLimit, WarmError, WarmOptions, WarmProgress};
+use crate::config::{AgentConfig, WholeImage};
+use crate::fetcher::{Backend, Fetcher, Priority, RateLimit, WarmError, WarmOptions, WarmProgress};
+use crate::metrics::MetricsSnapshot;
 use crate::mount::{self, MountError, MountedImage};
-use crate::profile::{self, ProfileError, Recorder};
+use crate::profile::{self, Profile, ProfileError, Recorder};
 use crate::remote::{self, ImageLocation, OpenedImage, RemoteError, RemoteOptions};
 use crate::stream::Streams;
 
@@ -132,6 +134,10 @@ struct LiveMount {
     /// Whether the latest recording has been saved.
     saved: AtomicBool,
     prefetch: Mutex<(u64, Option<String>)>,
+    /// Chunks of the whole image queued for background prefetch (no profile was found).
+    whole_image: AtomicU64,
+    /// Set when the mount goes: its prefetch (profile, whole image) stops.
+    stop_prefetch: Arc<AtomicBool>,
 }
 
 impl LiveMount {
@@ -149,6 +155,7 @@ impl LiveMount {
                 recorded_chunks: self.recorder.as_ref().map_or(0, |r| r.len() as u64),
                 prefetch_chunks,
                 prefetch_source,
+                whole_image_chunks: self.whole_image.load(Ordering::Relaxed),
             },
         }
     }
@@ -191,6 +198,15 @@ pub struct Agent {
     images: Mutex<Vec<KnownImage>>,
     shutting_down: AtomicBool,
     started: Instant,
+    /// The FUSE requests of every mount of this agent.
+    fuse_stats: Arc<OpStats>,
+    /// Images opened from a registry or S3 lately, by the location asked for, and when:
+    /// reused for `fetch.resolve_ttl` without asking the backend.
+    opened: Mutex<HashMap<String, (OpenedImage, Instant)>>,
+    /// Lowers whose last container is gone, each with the number of its idle spell: the timer
+    /// that unmounts a lingering lower acts only if no container came (and went) since.
+    idle_lowers: Mutex<HashMap<PathBuf, u64>>,
+    next_idle: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -203,9 +219,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 const WARM_REPORT_INTERVAL: Duration = Duration::from_millis(200);
 
 impl Agent {
-    /// Opens the cache (taking its lock) and starts the fetcher. Contacts no backend: the agent
-    /// starts with every registry and bucket unreachable.
-    pub fn new(config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
+    /// Opens the cache (taking its lock) and starts the fetcher, whose requests run on
+    /// `runtime` (lazyd's). Contacts no backend: the agent starts with every registry and
+    /// bucket unreachable.
+    pub fn new(
+        config: AgentConfig,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<Arc<Agent>, AgentError> {
         for dir in [&config.state_dir, &config.cache_dir] {
             std::fs::create_dir_all(dir)
                 .map_err(AgentError::io(format!("creating {}", dir.display())))?;
@@ -214,7 +234,7 @@ impl Agent {
             dir: config.chunk_dir(),
             budget_bytes: config.cache_size,
         })?);
-        let fetcher = Fetcher::new(config.fetcher(), Some(cache.clone()))
+        let fetcher = Fetcher::new(config.fetcher(), Some(cache.clone()), runtime)
             .map_err(AgentError::io("starting the fetcher"))?;
         let streams = Streams::new(fetcher.clone(), config.streams());
         let images = load_images(&config.state_dir.join(IMAGES_FILE));
@@ -235,6 +255,10 @@ impl Agent {
             images: Mutex::new(images),
             shutting_down: AtomicBool::new(false),
             started: Instant::now(),
+            fuse_stats: Arc::new(OpStats::default()),
+            opened: Mutex::new(HashMap::new()),
+            idle_lowers: Mutex::new(HashMap::new()),
+            next_idle: AtomicU64::new(0),
         }))
     }
 
@@ -254,16 +278,35 @@ impl Agent {
         }
     }
 
-    /// Opens `image` (manifest and index); with `remember`, records it for `gc` as in use.
+    /// Opens `image` (manifest and index); with `remember`, records it for `gc` as in use. A
+    /// registry or S3 image opened within `fetch.resolve_ttl` is not asked for again.
     async fn open(&self, image: &str, remember: bool) -> Result<OpenedImage, AgentError> {
         let location =
             ImageLocation::parse(image).map_err(|e| AgentError::BadRequest(e.to_string()))?;
-        let opened = remote::open_image(&location, &self.remote, Some(&self.config.cache_dir))
-            .await
-            .map_err(|source| AgentError::Open {
-                image: image.to_string(),
-                source,
-            })?;
+        let ttl = self.config.fetch.resolve_ttl;
+        let recent = lock(&self.opened)
+            .get(image)
+            .filter(|(_, at)| at.elapsed() < ttl)
+            .map(|(opened, _)| opened.clone());
+        let opened = match recent {
+            Some(opened) => opened,
+            None => {
+                let opened =
+                    remote::open_image(&location, &self.remote, Some(&self.config.cache_dir))
+                        .await
+                        .map_err(|source| AgentError::Open {
+                            image: image.to_string(),
+                            source,
+                        })?;
+                // A local store is read in place: opening it again costs no round trip.
+                if !ttl.is_zero() && !matches!(location, ImageLocation::Dir { .. }) {
+                    let mut recent = lock(&self.opened);
+                    recent.retain(|_, (_, at)| at.elapsed() < ttl);
+                    recent.insert(image.to_string(), (opened.clone(), Instant::now()));
+                }
+                opened
+            }
+        };
         if remember {
             self.remember(image, &opened);
         }
@@ -300,8 +343,9 @@ impl Agent {
         Ok(live.info(&mountpoint))
     }
 
-    /// Mounts an opened image at `mountpoint` and serves it: starts its recording and the
-    /// prefetch of its profile.
+    /// Mounts an opened image at `mountpoint` and serves it: starts its recording and, for a
+    /// remote image, its prefetch (`Agent::prefetch_after_mount`). The image's profile is
+    /// looked up while the filesystem is being mounted, so the link is busy from the start.
     async fn serve(
         self: &Arc<Self>,
         image: &str,
@@ -318,11 +362,18 @@ impl Agent {
             fs_name: format!("lazyimg:{image}"),
             allow_other,
             read_workers: self.config.mount.read_workers,
+            stats: self.fuse_stats.clone(),
             ..MountConfig::default()
         };
         let backend = (!opened.is_local()).then(|| self.fetcher.backend(opened.store.clone()));
+        let profile = backend.is_some().then(|| {
+            let agent = self.clone();
+            let (opened, image) = (opened.clone(), image.to_string());
+            tokio::spawn(async move { agent.find_profile(&opened, &image).await })
+        });
         let streams = self.streams.clone();
-        let (opened, mounted) = {
+        let speculate = self.config.fetch.speculate;
+        let mounted = {
             let mountpoint = mountpoint.to_path_buf();
             let recorder = recorder.clone();
             tokio::task::spawn_blocking(move || {
@@ -336,15 +387,28 @@ impl Agent {
                         &mountpoint,
                         &cfg,
                         recorder.as_ref(),
+                        speculate,
                     ),
                 };
                 mounted.map(|m| (opened, m))
             })
             .await
-            .map_err(|e| AgentError::Io {
-                context: "mount task".into(),
-                source: std::io::Error::other(e),
-            })??
+        };
+        let (opened, mounted) = match mounted {
+            Ok(Ok(mounted)) => mounted,
+            failed => {
+                if let Some(lookup) = &profile {
+                    lookup.abort();
+                }
+                return Err(match failed {
+                    Ok(Err(e)) => e.into(),
+                    Err(e) => AgentError::Io {
+                        context: "mount task".into(),
+                        source: std::io::Error::other(e),
+                    },
+                    Ok(Ok(_)) => unreachable!("handled above"),
+                });
+            }
         };
         let live = Arc::new(LiveMount {
             image: image.to_string(),
@@ -357,51 +421,170 @@ impl Agent {
             recording: AtomicU64::new(0),
             saved: AtomicBool::new(false),
             prefetch: Mutex::new((0, None)),
+            whole_image: AtomicU64::new(0),
+            stop_prefetch: Arc::new(AtomicBool::new(false)),
         });
         lock(&self.mounts).insert(mountpoint.to_path_buf(), live.clone());
         if live.recorder.is_some() {
             self.schedule_recording_end(&live, 0, self.config.profile.window);
         }
-        if self.config.profile.prefetch && live.backend.is_some() {
+        if let Some(lookup) = profile {
             let agent = self.clone();
             let live = live.clone();
-            tokio::spawn(async move { agent.prefetch_profile(&live).await });
+            tokio::spawn(async move {
+                let profile = lookup.await.ok().flatten();
+                agent.prefetch_after_mount(&live, profile).await;
+            });
         }
         Ok(live)
     }
 
-    /// Queues the chunks of the image's profile (local, else the one beside the image) for
-    /// background prefetch.
-    async fn prefetch_profile(&self, live: &LiveMount) {
-        let Some(backend) = &live.backend else { return };
-        let digest = &live.opened.manifest_digest;
-        let (profile, source) = match profile::load_local(&self.profile_dir(), digest) {
-            Ok(Some(p)) => (p, "local".to_string()),
-            Ok(None) => match profile::fetch_profile(&live.opened, &self.remote).await {
-                Ok(Some(p)) => (p, live.image.clone()),
-                Ok(None) => return,
+    /// The image's profile (the local one, else the one beside the image) and where it came
+    /// from, when profile prefetch is on and there is one; a profile that cannot be read is
+    /// logged and treated as none.
+    async fn find_profile(&self, opened: &OpenedImage, image: &str) -> Option<(Profile, String)> {
+        if !self.config.profile.prefetch {
+            return None;
+        }
+        match profile::load_local(&self.profile_dir(), &opened.manifest_digest) {
+            Ok(Some(p)) => Some((p, "local".to_string())),
+            Ok(None) => match profile::fetch_profile(opened, &self.remote).await {
+                Ok(Some(p)) => Some((p, image.to_string())),
+                Ok(None) => None,
                 Err(e) => {
-                    warn!(image = %live.image, "cannot fetch the image's profile, not prefetching: {e}");
-                    return;
+                    warn!(
+                        image,
+                        "cannot fetch the image's profile, not prefetching it: {e}"
+                    );
+                    None
                 }
             },
             Err(e) => {
-                warn!(image = %live.image, "local profile unusable, not prefetching: {e}");
+                warn!(image, "local profile unusable, not prefetching it: {e}");
+                None
+            }
+        }
+    }
+
+    /// What a new remote mount fetches before it is read: its profile's hot set at prefetch
+    /// priority (in profile order, filling the link from the start, demand reads still first),
+    /// then, when `background.whole_image` says so (by default: only when there is no
+    /// profile), the whole image in layout order at background priority, under
+    /// `background.bandwidth`, up to half of the cache budget. Both stop when the mount goes.
+    async fn prefetch_after_mount(
+        &self,
+        live: &Arc<LiveMount>,
+        profile: Option<(Profile, String)>,
+    ) {
+        let Some(backend) = live.backend.clone() else {
+            return;
+        };
+        let found = profile.is_some();
+        if let Some((profile, source)) = profile {
+            // The profile says what the start reads: guesses would fetch what it left out.
+            let guesses = lock(&live.session)
+                .as_ref()
+                .and_then(|m| m.fetch_guesses.clone());
+            if let Some(guesses) = guesses {
+                guesses.store(false, Ordering::Relaxed);
+            }
+            let chunks = profile.chunks(&live.opened.index);
+            let bytes: u64 = chunks.iter().map(|c| u64::from(c.record.comp_len)).sum();
+            info!(
+                image = %live.image,
+                chunks = chunks.len(),
+                bytes,
+                runs = profile.runs,
+                "prefetching the hot set from the {source} profile"
+            );
+            *lock(&live.prefetch) = (chunks.len() as u64, Some(source));
+            let opts = WarmOptions {
+                priority: Priority::Prefetch,
+                window_bytes: self.config.profile.prefetch_window,
+                decode_ahead: true,
+                ..WarmOptions::default()
+            };
+            self.prefetch_chunks(live, &backend, chunks, opts, "the hot set")
+                .await;
+        }
+        let whole = match self.config.background.whole_image {
+            WholeImage::Never => false,
+            WholeImage::WithoutProfile => !found,
+            WholeImage::Always => true,
+        };
+        if !whole || live.stop_prefetch.load(Ordering::Relaxed) {
+            return;
+        }
+        if live.reader.watches_opens() {
+            // A model image: each safetensors file is streamed when it is opened, at the pace
+            // of its loader; a loader that reads one shard must not get the others fetched.
+            return;
+        }
+        let budget = self.config.cache_size / 2;
+        let mut chunks = match layout_order(&live.opened.index) {
+            Ok(chunks) => chunks,
+            Err(e) => {
+                warn!(image = %live.image, "not prefetching the whole image: {e}");
                 return;
             }
         };
-        let chunks = profile.chunks(&live.opened.index);
-        let bytes: u64 = chunks.iter().map(|c| u64::from(c.record.comp_len)).sum();
+        let mut bytes = 0u64;
+        let within = chunks
+            .iter()
+            .take_while(|c| {
+                bytes += u64::from(c.record.comp_len);
+                bytes <= budget
+            })
+            .count();
+        chunks.truncate(within);
         info!(
             image = %live.image,
             chunks = chunks.len(),
-            bytes,
-            runs = profile.runs,
-            "prefetching the hot set from the {source} profile"
+            of = live.opened.index.chunk_count(),
+            "prefetching the whole image in the background (no profile)"
         );
-        *lock(&live.prefetch) = (chunks.len() as u64, Some(source));
-        self.fetcher
-            .prefetch_background(backend, &chunks, self.background_limit.clone());
+        live.whole_image
+            .store(chunks.len() as u64, Ordering::Relaxed);
+        let opts = WarmOptions {
+            limit: self.background_limit.clone(),
+            ..WarmOptions::default()
+        };
+        self.prefetch_chunks(live, &backend, chunks, opts, "the whole image")
+            .await;
+    }
+
+    /// Runs a warm of `chunks` for a mount's prefetch until it is done or the mount goes;
+    /// a failure is logged (the readers of those chunks fetch them on demand).
+    async fn prefetch_chunks(
+        &self,
+        live: &LiveMount,
+        backend: &Arc<Backend>,
+        chunks: Vec<fusefs::ChunkRef>,
+        opts: WarmOptions,
+        what: &'static str,
+    ) {
+        let fetcher = self.fetcher.clone();
+        let backend = backend.clone();
+        let stop = live.stop_prefetch.clone();
+        let started = Instant::now();
+        let outcome = tokio::task::spawn_blocking(move || {
+            fetcher.warm(&backend, &chunks, &opts, &mut |_| {
+                !stop.load(Ordering::Relaxed)
+            })
+        })
+        .await;
+        match outcome {
+            Ok(Ok(p)) => info!(
+                image = %live.image,
+                fetched = p.fetched_bytes,
+                cached = p.cached_bytes,
+                "prefetched {what} in {:.1} s",
+                started.elapsed().as_secs_f64()
+            ),
+            Ok(Err(WarmError::Cancelled)) => {}
+            Ok(Err(e)) => warn!(image = %live.image, "prefetch of {what} stopped: {e}"),
+            Err(e) => error!(image = %live.image, "prefetch task failed: {e}"),
+        }
     }
 
     fn schedule_recording_end(
@@ -624,11 +807,29 @@ impl Agent {
             }
         }
         let opened = self.open(&req.image, true).await?;
+        // The runtime's bundle needs the image's config next (`/v1/image/config`): fetch it
+        // (into CACHE/configs) while the root filesystem is being made.
+        if !opened.is_local() {
+            let (location, config, store) = (
+                opened.location.clone(),
+                opened.manifest.config.clone(),
+                opened.store.clone(),
+            );
+            let cache_dir = self.config.cache_dir.clone();
+            tokio::spawn(async move {
+                if let Err(e) =
+                    remote::read_config(&location, &config, store.as_ref(), Some(&cache_dir)).await
+                {
+                    warn!(image = %location, "cannot fetch the image's config ahead: {e}");
+                }
+            });
+        }
         let manifest_digest = opened.manifest_digest.clone();
         let hex = manifest_digest
             .strip_prefix("sha256:")
             .unwrap_or(&manifest_digest);
         let lower = self.lower_root().join(hex);
+        lock(&self.idle_lowers).remove(&lower);
         if lock(&self.mounts).contains_key(&lower) {
             self.touch(&manifest_digest);
         } else {
@@ -730,12 +931,48 @@ impl Agent {
         })
     }
 
-    /// Unmounts the lower at `lower` when no container uses it any more. A busy lower (someone
-    /// works in it directly) is left mounted, for a later umount or the agent's stop.
+    /// When no container uses the lower at `lower` any more: ends its recording (the start is
+    /// over) and unmounts it after `mount.lower_linger`, unless a container comes meanwhile
+    /// (with `lazy`, or no linger, at once). A busy lower (someone works in it directly) is left
+    /// mounted, for a later umount or the agent's stop.
     async fn release_lower(self: &Arc<Self>, lower: &Path, lazy: bool) {
-        if !self.lower_users(lower).is_empty() || !lock(&self.mounts).contains_key(lower) {
+        if !self.lower_users(lower).is_empty() {
             return;
         }
+        let Some(live) = lock(&self.mounts).get(lower).cloned() else {
+            return;
+        };
+        let linger = self.config.mount.lower_linger;
+        if lazy || linger.is_zero() {
+            self.unmount_lower(lower, lazy).await;
+            return;
+        }
+        self.save_recording(&live).await;
+        let spell = self.next_idle.fetch_add(1, Ordering::Relaxed);
+        lock(&self.idle_lowers).insert(lower.to_path_buf(), spell);
+        let agent = self.clone();
+        let lower = lower.to_path_buf();
+        tokio::spawn(async move {
+            tokio::time::sleep(linger).await;
+            let _ops = agent.container_ops.lock().await;
+            let still_idle = {
+                let mut idle = lock(&agent.idle_lowers);
+                let mine = idle.get(&lower) == Some(&spell);
+                if mine {
+                    idle.remove(&lower);
+                }
+                mine && agent.lower_users(&lower).is_empty()
+            };
+            if still_idle {
+                info!(lower = %lower.display(), "unmounting a lower no container used for {linger:?}");
+                agent.unmount_lower(&lower, false).await;
+            }
+        });
+    }
+
+    /// Unmounts the lower at `lower` now.
+    async fn unmount_lower(self: &Arc<Self>, lower: &Path, lazy: bool) {
+        lock(&self.idle_lowers).remove(lower);
         let req = UmountRequest {
             mountpoint: lower.to_path_buf(),
             lazy,
@@ -768,6 +1005,7 @@ impl Agent {
     }
 
     async fn forget_mount(&self, mountpoint: &Path, live: &Arc<LiveMount>) {
+        live.stop_prefetch.store(true, Ordering::Relaxed);
         {
             let mut mounts = lock(&self.mounts);
             if mounts.get(mountpoint).is_some_and(|m| Arc::ptr_eq(m, live)) {
@@ -920,15 +1158,7 @@ impl Agent {
             };
             profile.chunks(&opened.index)
         } else {
-            let mut all = opened
-                .index
-                .chunk_refs()
-                .map_err(|e| AgentError::BadRequest(e.to_string()))?;
-            // Blob and offset order: neighbours coalesce into long range requests.
-            all.sort_by(|a, b| {
-                (&a.blob_digest, a.record.comp_off).cmp(&(&b.blob_digest, b.record.comp_off))
-            });
-            all
+            layout_order(&opened.index).map_err(|e| AgentError::BadRequest(e.to_string()))?
         };
         if opened.is_local() {
             // A local store is read in place; there is nothing to fetch.
@@ -1141,14 +1371,21 @@ impl Agent {
                 .map(|c| c.info.clone())
                 .collect(),
             images: lock(&self.images).clone(),
-            metrics: self.fetcher.snapshot(),
+            metrics: self.metrics(),
         }
+    }
+
+    /// The fetcher's and cache's counters with the FUSE requests of every mount.
+    fn metrics(&self) -> MetricsSnapshot {
+        let mut metrics = self.fetcher.snapshot();
+        metrics.fuse.ops = self.fuse_stats.snapshot();
+        metrics
     }
 
     /// The Prometheus text of `GET /metrics`: the fetcher's counters plus the agent's own
     /// gauges.
     pub fn prometheus(&self) -> String {
-        let mut text = self.fetcher.snapshot().prometheus();
+        let mut text = self.metrics().prometheus();
         let mounts = lock(&self.mounts).len();
         let warms = lock(&self.warms).len();
         for (name, help, value) in [
@@ -1383,6 +1620,16 @@ fn remove_overlay(
         warn!(dir = %info.dir.display(), "cannot delete the container's directory: {e}");
     }
     Ok(None)
+}
+
+/// Every chunk of `index` in blob and offset order (the layout order): neighbours coalesce into
+/// long range requests.
+fn layout_order(index: &Index) -> Result<Vec<fusefs::ChunkRef>, fusefs::IndexError> {
+    let mut all = index.chunk_refs()?;
+    all.sort_by(|a, b| {
+        (&a.blob_digest, a.record.comp_off).cmp(&(&b.blob_digest, b.record.comp_off))
+    });
+    Ok(all)
 }
 
 fn load_images(path: &Path) -> Vec<KnownImage> {

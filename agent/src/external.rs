@@ -151,6 +151,26 @@ impl RoutedBlobStore {
     }
 
     /// Rewrites an S3 error about a referenced object so that it says what happened to it.
+    /// Refuses a range past the end of the object (its size as indexed).
+    fn check_range(
+        &self,
+        digest: &str,
+        route: &Route,
+        range: &Range<u64>,
+    ) -> Result<(), BlobError> {
+        if range.end > route.object.size {
+            return Err(BlobError::Invalid {
+                store: self.name.clone(),
+                digest: digest.to_string(),
+                reason: format!(
+                    "range {}..{} is outside {}'s {} bytes",
+                    range.start, range.end, route.object.url, route.object.size
+                ),
+            });
+        }
+        Ok(())
+    }
+
     fn explain(&self, digest: &str, object: &ExternalObject, e: BlobError) -> BlobError {
         match e {
             BlobError::NotFound { .. } => BlobError::Invalid {
@@ -192,16 +212,7 @@ impl BlobStore for RoutedBlobStore {
         let Some(route) = self.routes.get(digest) else {
             return self.own.read_range(digest, range).await;
         };
-        if range.end > route.object.size {
-            return Err(BlobError::Invalid {
-                store: self.name.clone(),
-                digest: digest.to_string(),
-                reason: format!(
-                    "range {}..{} is outside {}'s {} bytes",
-                    range.start, range.end, route.object.url, route.object.size
-                ),
-            });
-        }
+        self.check_range(digest, route, &range)?;
         route
             .store
             .read_object_range(
@@ -209,6 +220,29 @@ impl BlobStore for RoutedBlobStore {
                 &route.object.key,
                 range,
                 route.object.etag.as_deref(),
+            )
+            .await
+            .map_err(|e| self.explain(digest, &route.object, e))
+    }
+
+    async fn read_range_to(
+        &self,
+        digest: &str,
+        range: Range<u64>,
+        sink: &mut (dyn for<'b> FnMut(&'b [u8]) + Send),
+    ) -> Result<(), BlobError> {
+        let Some(route) = self.routes.get(digest) else {
+            return self.own.read_range_to(digest, range, sink).await;
+        };
+        self.check_range(digest, route, &range)?;
+        route
+            .store
+            .read_object_range_to(
+                digest,
+                &route.object.key,
+                range,
+                route.object.etag.as_deref(),
+                sink,
             )
             .await
             .map_err(|e| self.explain(digest, &route.object, e))

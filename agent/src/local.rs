@@ -116,12 +116,11 @@ impl LocalChunkSource {
 
 impl ChunkSource for LocalChunkSource {
     fn chunk(&self, chunk: &ChunkRef) -> Result<Arc<Vec<u8>>, SourceError> {
+        if let Some(hit) = self.chunk_in_memory(chunk) {
+            return Ok(hit);
+        }
         self.stats.chunk_reads.fetch_add(1, Ordering::Relaxed);
         let key = chunk.record.digest;
-        if let Some(hit) = self.lru().get(&key) {
-            self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(hit.clone());
-        }
         match self.load(chunk) {
             Ok(raw) => {
                 let raw = Arc::new(raw);
@@ -138,5 +137,12 @@ impl ChunkSource for LocalChunkSource {
                 Err(e)
             }
         }
+    }
+
+    fn chunk_in_memory(&self, chunk: &ChunkRef) -> Option<Arc<Vec<u8>>> {
+        let hit = self.lru().get(&chunk.record.digest)?.clone();
+        self.stats.chunk_reads.fetch_add(1, Ordering::Relaxed);
+        self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
+        Some(hit)
     }
 }

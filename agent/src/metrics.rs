@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use fusefs::ops::{Op, OpCount};
 use serde::{Deserialize, Serialize};
 
 pub const CHUNK_READS: &str = "lazy_chunk_reads_total";
@@ -19,6 +20,12 @@ pub const JOINED: &str = "lazy_chunk_fetch_joined_total";
 pub const DEMAND_FETCHES: &str = "lazy_chunk_demand_fetches_total";
 pub const PREFETCH_FETCHES: &str = "lazy_chunk_prefetch_fetches_total";
 pub const BACKGROUND_FETCHES: &str = "lazy_chunk_background_fetches_total";
+pub const SPECULATIVE_FETCHES: &str = "lazy_chunk_speculative_fetches_total";
+pub const DEMAND_WAIT: &str = "lazy_chunk_demand_wait_seconds";
+pub const AHEAD_BYTES: &str = "lazy_chunk_ahead_bytes_total";
+pub const AHEAD_USED_BYTES: &str = "lazy_chunk_ahead_used_bytes_total";
+pub const DECODED_AHEAD: &str = "lazy_chunk_decoded_ahead_total";
+pub const DECODED_AHEAD_USED: &str = "lazy_chunk_decoded_ahead_used_total";
 pub const DIGEST_MISMATCHES: &str = "lazy_chunk_digest_mismatches_total";
 pub const SERVED_UNCACHED: &str = "lazy_chunk_served_uncached_total";
 pub const READ_ERRORS: &str = "lazy_chunk_read_errors_total";
@@ -32,6 +39,8 @@ pub const BACKEND_LATENCY: &str = "lazy_backend_request_seconds";
 pub const STREAMS_STARTED: &str = "lazy_streams_started_total";
 pub const STREAM_BYTES: &str = "lazy_stream_bytes_total";
 pub const STREAM_HEADERS_REFUSED: &str = "lazy_stream_headers_refused_total";
+pub const FUSE_REQUESTS: &str = "lazy_fuse_requests_total";
+pub const FUSE_SECONDS: &str = "lazy_fuse_request_seconds_total";
 pub const MOUNTS: &str = "lazyd_mounts";
 pub const WARMS: &str = "lazyd_warms_running";
 pub const UPTIME: &str = "lazyd_uptime_seconds";
@@ -181,8 +190,24 @@ pub struct ChunkMetrics {
     pub demand_fetches: Counter,
     /// Chunks fetched on a reader's read-ahead hint.
     pub prefetch_fetches: Counter,
-    /// Chunks fetched by background work (warm, hot-chunk profile prefetch).
+    /// Chunks fetched by background work (warm, the whole image).
     pub background_fetches: Counter,
+    /// Chunks fetched on a guess (the rest of a file or directory just touched).
+    pub speculative_fetches: Counter,
+    /// How long readers waited for chunks that had to be fetched (misses).
+    pub demand_wait: Histogram,
+    /// Stored bytes fetched ahead of readers, by class (read-ahead, streams and profiles;
+    /// speculation; background), and of those, the bytes of chunks a reader then read.
+    pub prefetch_ahead_bytes: Counter,
+    pub prefetch_ahead_used_bytes: Counter,
+    pub speculative_ahead_bytes: Counter,
+    pub speculative_ahead_used_bytes: Counter,
+    pub background_ahead_bytes: Counter,
+    pub background_ahead_used_bytes: Counter,
+    /// Chunks decoded from the disk cache into memory on a guess, and of those, the ones a
+    /// reader then read.
+    pub decoded_ahead: Counter,
+    pub decoded_ahead_used: Counter,
     /// Chunks whose fetched bytes failed crc32, decompression or blake3: never served.
     pub digest_mismatches: Counter,
     /// Chunks served without being written to the disk cache (disk full).
@@ -201,6 +226,31 @@ pub struct ChunkSnapshot {
     pub demand_fetches: u64,
     pub prefetch_fetches: u64,
     pub background_fetches: u64,
+    #[serde(default)]
+    pub speculative_fetches: u64,
+    /// Misses and the seconds readers waited for them, in all and by bucket.
+    #[serde(default)]
+    pub demand_waits: u64,
+    #[serde(default)]
+    pub demand_wait_seconds: f64,
+    #[serde(default)]
+    pub demand_wait: HistogramSnapshot,
+    #[serde(default)]
+    pub prefetch_bytes: u64,
+    #[serde(default)]
+    pub prefetch_used_bytes: u64,
+    #[serde(default)]
+    pub speculative_bytes: u64,
+    #[serde(default)]
+    pub speculative_used_bytes: u64,
+    #[serde(default)]
+    pub background_bytes: u64,
+    #[serde(default)]
+    pub background_used_bytes: u64,
+    #[serde(default)]
+    pub decoded_ahead: u64,
+    #[serde(default)]
+    pub decoded_ahead_used: u64,
     pub digest_mismatches: u64,
     pub served_uncached: u64,
     pub read_errors: u64,
@@ -208,6 +258,7 @@ pub struct ChunkSnapshot {
 
 impl ChunkMetrics {
     pub fn snapshot(&self) -> ChunkSnapshot {
+        let demand_wait = self.demand_wait.snapshot();
         ChunkSnapshot {
             reads: self.reads.get(),
             memory_hits: self.memory_hits.get(),
@@ -217,6 +268,18 @@ impl ChunkMetrics {
             demand_fetches: self.demand_fetches.get(),
             prefetch_fetches: self.prefetch_fetches.get(),
             background_fetches: self.background_fetches.get(),
+            speculative_fetches: self.speculative_fetches.get(),
+            demand_waits: demand_wait.count,
+            demand_wait_seconds: demand_wait.sum_seconds,
+            demand_wait,
+            prefetch_bytes: self.prefetch_ahead_bytes.get(),
+            prefetch_used_bytes: self.prefetch_ahead_used_bytes.get(),
+            speculative_bytes: self.speculative_ahead_bytes.get(),
+            speculative_used_bytes: self.speculative_ahead_used_bytes.get(),
+            background_bytes: self.background_ahead_bytes.get(),
+            background_used_bytes: self.background_ahead_used_bytes.get(),
+            decoded_ahead: self.decoded_ahead.get(),
+            decoded_ahead_used: self.decoded_ahead_used.get(),
             digest_mismatches: self.digest_mismatches.get(),
             served_uncached: self.served_uncached.get(),
             read_errors: self.read_errors.get(),
@@ -261,6 +324,32 @@ pub struct MetricsSnapshot {
     pub streams: StreamSnapshot,
     pub backends: Vec<BackendSnapshot>,
     pub cache: Option<crate::cache::CacheStats>,
+    /// The FUSE requests the mounts answered (absent in snapshots written before they were
+    /// counted).
+    #[serde(default)]
+    pub fuse: FuseSnapshot,
+}
+
+/// FUSE requests that reached the daemon, by kind (`fusefs::ops`), summed over mounts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct FuseSnapshot {
+    pub ops: Vec<OpCount>,
+}
+
+impl FuseSnapshot {
+    /// How many `op` requests were answered.
+    pub fn count(&self, op: Op) -> u64 {
+        self.ops.iter().find(|c| c.op == op).map_or(0, |c| c.count)
+    }
+
+    /// Requests of every kind.
+    pub fn total(&self) -> u64 {
+        self.ops
+            .iter()
+            .filter(|c| c.op != Op::LookupMissing)
+            .map(|c| c.count)
+            .sum()
+    }
 }
 
 impl MetricsSnapshot {
@@ -283,8 +372,27 @@ impl MetricsSnapshot {
         );
         let _ = write!(
             out,
-            "\nfetches: {} for readers, {} read-ahead, {} background (warm, profile prefetch)",
-            c.demand_fetches, c.prefetch_fetches, c.background_fetches
+            "\nfetches: {} for readers, {} read-ahead (streams, profiles), {} speculative, {} background (warm, whole image)",
+            c.demand_fetches, c.prefetch_fetches, c.speculative_fetches, c.background_fetches
+        );
+        if c.demand_waits > 0 {
+            let _ = write!(
+                out,
+                "\nreaders waited for {} fetches, {:.3} s in all",
+                c.demand_waits, c.demand_wait_seconds
+            );
+        }
+        let _ = write!(
+            out,
+            "\nfetched ahead of readers (bytes used / fetched): read-ahead {} / {}, speculative {} / {}, background {} / {}; decoded ahead {} / {} chunks",
+            c.prefetch_used_bytes,
+            c.prefetch_bytes,
+            c.speculative_used_bytes,
+            c.speculative_bytes,
+            c.background_used_bytes,
+            c.background_bytes,
+            c.decoded_ahead_used,
+            c.decoded_ahead
         );
         let st = &self.streams;
         if st.started + st.headers_refused > 0 {
@@ -302,6 +410,15 @@ impl MetricsSnapshot {
                 "\n{}: {} requests, {} bytes, {} chunks, {} retries, {} errors ({} timeouts), latency p50 <= {p50}, p99 <= {p99}",
                 b.name, b.requests, b.bytes, b.chunks, b.retries, b.errors, b.timeouts
             );
+        }
+        if !self.fuse.ops.is_empty() {
+            let ops: Vec<String> = self
+                .fuse
+                .ops
+                .iter()
+                .map(|c| format!("{} {} ({:.3} s)", c.count, c.op.name(), c.seconds))
+                .collect();
+            let _ = write!(out, "\nfuse requests: {}", ops.join(", "));
         }
         if let Some(cache) = &self.cache {
             let _ = write!(
@@ -347,8 +464,23 @@ impl MetricsSnapshot {
             ),
             (
                 BACKGROUND_FETCHES,
-                "Chunks fetched by background work (warm, profile prefetch).",
+                "Chunks fetched by background work (warm, the whole image).",
                 c.background_fetches,
+            ),
+            (
+                SPECULATIVE_FETCHES,
+                "Chunks fetched on a guess (the rest of a file or directory just touched).",
+                c.speculative_fetches,
+            ),
+            (
+                DECODED_AHEAD,
+                "Chunks decoded from the disk cache into memory on a guess.",
+                c.decoded_ahead,
+            ),
+            (
+                DECODED_AHEAD_USED,
+                "Chunks decoded ahead that a reader then read.",
+                c.decoded_ahead_used,
             ),
             (
                 DIGEST_MISMATCHES,
@@ -413,34 +545,84 @@ impl MetricsSnapshot {
                 let _ = writeln!(out, "{name}{{{}}} {}", labels(b), field(b));
             }
         }
+        for (name, help, value) in [
+            (
+                FUSE_REQUESTS,
+                "FUSE requests answered by the daemon, by kind (lookup_missing: lookups of missing names, also counted as lookup).",
+                (|c: &OpCount| c.count.to_string()) as fn(&OpCount) -> String,
+            ),
+            (
+                FUSE_SECONDS,
+                "Time the daemon spent answering FUSE requests, by kind.",
+                |c| c.seconds.to_string(),
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for c in &self.fuse.ops {
+                let _ = writeln!(out, "{name}{{op=\"{}\"}} {}", c.op.name(), value(c));
+            }
+        }
+        for (name, help, values) in [
+            (
+                AHEAD_BYTES,
+                "Stored bytes fetched ahead of readers, by class.",
+                [c.prefetch_bytes, c.speculative_bytes, c.background_bytes],
+            ),
+            (
+                AHEAD_USED_BYTES,
+                "Stored bytes fetched ahead of readers that a reader then read, by class.",
+                [
+                    c.prefetch_used_bytes,
+                    c.speculative_used_bytes,
+                    c.background_used_bytes,
+                ],
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (class, value) in ["prefetch", "speculative", "background"].iter().zip(values) {
+                let _ = writeln!(out, "{name}{{class=\"{class}\"}} {value}");
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP {DEMAND_WAIT} How long readers waited for chunks that had to be fetched.\n# TYPE {DEMAND_WAIT} histogram"
+        );
+        write_histogram(&mut out, DEMAND_WAIT, "", &c.demand_wait);
         let _ = writeln!(
             out,
             "# HELP {BACKEND_LATENCY} Backend request latency.\n# TYPE {BACKEND_LATENCY} histogram"
         );
         for b in &self.backends {
-            let mut cumulative = 0;
-            for (i, n) in b.latency.buckets.iter().enumerate() {
-                cumulative += n;
-                let le = LATENCY_BUCKETS
-                    .get(i)
-                    .map_or("+Inf".to_string(), |v| v.to_string());
-                let _ = writeln!(
-                    out,
-                    "{BACKEND_LATENCY}_bucket{{{},le=\"{le}\"}} {cumulative}",
-                    labels(b)
-                );
-            }
-            let _ = writeln!(
-                out,
-                "{BACKEND_LATENCY}_sum{{{}}} {}\n{BACKEND_LATENCY}_count{{{}}} {}",
-                labels(b),
-                b.latency.sum_seconds,
-                labels(b),
-                b.latency.count
-            );
+            write_histogram(&mut out, BACKEND_LATENCY, &labels(b), &b.latency);
         }
         out
     }
+}
+
+/// The `_bucket`, `_sum` and `_count` lines of histogram `name` with `labels` (may be empty).
+fn write_histogram(out: &mut String, name: &str, labels: &str, h: &HistogramSnapshot) {
+    let sep = if labels.is_empty() { "" } else { "," };
+    let mut cumulative = 0;
+    for (i, n) in h.buckets.iter().enumerate() {
+        cumulative += n;
+        let le = LATENCY_BUCKETS
+            .get(i)
+            .map_or("+Inf".to_string(), |v| v.to_string());
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
+        );
+    }
+    let braces = if labels.is_empty() {
+        String::new()
+    } else {
+        format!("{{{labels}}}")
+    };
+    let _ = writeln!(
+        out,
+        "{name}_sum{braces} {}\n{name}_count{braces} {}",
+        h.sum_seconds, h.count
+    );
 }
 
 fn labels(b: &BackendSnapshot) -> String {
@@ -516,7 +698,8 @@ mod tests {
         assert!(text.contains("# TYPE lazy_chunk_background_fetches_total counter\nlazy_chunk_background_fetches_total 7\n"), "{text}");
         assert!(text.contains("lazy_chunk_prefetch_fetches_total 2\n"));
         assert!(
-            snap.summary().contains("2 read-ahead, 7 background"),
+            snap.summary()
+                .contains("2 read-ahead (streams, profiles), 0 speculative, 7 background"),
             "{}",
             snap.summary()
         );

@@ -70,6 +70,8 @@ pub struct MountedImage {
     pub source: MountSource,
     pub mountpoint: PathBuf,
     pub files: u64,
+    /// For a remote image: whether its guesses are fetched (`FetchSource::fetch_guesses`).
+    pub fetch_guesses: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl MountedImage {
@@ -126,8 +128,8 @@ pub fn mount_local(
 
 /// Mounts an image opened with `remote::open_image`, reading its data through `fetcher`, with
 /// streams of its safetensors files under the defaults for `fetcher`
-/// (`StreamConfig::for_fetcher`); with `recorder`, first accesses of chunks are recorded for a
-/// profile.
+/// (`StreamConfig::for_fetcher`) and speculation from the image's layout; with `recorder`,
+/// first accesses of chunks are recorded for a profile.
 pub fn mount_remote(
     image: &OpenedImage,
     fetcher: &Arc<Fetcher>,
@@ -136,35 +138,45 @@ pub fn mount_remote(
     recorder: Option<&Arc<Recorder>>,
 ) -> Result<MountedImage, MountError> {
     let streams = Streams::new(fetcher.clone(), StreamConfig::for_fetcher(fetcher));
-    mount_remote_streaming(image, &streams, mountpoint, cfg, recorder)
+    mount_remote_streaming(image, &streams, mountpoint, cfg, recorder, true)
 }
 
 /// [`mount_remote`] with the streams (and fetcher) of `streams`, shared with other mounts so
-/// that their streams share the link fairly.
+/// that their streams share the link fairly; `speculate` says whether the filesystem guesses
+/// what its readers read next (`ImageReader::speculate_from_layout`).
 pub fn mount_remote_streaming(
     image: &OpenedImage,
     streams: &Arc<Streams>,
     mountpoint: &Path,
     cfg: &MountConfig,
     recorder: Option<&Arc<Recorder>>,
+    speculate: bool,
 ) -> Result<MountedImage, MountError> {
     let started = Instant::now();
     check_mountpoint(mountpoint)?;
     let fetcher = streams.fetcher();
     let backend = fetcher.backend(image.store.clone());
     let fetch = Arc::new(fetcher.source(backend.clone()));
+    let fetch_guesses = fetch.fetch_guesses();
     let source = Arc::new(streams.source(fetch, backend));
     let index = image.index.clone();
     let reader = ImageReader::new(index, recorded(source, recorder))?
-        .with_read_ahead_max(streams.config().read_ahead);
-    mount_reader(
+        .with_read_ahead_max(streams.config().read_ahead)
+        .with_speculation(speculate)
+        .map_err(|source| MountError::Mount {
+            path: mountpoint.to_path_buf(),
+            source,
+        })?;
+    let mut mounted = mount_reader(
         reader,
         MountSource::Remote(fetcher.clone()),
         &image.manifest_digest,
         mountpoint,
         cfg,
         started,
-    )
+    )?;
+    mounted.fetch_guesses = Some(fetch_guesses);
+    Ok(mounted)
 }
 
 fn check_mountpoint(mountpoint: &Path) -> Result<(), MountError> {
@@ -224,6 +236,7 @@ fn mount_reader(
         source,
         mountpoint: mountpoint.to_path_buf(),
         files,
+        fetch_guesses: None,
     })
 }
 

@@ -541,8 +541,22 @@ impl ChunkSource for RecordingSource {
         self.inner.chunk(chunk)
     }
 
+    fn chunk_in_memory(&self, chunk: &ChunkRef) -> Option<Arc<Vec<u8>>> {
+        let hit = self.inner.chunk_in_memory(chunk)?;
+        self.recorder.record(chunk);
+        Some(hit)
+    }
+
     fn read_ahead(&self, chunks: &[ChunkRef]) {
         self.inner.read_ahead(chunks)
+    }
+
+    fn speculate(&self, chunks: &[ChunkRef]) {
+        self.inner.speculate(chunks)
+    }
+
+    fn opens_wanted(&self) -> Option<fn(&[u8]) -> bool> {
+        self.inner.opens_wanted()
     }
 
     fn file_opened(&self, file: fusefs::OpenFile) {

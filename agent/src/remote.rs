@@ -230,6 +230,7 @@ pub async fn s3_store(
 }
 
 /// An image opened for mounting.
+#[derive(Clone)]
 pub struct OpenedImage {
     pub location: ImageLocation,
     pub manifest: LazyManifest,

@@ -785,6 +785,24 @@ impl S3Store {
         range: Range<u64>,
         etag: Option<&str>,
     ) -> Result<Vec<u8>, BlobError> {
+        let mut out = Vec::new();
+        self.read_object_range_to(digest, key, range, etag, &mut |bytes| {
+            out.extend_from_slice(bytes)
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// [`S3Store::read_object_range`], passing the bytes to `sink` as they arrive (see
+    /// `BlobStore::read_range_to`).
+    pub async fn read_object_range_to(
+        &self,
+        digest: &str,
+        key: &str,
+        range: Range<u64>,
+        etag: Option<&str>,
+        sink: &mut (dyn for<'b> FnMut(&'b [u8]) + Send),
+    ) -> Result<(), BlobError> {
         if range.start > range.end {
             return Err(BlobError::Invalid {
                 store: self.describe(),
@@ -793,9 +811,9 @@ impl S3Store {
             });
         }
         if range.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
-        self.get_range_checked(key, range, etag)
+        self.get_range_to(key, range, etag, sink)
             .await
             .map_err(|failure| {
                 failure.into_blob_error(self.describe(), digest, &self.location.object_url(key))
@@ -843,19 +861,18 @@ impl S3Store {
     }
 
     /// GETs exactly bytes `range` of object `key`.
-    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Vec<u8>, Failure> {
-        self.get_range_checked(key, range, None).await
-    }
-
-    /// GETs exactly bytes `range` of object `key`; with `etag`, refuses (as
-    /// [`Failure::Changed`]) an answer from an object whose ETag is another: the object was
-    /// replaced since the ETag was read.
-    async fn get_range_checked(
+    /// GETs exactly bytes `range` of object `key`, passing the body to `sink` piece by piece
+    /// as it arrives; with `etag`, refuses (as [`Failure::Changed`]) an answer from an object
+    /// whose ETag is another: the object was replaced since the ETag was read. Succeeds only
+    /// when exactly the range was passed; on an error, what `sink` got stands (all of it bytes
+    /// of the range, in order).
+    async fn get_range_to(
         &self,
         key: &str,
         range: Range<u64>,
         etag: Option<&str>,
-    ) -> Result<Vec<u8>, Failure> {
+        sink: &mut (dyn for<'b> FnMut(&'b [u8]) + Send),
+    ) -> Result<(), Failure> {
         let want = range.end - range.start;
         let response = self
             .client
@@ -895,22 +912,53 @@ impl S3Store {
                 )));
             }
         }
-        let bytes =
-            self.read_body(response.body, want, want)
-                .await
-                .map_err(|failure| match failure {
-                    Failure::TooLong { limit } => Failure::Invalid(format!(
-                        "GET: answer to a {limit}-byte range is longer (Range ignored?)"
-                    )),
-                    other => other,
-                })?;
-        if (bytes.len() as u64) < want {
+        let received = self
+            .stream_body(response.body, want, sink)
+            .await
+            .map_err(|failure| match failure {
+                Failure::TooLong { limit } => Failure::Invalid(format!(
+                    "GET: answer to a {limit}-byte range is longer (Range ignored?)"
+                )),
+                other => other,
+            })?;
+        if received < want {
             return Err(Failure::Unavailable(format!(
-                "GET: body ended after {} of {want} bytes",
-                bytes.len()
+                "GET: body ended after {received} of {want} bytes"
             )));
         }
-        Ok(bytes)
+        Ok(())
+    }
+
+    /// Passes a response body of at most `limit` bytes to `sink` piece by piece, waiting at
+    /// most `read_timeout` for each; returns its length.
+    async fn stream_body(
+        &self,
+        mut body: ByteStream,
+        limit: u64,
+        sink: &mut (dyn for<'b> FnMut(&'b [u8]) + Send),
+    ) -> Result<u64, Failure> {
+        let mut received = 0u64;
+        loop {
+            let piece = tokio::time::timeout(self.read_timeout, body.next())
+                .await
+                .map_err(|_| Failure::Timeout(self.read_timeout))?;
+            match piece {
+                None => return Ok(received),
+                Some(Ok(bytes)) => {
+                    if received + bytes.len() as u64 > limit {
+                        return Err(Failure::TooLong { limit });
+                    }
+                    received += bytes.len() as u64;
+                    sink(&bytes);
+                }
+                Some(Err(e)) => {
+                    return Err(Failure::Unavailable(format!(
+                        "GET: body broke off after {received} bytes: {}",
+                        error_chain(&e)
+                    )))
+                }
+            }
+        }
     }
 
     /// Reads a response body of at most `limit` bytes, waiting at most `read_timeout` for each
@@ -1012,19 +1060,18 @@ impl BlobStore for S3Store {
 
     async fn read_range(&self, digest: &str, range: Range<u64>) -> Result<Vec<u8>, BlobError> {
         let key = self.location.blob_key(digest)?;
-        if range.start > range.end {
-            return Err(BlobError::Invalid {
-                store: self.describe(),
-                digest: digest.to_string(),
-                reason: format!("range {}..{} is reversed", range.start, range.end),
-            });
-        }
-        if range.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.get_range(&key, range).await.map_err(|failure| {
-            failure.into_blob_error(self.describe(), digest, &self.location.object_url(&key))
-        })
+        self.read_object_range(digest, &key, range, None).await
+    }
+
+    async fn read_range_to(
+        &self,
+        digest: &str,
+        range: Range<u64>,
+        sink: &mut (dyn for<'b> FnMut(&'b [u8]) + Send),
+    ) -> Result<(), BlobError> {
+        let key = self.location.blob_key(digest)?;
+        self.read_object_range_to(digest, &key, range, None, sink)
+            .await
     }
 
     async fn read_blob(&self, digest: &str, max_size: u64) -> Result<Vec<u8>, BlobError> {

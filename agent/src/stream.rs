@@ -40,6 +40,11 @@ use crate::fetcher::{Backend, Done, Fetcher};
 /// The suffix of the files streamed.
 const SAFETENSORS_SUFFIX: &[u8] = b".safetensors";
 
+/// Whether a file of this name is streamed when opened.
+fn is_safetensors(name: &[u8]) -> bool {
+    name.ends_with(SAFETENSORS_SUFFIX)
+}
+
 /// How streams run; see the module docs.
 #[derive(Debug, Clone)]
 pub struct StreamConfig {
@@ -234,8 +239,24 @@ impl ChunkSource for StreamSource {
         self.mount.inner.chunk(chunk)
     }
 
+    fn chunk_in_memory(&self, chunk: &ChunkRef) -> Option<Arc<Vec<u8>>> {
+        let hit = self.mount.inner.chunk_in_memory(chunk)?;
+        if self.mount.owned.load(Ordering::Relaxed) > 0 {
+            self.mount.consumed(chunk.index);
+        }
+        Some(hit)
+    }
+
     fn read_ahead(&self, chunks: &[ChunkRef]) {
         self.mount.inner.read_ahead(chunks)
+    }
+
+    fn speculate(&self, chunks: &[ChunkRef]) {
+        self.mount.inner.speculate(chunks)
+    }
+
+    fn opens_wanted(&self) -> Option<fn(&[u8]) -> bool> {
+        (self.opens.is_some() && self.mount.hub.config.safetensors).then_some(is_safetensors)
     }
 
     fn file_opened(&self, file: OpenFile) {
@@ -300,7 +321,7 @@ impl MountStreams {
 
     /// Runs on the mount's stream thread: starts a stream of `file` if it is a safetensors file.
     fn consider(self: Arc<Self>, file: OpenFile, stream: Arc<FileStream>) {
-        let name = file.name().filter(|n| n.ends_with(SAFETENSORS_SUFFIX));
+        let name = file.name().filter(|n| is_safetensors(n));
         let (Some(name), true) = (name, self.is_current(&stream)) else {
             let mut files = lock(&self.files);
             if files
@@ -659,7 +680,7 @@ mod tests {
             inner: store.clone(),
             ranges: Mutex::new(Vec::new()),
         });
-        let fetcher = Fetcher::new(fetch, None).unwrap();
+        let fetcher = Fetcher::new(fetch, None, crate::fetcher::test_runtime()).unwrap();
         let backend = fetcher.backend(log.clone());
         let streams = Streams::new(fetcher.clone(), streams);
         let source = Arc::new(streams.source(Arc::new(fetcher.source(backend.clone())), backend));

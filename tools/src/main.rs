@@ -489,11 +489,14 @@ fn mount(
             .has_external_blobs(),
         _ => false,
     };
+    let mut runtime = None;
     let mounted = match &location {
         ImageLocation::Dir { path, tag } if local => {
             agent::mount::mount_local(path, tag, mountpoint, &cfg, None)?
         }
         _ => {
+            // The mount's requests run on this runtime until the mount ends.
+            let runtime = runtime.insert(tools::remote::runtime()?);
             let fetcher = tools::remote::fetcher(
                 &cache.cache_dir,
                 cache.cache_size,
@@ -503,9 +506,9 @@ fn mount(
                     concurrency: cache.concurrency.max(1),
                     ..agent::fetcher::FetcherConfig::default()
                 },
+                runtime.handle().clone(),
             )?;
-            let opened = fetcher
-                .runtime()
+            let opened = runtime
                 .block_on(agent::remote::open_image(
                     &location,
                     &remote.options()?,
@@ -536,6 +539,7 @@ fn mount(
     });
     let source = mounted.source.clone();
     let reader = mounted.reader.clone();
+    let fuse_stats = cfg.stats.clone();
     let joined = mounted.join();
     handle.close();
     let _ = waiter.join();
@@ -544,9 +548,14 @@ fn mount(
         reader.bytes_served(),
         source.summary()
     );
+    let fuse = agent::metrics::FuseSnapshot {
+        ops: fuse_stats.snapshot(),
+    };
     if let (Some(path), agent::mount::MountSource::Remote(fetcher)) = (&cache.metrics_json, &source)
     {
-        let mut metrics = serde_json::to_value(fetcher.snapshot())?;
+        let mut snapshot = fetcher.snapshot();
+        snapshot.fuse = fuse;
+        let mut metrics = serde_json::to_value(snapshot)?;
         metrics["bytes_served"] = reader.bytes_served().into();
         let json = serde_json::to_vec_pretty(&metrics)?;
         std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;

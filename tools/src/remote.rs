@@ -25,17 +25,24 @@ pub fn chunk_dir(cache_dir: &Path) -> PathBuf {
     cache_dir.join(agent::remote::CHUNK_DIR)
 }
 
-/// Opens the chunk cache in `cache_dir` (creating it) and a fetcher over it.
-pub fn fetcher(cache_dir: &Path, cache_size: u64, config: FetcherConfig) -> Result<Arc<Fetcher>> {
+/// Opens the chunk cache in `cache_dir` (creating it) and a fetcher over it, whose requests run
+/// on `runtime`.
+pub fn fetcher(
+    cache_dir: &Path,
+    cache_size: u64,
+    config: FetcherConfig,
+    runtime: tokio::runtime::Handle,
+) -> Result<Arc<Fetcher>> {
     let cache = ChunkCache::open(&CacheConfig {
         dir: chunk_dir(cache_dir),
         budget_bytes: cache_size,
     })
     .with_context(|| format!("opening the chunk cache in {}", cache_dir.display()))?;
-    Fetcher::new(config, Some(Arc::new(cache))).context("starting the fetcher")
+    Fetcher::new(config, Some(Arc::new(cache)), runtime).context("starting the fetcher")
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+/// A runtime for `lazyctl`'s own network work (pushes, a standalone mount's fetcher).
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -83,10 +83,19 @@ fn load_config(path: Option<&Path>) -> Result<AgentConfig> {
     }
 }
 
+/// Worker threads of lazyd's runtime: requests, their timers and the control API are I/O;
+/// chunk verification and decoding run on its blocking pool.
+const RUNTIME_WORKERS: usize = 2;
+
 fn run(config: AgentConfig) -> Result<()> {
-    let agent = Agent::new(config).context("starting the agent")?;
-    let runtime = agent.fetcher().clone();
-    runtime.runtime().block_on(serve(agent))
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(RUNTIME_WORKERS)
+        .thread_name("lazyd")
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let agent = Agent::new(config, runtime.handle().clone()).context("starting the agent")?;
+    runtime.block_on(serve(agent))
 }
 
 async fn serve(agent: Arc<Agent>) -> Result<()> {

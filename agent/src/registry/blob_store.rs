@@ -57,6 +57,18 @@ impl BlobStore for RegistryBlobStore {
             .map_err(|e| blob_error(self, digest, e))
     }
 
+    async fn read_range_to(
+        &self,
+        digest: &str,
+        range: Range<u64>,
+        sink: &mut (dyn for<'b> FnMut(&'b [u8]) + Send),
+    ) -> Result<(), BlobError> {
+        self.client
+            .get_blob_range_to(&self.repo, digest, range, sink)
+            .await
+            .map_err(|e| blob_error(self, digest, e))
+    }
+
     async fn read_blob(&self, digest: &str, max_size: u64) -> Result<Vec<u8>, BlobError> {
         self.client
             .get_blob_bytes(&self.repo, digest, max_size)

@@ -882,6 +882,25 @@ impl RegistryClient {
         digest: &str,
         range: Range<u64>,
     ) -> Result<Vec<u8>, RegistryError> {
+        let want = usize::try_from(range.end.saturating_sub(range.start)).unwrap_or(usize::MAX);
+        let mut out = Vec::with_capacity(want.min(MAX_PREALLOCATION));
+        self.get_blob_range_to(repo, digest, range, &mut |bytes| {
+            out.extend_from_slice(bytes)
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// [`RegistryClient::get_blob_range`], passing the bytes to `sink` as the body brings
+    /// them. Succeeds only when exactly the range was passed; on an error, what `sink` got
+    /// stands (all of it bytes of the range, in order).
+    pub async fn get_blob_range_to(
+        &self,
+        repo: &str,
+        digest: &str,
+        range: Range<u64>,
+        sink: &mut (dyn for<'b> FnMut(&'b [u8]) + Send),
+    ) -> Result<(), RegistryError> {
         validate_repository(repo)?;
         validate_digest(digest)?;
         let Range { start, end } = range;
@@ -893,7 +912,7 @@ impl RegistryClient {
             });
         }
         if start == end {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let mismatch = |reason: String| RegistryError::RangeMismatch {
             repo: repo.to_string(),
@@ -909,8 +928,7 @@ impl RegistryClient {
             end,
             received,
         };
-        let want = usize::try_from(end - start)
-            .map_err(|_| mismatch("range is larger than this machine's address space".into()))?;
+        let want = end - start;
 
         let mut headers = HeaderMap::new();
         let range_header = HeaderValue::from_str(&format!("bytes={start}-{}", end - 1))
@@ -931,17 +949,21 @@ impl RegistryClient {
                         });
                     }
                 }
-                let body = read_capped(&mut resp, want, &url)
-                    .await?
-                    .ok_or_else(|| mismatch(format!("server sent more than {want} bytes")))?;
-                if body.len() != want {
-                    return Err(truncated(body.len() as u64));
+                let mut received = 0u64;
+                while let Some(chunk) = resp.chunk().await.map_err(transport(&url))? {
+                    if received + chunk.len() as u64 > want {
+                        return Err(mismatch(format!("server sent more than {want} bytes")));
+                    }
+                    received += chunk.len() as u64;
+                    sink(&chunk);
                 }
-                Ok(body)
+                if received != want {
+                    return Err(truncated(received));
+                }
+                Ok(())
             }
             StatusCode::OK => {
                 debug!(%url, "server ignored Range; reading the full body up to the range end");
-                let mut out = Vec::with_capacity(want.min(MAX_PREALLOCATION));
                 let mut pos = 0u64;
                 while pos < end {
                     let Some(chunk) = resp.chunk().await.map_err(transport(&url))? else {
@@ -952,11 +974,11 @@ impl RegistryClient {
                         // Both offsets lie within `chunk`, so the casts cannot truncate.
                         let from = start.saturating_sub(pos) as usize;
                         let to = (end.min(chunk_end) - pos) as usize;
-                        out.extend_from_slice(&chunk[from..to]);
+                        sink(&chunk[from..to]);
                     }
                     pos = chunk_end;
                 }
-                Ok(out)
+                Ok(())
             }
             StatusCode::RANGE_NOT_SATISFIABLE => {
                 let size = header_str(resp.headers(), CONTENT_RANGE.as_str()).and_then(|v| {

@@ -1,0 +1,118 @@
+//! One request: the stored bytes of a run of adjacent chunks of one blob, as a single range
+//! GET, each chunk's bytes handed on the moment the body has carried them (a reader waiting for
+//! the first chunk of an 8 MiB request waits for that chunk, not for the request). A request is
+//! bounded by `request_timeout`; transient failures (connection errors, 5xx, short bodies,
+//! timeouts) are retried with exponential backoff up to `max_attempts`, and a retry asks only
+//! for the chunks not delivered yet; permanent ones (missing blob, denied, bad range) are not
+//! retried. An attempt that delivered something starts the count of attempts afresh.
+
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use tracing::debug;
+
+use super::{Backend, FetcherConfig};
+use crate::blobstore::BlobError;
+
+/// Fetches the chunks at `spans` (sorted, adjacent, in blob `blob`), calling `deliver(i,
+/// bytes)` with span `i`'s bytes, in order, as they arrive. Returns the index of the first span
+/// not delivered and why, when retries are exhausted or the failure is permanent.
+pub(super) async fn fetch_spans(
+    config: &FetcherConfig,
+    backend: &Backend,
+    blob: &str,
+    spans: &[Range<u64>],
+    deliver: &mut (dyn FnMut(usize, Vec<u8>) + Send),
+) -> Result<(), (usize, BlobError)> {
+    let mut next = 0;
+    let mut attempt = 1;
+    while next < spans.len() {
+        let range = spans[next].start..spans[spans.len() - 1].end;
+        let want = range.end - range.start;
+        backend.metrics.requests.inc();
+        let started = Instant::now();
+        let first = next;
+        let mut received = 0u64;
+        let outcome = {
+            let mut pending: Vec<u8> = Vec::new();
+            let mut sink = |mut bytes: &[u8]| {
+                // Counted as they arrive, before any chunk they complete is handed on.
+                received += bytes.len() as u64;
+                backend.metrics.bytes.add(bytes.len() as u64);
+                while !bytes.is_empty() && next < spans.len() {
+                    let span_len = (spans[next].end - spans[next].start) as usize;
+                    if pending.capacity() == 0 {
+                        pending.reserve_exact(span_len);
+                    }
+                    let take = (span_len - pending.len()).min(bytes.len());
+                    pending.extend_from_slice(&bytes[..take]);
+                    bytes = &bytes[take..];
+                    if pending.len() == span_len {
+                        deliver(next, std::mem::take(&mut pending));
+                        next += 1;
+                    }
+                }
+            };
+            tokio::time::timeout(
+                config.request_timeout,
+                backend.store.read_range_to(blob, range.clone(), &mut sink),
+            )
+            .await
+        };
+        backend.metrics.latency.observe(started.elapsed());
+        let err = match outcome {
+            Ok(Ok(())) if received == want => return Ok(()),
+            Ok(Ok(())) => BlobError::Unavailable {
+                store: backend.name.clone(),
+                digest: blob.to_string(),
+                reason: format!("got {received} of {want} bytes"),
+            },
+            Ok(Err(e)) => e,
+            Err(_) => {
+                backend.metrics.timeouts.inc();
+                BlobError::Timeout {
+                    store: backend.name.clone(),
+                    digest: blob.to_string(),
+                    after: config.request_timeout,
+                }
+            }
+        };
+        backend.metrics.errors.inc();
+        if next > first {
+            attempt = 1;
+        }
+        if err.is_permanent() || attempt >= config.max_attempts {
+            return Err((next, err));
+        }
+        let delay = backoff(config.retry_backoff, attempt);
+        debug!(
+            backend = %backend.name,
+            blob,
+            attempt,
+            "range {}..{} failed after {received} bytes, retrying the rest in {delay:?}: {err}",
+            range.start,
+            range.end
+        );
+        backend.metrics.retries.inc();
+        tokio::time::sleep(delay).await;
+        attempt += 1;
+    }
+    Ok(())
+}
+
+/// The wait before retry number `attempt`: `base`, doubled for each retry before it.
+fn backoff(base: Duration, attempt: u32) -> Duration {
+    base * 2u32.saturating_pow(attempt - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles() {
+        let base = Duration::from_millis(100);
+        assert_eq!(backoff(base, 1), base);
+        assert_eq!(backoff(base, 3), base * 4);
+    }
+}
