@@ -384,8 +384,8 @@ fn agent_starts_with_the_registry_down_and_drains_busy_mounts_on_sigterm() {
         .contains("still serving them until they are released"));
 }
 
-/// Demand fetches (chunks a reader waited for) while `script` runs in a chroot of a fresh mount
-/// of `image` on a new agent with an empty cache.
+/// Demand fetches (chunks a reader waited for) and chunks prefetched (the profile's) while
+/// `script` runs in a chroot of a fresh mount of `image` on a new agent with an empty cache.
 fn cold_start(
     image: &str,
     work: &Path,
@@ -394,8 +394,13 @@ fn cold_start(
     expected: &Path,
 ) -> (u64, u64, String) {
     // The recording window covers the start, then ends (merging the run into the profile and
-    // pushing it beside the image) before the whole tree is read below.
-    let mut agent = Lazyd::start("[profile]\npush = true\nwindow = \"8s\"\n").unwrap();
+    // pushing it beside the image) before the whole tree is read below. No guesses and no
+    // whole-image prefetch: what is measured is the profile's effect alone.
+    let mut agent = Lazyd::start(
+        "[profile]\npush = true\nwindow = \"8s\"\n\
+         [fetch]\nspeculate = false\n[background]\nwhole_image = \"never\"\n",
+    )
+    .unwrap();
     let mnt = mountpoint(work, name);
     agent.mount(image, &mnt);
     let output = chroot(&mnt, script);
@@ -405,9 +410,9 @@ fn cold_start(
         "the start outlasted the window"
     );
     let demand = counter(&status, "/metrics/chunks/demand_fetches");
-    let background = counter(&status, "/metrics/chunks/background_fetches");
+    let prefetched = counter(&status, "/metrics/chunks/prefetch_fetches");
     println!(
-        "{name}: {demand} demand fetches, {background} background fetches, profile {}",
+        "{name}: {demand} demand fetches, {prefetched} prefetched, profile {}",
         status["mounts"][0]["profile"]
     );
     let start = Instant::now();
@@ -433,7 +438,18 @@ fn cold_start(
     assert!(failed.is_empty(), "{failed:?}");
     assert!(equal > 1000);
     agent.ctl_ok([OsArg::from("umount"), mnt.into()]);
-    (demand, background, output)
+    (demand, prefetched, output)
+}
+
+/// The Debian + python3 fixture in `registry` and its lazy version: the image, its reference
+/// unpack and the lazy image's reference.
+fn python_in(registry: &LocalRegistry) -> (lazy_tests::oci::LayoutInfo, PathBuf, String) {
+    let image = debian::python_image(&debian::default_python_cache_dir()).unwrap();
+    let expected = reference::umoci_unpack_cached(&image).unwrap();
+    let lazy = registry
+        .push_and_convert(&image, "lazy/python:bookworm")
+        .unwrap();
+    (image, expected, lazy)
 }
 
 #[test]
@@ -442,11 +458,7 @@ fn recorded_profile_cuts_demand_misses_of_a_cold_start_elsewhere() {
     let _serial = serial();
     let work = tempfile::tempdir().unwrap();
     let registry = LocalRegistry::start().unwrap();
-    let image = debian::python_image(&debian::default_python_cache_dir()).unwrap();
-    let expected = reference::umoci_unpack_cached(&image).unwrap();
-    let lazy = registry
-        .push_and_convert(&image, "lazy/python:bookworm")
-        .unwrap();
+    let (image, expected, lazy) = python_in(&registry);
     let script = "python3 -c 'import json, email, http.client, decimal; print(json.dumps([42]))'";
 
     // Host A: no profile yet; the start records one and pushes it beside the image.
@@ -454,12 +466,12 @@ fn recorded_profile_cuts_demand_misses_of_a_cold_start_elsewhere() {
     assert_eq!(out, "[42]\n");
 
     // Host B: empty cache, the pushed profile is prefetched right after the mount.
-    let (with, background, out) = cold_start(&lazy, work.path(), "host-b", script, &expected);
+    let (with, prefetched, out) = cold_start(&lazy, work.path(), "host-b", script, &expected);
     assert_eq!(out, "[42]\n");
     println!(
-        "cold start of `{script}`: {without} demand misses without a profile, {with} with one ({background} chunks prefetched)"
+        "cold start of `{script}`: {without} demand misses without a profile, {with} with one ({prefetched} chunks prefetched)"
     );
-    assert!(background > 0, "nothing was prefetched");
+    assert!(prefetched > 0, "nothing was prefetched");
     assert!(
         with * 4 <= without,
         "demand misses did not drop: {without} -> {with}"
@@ -602,5 +614,204 @@ fn demand_read_during_a_large_warm_is_served_next() {
     assert!(
         busy_median < idle_median * 4 + Duration::from_millis(40),
         "demand reads waited behind the warm: {busy_median:?} vs {idle_median:?} idle"
+    );
+}
+
+/// The FUSE requests of `op` the agent answered so far.
+fn fuse_ops(status: &Value, op: &str) -> u64 {
+    status["metrics"]["fuse"]["ops"]
+        .as_array()
+        .and_then(|ops| ops.iter().find(|o| o["op"] == op))
+        .map_or(0, |o| o["count"].as_u64().unwrap())
+}
+
+#[test]
+fn cold_start_through_a_slow_link_fetches_fewer_round_trips_than_files_it_opens() {
+    require_root_and_fuse();
+    let _serial = serial();
+    let work = tempfile::tempdir().unwrap();
+    let registry = LocalRegistry::start().unwrap();
+    let (_, expected, lazy) = python_in(&registry);
+    // 20 ms per request, 1 Gbit/s: a start that waited for one request per file it opens
+    // would take seconds.
+    let proxy =
+        DelayProxy::start_shaped(&registry.host(), Duration::from_millis(20), 125_000_000).unwrap();
+    let lazy = lazy.replace(&registry.host(), &proxy.host());
+    // Defaults (speculation, the whole image in the background) but no recording: the image
+    // has no profile, and this start must not make one.
+    let mut agent = Lazyd::start("[profile]\nrecord = false\n").unwrap();
+    let mnt = mountpoint(work.path(), "mnt");
+    agent.mount(&lazy, &mnt);
+    let before = agent.status();
+    // Python opens a file for each module it imports (and more: its shared libraries).
+    let script = "python3 -c 'import json, email, http.client, decimal, asyncio, sys; \
+        print(sum(1 for m in sys.modules.values() if getattr(m, \"__file__\", None)))'";
+    let modules: u64 = chroot(&mnt, script).trim().parse().unwrap();
+    let after = agent.status();
+    let waited = counter(&after, "/metrics/chunks/demand_waits")
+        - counter(&before, "/metrics/chunks/demand_waits");
+    let requests = backend_requests(&after) - backend_requests(&before);
+    let reads = fuse_ops(&after, "read") - fuse_ops(&before, "read");
+    println!(
+        "cold start: {modules} modules from files, {reads} FUSE reads, {requests} requests \
+         (whole image and guesses included), readers waited for {waited} of them; {}",
+        after["metrics"]["chunks"]
+    );
+    assert!(modules > 50, "the script imports little: {modules}");
+    // What the start read came in fewer round trips than the files it read, let alone one per
+    // file, and readers waited for fewer still.
+    assert!(waited * 2 < modules, "{waited} waits for {modules} modules");
+    assert!(
+        counter(&after, "/metrics/chunks/speculative_used_bytes")
+            + counter(&after, "/metrics/chunks/background_used_bytes")
+            > 0,
+        "nothing fetched ahead was used"
+    );
+    // Nothing fetched twice, and every byte right.
+    let (equal, failed) = tree::read_all_files_compare(&expected, &mnt);
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(equal > 1000);
+    let fetched = backend_bytes(&agent.status());
+    let total = stored_bytes(&lazy, &[]);
+    assert!(
+        fetched <= total,
+        "fetched {fetched} of a {total}-byte image"
+    );
+    agent.ctl_ok([OsArg::from("umount"), mnt.into()]);
+}
+
+#[test]
+fn kernel_answers_repeated_lookups_of_missing_names_opens_and_closes_itself() {
+    require_root_and_fuse();
+    let _serial = serial();
+    let work = tempfile::tempdir().unwrap();
+    let registry = LocalRegistry::start().unwrap();
+    let image = debian::minbase_image(&debian::default_cache_dir()).unwrap();
+    let lazy = registry.push_and_convert(&image, "lazy/min:v1").unwrap();
+    let mut agent = Lazyd::start("[profile]\nrecord = false\n").unwrap();
+    let mnt = mountpoint(work.path(), "mnt");
+    agent.mount(&lazy, &mnt);
+    let status = |agent: &Lazyd| {
+        let s = agent.status();
+        [
+            "lookup",
+            "lookup_missing",
+            "open",
+            "release",
+            "flush",
+            "getxattr",
+        ]
+        .map(|op| fuse_ops(&s, op))
+    };
+    let missing = mnt.join("etc/no-such-file");
+    assert!(std::fs::metadata(&missing).is_err());
+    let [lookups, missing_lookups, ..] = status(&agent);
+    assert!(missing_lookups >= 1);
+    // The negative entry answers the same lookup again without the daemon.
+    for _ in 0..5 {
+        assert_eq!(
+            std::fs::metadata(&missing).unwrap_err().kind(),
+            std::io::ErrorKind::NotFound
+        );
+    }
+    let [lookups2, missing_lookups2, ..] = status(&agent);
+    assert_eq!(
+        (lookups2, missing_lookups2),
+        (lookups, missing_lookups),
+        "repeated lookups of a missing name reached the daemon"
+    );
+    // Opening and closing many files: at most the first open and flush reach the daemon (it
+    // answers ENOSYS: the kernel does it alone from then on), and no release.
+    let [.., opens, releases, flushes, _] = status(&agent);
+    for entry in std::fs::read_dir(mnt.join("etc")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            let mut f = File::open(&path).unwrap();
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(&mut f, &mut buf).unwrap();
+        }
+    }
+    let [.., opens2, releases2, flushes2, xattrs] = status(&agent);
+    assert!(
+        opens2 <= opens.max(1),
+        "opens reached the daemon: {opens} -> {opens2}"
+    );
+    assert!(
+        flushes2 <= flushes.max(1),
+        "flushes: {flushes} -> {flushes2}"
+    );
+    assert_eq!(releases2, releases, "releases reached the daemon");
+    // An image without extended attributes answers none after the first question.
+    for _ in 0..3 {
+        let _ = xattr::get(mnt.join("etc/passwd"), "user.nothing");
+    }
+    let [.., xattrs2] = status(&agent);
+    assert!(xattrs2 <= xattrs.max(1), "getxattr: {xattrs} -> {xattrs2}");
+    agent.ctl_ok([OsArg::from("umount"), mnt.into()]);
+}
+
+#[test]
+fn whole_image_prefetch_stays_under_half_the_cache_and_stops_at_unmount() {
+    require_root_and_fuse();
+    let _serial = serial();
+    let work = tempfile::tempdir().unwrap();
+    let registry = LocalRegistry::start().unwrap();
+    // 8 files of 4 MiB of random bytes: 32 MiB stored.
+    let lazy = random_image(&registry, work.path(), "lazy/whole:v1", 8, 4 << 20);
+    let total = stored_bytes(&lazy, &[]);
+
+    // A 20 MiB cache: the prefetch takes at most 10 MiB of it (in layout order), and reads
+    // still work.
+    let mut agent = Lazyd::start("cache_size = \"20M\"\n[profile]\nrecord = false\n").unwrap();
+    let mnt = mountpoint(work.path(), "small-cache");
+    agent.mount(&lazy, &mnt);
+    let start = Instant::now();
+    while agent.log().matches("prefetched the whole image").count() == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the prefetch did not end:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = agent.status();
+    let fetched = backend_bytes(&status);
+    assert!(
+        fetched <= 10 << 20,
+        "fetched {fetched} bytes with a 20 MiB cache"
+    );
+    assert_eq!(
+        status["mounts"][0]["profile"]["whole_image_chunks"], 10,
+        "ten 1 MiB chunks fit under half of 20 MiB: {status}"
+    );
+    assert_eq!(std::fs::read(mnt.join("blob7")).unwrap(), blob(7, 4 << 20));
+    agent.ctl_ok([OsArg::from("umount"), mnt.into()]);
+    drop(agent);
+
+    // On a slow link (2 MB/s: the image takes 16 s), unmounting stops the prefetch.
+    let proxy =
+        DelayProxy::start_shaped(&registry.host(), Duration::from_millis(20), 2_000_000).unwrap();
+    let lazy = lazy.replace(&registry.host(), &proxy.host());
+    // One background request of 1 MiB at a time: what is in flight at the unmount is small.
+    let mut agent = Lazyd::start(
+        "[profile]\nrecord = false\n[background]\nmax_requests = 1\nmax_request_size = \"1M\"\n",
+    )
+    .unwrap();
+    let mnt = mountpoint(work.path(), "slow");
+    agent.mount(&lazy, &mnt);
+    let start = Instant::now();
+    while backend_bytes(&agent.status()) == 0 {
+        assert!(start.elapsed() < Duration::from_secs(30), "no prefetch");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    agent.ctl_ok([OsArg::from("umount"), mnt.into()]);
+    let at_unmount = backend_bytes(&agent.status());
+    // Requests in flight finish (at most a background window's worth); nothing new starts.
+    std::thread::sleep(Duration::from_secs(4));
+    let later = backend_bytes(&agent.status());
+    println!("whole-image prefetch: {at_unmount} bytes at unmount, {later} 4 s later, of {total}");
+    assert!(
+        later < total / 2,
+        "the prefetch went on after the unmount: {later} of {total}"
     );
 }

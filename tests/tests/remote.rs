@@ -211,10 +211,12 @@ fn debian_from_s3_mounts_like_umoci_unpacks_it() {
     let m = remote.mount_with_env(&work.path().join("mnt"), &env);
     chroot_echo_ok(m.path());
     m.unmount().unwrap();
-    let fetched = bytes_fetched(&remote.metrics());
+    let metrics = remote.metrics();
+    let fetched = bytes_fetched(&metrics);
     println!(
-        "laziness (s3): `echo ok` fetched {fetched} of {total} stored bytes ({:.1} %)",
-        fetched as f64 * 100.0 / total as f64
+        "laziness (s3): `echo ok` fetched {fetched} of {total} stored bytes ({:.1} %); {}",
+        fetched as f64 * 100.0 / total as f64,
+        metrics["chunks"]
     );
     assert!(fetched * 5 < total, "{fetched} of {total}");
 

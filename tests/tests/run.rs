@@ -37,7 +37,9 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 /// The agent config of these tests: no profiles, so that no run prefetches what an earlier one
 /// recorded and byte counts compare runs alone.
-const AGENT_CONFIG: &str = "[profile]\nrecord = false\n";
+/// No recording, and a lower that goes with its last container (the tests below check that
+/// nothing is left after each run; `the_lower_lingers_...` checks the lingering).
+const AGENT_CONFIG: &str = "[profile]\nrecord = false\n[mount]\nlower_linger = \"0s\"\n";
 
 /// Panics unless `runtime` is on PATH.
 fn require_runtime(runtime: &str) {
@@ -783,5 +785,70 @@ fn mount_rootfs_prepares_a_writable_overlay_and_umount_removes_it() {
         dir.display()
     );
     assert!(!upper.exists(), "the upper layer was kept");
+    assert_nothing_left(&agent);
+}
+
+#[test]
+fn the_lower_lingers_after_its_last_container_serves_the_next_one_and_then_goes() {
+    require_root_and_fuse();
+    require_runtime("runc");
+    let _serial = serial();
+    let (_registry, image) = python_image_in_registry();
+    let agent =
+        Lazyd::start("[profile]\nrecord = false\n[mount]\nlower_linger = \"3s\"\n").unwrap();
+    let script = "import json; print(json.dumps([1]))";
+    assert_eq!(
+        run_ok(&agent, "runc", &[], &image, &["python3", "-c", script]),
+        "[1]\n"
+    );
+    // The container is gone; its lower stays, with its pages and entries in the kernel's caches.
+    let status = agent.status();
+    assert!(array(&status, "containers").is_empty());
+    let mounts = array(&status, "mounts");
+    assert_eq!(
+        mounts.len(),
+        1,
+        "the lower went with its container: {mounts:?}"
+    );
+    let reads = counter(&status, "/metrics/chunks/reads");
+    let lookups = |s: &Value| {
+        s["metrics"]["fuse"]["ops"]
+            .as_array()
+            .and_then(|ops| ops.iter().find(|o| o["op"] == "lookup"))
+            .map_or(0, |o| o["count"].as_u64().unwrap())
+    };
+    let looked_up = lookups(&status);
+    // The next container of the image uses it: nothing is mounted again, and the files the
+    // first one read come from the kernel's caches.
+    assert_eq!(
+        run_ok(&agent, "runc", &[], &image, &["python3", "-c", script]),
+        "[1]\n"
+    );
+    let status = agent.status();
+    assert_eq!(
+        agent.log().matches("mounted in").count(),
+        1,
+        "the lower was mounted again"
+    );
+    assert_eq!(
+        counter(&status, "/metrics/chunks/reads"),
+        reads,
+        "the second start read chunks again"
+    );
+    assert!(
+        lookups(&status) < looked_up + 20,
+        "the second start looked up {} names again",
+        lookups(&status) - looked_up
+    );
+    // Then, with no container for the linger, it goes.
+    let start = std::time::Instant::now();
+    while !array(&agent.status(), "mounts").is_empty() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "the lower did not go after its linger"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(agent.log().contains("unmounting a lower no container used"));
     assert_nothing_left(&agent);
 }
