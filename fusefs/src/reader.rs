@@ -559,13 +559,22 @@ impl ImageReader {
         if let Some(ahead) = self.read_ahead_range(ino, offset, offset + len as u64) {
             self.hint(ino, ahead);
         }
-        if let Some(spec) = &self.speculation {
-            spec.file_read(ino, offset, offset + len as u64);
-        }
+        self.guess(ino, offset, offset + len as u64);
         let out = self.copy_pieces(self.source.as_ref(), len, pieces)?;
         self.bytes_served
             .fetch_add(out.len() as u64, Ordering::Relaxed);
         Ok(out)
+    }
+
+    /// Tells the speculator of a read of `start..end` of `ino`, unless the file is watched:
+    /// the source reads a watched file ahead its own way (a tensor stream, in offset order),
+    /// and guesses of its chunks would only compete with that for the link.
+    fn guess(&self, ino: u64, start: u64, end: u64) {
+        if let Some(spec) = &self.speculation {
+            if !self.watched.contains(&ino) {
+                spec.file_read(ino, start, end);
+            }
+        }
     }
 
     /// [`ImageReader::read`] when it needs no more than one chunk and the source holds that
@@ -592,9 +601,7 @@ impl ImageReader {
         if let Some(ahead) = self.read_ahead_range(ino, offset, offset + len as u64) {
             self.hint(ino, ahead);
         }
-        if let Some(spec) = &self.speculation {
-            spec.file_read(ino, offset, offset + len as u64);
-        }
+        self.guess(ino, offset, offset + len as u64);
         let mut out = vec![0u8; len];
         if let (Some(data), [(at, piece)]) = (held, pieces.as_slice()) {
             let from = piece.chunk_off as usize;

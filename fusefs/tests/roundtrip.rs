@@ -728,3 +728,24 @@ fn first_touches_guess_a_package_a_file_read_and_nothing_twice() {
     let _ = reader.read(big_ino, 0, 100).unwrap();
     assert_eq!(b.source.guesses.lock().unwrap().len(), guesses.len());
 }
+
+#[test]
+fn a_watched_file_read_guesses_nothing_its_source_streams_it() {
+    let chunk = 1 << 12;
+    let weights: Vec<u8> = (0..20 * chunk).map(|i| (i * 13 % 251) as u8 | 1).collect();
+    let b = build(
+        chunk,
+        vec![file_entry(2, b"model.safetensors", weights.clone())],
+    );
+    let reader = ImageReader::new(b.reader.index().clone(), b.source.clone())
+        .unwrap()
+        .with_speculation(true)
+        .unwrap();
+    let d1 = reader.lookup(1, b"d1").unwrap().ino;
+    let d2 = reader.lookup(d1, b"d2").unwrap().ino;
+    let ino = reader.lookup(d2, b"model.safetensors").unwrap().ino;
+    let got = reader.read(ino, 8 * chunk as u64, 100).unwrap();
+    assert_eq!(got, &weights[8 * chunk..8 * chunk + 100]);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(b.source.guesses.lock().unwrap().is_empty());
+}
