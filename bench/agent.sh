@@ -9,10 +9,12 @@
 #      incompressible files, against the nominal link rate and one curl download of one of its
 #      blobs over the same link in the same run.
 #   L. demand read latency: a cold 1 MiB file (one chunk, one request) read through a mount on
-#      an idle link, and while a warm of the big image fills the link.
+#      an idle link, and while a warm of the big image fills the link (guesses and the
+#      whole-image prefetch off, so that each read is a demand fetch).
 #   P. cold start of a Debian + python3 image: time from `lazyctl mount` to the first output of
 #      `chroot MNT $PY_CMD`, bytes fetched and chunks the start waited for (demand fetches):
-#        P0 without a profile (profile.prefetch = false);
+#        P0 without a profile (profile.prefetch = false; the defaults otherwise: guesses and
+#           the whole image fetched in the background);
 #        P1 with the profile recorded once beforehand and pushed beside the image (the agent
 #           prefetches it in the background right after mounting).
 #
@@ -104,7 +106,9 @@ for run in $(seq "$RUNS"); do
     stop_agent
 
     log "run $run/$RUNS: L. demand reads, idle and during a warm"
-    start_agent lat '[profile]\nrecord = false'
+    # Nothing fetched ahead of the reads (no guesses, no whole-image prefetch): each read is
+    # one demand request.
+    start_agent lat '[profile]\nrecord = false\n[fetch]\nspeculate = false\n[background]\nwhole_image = "never"'
     mkdir -p "$RUN/mnt-l"
     ctl mount "$LINK/bench/small:v1-lazy" "$RUN/mnt-l" >/dev/null
     for i in 1 2 3; do L_IDLE+=("$(read_ms "$RUN/mnt-l/f$i")"); done
@@ -134,12 +138,12 @@ for run in $(seq "$RUNS"); do
         [[ $(chroot "$RUN/mnt-p" /bin/sh -c "$PY_CMD") == ok ]] || die "start failed"
         secs=$(elapsed "$t0")
         demand=$(status_field "s['metrics']['chunks']['demand_fetches']")
-        background=$(status_field "s['metrics']['chunks']['background_fetches']")
+        prefetched=$(status_field "s['metrics']['chunks']['prefetch_fetches']")
         bytes=$(fetched_bytes)
         ctl umount "$RUN/mnt-p"
         stop_agent
         if [[ $mode == 1 ]]; then
-            P1+=("$secs") P1_F+=("$bytes") P1_D+=("$demand") P1_B+=("$background")
+            P1+=("$secs") P1_F+=("$bytes") P1_D+=("$demand") P1_B+=("$prefetched")
         else
             P0+=("$secs") P0_F+=("$bytes") P0_D+=("$demand")
         fi
