@@ -965,32 +965,14 @@ impl S3Store {
     /// piece.
     async fn read_body(
         &self,
-        mut body: ByteStream,
+        body: ByteStream,
         limit: u64,
         prealloc: u64,
     ) -> Result<Vec<u8>, Failure> {
         let mut out = Vec::with_capacity(prealloc.min(limit).min(MAX_PREALLOCATION) as usize);
-        loop {
-            let piece = tokio::time::timeout(self.read_timeout, body.next())
-                .await
-                .map_err(|_| Failure::Timeout(self.read_timeout))?;
-            match piece {
-                None => return Ok(out),
-                Some(Ok(bytes)) => {
-                    if (out.len() + bytes.len()) as u64 > limit {
-                        return Err(Failure::TooLong { limit });
-                    }
-                    out.extend_from_slice(&bytes);
-                }
-                Some(Err(e)) => {
-                    return Err(Failure::Unavailable(format!(
-                        "GET: body broke off after {} bytes: {}",
-                        out.len(),
-                        error_chain(&e)
-                    )))
-                }
-            }
-        }
+        self.stream_body(body, limit, &mut |bytes| out.extend_from_slice(bytes))
+            .await?;
+        Ok(out)
     }
 
     /// Sorts an SDK error into the [`BlobError`] classes. `op` names the request for messages;

@@ -50,7 +50,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use fusefs::chunk::{check_stored, decode_chunk, decode_with, Checks};
-use fusefs::{ChunkRef, ChunkSource, SourceError};
+use fusefs::{ChunkError, ChunkRef, ChunkSource, SourceError};
 use tracing::{error, warn};
 
 use crate::blobstore::{BlobError, BlobStore};
@@ -1040,17 +1040,7 @@ impl Shared {
         };
         let raw = match checked {
             Ok(raw) => raw,
-            Err(e) => {
-                self.metrics.digest_mismatches.inc();
-                error!(
-                    backend = %backend.name,
-                    blob = %job.chunk.blob_digest,
-                    offset = job.chunk.record.comp_off,
-                    "chunk not served: fetched bytes fail verification: {e}"
-                );
-                self.finish(&digest, &job.flight, Err(SourceError::Chunk(e)), None);
-                return;
-            }
+            Err(e) => return self.refuse_fetched(backend, job, e),
         };
         backend.metrics.chunks.inc();
         let cache_error = self.store(&job.chunk, &stored);
@@ -1071,16 +1061,7 @@ impl Shared {
                     self.mark_verified(digest);
                     Some(Arc::new(raw))
                 }
-                Err(e) => {
-                    self.metrics.digest_mismatches.inc();
-                    error!(
-                        backend = %backend.name,
-                        blob = %job.chunk.blob_digest,
-                        "chunk not served: fetched bytes fail verification: {e}"
-                    );
-                    self.finish(&digest, &job.flight, Err(SourceError::Chunk(e)), None);
-                    return;
-                }
+                Err(e) => return self.refuse_fetched(backend, job, e),
             },
             None => {
                 if let (true, Some(decoder)) = (decode_ahead, &self.decode_ahead) {
@@ -1090,6 +1071,19 @@ impl Shared {
             }
         };
         self.finish(&digest, &job.flight, Ok(result), cache_error);
+    }
+
+    /// A fetched chunk failed its checks: counted, logged, and its readers get the error.
+    fn refuse_fetched(&self, backend: &Backend, job: &Job, e: ChunkError) {
+        self.metrics.digest_mismatches.inc();
+        error!(
+            backend = %backend.name,
+            blob = %job.chunk.blob_digest,
+            offset = job.chunk.record.comp_off,
+            "chunk not served: fetched bytes fail verification: {e}"
+        );
+        let digest = job.chunk.record.digest;
+        self.finish(&digest, &job.flight, Err(SourceError::Chunk(e)), None);
     }
 
     /// Writes verified stored bytes to the disk cache; when the disk is full the chunk is still
