@@ -10,12 +10,19 @@
 //! writable mapping, so a full disk is an `ENOSPC` error rather than a `SIGBUS`. A segment is
 //! sealed once the next entry would take it past the segment size, and a new one is started.
 //!
-//! **Reads.** The in-memory index maps a digest to (segment, offset). `get` maps the segment
-//! read-only (one `Arc<Mmap>` per segment, remapped only when an entry lies past the mapping),
-//! checks the segment file is still long enough (`fstat`, so a file truncated behind our back is
-//! a miss, not a `SIGBUS`), and checks the entry header and the payload's crc32 on every read.
-//! A mismatch drops the entry and counts it corrupt; the caller refetches. The returned bytes
-//! borrow the mapping, so an evicted (unlinked) segment stays readable for whoever holds them.
+//! **Reads.** The in-memory index maps a digest to (segment, offset). `get` checks the segment
+//! file is still long enough (`fstat`, so a file truncated behind our back is a miss), reads the
+//! entry header and then the payload with positioned reads (`pread`) into a buffer the caller
+//! owns, and checks the header and the payload's crc32 on every read. A mismatch drops the entry
+//! and counts it corrupt; the caller refetches. Segments are never mapped: a mapping keeps every
+//! page read through it in the process's resident set (`RssFile`), so reading a few GiB of
+//! model weights through the cache made `lazyd` look several GiB large, although the pages were
+//! only the kernel's page cache. With `pread` the page cache holds them and `lazyd`'s RSS is its
+//! own memory. The price is paid only when the page cache is hot: reading 1 GiB of 1 MiB
+//! entries takes about 1 s from a cold page cache either way, but 0.18 s by `pread` against
+//! 0.09 s through mappings that stay populated (`read_path_benchmark` at the end of this
+//! file). A `POSIX_FADV_WILLNEED` on each entry before the reads starts its whole range at once,
+//! and more than doubles cold throughput.
 //!
 //! **Eviction.** LRU at segment granularity: a segment's recency is the latest `get` or `insert`
 //! of any entry in it (at open, the segment sequence order). When an insert would take the sum
@@ -39,8 +46,8 @@
 //! entry header or an entry running past the end of the file truncates the segment there. A
 //! payload torn or rotted on disk fails its crc32 on the first `get`.
 //!
-//! **Locks.** Each `get` holds one index shard's read lock for a hash lookup and the segment's
-//! mapping lock for an `Arc` clone; the crc32 runs with no lock held. Inserts check the stored
+//! **Locks.** Each `get` holds one index shard's read lock for a hash lookup; the reads and the
+//! crc32 run with no lock held. Inserts check the stored
 //! bytes' crc32 before taking any lock, then serialize on the writer lock for the append itself
 //! (one `pwrite` of one chunk into the page cache: a segment has one append position, and
 //! inserts follow a network fetch that is far slower). `get` never takes the writer lock.
@@ -48,7 +55,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io;
-use std::ops::Deref;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,7 +64,6 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use fusefs::chunk::check_stored;
 use fusefs::format::ChunkRecord;
 use fusefs::ChunkError;
-use memmap2::{Mmap, MmapOptions};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
@@ -186,41 +192,21 @@ impl Dropped {
     }
 }
 
-/// A chunk's stored bytes, borrowed from the segment mapping (no copy). Keeps the mapping, and
-/// so the segment's data, alive even after the segment is evicted.
-#[derive(Clone)]
-pub struct ChunkBytes {
-    map: Arc<Mmap>,
-    start: usize,
-    len: usize,
-}
-
-impl Deref for ChunkBytes {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        &self.map[self.start..self.start + self.len]
-    }
-}
-
-impl AsRef<[u8]> for ChunkBytes {
-    fn as_ref(&self) -> &[u8] {
-        self
-    }
-}
-
-impl std::fmt::Debug for ChunkBytes {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ChunkBytes({} bytes)", self.len)
-    }
-}
-
 /// A cache hit: the stored entry's record (flags, lengths, crc32, digest; `blob` and `comp_off`
-/// are zero) and its stored bytes, which passed the crc32 check. Decode with
-/// `fusefs::chunk::decode_chunk(&hit.record, &hit.bytes)`.
-#[derive(Debug, Clone)]
+/// are zero) and its stored bytes, which passed the crc32 check, read into a buffer of their
+/// own. Decode with `fusefs::chunk::decode_chunk(&hit.record, &hit.bytes)`.
 pub struct CachedChunk {
     pub record: ChunkRecord,
-    pub bytes: ChunkBytes,
+    pub bytes: Vec<u8>,
+}
+
+impl std::fmt::Debug for CachedChunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedChunk")
+            .field("record", &self.record)
+            .field("bytes", &self.bytes.len())
+            .finish()
+    }
 }
 
 /// First bytes of every segment file.
@@ -242,7 +228,7 @@ const ENTRY_HEADER_CRC_OFFSET: usize = 60;
 /// (640 MiB capped to 256 MiB) is 40 files, rather than thousands of tiny ones.
 const SEGMENTS_PER_BUDGET: u64 = 16;
 /// Floor: a few default-size (1 MiB) chunks per segment, so the per-segment costs (a file, a
-/// mapping, a create and an unlink) are spread over several entries.
+/// create and an unlink) are spread over several entries.
 const MIN_SEGMENT: u64 = 4 << 20;
 /// Ceiling: one eviction never throws out more than 256 MiB of possibly warm data, however
 /// large the budget.
@@ -335,40 +321,8 @@ struct Segment {
     seq: u64,
     path: PathBuf,
     file: File,
-    /// Read-only mapping of the file, replaced by a longer one when an entry lies past it.
-    map: RwLock<Option<Arc<Mmap>>>,
-    /// Length to map at least: the segment size, so the active segment is mapped once even as
-    /// it grows. Pages past the end of the file are never touched (see `get`).
-    map_len: u64,
     /// Logical time of the latest get or insert of an entry in this segment.
     last_used: AtomicU64,
-}
-
-impl Segment {
-    /// A mapping covering at least `end` bytes.
-    fn mapping(&self, end: u64) -> io::Result<Arc<Mmap>> {
-        if let Some(map) = &*self.map.read().unwrap_or_else(PoisonError::into_inner) {
-            if map.len() as u64 >= end {
-                return Ok(map.clone());
-            }
-        }
-        let mut slot = self.map.write().unwrap_or_else(PoisonError::into_inner);
-        if let Some(map) = &*slot {
-            if map.len() as u64 >= end {
-                return Ok(map.clone());
-            }
-        }
-        let len = usize::try_from(end.max(self.map_len))
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "segment too large to map"))?;
-        // SAFETY: the mapping is read-only and shared. This process only appends to segment
-        // files (the one truncation, after a failed write, cuts bytes no index entry covers), so
-        // bytes behind an index entry never change under a reader. Another process could
-        // truncate or rewrite the file: `get` checks the file's length with fstat before
-        // touching an entry's pages, and checks the entry's header and crc32 after reading them.
-        let map = Arc::new(unsafe { MmapOptions::new().len(len).map(&self.file)? });
-        *slot = Some(map.clone());
-        Ok(map)
-    }
 }
 
 /// Where an indexed entry lives, with the fields needed to check and return it.
@@ -423,7 +377,7 @@ struct Counters {
 enum Unservable {
     /// The bytes on disk fail a check.
     Corrupt(String),
-    /// The segment could not be stat'ed or mapped.
+    /// The segment could not be stat'ed or read.
     Unreadable(io::Error),
 }
 
@@ -788,8 +742,6 @@ impl ChunkCache {
             seq,
             path,
             file,
-            map: RwLock::new(None),
-            map_len: self.segment_size,
             last_used: AtomicU64::new(0),
         });
         self.touch(&segment);
@@ -838,8 +790,8 @@ impl ChunkCache {
     }
 
     /// Takes segment `seq` out of the cache: its entries leave the index and its file is
-    /// deleted. Readers holding its entries keep reading them: an unlinked file stays readable
-    /// through its open descriptor and mappings, and its space is freed when the last goes.
+    /// deleted. Readers that looked its entries up keep reading them: an unlinked file stays
+    /// readable through its open descriptor, and its space is freed when the last `Entry` goes.
     fn drop_segment(&self, writer: &mut Segments, seq: u64) -> Option<Dropped> {
         let state = writer.live.remove(&seq)?;
         if writer.active == Some(seq) {
@@ -889,7 +841,7 @@ impl ChunkCache {
     /// removed, superseded), so `retain(&|_| true)` is a plain compaction.
     ///
     /// Safe beside readers, as eviction is: a deleted segment stays readable through the
-    /// mappings and `ChunkBytes` already handed out, and a compacted entry is re-indexed to its
+    /// descriptor of entries already looked up, and a compacted entry is re-indexed to its
     /// copy only after the copy is written. `keep` is called with no lock held. `get`s never
     /// wait; inserts wait while one segment is dealt with.
     pub fn retain(&self, keep: &dyn Fn(&[u8; 32]) -> bool) -> Result<RetainReport, CacheError> {
@@ -1165,8 +1117,6 @@ impl ChunkCache {
             seq,
             path,
             file,
-            map: RwLock::new(None),
-            map_len: self.segment_size.max(scan.len),
             last_used: AtomicU64::new(0),
         });
         let entries = scan
@@ -1231,45 +1181,56 @@ fn scan_entries(file: &File, file_len: u64) -> io::Result<Scan> {
     })
 }
 
-/// Checks an indexed entry on disk and returns its payload. Touches the mapping only after
-/// fstat shows the file still covers the entry.
-fn read_entry(entry: &Entry) -> Result<ChunkBytes, Unservable> {
+/// Checks an indexed entry on disk and returns its payload, read with positioned reads into a
+/// buffer of its own. Reads only after fstat shows the file still covers the entry.
+fn read_entry(entry: &Entry) -> Result<Vec<u8>, Unservable> {
+    let file = &entry.segment.file;
     let end = entry.end();
-    let file_len = entry
-        .segment
-        .file
-        .metadata()
-        .map_err(Unservable::Unreadable)?
-        .len();
+    let file_len = file.metadata().map_err(Unservable::Unreadable)?.len();
     if file_len < end {
         return Err(Unservable::Corrupt(format!(
             "segment is {file_len} bytes but the entry ends at {end} (truncated)"
         )));
     }
-    let map = entry.segment.mapping(end).map_err(Unservable::Unreadable)?;
-    // `end` fits the mapping, whose length is a usize, so these conversions are exact.
-    let start = entry.offset as usize;
-    let payload = start + ENTRY_HEADER_LEN as usize;
-    let end = end as usize;
-    // One read of the whole entry from disk, started now, rather than one page fault after
-    // another as the checks below walk it (a cold entry of 300 KiB would otherwise be a few
-    // synchronous reads of the kernel's read-around size). Only advice: failing costs speed.
-    let _ = map.advise_range(memmap2::Advice::WillNeed, start, end - start);
-    if map[start..payload] != encode_entry_header(&entry.record) {
+    will_need(file, entry.offset, end - entry.offset);
+    let read = |buf: &mut [u8], at: u64| match file.read_exact_at(buf, at) {
+        Ok(()) => Ok(()),
+        // Cut since the fstat above (another process: this one only appends).
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(Unservable::Corrupt(format!(
+            "segment ends inside the entry at {at} (truncated while read)"
+        ))),
+        Err(e) => Err(Unservable::Unreadable(e)),
+    };
+    let mut header = [0u8; ENTRY_HEADER_LEN as usize];
+    read(&mut header, entry.offset)?;
+    if header != encode_entry_header(&entry.record) {
         return Err(Unservable::Corrupt("entry header changed on disk".into()));
     }
-    let crc = crc32fast::hash(&map[payload..end]);
+    // The length is the index's, which the scan at open checked against the file.
+    let mut payload = vec![0u8; entry.record.comp_len as usize];
+    read(&mut payload, entry.offset + ENTRY_HEADER_LEN)?;
+    let crc = crc32fast::hash(&payload);
     if crc != entry.record.crc32 {
         return Err(Unservable::Corrupt(format!(
             "payload crc32 {crc:08x}, expected {:08x}",
             entry.record.crc32
         )));
     }
-    Ok(ChunkBytes {
-        map,
-        start: payload,
-        len: end - payload,
-    })
+    Ok(payload)
+}
+
+/// Starts reading `len` bytes at `offset` of `file` into the page cache, all at once, rather
+/// than one readahead window after another as the reads that follow reach them (a cold 1 MiB
+/// entry is several windows). Only advice: failing costs speed, never correctness.
+fn will_need(file: &File, offset: u64, len: u64) {
+    let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return;
+    };
+    // SAFETY: posix_fadvise reads no memory of ours; a bad descriptor or range is an error
+    // return, which is ignored.
+    unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_WILLNEED);
+    }
 }
 
 /// Takes the directory's exclusive lock and records this process as its holder.
@@ -1305,7 +1266,7 @@ fn take_lock(dir: &Path) -> Result<File, CacheError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fusefs::chunk::{decode_chunk, encode_chunk, DEFAULT_ZSTD_LEVEL};
+    use fusefs::chunk::{decode_chunk, decode_with, encode_chunk, Checks, DEFAULT_ZSTD_LEVEL};
     use fusefs::format::CHUNK_UNCOMPRESSED;
     use std::collections::HashSet;
     use std::sync::Barrier;
@@ -1359,11 +1320,22 @@ mod tests {
     }
 
     fn open(dir: &Path, budget: u64) -> ChunkCache {
-        ChunkCache::open(&CacheConfig {
+        let config = CacheConfig {
             dir: dir.to_path_buf(),
             budget_bytes: budget,
-        })
-        .unwrap()
+        };
+        // A reopen right after a drop can find the lock still held for a moment: a test
+        // spawning a process (`mount`) at the same time forks a child that holds a copy of
+        // every descriptor, the lock's too, until it execs (O_CLOEXEC closes them only then).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match ChunkCache::open(&config) {
+                Err(CacheError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                result => return result.unwrap(),
+            }
+        }
     }
 
     /// Asserts `c` is served with its exact stored bytes and decodes to its raw bytes.
@@ -1525,8 +1497,8 @@ mod tests {
         for c in &chunks {
             cache.insert(&c.record, &c.stored).unwrap();
         }
-        // Map the segment, then cut it after the second entry: later entries' pages would
-        // SIGBUS if touched.
+        // Read the segment, then cut it after the second entry (as another process could):
+        // later entries lie past its end.
         assert_served(&cache, &chunks[7]);
         let entry_len = ENTRY_HEADER_LEN + chunks[0].stored.len() as u64;
         let seg = &segment_files(dir.path())[0];
@@ -2114,11 +2086,16 @@ mod tests {
         assert!(stats.entries > 0);
         eprintln!("{ok} inserts stored, {no_space} refused for lack of space: {stats:?}");
 
-        // Now leave nothing to gain from eviction: hold every cached chunk (an evicted segment
-        // keeps its disk space while it is mapped) and fill the rest of the disk.
+        // Now leave nothing to gain from eviction: hold every segment file open (an evicted
+        // segment keeps its disk space while a descriptor is open, as it does while a reader
+        // has it) and fill the rest of the disk. Chunks read before stay intact.
         let held: Vec<(CachedChunk, &TestChunk)> = chunks
             .iter()
             .filter_map(|c| cache.get(&c.record.digest).map(|hit| (hit, c)))
+            .collect();
+        let pinned: Vec<File> = segment_files(&dir.path().join("cache"))
+            .iter()
+            .map(|p| File::open(p).unwrap())
             .collect();
         let ballast_path = dir.path().join("ballast");
         let mut ballast = File::create(&ballast_path).unwrap();
@@ -2136,11 +2113,207 @@ mod tests {
         }
 
         // Once space comes back, so does caching.
-        drop(held);
+        drop(pinned);
         drop(ballast);
         fs::remove_file(&ballast_path).unwrap();
         cache.insert(&extra.record, &extra.stored).unwrap();
         assert_served(&cache, &extra);
         drop(cache);
+    }
+
+    /// The read path before (segments mapped, a chunk copied out of the mapping into its own
+    /// buffer) against the one now (`pread` into the chunk's buffer), over 1 GiB of 1 MiB
+    /// incompressible (raw) entries in 64 MiB segments, with the page cache cold (the segment
+    /// files dropped from it with `POSIX_FADV_DONTNEED`) and hot. Every variant ends with the
+    /// payload, crc32-checked, in a `Vec` of its own. `LAZY_CACHE_BENCH_MIB` changes the size.
+    ///
+    /// cargo test --release -p agent --lib cache::tests::read_path_benchmark -- --ignored --nocapture
+    #[test]
+    #[ignore = "benchmark: writes and reads 1 GiB"]
+    fn read_path_benchmark() {
+        use std::time::Instant;
+        let mib: u64 = std::env::var("LAZY_CACHE_BENCH_MIB")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1024);
+        let dir =
+            tempfile::tempdir_in(std::env::var_os("TMPDIR").unwrap_or("/var/tmp".into())).unwrap();
+        let cache = open(dir.path(), 2 * mib * MIB);
+        let digests: Vec<[u8; 32]> = (0..mib)
+            .map(|i| {
+                let c = chunk(i, MIB as usize, false);
+                assert_eq!(c.record.flags, CHUNK_UNCOMPRESSED);
+                cache.insert(&c.record, &c.stored).unwrap();
+                c.record.digest
+            })
+            .collect();
+        let entries: Vec<Entry> = digests
+            .iter()
+            .map(|d| cache.shard(d).get(d).cloned().unwrap())
+            .collect();
+        let files: Vec<Arc<Segment>> = cache
+            .writer()
+            .live
+            .values()
+            .map(|s| s.segment.clone())
+            .collect();
+        for segment in &files {
+            segment.file.sync_all().unwrap();
+        }
+        let maps: Mutex<HashMap<u64, memmap2::Mmap>> = Mutex::new(HashMap::new());
+        let evict_page_cache = || {
+            maps.lock().unwrap().clear();
+            for segment in &files {
+                // SAFETY: advice on our own descriptor; reads no memory of ours.
+                let rc = unsafe {
+                    libc::posix_fadvise(segment.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED)
+                };
+                assert_eq!(rc, 0);
+            }
+        };
+        let rss_file_kib = || {
+            let status = fs::read_to_string("/proc/self/status").unwrap();
+            let line = status.lines().find(|l| l.starts_with("RssFile:")).unwrap();
+            line.split_whitespace()
+                .nth(1)
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        };
+
+        // Before: one mapping per segment, kept (so hot pages stay mapped), WillNeed on the
+        // entry, checks, copy out.
+        let mmap = || {
+            let mut maps = maps.lock().unwrap();
+            let mut total = 0;
+            for entry in &entries {
+                let segment = &entry.segment;
+                // SAFETY: read-only mapping of a sealed segment nothing writes to or truncates
+                // during the benchmark.
+                let map = maps
+                    .entry(segment.seq)
+                    .or_insert_with(|| unsafe { memmap2::Mmap::map(&segment.file).unwrap() });
+                let start = entry.offset as usize;
+                let payload = start + ENTRY_HEADER_LEN as usize;
+                let end = entry.end() as usize;
+                let _ = map.advise_range(memmap2::Advice::WillNeed, start, end - start);
+                assert_eq!(map[start..payload], encode_entry_header(&entry.record));
+                assert_eq!(crc32fast::hash(&map[payload..end]), entry.record.crc32);
+                let owned = map[payload..end].to_vec();
+                total += owned.len();
+            }
+            total
+        };
+        // Now: `get` (fstat, WillNeed, pread header and payload, checks).
+        let pread = || {
+            let mut total = 0;
+            for d in &digests {
+                total += cache.get(d).unwrap().bytes.len();
+            }
+            total
+        };
+        // Now, and the copy `decode_with` makes of a raw chunk on top.
+        let pread_and_copy = || {
+            let mut total = 0;
+            for d in &digests {
+                let hit = cache.get(d).unwrap();
+                total += decode_with(&hit.record, &hit.bytes, Checks::NONE)
+                    .unwrap()
+                    .len();
+            }
+            total
+        };
+        // `read_entry` without the WillNeed advice.
+        let pread_no_advice = || {
+            let mut total = 0;
+            for entry in &entries {
+                let file = &entry.segment.file;
+                assert!(file.metadata().unwrap().len() >= entry.end());
+                let mut header = [0u8; ENTRY_HEADER_LEN as usize];
+                file.read_exact_at(&mut header, entry.offset).unwrap();
+                assert_eq!(header, encode_entry_header(&entry.record));
+                let mut payload = vec![0u8; entry.record.comp_len as usize];
+                file.read_exact_at(&mut payload, entry.offset + ENTRY_HEADER_LEN)
+                    .unwrap();
+                assert_eq!(crc32fast::hash(&payload), entry.record.crc32);
+                total += payload.len();
+            }
+            total
+        };
+        // `read_entry` without zeroing the buffer first.
+        let pread_uninit = || {
+            let mut total = 0;
+            for entry in &entries {
+                let file = &entry.segment.file;
+                assert!(file.metadata().unwrap().len() >= entry.end());
+                will_need(file, entry.offset, entry.end() - entry.offset);
+                let mut header = [0u8; ENTRY_HEADER_LEN as usize];
+                file.read_exact_at(&mut header, entry.offset).unwrap();
+                assert_eq!(header, encode_entry_header(&entry.record));
+                let len = entry.record.comp_len as usize;
+                let mut payload: Vec<u8> = Vec::with_capacity(len);
+                // SAFETY: pread writes at most `len` bytes into the spare capacity; the length
+                // is set to what it wrote.
+                unsafe {
+                    let n = libc::pread(
+                        file.as_raw_fd(),
+                        payload.as_mut_ptr().cast(),
+                        len,
+                        (entry.offset + ENTRY_HEADER_LEN) as libc::off_t,
+                    );
+                    assert_eq!(n, len as isize);
+                    payload.set_len(len);
+                }
+                assert_eq!(crc32fast::hash(&payload), entry.record.crc32);
+                total += payload.len();
+            }
+            total
+        };
+        let variants: [(&str, &dyn Fn() -> usize); 5] = [
+            ("mmap + copy out (before)", &mmap),
+            ("pread (now)", &pread),
+            ("pread + decode copy", &pread_and_copy),
+            ("pread, no WillNeed", &pread_no_advice),
+            ("pread, buffer not zeroed", &pread_uninit),
+        ];
+        let bytes = (mib * MIB) as f64;
+        let mut results: BTreeMap<(usize, bool), Vec<f64>> = BTreeMap::new();
+        for round in 0..5 {
+            for (v, (name, read)) in variants.iter().enumerate() {
+                for cold in [true, false] {
+                    if cold {
+                        evict_page_cache();
+                    } else {
+                        read();
+                    }
+                    let rss_before = rss_file_kib();
+                    let started = Instant::now();
+                    let total = read();
+                    let secs = started.elapsed().as_secs_f64();
+                    // Before the mappings are dropped (by the next cold run).
+                    let rss_after = rss_file_kib();
+                    assert_eq!(total as u64, mib * MIB);
+                    eprintln!(
+                        "round {round} {name:26} {:4}: {secs:6.3} s {:6.2} GB/s, RssFile {:+} MiB",
+                        if cold { "cold" } else { "hot" },
+                        bytes / secs / 1e9,
+                        (rss_after as i64 - rss_before as i64) / 1024,
+                    );
+                    results.entry((v, cold)).or_default().push(secs);
+                }
+            }
+        }
+        for ((v, cold), mut secs) in results {
+            secs.sort_by(f64::total_cmp);
+            let median = secs[secs.len() / 2];
+            eprintln!(
+                "median {:26} {:4}: {median:6.3} s {:6.2} GB/s (min {:.3} s, max {:.3} s)",
+                variants[v].0,
+                if cold { "cold" } else { "hot" },
+                bytes / median / 1e9,
+                secs[0],
+                secs[secs.len() - 1],
+            );
+        }
     }
 }
