@@ -123,18 +123,48 @@ pub fn decode_with(
     stored: &[u8],
     checks: Checks,
 ) -> Result<Vec<u8>, ChunkError> {
+    check_lengths_and_crc(record, stored, checks)?;
+    let raw = decompress(record, stored)?;
+    check_digest(record, &raw, checks)?;
+    Ok(raw)
+}
+
+/// [`decode_with`] of stored bytes the caller owns: an uncompressed chunk (model weights, mostly)
+/// is returned as it was read, without a copy.
+pub fn decode_owned(
+    record: &ChunkRecord,
+    stored: Vec<u8>,
+    checks: Checks,
+) -> Result<Vec<u8>, ChunkError> {
+    if record.flags & CHUNK_UNCOMPRESSED == 0 {
+        return decode_with(record, &stored, checks);
+    }
+    check_lengths_and_crc(record, &stored, checks)?;
+    check_digest(record, &stored, checks)?;
+    Ok(stored)
+}
+
+fn check_lengths_and_crc(
+    record: &ChunkRecord,
+    stored: &[u8],
+    checks: Checks,
+) -> Result<(), ChunkError> {
     if checks.crc32 {
-        check_stored(record, stored)?;
+        check_stored(record, stored)
     } else if stored.len() != record.comp_len as usize {
-        return Err(ChunkError::Length {
+        Err(ChunkError::Length {
             digest: hex(&record.digest),
             actual: stored.len(),
             expected: record.comp_len as usize,
-        });
+        })
+    } else {
+        Ok(())
     }
-    let raw = decompress(record, stored)?;
+}
+
+fn check_digest(record: &ChunkRecord, raw: &[u8], checks: Checks) -> Result<(), ChunkError> {
     if checks.digest {
-        let digest = blake3::hash(&raw);
+        let digest = blake3::hash(raw);
         if digest.as_bytes() != &record.digest {
             return Err(ChunkError::Digest {
                 digest: hex(&record.digest),
@@ -142,7 +172,7 @@ pub fn decode_with(
             });
         }
     }
-    Ok(raw)
+    Ok(())
 }
 
 thread_local! {
@@ -224,6 +254,14 @@ pub trait ChunkSource: Send + Sync {
     /// The last open handle of file `ino` was released (or the filesystem is going away).
     /// Must not block for long: it runs on the FUSE session thread.
     fn file_released(&self, _ino: u64) {}
+
+    /// A reader reads `range` of a file that [`ChunkSource::opens_wanted`] names, before its
+    /// chunks are asked for. Must not block (it may run on the FUSE session thread). Returns
+    /// whether the source reads this file ahead of the reader itself; when not (the default),
+    /// the filesystem hints a sequential reader's next chunks ([`ChunkSource::read_ahead`]).
+    fn watched_read(&self, _ino: u64, _range: std::ops::Range<u64>) -> bool {
+        false
+    }
 }
 
 /// Lower-case hex of a byte string.
@@ -290,6 +328,50 @@ mod tests {
         }
         assert!(matches!(
             decode_chunk(&rec, &e.stored[1..]),
+            Err(ChunkError::Length { .. })
+        ));
+    }
+
+    #[test]
+    fn decode_owned_returns_an_uncompressed_chunk_as_is_after_the_same_checks() {
+        let raw = b"weights ".repeat(300);
+        let e = encode_chunk(&raw, DEFAULT_ZSTD_LEVEL).unwrap();
+        let compressed = record_for(&e);
+        assert_eq!(
+            decode_owned(&compressed, e.stored.clone(), Checks::ALL).unwrap(),
+            raw
+        );
+        let mut rec = ChunkRecord {
+            flags: CHUNK_UNCOMPRESSED,
+            comp_len: raw.len() as u32,
+            raw_len: raw.len() as u32,
+            crc32: crc32fast::hash(&raw),
+            digest: *blake3::hash(&raw).as_bytes(),
+            ..compressed
+        };
+        let ptr = raw.as_ptr();
+        let out = decode_owned(&rec, raw.clone(), Checks::ALL).unwrap();
+        assert_eq!(out, raw);
+        let kept = raw.clone();
+        let kept_ptr = kept.as_ptr();
+        assert_eq!(
+            decode_owned(&rec, kept, Checks::NONE).unwrap().as_ptr(),
+            kept_ptr
+        );
+        assert_ne!(ptr, kept_ptr);
+        rec.digest[0] ^= 1;
+        assert!(matches!(
+            decode_owned(&rec, raw.clone(), Checks::DIGEST),
+            Err(ChunkError::Digest { .. })
+        ));
+        rec.digest[0] ^= 1;
+        rec.crc32 ^= 1;
+        assert!(matches!(
+            decode_owned(&rec, raw.clone(), Checks::ALL),
+            Err(ChunkError::Crc { .. })
+        ));
+        assert!(matches!(
+            decode_owned(&rec, raw[1..].to_vec(), Checks::NONE),
             Err(ChunkError::Length { .. })
         ));
     }

@@ -35,6 +35,7 @@ struct Args {
 const DRAIN_RETRY: Duration = Duration::from_secs(1);
 
 fn main() -> ExitCode {
+    bound_malloc_arenas();
     let args = Args::parse();
     let config = match load_config(args.config.as_deref()) {
         Ok(c) => c,
@@ -180,5 +181,18 @@ async fn force(agent: &Arc<Agent>) {
 fn notify(state: &[sd_notify::NotifyState]) {
     if let Err(e) = sd_notify::notify(false, state) {
         warn!("cannot notify systemd: {e}");
+    }
+}
+
+/// At most two malloc arenas. glibc gives each thread that allocates under contention an arena
+/// of its own (up to eight per core) and keeps what is freed in each: lazyd's fetch, decode
+/// and FUSE threads pass megabyte chunk buffers between them, and with one arena per thread
+/// its anonymous memory during a model load peaked at 255-293 MB; with two, at 139 MB, the
+/// load as fast (docs/BENCHMARKS.md). Must run before any thread starts.
+fn bound_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a tunable of the allocator; no thread runs yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
