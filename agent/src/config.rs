@@ -80,6 +80,9 @@ pub struct FetchConfig {
     /// Demand requests in flight per backend (read-ahead, streams and background work have
     /// `stream.requests` slots of their own).
     pub concurrency: usize,
+    /// Most bytes of demand requests in flight per backend (one starts anyway when none runs).
+    #[serde(deserialize_with = "size")]
+    pub demand_bytes: u64,
     #[serde(deserialize_with = "duration")]
     pub connect_timeout: Duration,
     /// Bound on one request; transient failures are retried.
@@ -118,6 +121,7 @@ impl Default for FetchConfig {
         let r = RemoteOptions::default();
         FetchConfig {
             concurrency: f.concurrency,
+            demand_bytes: f.demand_bytes,
             connect_timeout: r.connect_timeout,
             request_timeout: f.request_timeout,
             read_timeout: f.read_timeout,
@@ -239,7 +243,7 @@ impl Default for MountOptions {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StreamOptions {
-    /// Stream the tensors of `*.safetensors` files in offset order when they are opened.
+    /// Stream the tensors of `*.safetensors` files when they are opened.
     pub safetensors: bool,
     /// Read-ahead, stream and background requests in flight per backend, besides demand ones.
     pub requests: usize,
@@ -250,6 +254,10 @@ pub struct StreamOptions {
     /// Largest read-ahead window of a sequential reader of any file (capped like `max_ahead`).
     #[serde(deserialize_with = "size")]
     pub read_ahead: u64,
+    /// Most bytes of the tensor a reader reads that are fetched at once, at demand priority,
+    /// when it starts reading it (0: none; the stream brings them in its turn).
+    #[serde(deserialize_with = "size")]
+    pub tensor_first: u64,
 }
 
 impl Default for StreamOptions {
@@ -259,6 +267,7 @@ impl Default for StreamOptions {
             requests: FetcherConfig::default().prefetch_requests,
             max_ahead: crate::stream::DEFAULT_MAX_AHEAD,
             read_ahead: crate::stream::DEFAULT_READ_AHEAD,
+            tensor_first: crate::stream::DEFAULT_TENSOR_FIRST,
         }
     }
 }
@@ -323,6 +332,7 @@ impl AgentConfig {
             max_attempts: self.fetch.max_attempts,
             max_request_bytes: self.fetch.max_request_size,
             concurrency: self.fetch.concurrency,
+            demand_bytes: self.fetch.demand_bytes,
             prefetch_requests: self.stream.requests,
             background_requests: self.background.max_requests,
             speculative_requests: self.fetch.speculative_requests,
@@ -341,6 +351,7 @@ impl AgentConfig {
             max_ahead,
             queue_budget: self.stream.requests as u64 * self.fetch.max_request_size,
             read_ahead: self.stream.read_ahead.min(max_ahead),
+            first_bytes: self.stream.tensor_first,
         }
     }
 

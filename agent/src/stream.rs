@@ -25,7 +25,7 @@
 //!   filesystem goes away. A stopped stream's queued jobs are dropped at once (requests in
 //!   flight finish), so nothing more is fetched for it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -56,6 +56,9 @@ pub struct StreamConfig {
     pub queue_budget: u64,
     /// Largest read-ahead window of a sequential reader of any file (`ImageReader`).
     pub read_ahead: u64,
+    /// Most stored bytes of the tensor a reader starts reading that are fetched at once, at
+    /// demand priority, ahead of the streams' queued work.
+    pub first_bytes: u64,
 }
 
 impl StreamConfig {
@@ -69,6 +72,7 @@ impl StreamConfig {
             max_ahead: DEFAULT_MAX_AHEAD,
             queue_budget: f.prefetch_requests.max(1) as u64 * f.max_request_bytes,
             read_ahead: DEFAULT_READ_AHEAD,
+            first_bytes: DEFAULT_TENSOR_FIRST,
         }
         .bounded_by(fetcher)
     }
@@ -87,6 +91,10 @@ impl StreamConfig {
 
 /// Default `max_ahead`: several shards' worth of tensors in flight at 10 Gbit/s for ~1 s.
 pub const DEFAULT_MAX_AHEAD: u64 = 1 << 30;
+
+/// Default `first_bytes`: a large tensor's first 64 MiB (half a second at 1 Gbit/s) go first;
+/// the stream brings the rest, in the reader's order, right behind them.
+pub const DEFAULT_TENSOR_FIRST: u64 = 64 << 20;
 
 /// Default largest read-ahead of sequential readers: 128 MiB in flight fills a 10 Gbit/s link at
 /// 100 ms per request (the bandwidth-delay product is 125 MB).
@@ -189,11 +197,107 @@ struct FileStream {
     state: Mutex<StreamState>,
 }
 
+/// The order a loader takes a file's tensors in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Order {
+    /// The order of their bytes (`load_file`, a copy of the file).
+    Offset,
+    /// The order of their names (`safe_open(...).keys()`, as vLLM and transformers read).
+    Name,
+}
+
+/// A streamed file's tensors, the chunks of each, and their name order.
+struct Plan {
+    /// Tensors in offset order.
+    tensors: Vec<Tensor>,
+    /// Each tensor's place in name order.
+    name_rank: Vec<usize>,
+    /// The tensors (offset-order indices) in name order.
+    by_name: Vec<usize>,
+}
+
+struct Tensor {
+    /// The tensor's bytes in the file.
+    range: std::ops::Range<u64>,
+    /// The chunks holding them, in file order, each with the file bytes it holds.
+    chunks: Vec<(std::ops::Range<u64>, ChunkRef)>,
+}
+
+/// How far ahead in its order a loader's next tensor may be and still count as the next one:
+/// small tensors read whole by the kernel's read-ahead of the one before are never seen.
+const NEXT_SLACK: usize = 4;
+
+impl Plan {
+    /// The tensor whose bytes hold file offset `at`.
+    fn find(&self, at: u64) -> Option<usize> {
+        let i = self.tensors.partition_point(|t| t.range.end <= at);
+        self.tensors
+            .get(i)
+            .filter(|t| t.range.start <= at)
+            .map(|_| i)
+    }
+
+    /// The order the reader reads in, learned from its last tensor and the one it reads now:
+    /// a step forward in one order but not in the other decides; anything else keeps `order`.
+    /// A first read at the first tensor of one order (and not of the other) decides too.
+    fn learn(&self, order: Order, last: Option<usize>, now: usize) -> Order {
+        let step = |from: usize, to: usize| to > from && to - from <= NEXT_SLACK;
+        let (by_offset, by_name) = match last {
+            None => (now == 0, self.name_rank[now] == 0),
+            Some(last) => (
+                step(last, now),
+                step(self.name_rank[last], self.name_rank[now]),
+            ),
+        };
+        match (by_offset, by_name) {
+            (true, false) => Order::Offset,
+            (false, true) => Order::Name,
+            _ => order,
+        }
+    }
+
+    /// Every tensor in `order` starting at `from`, then those before it.
+    fn from(&self, order: Order, from: usize) -> VecDeque<usize> {
+        let n = self.tensors.len();
+        match order {
+            Order::Offset => (from..n).chain(0..from).collect(),
+            Order::Name => {
+                let rank = self.name_rank[from];
+                self.by_name[rank..]
+                    .iter()
+                    .chain(&self.by_name[..rank])
+                    .copied()
+                    .collect()
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct StreamState {
     stopped: bool,
     /// Wakes the stream's thread (it also hears the fetcher's completions on this channel).
     wake: Option<mpsc::Sender<Done>>,
+    /// The file's tensors, once the header is read.
+    plan: Option<Arc<Plan>>,
+    /// The reader's order as learned so far (offset order until a read says otherwise).
+    order: Option<Order>,
+    /// The tensor the reader read last.
+    last: Option<usize>,
+    /// Whether the reader has read a tensor's bytes yet: the stream starts then, from there, so
+    /// a file opened and not read (or only its header) costs nothing, and the streams of files
+    /// that wait for their turn (a loader's other shards) leave the link to those being read.
+    reading: bool,
+    /// Where the reader read before the header was read: taken up once it is.
+    early: Option<u64>,
+    /// The reader's current run of sequential reads: from the read that jumped here to the end
+    /// of the furthest read since.
+    run: std::ops::Range<u64>,
+    /// Tensors still to stream, in the order they go; `at` chunks of the first are done.
+    todo: VecDeque<usize>,
+    at: usize,
+    /// Chunks queued by the stream or fetched first for the reader: never asked for again.
+    issued: HashSet<u32>,
     /// Chunks queued or fetched by the stream and not read since, by index: stored bytes.
     ahead: HashMap<u32, u64>,
     ahead_bytes: u64,
@@ -202,6 +306,25 @@ struct StreamState {
     queued_bytes: u64,
     /// Chunks the reader read before the stream reached them: not fetched again.
     read: HashSet<u32>,
+}
+
+impl StreamState {
+    /// The next chunk to stream: the first of the first tensor to go that is neither issued
+    /// nor read. Does not take it.
+    fn peek(&mut self, plan: &Plan) -> Option<ChunkRef> {
+        loop {
+            let &t = self.todo.front()?;
+            let chunks = &plan.tensors[t].chunks;
+            while let Some((_, c)) = chunks.get(self.at) {
+                if !self.issued.contains(&c.index) && !self.read.contains(&c.index) {
+                    return Some(c.clone());
+                }
+                self.at += 1;
+            }
+            self.todo.pop_front();
+            self.at = 0;
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -229,6 +352,81 @@ impl FileStream {
             debug!(ino = self.ino, dropped, "stream stopped");
         }
     }
+
+    /// A reader reads `read` of the file; see [`Touch`]. `None` when the stream has stopped.
+    ///
+    /// Only a read that jumps (does not continue the reads before it) says where the reader
+    /// is: the kernel reads ahead of a sequential reader, past the end of the tensor it reads,
+    /// and that says nothing of which tensor the reader takes next. A jump's middle is where
+    /// the reader is: the kernel reads a mapped file around the faulting page.
+    fn reader_at(&self, read: std::ops::Range<u64>, first_bytes: u64) -> Option<Touch> {
+        let mut touch = Touch::default();
+        let mut state = lock(&self.state);
+        if state.stopped {
+            return None;
+        }
+        let run = &mut state.run;
+        // The kernel's read-ahead windows may arrive a little out of order: a read that starts
+        // within its own length of the run's end still continues it.
+        let slack = read.end - read.start;
+        if !run.is_empty() && read.start >= run.start && read.start <= run.end + slack {
+            run.end = run.end.max(read.end);
+            return Some(touch);
+        }
+        *run = read.clone();
+        let at = read.start + (read.end - read.start) / 2;
+        let Some(plan) = state.plan.clone() else {
+            state.early.get_or_insert(at);
+            return Some(touch);
+        };
+        let Some(now) = plan.find(at) else {
+            return Some(touch);
+        };
+        if state.last == Some(now) {
+            return Some(touch);
+        }
+        let was = state.order.unwrap_or(Order::Offset);
+        let order = plan.learn(was, state.last, now);
+        state.order = Some(order);
+        state.last = Some(now);
+        state.reading = true;
+        let chunks = &plan.tensors[now].chunks;
+        let ahead_here = chunks.iter().all(|(_, c)| state.issued.contains(&c.index));
+        if order != was || !ahead_here {
+            // The stream is not where the reader is: what it queued goes back, and it goes on
+            // from this tensor in the reader's order.
+            touch.cancel = state.queued.keys().copied().collect();
+            state.todo = plan.from(order, now);
+            state.at = 0;
+        }
+        let mut bytes = 0;
+        for (range, c) in chunks {
+            if bytes >= first_bytes {
+                break;
+            }
+            if range.end <= at || state.read.contains(&c.index) {
+                continue;
+            }
+            touch.first.push(c.clone());
+            state.issued.insert(c.index);
+            bytes += stored_len(c);
+        }
+        FileStream::nudge(&state);
+        Some(touch)
+    }
+}
+
+/// What a reader's read of a streamed file asks of the fetcher. When it lands in a tensor other
+/// than the one the reader read last, the reader's order is learned again (offset or name
+/// order), and:
+#[derive(Default)]
+struct Touch {
+    /// The tensor's chunks from the read on (up to `first_bytes`), not yet read: fetched at
+    /// once, at demand priority, ahead of the streams' queued work.
+    first: Vec<ChunkRef>,
+    /// When the stream was not ahead of the reader there (or the order changed): its queued
+    /// jobs, dropped from the fetcher's queue; the stream queues them again in its new order.
+    cancel: HashSet<[u8; 32]>,
 }
 
 impl ChunkSource for StreamSource {
@@ -281,6 +479,26 @@ impl ChunkSource for StreamSource {
         if let Some(stream) = stream {
             stream.stop(&self.mount.hub.fetcher, &self.mount.backend);
         }
+    }
+
+    /// A read of a streamed file: the rest of the tensor it lands in is fetched at once, at
+    /// demand priority, and the stream goes on from there in the reader's order.
+    fn watched_read(&self, ino: u64, range: std::ops::Range<u64>) -> bool {
+        let stream = lock(&self.mount.files).get(&ino).cloned();
+        let Some(stream) = stream else {
+            return self.mount.inner.watched_read(ino, range);
+        };
+        let Some(touch) = stream.reader_at(range.clone(), self.mount.hub.config.first_bytes) else {
+            return self.mount.inner.watched_read(ino, range);
+        };
+        let (fetcher, backend) = (&self.mount.hub.fetcher, &self.mount.backend);
+        if !touch.first.is_empty() {
+            fetcher.fetch_now(backend, &touch.first);
+        }
+        if !touch.cancel.is_empty() {
+            fetcher.cancel_prefetch(backend, &touch.cancel);
+        }
+        true
     }
 }
 
@@ -345,7 +563,7 @@ impl MountStreams {
     fn run(&self, file: &OpenFile, name: &str, stream: &Arc<FileStream>) {
         let metrics = self.hub.fetcher.stream_metrics();
         let plan = match self.plan(file) {
-            Ok(plan) => plan,
+            Ok(plan) => Arc::new(plan),
             Err(Refusal::Header(reason)) => {
                 metrics.headers_refused.inc();
                 warn!(
@@ -361,19 +579,18 @@ impl MountStreams {
             }
         };
         metrics.started.inc();
-        let total: u64 = plan.iter().map(stored_len).sum();
-        info!(
-            file = name,
-            ino = file.ino,
-            chunks = plan.len(),
-            bytes = total,
-            "streaming safetensors tensors in offset order"
-        );
+        let chunks: HashSet<u32> = plan
+            .tensors
+            .iter()
+            .flat_map(|t| t.chunks.iter().map(|(_, c)| c.index))
+            .collect();
         let started = Instant::now();
         {
             let mut owners = lock(&self.owners);
-            for c in &plan {
-                owners.entry(c.index).or_insert_with(|| stream.clone());
+            for t in &plan.tensors {
+                for (_, c) in &t.chunks {
+                    owners.entry(c.index).or_insert_with(|| stream.clone());
+                }
             }
             self.owned.store(owners.len(), Ordering::Relaxed);
         }
@@ -385,10 +602,17 @@ impl MountStreams {
             owners.retain(|_, s| !Arc::ptr_eq(s, stream));
             self.owned.store(owners.len(), Ordering::Relaxed);
         }
-        let stopped = lock(&stream.state).stopped;
+        let (stopped, order) = {
+            let state = lock(&stream.state);
+            (state.stopped, state.order)
+        };
         info!(
             file = name,
+            ino = file.ino,
+            tensors = plan.tensors.len(),
+            chunks = chunks.len(),
             fetched,
+            order = ?order.unwrap_or(Order::Offset),
             "stream {} after {:.1} s",
             if stopped { "stopped" } else { "done" },
             started.elapsed().as_secs_f64()
@@ -408,8 +632,8 @@ impl MountStreams {
         }
     }
 
-    /// The chunks to stream: those of the tensors, in offset order, each once.
-    fn plan(&self, file: &OpenFile) -> Result<Vec<ChunkRef>, Refusal> {
+    /// The file's tensors from its header, each with its chunks.
+    fn plan(&self, file: &OpenFile) -> Result<Plan, Refusal> {
         let read_err = |e: fusefs::FsError| Refusal::Read(format!("reading the header: {e}"));
         let prefix = file
             .read(self.inner.as_ref(), 0, LEN_PREFIX as u32)
@@ -419,31 +643,61 @@ impl MountStreams {
         let json = file
             .read(self.inner.as_ref(), LEN_PREFIX, len as u32)
             .map_err(read_err)?;
-        let tensors = parse_header(&json, file.size).map_err(|e| Refusal::Header(e.to_string()))?;
-        let mut seen = HashSet::new();
-        let mut plan = Vec::new();
-        for t in tensors {
+        let ranges = parse_header(&json, file.size).map_err(|e| Refusal::Header(e.to_string()))?;
+        let mut by_name: Vec<usize> = (0..ranges.len()).collect();
+        by_name.sort_by(|&a, &b| ranges[a].name.cmp(&ranges[b].name));
+        let mut name_rank = vec![0; ranges.len()];
+        for (rank, &t) in by_name.iter().enumerate() {
+            name_rank[t] = rank;
+        }
+        let mut tensors = Vec::with_capacity(ranges.len());
+        for t in ranges {
             let chunks = file
                 .chunks(t.begin..t.end)
                 .map_err(|e| Refusal::Read(format!("mapping tensor {:?}: {e}", t.name)))?;
-            for (_, c) in chunks {
-                if seen.insert(c.index) {
-                    plan.push(c);
-                }
-            }
+            tensors.push(Tensor {
+                range: t.begin..t.end,
+                chunks,
+            });
         }
-        Ok(plan)
+        Ok(Plan {
+            tensors,
+            name_rank,
+            by_name,
+        })
     }
 
-    /// Queues `plan` within the stream's bounds until it is done or stopped; returns the stored
-    /// bytes it fetched.
-    fn stream(&self, plan: &[ChunkRef], stream: &FileStream) -> u64 {
+    /// Queues the plan's chunks, in the reader's order as it is learned, within the stream's
+    /// bounds until every one is done or the stream stops; returns the stored bytes it fetched.
+    fn stream(&self, plan: &Arc<Plan>, stream: &FileStream) -> u64 {
         let fetcher = &self.hub.fetcher;
         let metrics = fetcher.stream_metrics();
         let max_ahead = self.hub.config.max_ahead;
         let (tx, rx) = mpsc::channel();
-        lock(&stream.state).wake = Some(tx.clone());
-        let mut next = 0;
+        let early = {
+            let mut state = lock(&stream.state);
+            state.wake = Some(tx.clone());
+            state.plan = Some(plan.clone());
+            state.early.take()
+        };
+        if let Some(at) = early {
+            // Taken up as a jump to that place (the run it started is already recorded).
+            lock(&stream.state).run = 0..0;
+            if let Some(touch) = stream.reader_at(at..at + 1, self.hub.config.first_bytes) {
+                fetcher.fetch_now(&self.backend, &touch.first);
+            }
+        }
+        // Nothing to stream until the reader reads a tensor.
+        loop {
+            let state = lock(&stream.state);
+            if state.reading || state.stopped {
+                break;
+            }
+            drop(state);
+            if rx.recv().is_err() {
+                break;
+            }
+        }
         let mut fetched = 0;
         loop {
             {
@@ -452,20 +706,16 @@ impl MountStreams {
                     break;
                 }
                 let share = self.hub.share();
-                while let Some(chunk) = plan.get(next) {
-                    if state.read.contains(&chunk.index) {
-                        next += 1;
-                        continue;
-                    }
-                    let len = stored_len(chunk);
+                while let Some(chunk) = state.peek(plan) {
+                    let len = stored_len(&chunk);
                     if (!state.queued.is_empty() && state.queued_bytes + len > share)
                         || (!state.ahead.is_empty() && state.ahead_bytes + len > max_ahead)
                     {
                         break;
                     }
-                    next += 1;
+                    state.issued.insert(chunk.index);
                     // Under the state lock, so a stop cannot miss a job queued now.
-                    if fetcher.prefetch_watched(&self.backend, chunk, &tx)
+                    if fetcher.prefetch_watched(&self.backend, &chunk, &tx)
                         && state.queued.insert(chunk.record.digest, len).is_none()
                     {
                         state.queued_bytes += len;
@@ -473,7 +723,7 @@ impl MountStreams {
                         state.ahead_bytes += len;
                     }
                 }
-                if next == plan.len() && state.queued.is_empty() {
+                if state.todo.is_empty() && state.queued.is_empty() {
                     break;
                 }
             }
@@ -485,14 +735,15 @@ impl MountStreams {
                 if done.is_ok() {
                     fetched += len;
                     metrics.bytes.add(len);
-                } else if let Some(index) = plan
-                    .iter()
-                    .find(|c| c.record.digest == done.digest)
-                    .map(|c| c.index)
-                {
-                    // Not fetched: the reader will ask for it; it is not ahead.
-                    if let Some(len) = state.ahead.remove(&index) {
-                        state.ahead_bytes -= len;
+                } else {
+                    // Not fetched (dropped when the stream turned, or failed): not ahead, and
+                    // streamed again when its tensor's turn comes (the reader may come first).
+                    let chunks = plan.tensors.iter().flat_map(|t| &t.chunks);
+                    for (_, c) in chunks.filter(|(_, c)| c.record.digest == done.digest) {
+                        state.issued.remove(&c.index);
+                        if let Some(len) = state.ahead.remove(&c.index) {
+                            state.ahead_bytes -= len;
+                        }
                     }
                 }
             }
@@ -610,6 +861,14 @@ mod tests {
             self.files[name].0
         }
 
+        /// The reader reads the first byte of file `name`'s first tensor: its stream starts.
+        fn begin(&self, name: &str) {
+            let file = &self.files[name].1;
+            let header_end = 8 + u64::from_le_bytes(file[..8].try_into().unwrap());
+            let got = self.reader.read(self.ino(name), header_end, 1).unwrap();
+            assert_eq!(got, &file[header_end as usize..header_end as usize + 1]);
+        }
+
         /// The chunk refs of file `name`, in file order.
         fn chunks(&self, name: &str) -> Vec<ChunkRef> {
             let f = &self.files[name];
@@ -716,6 +975,7 @@ mod tests {
             max_ahead,
             queue_budget,
             read_ahead: 4 << 20,
+            first_bytes: 0,
         }
     }
 
@@ -768,6 +1028,7 @@ mod tests {
         );
         let ino = img.ino("m.safetensors");
         img.reader.opened(ino);
+        img.begin("m.safetensors");
         let metrics = img.streams.fetcher().stream_metrics();
         wait_for("the stream to end", || {
             metrics.started.get() == 1 && img.streams.running() == 0
@@ -832,8 +1093,8 @@ mod tests {
         let chunks = img.chunks("m.safetensors");
         img.reader.opened(ino);
         // The reader reads the first ten chunks and stops.
-        for c in &chunks[..10] {
-            img.source.chunk(c).unwrap();
+        for i in 0..10 {
+            img.reader.read(ino, (i * CS) as u64, CS as u32).unwrap();
         }
         settle(&img, Duration::from_millis(300));
         let read: u64 = chunks[..10].iter().map(stored_len).sum();
@@ -847,8 +1108,8 @@ mod tests {
             "the stream went ahead: fetched {fetched}, read {read}"
         );
         // The reader reads on a little, so the stream has jobs queued, then closes the file.
-        for c in &chunks[10..14] {
-            img.source.chunk(c).unwrap();
+        for i in 10..14 {
+            img.reader.read(ino, (i * CS) as u64, CS as u32).unwrap();
         }
         img.reader.released(ino);
         let at_release = img.requests().len();
@@ -888,6 +1149,8 @@ mod tests {
         });
         img.reader.opened(img.ino("a.safetensors"));
         img.reader.opened(img.ino("b.safetensors"));
+        img.begin("a.safetensors");
+        img.begin("b.safetensors");
         wait_for("both streams to run", || img.streams.running() == 2);
         // Once both run, each gets about half of the requests.
         let (a0, b0) = (
@@ -928,6 +1191,7 @@ mod tests {
             ..Faults::default()
         });
         img.reader.opened(img.ino("m.safetensors"));
+        img.begin("m.safetensors");
         wait_for("the stream to queue its chunks", || {
             img.streams.running() == 1 && img.requests_of("m.safetensors").len() >= 3
         });
@@ -938,6 +1202,111 @@ mod tests {
         // Its own slot: one request's time, not the ~45 queued before it.
         assert!(waited < DELAY * 4, "demand read waited {waited:?}");
         img.reader.released(img.ino("m.safetensors"));
+    }
+
+    /// Forty tensors of two chunks each whose names are not in offset order: the tensor at
+    /// offset place `i` is named `t{(7 i + 3) mod 40}`, so `t00` is the 12th and `t01` the 35th.
+    fn shuffled_names() -> Vec<(String, usize)> {
+        (0..40)
+            .map(|i| (format!("t{:02}", (7 * i + 3) % 40), 2 * CS))
+            .collect()
+    }
+
+    /// The stored ranges of the chunks of the tensor at offset place `place` of
+    /// `shuffled_names()` (two chunks each, after the header's chunk).
+    fn tensor_requests(img: &Image, name: &str, place: usize) -> Vec<Range<u64>> {
+        let file = &img.files[name].1;
+        let header_end = 8 + u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+        let (start, end) = (
+            header_end + place * 2 * CS,
+            header_end + (place + 1) * 2 * CS,
+        );
+        img.chunks(name)
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i * CS < end && (i + 1) * CS > start)
+            .map(|(_, c)| c.record.comp_off..c.record.comp_off + u64::from(c.record.comp_len))
+            .collect()
+    }
+
+    #[test]
+    fn a_reader_inside_a_tensor_gets_it_before_queued_stream_work_and_the_stream_follows_name_order(
+    ) {
+        let names = shuffled_names();
+        let refs: Vec<(&str, usize)> = names.iter().map(|(n, l)| (n.as_str(), *l)).collect();
+        let file = safetensors(&refs, 0, 11);
+        let img = image(
+            vec![("m.safetensors", file.clone())],
+            FetcherConfig {
+                max_request_bytes: 1,
+                concurrency: 1,
+                ..fetch_config(1)
+            },
+            StreamConfig {
+                first_bytes: 1 << 30,
+                ..stream_config(1 << 30, 6 * CS as u64)
+            },
+        );
+        img.store.set(Faults {
+            delay: Duration::from_millis(10),
+            ..Faults::default()
+        });
+        let ino = img.ino("m.safetensors");
+        let header_end = 8 + u64::from_le_bytes(file[..8].try_into().unwrap());
+        let read_tensor = |place: usize| {
+            let at = header_end + (place * 2 * CS) as u64;
+            let got = img.reader.read(ino, at, 2 * CS as u32).unwrap();
+            assert_eq!(got, &file[at as usize..at as usize + 2 * CS]);
+        };
+        img.reader.opened(ino);
+        // The reader reads the first tensor by offset (`t03`): the stream starts in offset
+        // order and queues its share.
+        read_tensor(0);
+        wait_for("the stream to start in offset order", || {
+            img.requests_of("m.safetensors").len() >= 5
+        });
+        // It reads `t00` (the 12th by offset): that tensor's chunks (three: the header does
+        // not end on a chunk boundary) come next, ahead of the stream's queued work; at most
+        // the stream request in flight before the read, and one that starts beside the last
+        // of them (nothing waits then), are logged among them.
+        let before = img.requests().len();
+        read_tensor(11);
+        let t00 = tensor_requests(&img, "m.safetensors", 11);
+        let after = img.requests()[before..].to_vec();
+        let at: Vec<usize> = t00
+            .iter()
+            .map(|r| {
+                after
+                    .iter()
+                    .position(|a| a == r)
+                    .expect("tensor chunk fetched")
+            })
+            .collect();
+        assert!(
+            at.iter().all(|&i| i < t00.len() + 2),
+            "the reader's tensor came first: at {at:?} of {after:?}"
+        );
+        // Then `t01` (the 35th by offset): one step in name order, none in offset order. The
+        // stream learns name order and goes on with `t02` (the 18th by offset).
+        let from = img.requests().len();
+        read_tensor(34);
+        let t01 = tensor_requests(&img, "m.safetensors", 34);
+        let t02 = tensor_requests(&img, "m.safetensors", 17);
+        wait_for("the stream to fetch t02", || {
+            let all = img.requests();
+            t02.iter().all(|r| all[from..].contains(r))
+        });
+        let all = img.requests()[from..].to_vec();
+        let last_t02 = all.iter().rposition(|r| t02.contains(r)).unwrap();
+        let others = all[..last_t02]
+            .iter()
+            .filter(|r| !t01.contains(r) && !t02.contains(r))
+            .count();
+        assert!(
+            others <= 2,
+            "t02 came right after t01, not the offset order queued before: {all:?}"
+        );
+        img.reader.released(ino);
     }
 
     #[test]

@@ -556,24 +556,29 @@ impl ImageReader {
     /// (`ChunkSource::read_ahead`), with a window that grows as the reader keeps going.
     pub fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
         let (len, pieces) = self.plan_read(ino, offset, size)?;
-        if let Some(ahead) = self.read_ahead_range(ino, offset, offset + len as u64) {
-            self.hint(ino, ahead);
-        }
-        self.guess(ino, offset, offset + len as u64);
+        self.before_read(ino, offset, offset + len as u64);
         let out = self.copy_pieces(self.source.as_ref(), len, pieces)?;
         self.bytes_served
             .fetch_add(out.len() as u64, Ordering::Relaxed);
         Ok(out)
     }
 
-    /// Tells the speculator of a read of `start..end` of `ino`, unless the file is watched:
-    /// the source reads a watched file ahead its own way (a tensor stream, in offset order),
-    /// and guesses of its chunks would only compete with that for the link.
-    fn guess(&self, ino: u64, start: u64, end: u64) {
-        if let Some(spec) = &self.speculation {
-            if !self.watched.contains(&ino) {
-                spec.file_read(ino, start, end);
-            }
+    /// What a read of `start..end` of `ino` tells the source before its chunks are read: a
+    /// watched file's read goes to the source ([`ChunkSource::watched_read`]), which reads such
+    /// a file ahead its own way (a tensor stream, in the reader's order) when it can; guesses
+    /// from the layout would only compete with that for the link. Any other file's read feeds
+    /// the speculator, and a sequential reader's read-ahead is hinted unless the source reads
+    /// the file ahead itself.
+    fn before_read(&self, ino: u64, start: u64, end: u64) {
+        let watched = self.watched.contains(&ino);
+        if watched && self.source.watched_read(ino, start..end) {
+            return;
+        }
+        if let Some(ahead) = self.read_ahead_range(ino, start, end) {
+            self.hint(ino, ahead);
+        }
+        if let (Some(spec), false) = (&self.speculation, watched) {
+            spec.file_read(ino, start, end);
         }
     }
 
@@ -598,10 +603,7 @@ impl ImageReader {
             }
             _ => return None,
         };
-        if let Some(ahead) = self.read_ahead_range(ino, offset, offset + len as u64) {
-            self.hint(ino, ahead);
-        }
-        self.guess(ino, offset, offset + len as u64);
+        self.before_read(ino, offset, offset + len as u64);
         let mut out = vec![0u8; len];
         if let (Some(data), [(at, piece)]) = (held, pieces.as_slice()) {
             let from = piece.chunk_off as usize;

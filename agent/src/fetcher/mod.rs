@@ -49,7 +49,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use fusefs::chunk::{check_stored, decode_chunk, decode_with, Checks};
+use fusefs::chunk::{check_stored, decode_chunk, decode_owned, Checks};
 use fusefs::{ChunkError, ChunkRef, ChunkSource, SourceError};
 use tracing::{error, warn};
 
@@ -80,6 +80,9 @@ pub struct FetcherConfig {
     pub max_request_bytes: u64,
     /// Demand requests in flight per backend.
     pub concurrency: usize,
+    /// Most stored bytes of demand requests in flight per backend (one starts anyway when none
+    /// runs).
+    pub demand_bytes: u64,
     /// Prefetch, speculative and background requests in flight per backend, besides the
     /// demand requests.
     pub prefetch_requests: usize,
@@ -109,6 +112,10 @@ impl Default for FetcherConfig {
             // Enough requests in flight to fill a 10 Gbit/s, 20 ms link with 8 MiB requests
             // (bandwidth-delay product ~25 MB), few enough not to trip registry rate limits.
             concurrency: 16,
+            // Eight full requests: enough to fill a 1 Gbit/s, 20 ms link (the tensor a reader
+            // waits for gets all of it), few enough that a second reader's tensor waits its turn
+            // (then both are done sooner on average than sharing the link).
+            demand_bytes: 64 << 20,
             // A stream of tensors should fill the link on its own: 16 requests of 8 MiB keep
             // 128 MiB in flight, the bandwidth-delay product of 10 Gbit/s at 100 ms, and 16
             // object-store connections of ~100 MB/s each.
@@ -138,6 +145,7 @@ impl FetcherConfig {
     fn limits(&self) -> Limits {
         Limits {
             demand_requests: self.concurrency,
+            demand_bytes: self.demand_bytes,
             low_requests: self.prefetch_requests,
             speculative_requests: self.speculative_requests,
             background_requests: self.background_requests,
@@ -448,6 +456,19 @@ impl Fetcher {
         true
     }
 
+    /// Queues `chunks` at demand priority without waiting for them: a reader is about to ask
+    /// for them (the rest of the tensor it started reading). Chunks held in memory or on disk
+    /// are skipped; queued ones move up to the demand queue, in this order. Returns at once.
+    pub fn fetch_now(&self, backend: &Arc<Backend>, chunks: &[ChunkRef]) {
+        let shared = &self.shared;
+        for chunk in chunks {
+            if !shared.holds(&chunk.record.digest) {
+                shared.join(backend, chunk, Priority::Demand, None, None);
+            }
+        }
+        shared.dispatch(backend);
+    }
+
     /// Drops the queued, not yet dispatched prefetch jobs of `digests` that no reader waits
     /// for and no other watcher watches (a stream stopped); requests in flight finish. Returns
     /// how many were dropped.
@@ -574,7 +595,7 @@ impl Shared {
         } else {
             Checks::DIGEST
         };
-        match decode_with(&entry.record, &entry.bytes, checks) {
+        match decode_owned(&entry.record, entry.bytes, checks) {
             Ok(raw) => {
                 if !checked {
                     self.mark_verified(*digest);
@@ -936,11 +957,12 @@ impl Shared {
             for (class, n) in Priority::ALL.iter().zip(counted) {
                 fetches(&self.metrics, *class).add(n);
             }
+            let bytes = batch.iter().map(|j| stored_len(&j.chunk)).sum();
             let shared = self.clone();
             let backend = backend.clone();
             self.handle.spawn(async move {
                 shared.run_request(&backend, batch).await;
-                lock(&backend.queue).finished(class);
+                lock(&backend.queue).finished(class, bytes);
                 shared.dispatch(&backend);
             });
         }

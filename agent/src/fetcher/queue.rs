@@ -8,13 +8,14 @@
 //!
 //! | class | who asks | slots | request size |
 //! |---|---|---|---|
-//! | `Demand` | a reader waits for the chunk | `demand_requests` of its own | `request_bytes` |
+//! | `Demand` | a reader waits for the chunk (or is about to: the rest of the tensor it reads) | `demand_requests` of its own, carrying at most `demand_bytes` | `request_bytes` |
 //! | `Prefetch` | read-ahead of a sequential reader, a tensor stream, the image's hot set | `low_requests`, shared with the two below | `request_bytes` |
 //! | `Speculative` | a guess: the rest of a file or directory just touched | at most `speculative_requests` of the `low_requests`, and none starts while a prefetch request is queued or running | `speculative_request_bytes` |
 //! | `Background` | warm, the whole image in layout order | at most `background_requests` of the `low_requests`, and none starts while a demand or speculative request is queued or running | `background_request_bytes` |
 //!
 //! So a demand request never waits for a slot behind other work, and starts before any other
-//! queued request; what it may share the link with are the requests already in flight, which
+//! queued request; while demand jobs wait for a slot, or demand requests carry `demand_bytes`
+//! (a reader's tensor, fetched first), no request of another class starts; what it may share the link with are the requests already in flight, which
 //! the slot counts and request sizes of the classes below bound. Speculative requests are kept
 //! small, because a reader that needs a chunk of one waits for its bytes. A demand request also
 //! carries, after its own chunks, the queued jobs of any class that continue it (riders: a
@@ -71,6 +72,10 @@ pub trait Queued {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     pub demand_requests: usize,
+    /// Most stored bytes of demand requests in flight (one starts anyway when none runs): a
+    /// reader's tensor fetched first then has the link to itself, and the next reader's waits
+    /// its turn instead of sharing the link with it.
+    pub demand_bytes: u64,
     pub low_requests: usize,
     pub speculative_requests: usize,
     pub background_requests: usize,
@@ -106,6 +111,8 @@ pub enum Next<J> {
 pub struct Queue<J> {
     waiting: [VecDeque<J>; 4],
     running: [usize; 4],
+    /// Stored bytes of the demand requests running.
+    demand_bytes: u64,
     /// When the armed rate-limit timer fires, if one is armed (kept here for the dispatcher,
     /// which owns the timer).
     pub token_timer: Option<Instant>,
@@ -116,6 +123,7 @@ impl<J> Default for Queue<J> {
         Queue {
             waiting: Default::default(),
             running: [0; 4],
+            demand_bytes: 0,
             token_timer: None,
         }
     }
@@ -151,10 +159,13 @@ impl<J: Queued> Queue<J> {
         self.running(class) > 0 || self.waiting(class) > 0
     }
 
-    /// A request that [`Queue::next`] returned has ended.
-    pub fn finished(&mut self, class: Priority) {
+    /// A request that [`Queue::next`] returned, of `bytes` stored bytes, has ended.
+    pub fn finished(&mut self, class: Priority, bytes: u64) {
         let running = &mut self.running[class.slot()];
         *running = running.saturating_sub(1);
+        if class == Priority::Demand {
+            self.demand_bytes = self.demand_bytes.saturating_sub(bytes);
+        }
     }
 
     /// Takes the first job of `class`'s queue that `pick` accepts (to move it to another).
@@ -182,10 +193,19 @@ impl<J: Queued> Queue<J> {
 
     /// Picks the next request by the rules of the module docs.
     pub fn next(&mut self, limits: &Limits) -> Next<J> {
-        if self.running(Priority::Demand) < limits.demand_requests.max(1) {
+        let demand_room = self.running(Priority::Demand) == 0
+            || (self.running(Priority::Demand) < limits.demand_requests
+                && self.demand_bytes < limits.demand_bytes);
+        if demand_room {
             if let Some(batch) = self.take_batch(Priority::Demand, limits) {
                 return self.start(batch, Priority::Demand);
             }
+        }
+        // Demand jobs waiting for a slot, or demand requests carrying `demand_bytes` (a
+        // reader's tensor fetched first), are what readers need now and fill the link: nothing
+        // else starts to share it with them.
+        if self.waiting(Priority::Demand) > 0 || self.demand_bytes >= limits.demand_bytes {
+            return Next::Idle;
         }
         let low: usize = [
             Priority::Prefetch,
@@ -235,6 +255,9 @@ impl<J: Queued> Queue<J> {
 
     fn start(&mut self, batch: Vec<J>, class: Priority) -> Next<J> {
         self.running[class.slot()] += 1;
+        if class == Priority::Demand {
+            self.demand_bytes += batch.iter().map(|j| len(&j.range())).sum::<u64>();
+        }
         Next::Batch(batch, class)
     }
 
@@ -324,9 +347,12 @@ mod tests {
         }
     }
 
+    /// Demand bytes are not bounded here (so `finished` may be told 0 bytes), except where a
+    /// test says so.
     fn limits() -> Limits {
         Limits {
             demand_requests: 2,
+            demand_bytes: u64::MAX,
             low_requests: 3,
             speculative_requests: 1,
             background_requests: 1,
@@ -338,7 +364,11 @@ mod tests {
 
     /// The next batch's class and its (blob, start) pairs; panics unless it is a batch.
     fn take(q: &mut Queue<Job>) -> (Priority, Vec<(&'static str, u64)>) {
-        match q.next(&limits()) {
+        take_with(q, &limits())
+    }
+
+    fn take_with(q: &mut Queue<Job>, limits: &Limits) -> (Priority, Vec<(&'static str, u64)>) {
+        match q.next(limits) {
             Next::Batch(batch, class) => (class, batch.iter().map(|j| (j.blob, j.start)).collect()),
             other => panic!("expected a batch, got {other:?}"),
         }
@@ -362,7 +392,7 @@ mod tests {
             matches!(q.next(&limits()), Next::Idle),
             "both demand slots in use"
         );
-        q.finished(Priority::Demand);
+        q.finished(Priority::Demand, 0);
         assert_eq!(take(&mut q), (Priority::Demand, vec![("b", 400)]));
     }
 
@@ -377,13 +407,13 @@ mod tests {
         assert_eq!(take(&mut q).0, Priority::Prefetch);
         // Guesses wait while the prefetch request runs...
         assert!(matches!(q.next(&limits()), Next::Idle));
-        q.finished(Priority::Prefetch);
+        q.finished(Priority::Prefetch, 0);
         assert_eq!(take(&mut q).0, Priority::Speculative);
         // ...and background work while a demand or speculative request runs.
         assert!(matches!(q.next(&limits()), Next::Idle));
-        q.finished(Priority::Demand);
+        q.finished(Priority::Demand, 0);
         assert!(matches!(q.next(&limits()), Next::Idle));
-        q.finished(Priority::Speculative);
+        q.finished(Priority::Speculative, 0);
         assert_eq!(take(&mut q).0, Priority::Background);
         // One background slot.
         q.push(Priority::Background, job("a", 1000, 10));
@@ -418,10 +448,38 @@ mod tests {
         );
         // One speculative slot: the rest waits although low slots are free.
         assert!(matches!(q.next(&limits()), Next::Idle));
-        q.finished(Priority::Speculative);
+        q.finished(Priority::Speculative, 0);
         assert_eq!(
             take(&mut q),
             (Priority::Speculative, vec![("a", 200), ("a", 300)])
+        );
+    }
+
+    #[test]
+    fn demand_in_flight_is_bounded_in_bytes_and_nothing_else_starts_while_demand_waits() {
+        let mut q = Queue::default();
+        let capped = Limits {
+            demand_requests: 8,
+            demand_bytes: 150,
+            ..limits()
+        };
+        q.push(Priority::Demand, job("a", 0, 200));
+        q.push(Priority::Demand, job("b", 0, 100));
+        q.push(Priority::Prefetch, job("c", 0, 10));
+        // The first starts though it alone is over the bound: none ran.
+        assert!(matches!(q.next(&capped), Next::Batch(_, Priority::Demand)));
+        // The second waits for bytes, and the prefetch job waits behind it.
+        assert!(matches!(q.next(&capped), Next::Idle));
+        q.finished(Priority::Demand, 200);
+        assert_eq!(
+            take_with(&mut q, &capped),
+            (Priority::Demand, vec![("b", 0)])
+        );
+        // No demand job waits now and the one running carries less than the bound: the
+        // prefetch job starts beside it.
+        assert_eq!(
+            take_with(&mut q, &capped),
+            (Priority::Prefetch, vec![("c", 0)])
         );
     }
 
@@ -438,10 +496,10 @@ mod tests {
         assert!(matches!(q.next(&tight), Next::Batch(_, Priority::Demand)));
         // One demand request runs and one is queued: no background request starts.
         assert!(matches!(q.next(&tight), Next::Idle));
-        q.finished(Priority::Demand);
+        q.finished(Priority::Demand, 0);
         assert!(matches!(q.next(&tight), Next::Batch(_, Priority::Demand)));
         assert!(matches!(q.next(&tight), Next::Idle));
-        q.finished(Priority::Demand);
+        q.finished(Priority::Demand, 0);
         assert!(matches!(
             q.next(&tight),
             Next::Batch(_, Priority::Background)
@@ -466,7 +524,7 @@ mod tests {
             q.next(&limits()),
             Next::Batch(_, Priority::Background)
         ));
-        q.finished(Priority::Background);
+        q.finished(Priority::Background, 0);
         match q.next(&limits()) {
             Next::WaitForTokens(wait) => assert!(wait > Duration::from_millis(100), "{wait:?}"),
             other => panic!("expected a wait, got {other:?}"),
