@@ -44,6 +44,7 @@ bench_cleanup() {
     set +e
     for m in "$RUN"/mnt*; do mountpoint -q "$m" 2>/dev/null && umount -l "$m"; done
     [[ -n $AGENT_PID ]] && kill -9 "$AGENT_PID" 2>/dev/null
+    [[ -n ${MEM_SAMPLER_PID:-} ]] && kill "$MEM_SAMPLER_PID" 2>/dev/null
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
     tc qdisc del dev lo root 2>/dev/null
     wait 2>/dev/null
@@ -114,6 +115,46 @@ stop_agent() {
     AGENT_PID=
 }
 ctl() { "$LAZYCTL" --socket "$AGENT_ROOT/sock" "$@"; }
+
+# start_mem_sampler: samples the agent's memory (/proc/$AGENT_PID/status) every 50 ms until
+# stop_mem_sampler, which sets PEAK_ANON_MB, PEAK_RSS_MB and PEAK_FILE_MB: the peaks of RssAnon
+# (what lazyd allocated), VmRSS and RssFile (mapped files) in MiB, each peak on its own.
+start_mem_sampler() {
+    MEM_PEAKS=$AGENT_ROOT/mem-peaks
+    rm -f "$MEM_PEAKS"
+    python3 - "$AGENT_PID" "$MEM_PEAKS" <<'PY' &
+import signal, sys, time
+pid, out = sys.argv[1], sys.argv[2]
+peak = {"RssAnon": 0, "VmRSS": 0, "RssFile": 0}
+def done(*_):
+    with open(out, "w") as f:
+        f.write(f"{peak['RssAnon']} {peak['VmRSS']} {peak['RssFile']}\n")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, done)
+while True:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in peak:
+                    peak[key] = max(peak[key], int(value.split()[0]))  # kB
+    except (FileNotFoundError, ProcessLookupError):
+        done()
+    time.sleep(0.05)
+PY
+    MEM_SAMPLER_PID=$!
+}
+stop_mem_sampler() {
+    local anon rss file
+    kill -TERM "$MEM_SAMPLER_PID" 2>/dev/null || true
+    wait "$MEM_SAMPLER_PID" 2>/dev/null || true
+    MEM_SAMPLER_PID=
+    if read -r anon rss file <"$MEM_PEAKS" 2>/dev/null; then
+        PEAK_ANON_MB=$((anon / 1024)) PEAK_RSS_MB=$((rss / 1024)) PEAK_FILE_MB=$((file / 1024))
+    else
+        PEAK_ANON_MB=- PEAK_RSS_MB=- PEAK_FILE_MB=-
+    fi
+}
 status_field() { # status_field PYTHON-EXPR-ON-s: a figure from `lazyctl status --json`
     ctl status --json | python3 -c "import json,sys; s=json.load(sys.stdin); print($1)"
 }

@@ -2,8 +2,8 @@
 # One-time set-up of a Debian 12 machine (as root): the system packages lazyctl and its test
 # suite use, then a release build of lazyctl. Safe to run again.
 #
-#   scripts/setup.sh                   packages, moto, the build
-#   scripts/setup.sh --packages-only   packages and moto only (packaging/docker/Dockerfile.test
+#   scripts/setup.sh                   packages, the Python venv, the build
+#   scripts/setup.sh --packages-only   packages and the venv only (packaging/docker/Dockerfile.test
 #                                      runs this while building the test image: no /dev/fuse,
 #                                      no source tree to build yet)
 set -euo pipefail
@@ -28,17 +28,20 @@ apt-get update -qq
 # fuse3: fusermount3 and /etc/fuse.conf; umoci/skopeo/debootstrap: build and move real images;
 # docker-registry: a real OCI registry for tests; attr: getfattr/setfattr for checks; bindfs: a
 # stand-in FUSE filesystem the test harness checks its own mount guard with; python3-venv: the
-# virtualenv moto is installed into below; crun and runc: the OCI runtimes `lazyctl run` starts
+# virtualenv below (moto, the model loaders); crun and runc: the OCI runtimes `lazyctl run` starts
 # containers with (both tested); iproute2: tc, which the benchmarks shape their link with.
 apt-get install -y -qq --no-install-recommends \
     fuse3 umoci skopeo debootstrap docker-registry attr bindfs ca-certificates \
     curl gcc pkg-config tar gzip zstd python3 python3-venv crun runc iproute2 >/dev/null
 
-# moto[server]: a real S3 API for the S3 tests (lazy_tests::s3 runs its moto_server), in a
-# virtualenv at /opt/lazy-venv so pip never touches the system Python.
-if [ ! -x /opt/lazy-venv/bin/moto_server ]; then
-    python3 -m venv /opt/lazy-venv
-    /opt/lazy-venv/bin/pip install --quiet 'moto[server]'
+# A virtualenv at /opt/lazy-venv, so pip never touches the system Python, with moto[server]: a
+# real S3 API for the S3 tests (lazy_tests::s3 runs its moto_server), and safetensors, numpy and
+# ml_dtypes (numpy's bfloat16): the model loaders of bench/model_loaders.py, which
+# tests/tests/model_loaders.rs and bench/models.sh run. Checked by import, so a venv made before
+# any of them was added gets it.
+if ! /opt/lazy-venv/bin/python3 -c 'import moto.server, safetensors, numpy, ml_dtypes' 2>/dev/null; then
+    [ -x /opt/lazy-venv/bin/python3 ] || python3 -m venv /opt/lazy-venv
+    /opt/lazy-venv/bin/pip install --quiet 'moto[server]' safetensors numpy ml_dtypes
 fi
 # crun (1.8 in Debian 12) refuses every container on a hybrid cgroup host (v1 controllers, v2
 # at /sys/fs/cgroup/unified) while a controller is still bound to v2, as hugetlb is on some VMs:
