@@ -1,17 +1,29 @@
 //! Streams of model weights ahead of their readers: when a `*.safetensors` file of a remote
-//! image is opened, its header is read and its tensors' chunks are fetched in the order of
-//! their bytes, at prefetch priority and with many range requests at once, so a loader that
-//! reads every tensor (through `read` or mmap page faults, in any order) finds them fetched or
+//! image is opened, its header is read; once the loader reads a tensor, the file's tensors are
+//! fetched in the loader's order, at prefetch priority and with many range requests at once, so
+//! a loader that reads every tensor (through `read` or mmap page faults) finds them fetched or
 //! in flight instead of waiting a round trip per read.
 //!
 //! [`StreamSource`] wraps a mount's [`ChunkSource`]; `ImageReader` tells it of each regular
-//! file's first open and last release. The open goes to a thread of the mount, which resolves
-//! the file's name and, for a safetensors file, starts a stream on a thread of its own:
+//! file's first open and last release, and of every read of such a file
+//! (`ChunkSource::watched_read`). The open goes to a thread of the mount, which resolves the
+//! file's name and, for a safetensors file, starts a stream on a thread of its own:
 //!
 //! - **Header**: the 8-byte length and the JSON are read through the inner source (demand
 //!   priority) and checked as untrusted input (`fusefs::safetensors`). A refused header is a
 //!   warning naming the file and why; the file is then read as any other.
-//! - **Order**: the chunks of the tensors, in offset order, each once.
+//! - **Start**: at the loader's first read of a tensor's bytes, from that tensor. A file opened
+//!   and not read (or only its header) costs nothing, and the other shards of a loader that
+//!   reads one shard at a time leave the link to the one it reads.
+//! - **The reader's tensor first**: a read that jumps (does not continue the reads before it:
+//!   the kernel's read-ahead past a tensor's end says nothing of where the reader goes next)
+//!   into another tensor has that tensor's rest, up to `first_bytes`, fetched at once at demand
+//!   priority, ahead of every stream's queued work (`Fetcher::fetch_now`; the fetcher's demand
+//!   bound then gives it the link before the next reader's tensor).
+//! - **Order**: offset order, or name order (`safe_open(...).keys()`, as vLLM and transformers
+//!   read) when the reader's jumps step forward by name and not by offset (`Plan::learn`). When
+//!   the stream was not ahead of the reader where it jumped, or the order changed, the stream's
+//!   queued jobs are dropped and it goes on from the reader's tensor in the reader's order.
 //! - **Bound ahead of the reader**: a stream's chunks that were queued or fetched but not yet
 //!   read (reads pass through this wrapper, which credits each chunk to its stream) never
 //!   exceed `max_ahead` bytes; chunks already cached do not count. A reader that stops leaves
