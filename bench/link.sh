@@ -113,6 +113,8 @@ stop_agent() {
     kill -TERM "$AGENT_PID"
     wait "$AGENT_PID" || die "lazyd exited with $?"
     AGENT_PID=
+    # Its cache is not used again (every case starts empty): a model's worth of disk per case.
+    rm -rf "$AGENT_ROOT/cache"
 }
 ctl() { "$LAZYCTL" --socket "$AGENT_ROOT/sock" "$@"; }
 

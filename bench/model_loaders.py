@@ -21,7 +21,8 @@ Modes (every one reads every byte of every tensor, or of every file for `cat`):
              shards i, i+N, ... one after another with safe-open.
 
 It prints one JSON line, as `bench_tools model-load` does: mode, shards, files, workers,
-tensors, bytes (tensor bytes; file bytes for cat), first_tensor_s, total_s, loader_s,
+tensors, bytes (tensor bytes; file bytes for cat), mounted_s (when DIR was a mount point, with
+--ready), first_tensor_s and first_tensor_bytes (that tensor's size), total_s, loader_s,
 gib_per_s. first_tensor_s is when the first non-empty tensor was in memory: for safe-open and
 tp the first get_tensor, for load-file the first load_file to return (nothing is usable
 before), for cat the first shard read to its end (the earliest a copying server can load one).
@@ -68,13 +69,15 @@ class Loaded:
 
     def __init__(self, want_digests):
         self.first_ns = None
+        self.first_bytes = 0
         self.bytes = 0
         self.tensors = 0
         self.digests = {} if want_digests else None
 
-    def first(self, ns):
+    def first(self, ns, size):
         if self.first_ns is None or ns < self.first_ns:
             self.first_ns = ns
+            self.first_bytes = size
 
     def tensor(self, name, array):
         """Counts one tensor in memory, reading every page of it, and digests it if asked."""
@@ -83,7 +86,7 @@ class Loaded:
             # get_tensor copies out of the mmap in safetensors 0.8; should a version hand back a
             # view of the mapping instead, this still reads every page of it.
             int(raw[::PAGE].sum())
-            self.first(time.time_ns())
+            self.first(time.time_ns(), raw.size)
         self.bytes += raw.size
         self.tensors += 1
         if self.digests is not None:
@@ -93,7 +96,7 @@ class Loaded:
 
     def merge(self, other):
         if other.first_ns is not None:
-            self.first(other.first_ns)
+            self.first(other.first_ns, other.first_bytes)
         self.bytes += other.bytes
         self.tensors += other.tensors
         if self.digests is not None:
@@ -128,7 +131,7 @@ def cat_file(path, rel, want_digests):
             if want_digests:
                 digest.update(chunk)
     if path.endswith(".safetensors"):
-        loaded.first(time.time_ns())
+        loaded.first(time.time_ns(), loaded.bytes)
     if want_digests:
         loaded.digests[rel] = digest.hexdigest()
     return loaded
@@ -184,9 +187,12 @@ def main():
         open(args.ready, "w").close()
         while not os.path.ismount(args.dir):
             time.sleep(0.001)
+        mounted_ns = time.time_ns()
         with open(args.ready) as f:
             args.since_epoch_ns = int(f.read())
     start_ns = args.since_epoch_ns or time.time_ns()
+    if not args.ready:
+        mounted_ns = start_ns
     loader_start = time.monotonic()
     want_digests = args.digests is not None
 
@@ -230,9 +236,11 @@ def main():
                 "tensors": None if args.mode == "cat" else loaded.tensors,
                 "bytes": loaded.bytes,
                 "from": "since-epoch-ns" if args.since_epoch_ns else "loader start",
+                "mounted_s": (mounted_ns - start_ns) / 1e9,
                 "first_tensor_s": None
                 if loaded.first_ns is None
                 else (loaded.first_ns - start_ns) / 1e9,
+                "first_tensor_bytes": loaded.first_bytes,
                 "total_s": total_s,
                 "loader_s": time.monotonic() - loader_start,
                 "gib_per_s": loaded.bytes / max(total_s, 1e-9) / (1 << 30),

@@ -279,6 +279,8 @@ lazy_load() {
     stop_mem_sampler
     echo "$load" >>"$RUN/load-$case.jsonl"
     FIRST=$(json_field "$load" "['first_tensor_s']:.3f")
+    # The first tensor's bound (issue 13): 1.5 x its bytes at the link's rate, plus the mount.
+    FIRST_BOUND=$(python3 -c "import json,sys; d=json.loads(sys.argv[1]); print(f\"{1.5 * d.get('first_tensor_bytes', 0) / $RATE_BYTES + d.get('mounted_s', 0):.3f}\")" "$load")
     TOTAL=$(json_field "$load" "['total_s']:.3f")
     FETCHED=$(fetched_bytes)
     if [[ $run == 1 ]]; then
@@ -293,10 +295,12 @@ DL=() DL_READ=() DL_SUM=() WARM=() WARM_F=() WARM_MEM=()
 B_FIRST=() B_TOTAL=() B_F=() B_MEM=() O_FIRST=() O_TOTAL=() O_F=() O_MEM=()
 R_FIRST=() R_TOTAL=() R_F=() R_MEM=() X_FIRST=() X_TOTAL=() X_F=() X_MEM=()
 H_FIRST=() H_TOTAL=() H_F=() H_MEM=() LOCAL=()
+B_BOUND=() O_BOUND=() R_BOUND=() X_BOUND=() H_BOUND=()
 # record CASE: appends the last lazy_load's figures to CASE's arrays (MEM: "ANON RSS FILE" MiB).
 record() {
-    local -n first=$1_FIRST total=$1_TOTAL fetched=$1_F mem=$1_MEM
+    local -n first=$1_FIRST total=$1_TOTAL fetched=$1_F mem=$1_MEM bound=$1_BOUND
     first+=("$FIRST") total+=("$TOTAL") fetched+=("$FETCHED") mem+=("$PEAK_ANON_MB $PEAK_RSS_MB $PEAK_FILE_MB")
+    bound+=("$FIRST_BOUND")
 }
 for run in $(seq "$RUNS"); do
     if want a; then
@@ -359,6 +363,7 @@ done
 
 # --- summary ----------------------------------------------------------------------------------
 med() { if (($#)); then median "$@"; else echo -; fi; }
+pylist() { local IFS=,; echo "[$*]"; } # pylist ITEMS...: a Python list literal
 verdict() { # verdict PYTHON-CONDITION (with "-" for cases not run)
     if [[ $1 == *" - "* || $1 == "- "* || $1 == *" -" ]]; then echo "not run"; else python3 -c "print('met' if $1 else 'MISSED')"; fi
 }
@@ -406,6 +411,7 @@ lazyd memory: peaks over the runs of RssAnon and VmRSS (RssFile in brackets), Mi
 | w. \`lazyctl warm\` | - | $mW | $mWB | $(pct "$mWB" "$mW") (bytes over the link / time) | $(mem "${WARM_MEM[@]}") |
 
 targets (issue 13):
+- first tensor <= 1.5 x its bytes at the link's rate + the mount (per run, b): first ${B_FIRST[*]} s, bound ${B_BOUND[*]} s: $(verdict "all(f <= b for f, b in zip($(pylist "${B_FIRST[@]}"), $(pylist "${B_BOUND[@]}")))")
 - total through the mount <= 1.02 x the pure download ($mDL s): b $(ratio "$mBT" "$mDL")x $(verdict "$mBT <= 1.02 * $mDL"), r $(ratio "$mRT" "$mDL")x $(verdict "$mRT <= 1.02 * $mDL")
 - link utilisation >= 95 %: b $(pct "$MODEL_BYTES" "$mBT") $(verdict "$MODEL_BYTES / $mBT / $RATE_BYTES >= 0.95")
 - lazyd peak anonymous memory <= 150 MB + the memory cache (64 MiB): b $(mem "${B_MEM[@]}" | cut -d' ' -f1) MiB $(verdict "$(mem "${B_MEM[@]}" | cut -d' ' -f1) * 1.048576 <= 150 + 67.1")
