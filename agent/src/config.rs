@@ -349,6 +349,7 @@ impl AgentConfig {
         StreamConfig {
             safetensors: self.stream.safetensors,
             max_ahead,
+            ahead_budget: self.cache_size / 4,
             queue_budget: self.stream.requests as u64 * self.fetch.max_request_size,
             read_ahead: self.stream.read_ahead.min(max_ahead),
             first_bytes: self.stream.tensor_first,

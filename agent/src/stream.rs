@@ -26,8 +26,10 @@
 //!   queued jobs are dropped and it goes on from the reader's tensor in the reader's order.
 //! - **Bound ahead of the reader**: a stream's chunks that were queued or fetched but not yet
 //!   read (reads pass through this wrapper, which credits each chunk to its stream) never
-//!   exceed `max_ahead` bytes; chunks already cached do not count. A reader that stops leaves
-//!   at most that much fetched beyond what it read.
+//!   exceed `max_ahead` bytes, nor an equal share of `ahead_budget` (a quarter of the disk
+//!   cache) among the running streams; chunks already cached do not count. A reader that
+//!   stops leaves at most that much fetched beyond what it read, and a cache smaller than the
+//!   model evicts what was read, not what the streams fetched for the readers.
 //! - **Bound in the fetcher, fairness**: all streams together keep at most `queue_budget`
 //!   bytes queued or in flight, each an equal share of it (at least one chunk), topped up as
 //!   the fetcher reports completions (`Fetcher::prefetch_watched`). The fetcher serves its
@@ -64,6 +66,11 @@ pub struct StreamConfig {
     pub safetensors: bool,
     /// Most stored bytes one stream has fetched or queued that its reader has not read.
     pub max_ahead: u64,
+    /// Most stored bytes all streams together have fetched or queued that their readers have
+    /// not read: each running stream gets an equal share (and at most `max_ahead`), so the
+    /// streams of several shards never hold more of the cache than this (a cache smaller than
+    /// the model evicts what was read, not what is about to be).
+    pub ahead_budget: u64,
     /// Most stored bytes all streams together keep queued or in flight in the fetcher.
     pub queue_budget: u64,
     /// Largest read-ahead window of a sequential reader of any file (`ImageReader`).
@@ -82,6 +89,7 @@ impl StreamConfig {
         StreamConfig {
             safetensors: true,
             max_ahead: DEFAULT_MAX_AHEAD,
+            ahead_budget: u64::MAX,
             queue_budget: f.prefetch_requests.max(1) as u64 * f.max_request_bytes,
             read_ahead: DEFAULT_READ_AHEAD,
             first_bytes: DEFAULT_TENSOR_FIRST,
@@ -89,13 +97,14 @@ impl StreamConfig {
         .bounded_by(fetcher)
     }
 
-    /// Caps `max_ahead` and `read_ahead` by what the fetcher's caches can hold.
+    /// Caps `max_ahead`, `ahead_budget` and `read_ahead` by what the fetcher's caches can hold.
     pub fn bounded_by(mut self, fetcher: &Fetcher) -> StreamConfig {
         let room = match fetcher.cache() {
             Some(cache) => cache.budget_bytes() / 4,
             None => fetcher.config().memory_budget as u64 / 2,
         };
         self.max_ahead = self.max_ahead.min(room);
+        self.ahead_budget = self.ahead_budget.min(room);
         self.read_ahead = self.read_ahead.min(self.max_ahead);
         self
     }
@@ -145,6 +154,13 @@ impl Streams {
     /// Bytes one stream may keep queued or in flight: an equal share of the budget.
     fn share(&self) -> u64 {
         self.config.queue_budget / self.running().max(1) as u64
+    }
+
+    /// Bytes one stream may have ahead of its reader: an equal share of `ahead_budget`, at most
+    /// `max_ahead`.
+    fn ahead_share(&self) -> u64 {
+        let share = self.config.ahead_budget / self.running().max(1) as u64;
+        share.min(self.config.max_ahead)
     }
 
     /// The wrapper of one mount's source, whose chunks live in `backend`.
@@ -367,25 +383,34 @@ impl FileStream {
 
     /// A reader reads `read` of the file; see [`Touch`]. `None` when the stream has stopped.
     ///
-    /// Only a read that jumps (does not continue the reads before it) says where the reader
-    /// is: the kernel reads ahead of a sequential reader, past the end of the tensor it reads,
-    /// and that says nothing of which tensor the reader takes next. A jump's middle is where
-    /// the reader is: the kernel reads a mapped file around the faulting page.
+    /// Only the first read of a tensor's bytes and a read that jumps (does not continue the
+    /// reads before it) say where the reader is: the kernel reads ahead of a sequential reader,
+    /// past the end of the tensor it reads, and that says nothing of which tensor the reader
+    /// takes next. A read's middle is where the reader is: the kernel reads a mapped file
+    /// around the faulting page.
     fn reader_at(&self, read: std::ops::Range<u64>, first_bytes: u64) -> Option<Touch> {
         let mut touch = Touch::default();
         let mut state = lock(&self.state);
         if state.stopped {
             return None;
         }
+        // The pieces of one read-ahead window are read by several threads at once and may
+        // arrive in any order: a read within twice its length of the run, on either side,
+        // still continues it.
+        let slack = 2 * (read.end - read.start);
         let run = &mut state.run;
-        // The kernel's read-ahead windows may arrive a little out of order: a read that starts
-        // within its own length of the run's end still continues it.
-        let slack = read.end - read.start;
-        if !run.is_empty() && read.start >= run.start && read.start <= run.end + slack {
-            run.end = run.end.max(read.end);
+        let continues =
+            !run.is_empty() && read.start <= run.end + slack && read.end + slack >= run.start;
+        if continues {
+            *run = run.start.min(read.start)..run.end.max(read.end);
+        } else {
+            *run = read.clone();
+        }
+        // The reader's first read of a tensor always counts: it starts the stream (a loader
+        // that reads the header and then the tensors in offset order never jumps).
+        if continues && state.last.is_some() {
             return Some(touch);
         }
-        *run = read.clone();
         let at = read.start + (read.end - read.start) / 2;
         let Some(plan) = state.plan.clone() else {
             state.early.get_or_insert(at);
@@ -684,7 +709,6 @@ impl MountStreams {
     fn stream(&self, plan: &Arc<Plan>, stream: &FileStream) -> u64 {
         let fetcher = &self.hub.fetcher;
         let metrics = fetcher.stream_metrics();
-        let max_ahead = self.hub.config.max_ahead;
         let (tx, rx) = mpsc::channel();
         let early = {
             let mut state = lock(&stream.state);
@@ -717,7 +741,7 @@ impl MountStreams {
                 if state.stopped {
                     break;
                 }
-                let share = self.hub.share();
+                let (share, max_ahead) = (self.hub.share(), self.hub.ahead_share());
                 while let Some(chunk) = state.peek(plan) {
                     let len = stored_len(&chunk);
                     if (!state.queued.is_empty() && state.queued_bytes + len > share)
@@ -985,6 +1009,7 @@ mod tests {
         StreamConfig {
             safetensors: true,
             max_ahead,
+            ahead_budget: u64::MAX,
             queue_budget,
             read_ahead: 4 << 20,
             first_bytes: 0,
@@ -1138,6 +1163,48 @@ mod tests {
             img.requests().len() < chunks.len(),
             "the rest was not fetched"
         );
+    }
+
+    #[test]
+    fn streams_together_stay_within_the_ahead_budget() {
+        let tensors: Vec<(String, usize)> = (0..40).map(|i| (format!("t{i:02}"), CS)).collect();
+        let refs: Vec<(&str, usize)> = tensors.iter().map(|(n, l)| (n.as_str(), *l)).collect();
+        let budget = 8 * CS as u64;
+        let img = image(
+            vec![
+                ("a.safetensors", safetensors(&refs, 0, 21)),
+                ("b.safetensors", safetensors(&refs, 0, 22)),
+            ],
+            FetcherConfig {
+                max_request_bytes: 1,
+                ..fetch_config(4)
+            },
+            StreamConfig {
+                ahead_budget: budget,
+                ..stream_config(1 << 30, 1 << 30)
+            },
+        );
+        for name in ["a.safetensors", "b.safetensors"] {
+            img.reader.opened(img.ino(name));
+            img.begin(name);
+        }
+        wait_for("both streams to run", || img.streams.running() == 2);
+        settle(&img, Duration::from_millis(300));
+        // The readers read the header's chunk only. The first stream may have taken the whole
+        // budget before the second started; from then on each tops up to half of it.
+        let ahead = |name: &str| {
+            let total: u64 = img.requests_of(name).iter().map(|r| r.end - r.start).sum();
+            total - stored_len(&img.chunks(name)[0])
+        };
+        let (a, b) = (ahead("a.safetensors"), ahead("b.safetensors"));
+        assert!(
+            a <= budget && b <= budget,
+            "a {a}, b {b} ahead of budget {budget}"
+        );
+        assert!(a + b <= budget * 3 / 2 + CS as u64, "a {a} + b {b} ahead");
+        for name in ["a.safetensors", "b.safetensors"] {
+            img.reader.released(img.ino(name));
+        }
     }
 
     #[test]

@@ -1044,8 +1044,14 @@ fn guesses_ride_along_with_a_demand_request_and_their_use_is_counted() {
         );
     }
     assert_eq!(t.store.requests(), requests);
-    let m = t.fetcher.snapshot().chunks;
     let riders = stored_bytes(&t.chunks[1..4]);
+    // Chunk 6's request ran beside the demand one and is counted when it ends.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut m = t.fetcher.snapshot().chunks;
+    while m.speculative_bytes < riders + stored_len(&t.chunks[6]) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        m = t.fetcher.snapshot().chunks;
+    }
     assert_eq!(m.demand_fetches, 1);
     assert_eq!(m.speculative_fetches, 4);
     assert_eq!(m.speculative_used_bytes, riders);
