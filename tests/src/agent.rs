@@ -289,3 +289,18 @@ impl Drop for Lazyd {
         let _ = File::open(&self.root);
     }
 }
+
+/// Bytes the agent's backends have received so far, from its status JSON.
+pub fn backend_bytes(status: &serde_json::Value) -> u64 {
+    status["metrics"]["backends"]
+        .as_array()
+        .map_or(0, |b| b.iter().map(|b| b["bytes"].as_u64().unwrap()).sum())
+}
+
+/// The counter at JSON pointer `path` of the agent's status; panics naming it when absent.
+pub fn counter(status: &serde_json::Value, path: &str) -> u64 {
+    status
+        .pointer(path)
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or_else(|| panic!("no {path} in {status}"))
+}

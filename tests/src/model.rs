@@ -859,6 +859,53 @@ fn write_companions(
     Ok(())
 }
 
+/// The model of `spec`, written once into the fixtures directory and opened from there.
+pub fn cached_model(spec: &ModelSpec) -> ModelFiles {
+    let dir = crate::fixtures_dir().join(format!(
+        "model-{}x{}M-seed{}",
+        spec.shards,
+        spec.shard_bytes >> 20,
+        spec.seed
+    ));
+    crate::cached_fixture(
+        &dir,
+        |dir| {
+            let files = write_model(&dir.join("model"), spec)?;
+            Ok(format!(
+                "{} files, {} tensors, {} bytes",
+                files.files.len(),
+                files.tensors,
+                files.total_bytes
+            ))
+        },
+        |dir| Ok(open_model(&dir.join("model"))?),
+    )
+    .expect("model fixture")
+}
+
+/// Reads every tensor of a shard in `order` from the mounted copy and asserts it equals the
+/// source; returns the bytes compared.
+pub fn check_tensors(source: &Path, mounted: &Path, order: &[TensorInfo]) -> u64 {
+    let src = File::open(source).unwrap();
+    let mnt = File::open(mounted).unwrap();
+    let mut bytes = 0;
+    for t in order {
+        let want = read_tensor(&src, t).unwrap();
+        let got = read_tensor(&mnt, t)
+            .unwrap_or_else(|e| panic!("reading tensor {} of {}: {e}", t.name, mounted.display()));
+        assert!(
+            want == got,
+            "tensor {} ({} {:?}) of {} differs from the source",
+            t.name,
+            t.dtype,
+            t.shape,
+            mounted.display()
+        );
+        bytes += want.len() as u64;
+    }
+    bytes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -392,6 +392,18 @@ fn http_status(port: u16, method: &str, path: &str) -> io::Result<u16> {
         .ok_or_else(|| io::Error::other(format!("not an HTTP response: {head:?}")))
 }
 
+/// Runs `lazyctl convert ARGS --no-progress` against `moto`; asserts it succeeds.
+pub fn convert(moto: &MotoServer, args: &[&str]) {
+    let out = Command::new(crate::mount::lazyctl_path())
+        .arg("convert")
+        .args(args)
+        .arg("--no-progress")
+        .envs(moto.env())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "lazyctl convert {args:?}: {out:?}");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

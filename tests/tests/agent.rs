@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lazy_tests::agent::Lazyd;
+use lazy_tests::agent::{backend_bytes, counter, Lazyd};
 use lazy_tests::mount::{
     is_fuse_mounted, lazyctl, lazyctl_path, require_root_and_fuse, stored_bytes, Mounted,
 };
@@ -36,24 +36,10 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Bytes the agent's backends have received so far.
-fn backend_bytes(status: &Value) -> u64 {
-    status["metrics"]["backends"]
-        .as_array()
-        .map_or(0, |b| b.iter().map(|b| b["bytes"].as_u64().unwrap()).sum())
-}
-
 fn backend_requests(status: &Value) -> u64 {
     status["metrics"]["backends"].as_array().map_or(0, |b| {
         b.iter().map(|b| b["requests"].as_u64().unwrap()).sum()
     })
-}
-
-fn counter(status: &Value, path: &str) -> u64 {
-    status
-        .pointer(path)
-        .and_then(Value::as_u64)
-        .unwrap_or_else(|| panic!("no {path} in {status}"))
 }
 
 fn stdout(out: &std::process::Output) -> String {

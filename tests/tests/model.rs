@@ -10,16 +10,13 @@
 //!   streaming: it fetched no more than the stream's bound beyond what was read, and nothing
 //!   after the close.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use lazy_tests::agent::Lazyd;
+use lazy_tests::agent::{backend_bytes, counter, Lazyd};
 use lazy_tests::model::{self, ModelFiles, ModelSpec, TensorInfo};
 use lazy_tests::mount::require_root_and_fuse;
-use lazy_tests::s3::MotoServer;
-use lazy_tests::{cached_fixture, fixtures_dir};
-use serde_json::Value;
+use lazy_tests::s3::{convert, MotoServer};
 
 /// Four shards of about 512 MiB: a model of about 2 GiB, several times the agent's default
 /// memory budget and large enough that streams run for seconds.
@@ -36,70 +33,10 @@ const RAW: &str = "raw/llm/";
 /// that stopping half-way means something.
 const MAX_AHEAD: u64 = 64 << 20;
 
-/// The model, written once into the fixtures directory.
-fn model() -> ModelFiles {
-    let dir = fixtures_dir().join(format!(
-        "model-{}x{}M-seed{}",
-        SPEC.shards,
-        SPEC.shard_bytes >> 20,
-        SPEC.seed
-    ));
-    cached_fixture(
-        &dir,
-        |dir| {
-            let files = model::write_model(&dir.join("model"), &SPEC)?;
-            Ok(format!(
-                "{} files, {} tensors, {} bytes",
-                files.files.len(),
-                files.tensors,
-                files.total_bytes
-            ))
-        },
-        |dir| Ok(model::open_model(&dir.join("model"))?),
-    )
-    .expect("model fixture")
-}
-
-fn backend_bytes(status: &Value) -> u64 {
-    status["metrics"]["backends"]
-        .as_array()
-        .map_or(0, |b| b.iter().map(|b| b["bytes"].as_u64().unwrap()).sum())
-}
-
-fn counter(status: &Value, path: &str) -> u64 {
-    status
-        .pointer(path)
-        .and_then(Value::as_u64)
-        .unwrap_or_else(|| panic!("no {path} in {status}"))
-}
-
 fn mountpoint(work: &Path, name: &str) -> PathBuf {
     let p = work.join(name);
     std::fs::create_dir_all(&p).unwrap();
     p
-}
-
-/// Reads every tensor of `shard` in `order` from the mounted copy and checks it against the
-/// source; returns the bytes compared.
-fn check_tensors(source: &Path, mounted: &Path, order: &[TensorInfo]) -> u64 {
-    let src = File::open(source).unwrap();
-    let mnt = File::open(mounted).unwrap();
-    let mut bytes = 0;
-    for t in order {
-        let want = model::read_tensor(&src, t).unwrap();
-        let got = model::read_tensor(&mnt, t)
-            .unwrap_or_else(|e| panic!("reading tensor {} of {}: {e}", t.name, mounted.display()));
-        assert!(
-            want == got,
-            "tensor {} ({} {:?}) of {} differs from the source",
-            t.name,
-            t.dtype,
-            t.shape,
-            mounted.display()
-        );
-        bytes += want.len() as u64;
-    }
-    bytes
 }
 
 /// A seeded shuffle (splitmix64 + Fisher-Yates), so a failure reproduces.
@@ -127,7 +64,7 @@ fn read_shards_concurrently(model: &ModelFiles, mnt: &Path) -> u64 {
                     let name = shard.file_name().unwrap();
                     let mut order = model::tensors(shard).unwrap();
                     order.sort_by(|a, b| a.name.cmp(&b.name));
-                    check_tensors(shard, &mnt.join(name), &order)
+                    model::check_tensors(shard, &mnt.join(name), &order)
                 })
             })
             .collect();
@@ -135,21 +72,10 @@ fn read_shards_concurrently(model: &ModelFiles, mnt: &Path) -> u64 {
     })
 }
 
-fn convert(moto: &MotoServer, args: &[&str]) {
-    let out = std::process::Command::new(lazy_tests::mount::lazyctl_path())
-        .arg("convert")
-        .args(args)
-        .arg("--no-progress")
-        .envs(moto.env())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "lazyctl convert {args:?}: {out:?}");
-}
-
 #[test]
 fn model_converted_both_ways_reads_bit_exact_through_streaming_mounts() {
     require_root_and_fuse();
-    let model = model();
+    let model = model::cached_model(&SPEC);
     assert!(model.total_bytes > 2_000_000_000 - (SPEC.shard_bytes / 4) * SPEC.shards as u64);
     let work = tempfile::tempdir().unwrap();
     let moto = MotoServer::start();
@@ -177,7 +103,7 @@ fn model_converted_both_ways_reads_bit_exact_through_streaming_mounts() {
     shuffle(&mut sample, 42);
     for (i, t) in sample.iter().take(48) {
         let shard = &model.shards[*i];
-        check_tensors(
+        model::check_tensors(
             shard,
             &mnt.join(shard.file_name().unwrap()),
             std::slice::from_ref(t),
@@ -215,7 +141,7 @@ fn model_converted_both_ways_reads_bit_exact_through_streaming_mounts() {
         .take_while(|t| t.range.end <= size / 2)
         .cloned()
         .collect();
-    let read = check_tensors(shard, &mnt.join(shard.file_name().unwrap()), &half);
+    let read = model::check_tensors(shard, &mnt.join(shard.file_name().unwrap()), &half);
     // Closed: the stream stops. Let requests in flight land, then nothing more may come.
     std::thread::sleep(Duration::from_secs(2));
     let after_close = backend_bytes(&agent.status());

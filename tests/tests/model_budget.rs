@@ -9,17 +9,14 @@
 //! - the segment files never take more than the budget, and the cache really evicted;
 //! - the agent counted no read error.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use lazy_tests::agent::Lazyd;
-use lazy_tests::model::{self, ModelFiles, ModelSpec, TensorInfo};
+use lazy_tests::agent::{counter, Lazyd};
+use lazy_tests::model::{self, ModelSpec};
 use lazy_tests::mount::require_root_and_fuse;
 use lazy_tests::s3::MotoServer;
-use lazy_tests::{cached_fixture, fixtures_dir};
-use serde_json::Value;
 
 /// Four shards of about 64 MiB: four times the cache budget, and small enough to write and
 /// convert in seconds.
@@ -38,37 +35,6 @@ const RAW: &str = "raw/llm/";
 /// How often the cache's size is sampled while the readers run.
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 
-/// The model, written once into the fixtures directory.
-fn model() -> ModelFiles {
-    let dir = fixtures_dir().join(format!(
-        "model-{}x{}M-seed{}",
-        SPEC.shards,
-        SPEC.shard_bytes >> 20,
-        SPEC.seed
-    ));
-    cached_fixture(
-        &dir,
-        |dir| {
-            let files = model::write_model(&dir.join("model"), &SPEC)?;
-            Ok(format!(
-                "{} files, {} tensors, {} bytes",
-                files.files.len(),
-                files.tensors,
-                files.total_bytes
-            ))
-        },
-        |dir| Ok(model::open_model(&dir.join("model"))?),
-    )
-    .expect("model fixture")
-}
-
-fn counter(status: &Value, path: &str) -> u64 {
-    status
-        .pointer(path)
-        .and_then(Value::as_u64)
-        .unwrap_or_else(|| panic!("no {path} in {status}"))
-}
-
 /// Bytes of the cache's segment files on disk, whatever the agent reports.
 fn segment_bytes(cache_dir: &Path) -> u64 {
     let segments = cache_dir.join("chunks").join("segments");
@@ -84,33 +50,10 @@ fn segment_bytes(cache_dir: &Path) -> u64 {
         .sum()
 }
 
-/// Reads every tensor of a shard in `order` from the mounted copy and checks it against the
-/// source; returns the bytes compared.
-fn check_tensors(source: &Path, mounted: &Path, order: &[TensorInfo]) -> u64 {
-    let src = File::open(source).unwrap();
-    let mnt = File::open(mounted).unwrap();
-    let mut bytes = 0;
-    for t in order {
-        let want = model::read_tensor(&src, t).unwrap();
-        let got = model::read_tensor(&mnt, t)
-            .unwrap_or_else(|e| panic!("reading tensor {} of {}: {e}", t.name, mounted.display()));
-        assert!(
-            want == got,
-            "tensor {} ({} {:?}) of {} differs from the source",
-            t.name,
-            t.dtype,
-            t.shape,
-            mounted.display()
-        );
-        bytes += want.len() as u64;
-    }
-    bytes
-}
-
 #[test]
 fn model_four_times_the_cache_budget_reads_bit_exact_while_the_cache_evicts() {
     require_root_and_fuse();
-    let model = model();
+    let model = model::cached_model(&SPEC);
     assert!(
         model.total_bytes > 3 * CACHE_BUDGET,
         "the model ({} bytes) must be several times the cache budget",
@@ -165,7 +108,7 @@ fn model_four_times_the_cache_budget_reads_bit_exact_while_the_cache_evicts() {
                 scope.spawn(move || {
                     let mut order = model::tensors(shard).unwrap();
                     order.sort_by(|a, b| a.name.cmp(&b.name));
-                    check_tensors(shard, &mnt.join(shard.file_name().unwrap()), &order)
+                    model::check_tensors(shard, &mnt.join(shard.file_name().unwrap()), &order)
                 })
             })
             .collect();

@@ -13,11 +13,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use lazy_tests::agent::Lazyd;
+use lazy_tests::agent::{backend_bytes, Lazyd};
 use lazy_tests::model::{self, ModelFiles, ModelSpec};
-use lazy_tests::mount::{lazyctl_path, require_root_and_fuse};
-use lazy_tests::s3::MotoServer;
-use lazy_tests::{cached_fixture, fixtures_dir};
+use lazy_tests::mount::require_root_and_fuse;
+use lazy_tests::s3::{convert, MotoServer};
 use serde_json::Value;
 
 /// Three shards of about 24 MiB: every dtype the model writer makes, several chunks per shard,
@@ -34,30 +33,6 @@ const RAW: &str = "raw/llm/";
 /// Where `scripts/setup.sh` makes the virtualenv with the loaders' packages.
 const DEFAULT_PYTHON: &str = "/opt/lazy-venv/bin/python3";
 const LOADERS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/model_loaders.py");
-
-/// The model, written once into the fixtures directory.
-fn model() -> ModelFiles {
-    let dir = fixtures_dir().join(format!(
-        "model-{}x{}M-seed{}",
-        SPEC.shards,
-        SPEC.shard_bytes >> 20,
-        SPEC.seed
-    ));
-    cached_fixture(
-        &dir,
-        |dir| {
-            let files = model::write_model(&dir.join("model"), &SPEC)?;
-            Ok(format!(
-                "{} files, {} tensors, {} bytes",
-                files.files.len(),
-                files.tensors,
-                files.total_bytes
-            ))
-        },
-        |dir| Ok(model::open_model(&dir.join("model"))?),
-    )
-    .expect("model fixture")
-}
 
 /// The Python with safetensors, numpy and ml_dtypes: `$LAZY_VENV_PYTHON`, else
 /// [`DEFAULT_PYTHON`]. Panics, naming `scripts/setup.sh`, when it cannot import them.
@@ -141,23 +116,6 @@ fn assert_digests_equal(
         want.len(),
         &problems[..problems.len().min(5)]
     );
-}
-
-fn backend_bytes(status: &Value) -> u64 {
-    status["metrics"]["backends"]
-        .as_array()
-        .map_or(0, |b| b.iter().map(|b| b["bytes"].as_u64().unwrap()).sum())
-}
-
-fn convert(moto: &MotoServer, args: &[&str]) {
-    let out = Command::new(lazyctl_path())
-        .arg("convert")
-        .args(args)
-        .arg("--no-progress")
-        .envs(moto.env())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "lazyctl convert {args:?}: {out:?}");
 }
 
 /// One run of `bench/model_loaders.py`: its mode and extra arguments.
@@ -260,7 +218,7 @@ fn load_through_cold_mount(
 fn every_loader_reads_the_model_bit_exact_through_a_cold_mount() {
     require_root_and_fuse();
     loader_python();
-    let model = model();
+    let model = model::cached_model(&SPEC);
     let tensors = source_tensor_digests(&model);
     let files = source_file_digests(&model);
     assert_eq!(tensors.len(), model.tensors);
