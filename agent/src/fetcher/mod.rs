@@ -398,13 +398,8 @@ impl Fetcher {
     /// Queues `chunks` at prefetch priority (a reader's read-ahead); returns at once. Chunks
     /// already cached or on their way are skipped.
     pub fn prefetch(&self, backend: &Arc<Backend>, chunks: &[ChunkRef]) {
-        let shared = &self.shared;
-        for chunk in chunks {
-            if !shared.holds(&chunk.record.digest) {
-                shared.join(backend, chunk, Priority::Prefetch, None, None);
-            }
-        }
-        shared.dispatch(backend);
+        self.shared
+            .queue_missing(backend, chunks, Priority::Prefetch);
     }
 
     /// Chunks a reader may read next (a guess, most likely first): those on disk are decoded
@@ -460,13 +455,7 @@ impl Fetcher {
     /// for them (the rest of the tensor it started reading). Chunks held in memory or on disk
     /// are skipped; queued ones move up to the demand queue, in this order. Returns at once.
     pub fn fetch_now(&self, backend: &Arc<Backend>, chunks: &[ChunkRef]) {
-        let shared = &self.shared;
-        for chunk in chunks {
-            if !shared.holds(&chunk.record.digest) {
-                shared.join(backend, chunk, Priority::Demand, None, None);
-            }
-        }
-        shared.dispatch(backend);
+        self.shared.queue_missing(backend, chunks, Priority::Demand);
     }
 
     /// Drops the queued, not yet dispatched prefetch jobs of `digests` that no reader waits
@@ -561,6 +550,22 @@ fn decode_ahead(shared: &Weak<Shared>, decoder: &DecodeAhead) {
 }
 
 impl Shared {
+    /// Queues those of `chunks` that neither memory nor the disk cache holds at `priority`
+    /// (joining, and moving up, any already queued), in order, then dispatches.
+    fn queue_missing(
+        self: &Arc<Self>,
+        backend: &Arc<Backend>,
+        chunks: &[ChunkRef],
+        priority: Priority,
+    ) {
+        for chunk in chunks {
+            if !self.holds(&chunk.record.digest) {
+                self.join(backend, chunk, priority, None, None);
+            }
+        }
+        self.dispatch(backend);
+    }
+
     /// Whether memory or the disk cache has the chunk, without reading it or counting a lookup.
     fn holds(&self, digest: &[u8; 32]) -> bool {
         let in_memory = lock(&self.memory).contains(digest);
