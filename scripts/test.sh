@@ -13,6 +13,9 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
+# The suite needs about 15 GB of disk (the build, cached fixtures, a 4 GiB file unpacked by
+# umoci); a run that ends with "No space left on device" shows the figure here.
+echo "test.sh: disk free at start: $(df -h --output=avail . | tail -1)"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 # The end-to-end tests run the lazyctl and lazyd binaries of this build.
@@ -29,3 +32,4 @@ fi
 # One closing line over every cargo test binary (the fuzz run above ends the output otherwise).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;/) p += $i; if ($(i+1) ~ /^failed;/) f += $i } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+echo "test.sh: disk free at end: $(df -h --output=avail . | tail -1)"

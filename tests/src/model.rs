@@ -356,7 +356,8 @@ fn compare_bytes(src: &Path, dst: &Path, is_shard: bool) -> Result<u64, String> 
     }
 }
 
-fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+/// Reads until `buf` is full or the file ends; returns the bytes read.
+pub(crate) fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match f.read(&mut buf[n..])? {

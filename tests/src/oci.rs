@@ -21,7 +21,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -606,6 +606,49 @@ pub(crate) fn copy_large(from: &mut dyn Read, to: &mut dyn Write) -> io::Result<
     }
 }
 
+/// A file written through [`Write`] in which whole writes of zeros are left as holes, so that
+/// a plain tar of the synthetic image's 4 GiB of zeros takes next to no disk (CI machines can
+/// be short of it). [`SparseFile::finish`] sets the length a trailing hole leaves short.
+struct SparseFile {
+    file: File,
+    len: u64,
+}
+
+impl SparseFile {
+    fn new(file: File) -> Self {
+        Self { file, len: 0 }
+    }
+
+    fn finish(self) -> io::Result<()> {
+        self.file.set_len(self.len)?;
+        self.file.sync_all()
+    }
+}
+
+impl Write for SparseFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if is_zeros(buf) {
+            self.file.seek(io::SeekFrom::Current(buf.len() as i64))?;
+        } else {
+            self.file.write_all(buf)?;
+        }
+        self.len += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Whether `buf` is all zeros (compared a block at a time, through `memcmp`: this crate is
+/// built unoptimised and checks gigabytes).
+pub(crate) fn is_zeros(buf: &[u8]) -> bool {
+    const BLOCK: usize = 64 << 10;
+    static ZEROS: [u8; BLOCK] = [0; BLOCK];
+    buf.chunks(BLOCK).all(|b| b == &ZEROS[..b.len()])
+}
+
 /// Reads `size` bytes that are zero except for the given segments.
 struct SegmentReader<'a> {
     size: u64,
@@ -1043,7 +1086,7 @@ pub fn recompress(
             layer.clone()
         } else {
             let tmp = tempfile::NamedTempFile::new_in(&blobs)?;
-            let file = BufWriter::new(tmp.reopen()?);
+            let file = BufWriter::with_capacity(COPY_BUFFER, SparseFile::new(tmp.reopen()?));
             let mut stream = HashingWriter::new(Compressor::new(to, HashingWriter::new(file))?);
             copy_large(&mut layout.open_layer(layer)?, &mut stream)?;
             let (compressor, diff_id, _) = stream.finish();
@@ -1053,7 +1096,7 @@ pub fn recompress(
                 layer.digest
             );
             let (file, digest, size) = compressor.finish()?.finish();
-            file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            file.into_inner().map_err(|e| e.into_error())?.finish()?;
             tmp.persist(blobs.join(&digest["sha256:".len()..]))?;
             LayerInfo {
                 digest,

@@ -5,6 +5,7 @@
 //! and is an implementation independent of ours. `skopeo copy` moves images between the
 //! transports the converter accepts (`oci:`, `oci-archive:`, `docker-archive:`).
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -20,8 +21,12 @@ use crate::oci::{recompress, Compression, LayoutInfo};
 ///
 /// umoci 0.4 (Debian 12) refuses zstd layers, so an image with any is first copied, with those
 /// layers decompressed to plain tar (same tar streams, same diff_ids; plain rather than gzip
-/// because gzip-compressing the synthetic image's 4 GiB of zeros takes 15 s), into a scratch
-/// layout beside `dest`, which is removed afterwards.
+/// because gzip-compressing the synthetic image's 4 GiB of zeros takes 15 s; written sparse),
+/// into a scratch layout beside `dest`, which is removed afterwards.
+///
+/// umoci writes every byte of a file; large files of the result then have their zero blocks
+/// punched out (see [`punch_zero_blocks`]), so the synthetic image's 4 GiB file holds its disk
+/// only while umoci runs.
 pub fn umoci_unpack(layout: &Path, tag: &str, dest: &Path) -> Result<PathBuf> {
     ensure!(
         !dest.exists(),
@@ -58,7 +63,64 @@ pub fn umoci_unpack(layout: &Path, tag: &str, dest: &Path) -> Result<PathBuf> {
         .arg(dest))
     .with_context(|| format!("umoci unpack of {image}"))?;
     drop(scratch);
-    Ok(dest.join("rootfs"))
+    let rootfs = dest.join("rootfs");
+    punch_zero_blocks(&rootfs).with_context(|| format!("making {} sparse", rootfs.display()))?;
+    Ok(rootfs)
+}
+
+/// Files at least this large are made sparse after an unpack.
+const PUNCH_MIN_LEN: u64 = 64 << 20;
+
+/// Turns the whole zero blocks of every regular file of at least [`PUNCH_MIN_LEN`] under
+/// `root` into holes (`FALLOC_FL_PUNCH_HOLE`), keeping size, content and times: what a file
+/// reads is unchanged, only the disk it takes. Symlinks are not followed.
+pub fn punch_zero_blocks(root: &Path) -> Result<()> {
+    const BLOCK: usize = 1 << 20;
+    let meta = std::fs::symlink_metadata(root)?;
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(root)? {
+            punch_zero_blocks(&entry?.path())?;
+        }
+        return Ok(());
+    }
+    if !meta.is_file() || meta.len() < PUNCH_MIN_LEN {
+        return Ok(());
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(root)?;
+    let mut buf = vec![0u8; BLOCK];
+    let mut offset = 0u64;
+    loop {
+        let n = crate::model::read_full(&mut file, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        if crate::oci::is_zeros(&buf[..n]) {
+            // SAFETY: fallocate on a descriptor this function owns; no memory is passed.
+            let rc = unsafe {
+                libc::fallocate(
+                    file.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset as libc::off_t,
+                    n as libc::off_t,
+                )
+            };
+            ensure!(
+                rc == 0,
+                "punching a hole: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        offset += n as u64;
+    }
+    // Punching a hole stamps the file's mtime; the reference keeps the image's.
+    let times = std::fs::FileTimes::new()
+        .set_accessed(meta.accessed()?)
+        .set_modified(meta.modified()?);
+    file.set_times(times)?;
+    Ok(())
 }
 
 /// [`umoci_unpack`] of `image`, done once and cached in [`crate::fixtures_dir`] under its

@@ -529,6 +529,11 @@ mod tests {
             pseudo_random_bytes(102, 6000)[3000..3016]
         );
         assert!(read_at(&huge, 3 << 30, 4096).iter().all(|&b| b == 0));
+        assert!(
+            meta(HUGE_PATH).blocks() * 512 < 64 << 20,
+            "the reference's zeros are holes: {} blocks",
+            meta(HUGE_PATH).blocks()
+        );
         // Directories, modes, owners, times.
         assert_eq!(meta("modes/sticky-dir").mode() & 0o7777, 0o1777);
         assert_eq!(meta("modes/setuid").mode() & 0o7777, 0o4755);
