@@ -28,6 +28,9 @@ pub struct MountRequest {
     /// Overrides the config's `mount.allow_other`.
     #[serde(default)]
     pub allow_other: Option<bool>,
+    /// Honour setuid/setgid bits and file capabilities (the mount is `nosuid` otherwise).
+    #[serde(default)]
+    pub suid: bool,
 }
 
 /// `POST /v1/umount`

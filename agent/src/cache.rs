@@ -56,7 +56,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
@@ -416,10 +416,10 @@ impl ChunkCache {
     /// to the budget if the directory holds more than it.
     pub fn open(config: &CacheConfig) -> Result<ChunkCache, CacheError> {
         let dir = config.dir.clone();
-        fs::create_dir_all(&dir).map_err(io_err(&dir, "creating the cache directory"))?;
+        crate::create_private_dir(&dir).map_err(io_err(&dir, "creating the cache directory"))?;
         let lock = take_lock(&dir)?;
         let segments_dir = dir.join("segments");
-        fs::create_dir_all(&segments_dir)
+        crate::create_private_dir(&segments_dir)
             .map_err(io_err(&segments_dir, "creating the segments directory"))?;
 
         let budget = config.budget_bytes;
@@ -727,10 +727,12 @@ impl ChunkCache {
         let seq = writer.next_seq;
         writer.next_seq += 1;
         let path = self.segments_dir.join(segment_name(seq));
+        // Chunks of private images: root's alone, whatever the directory's mode.
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&path)
             .map_err(io_err(&path, "creating a segment"))?;
         if let Err(e) = file.write_all_at(&segment_header(), 0) {
@@ -1408,6 +1410,27 @@ mod tests {
                 .sum::<u64>()
         );
         assert_eq!(stats.budget_bytes, 64 * MIB);
+    }
+
+    #[test]
+    fn the_cache_is_roots_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let cache_dir = dir.path().join("chunks");
+        // An older lazyd left the directory open to everyone.
+        fs::create_dir_all(&cache_dir).unwrap();
+        fs::set_permissions(&cache_dir, fs::Permissions::from_mode(0o755)).unwrap();
+        let cache = open(&cache_dir, 64 * MIB);
+        let c = chunk(1, 10_000, true);
+        cache.insert(&c.record, &c.stored).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&cache_dir), 0o700);
+        assert_eq!(mode(&cache_dir.join("segments")), 0o700);
+        let segments = segment_files(&cache_dir);
+        assert!(!segments.is_empty());
+        for segment in segments {
+            assert_eq!(mode(&segment), 0o600, "{}", segment.display());
+        }
     }
 
     #[test]

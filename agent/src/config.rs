@@ -113,6 +113,11 @@ pub struct FetchConfig {
     /// Largest speculative request.
     #[serde(deserialize_with = "size")]
     pub speculative_request_size: u64,
+    /// Buckets whose objects an image's blobs may name (`lazyctl convert --reference`),
+    /// besides the image's own bucket (`s3://` images); `"*"`: any. lazyd reads them with its
+    /// own AWS credentials, so an image from a registry or another bucket must not be able to
+    /// point them anywhere.
+    pub external_buckets: Vec<String>,
 }
 
 impl Default for FetchConfig {
@@ -132,6 +137,7 @@ impl Default for FetchConfig {
             speculate: true,
             speculative_requests: f.speculative_requests,
             speculative_request_size: f.speculative_request_bytes,
+            external_buckets: Vec::new(),
         }
     }
 }
@@ -227,6 +233,10 @@ pub struct MountOptions {
     /// entries) still full; 0: unmounted with the last container.
     #[serde(deserialize_with = "duration")]
     pub lower_linger: Duration,
+    /// Most time opening an image may take (its manifest, referrers and index) before a mount
+    /// or a container's create fails with a timeout.
+    #[serde(deserialize_with = "duration")]
+    pub open_timeout: Duration,
 }
 
 impl Default for MountOptions {
@@ -235,6 +245,7 @@ impl Default for MountOptions {
             allow_other: true,
             read_workers: 16,
             lower_linger: Duration::from_secs(600),
+            open_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -360,6 +371,7 @@ impl AgentConfig {
         RemoteOptions {
             connect_timeout: self.fetch.connect_timeout,
             read_timeout: self.fetch.request_timeout,
+            external_buckets: self.fetch.external_buckets.clone(),
         }
     }
 

@@ -27,7 +27,7 @@
 //! survive the process: on SIGTERM the agent unmounts what is idle and keeps serving what is in
 //! use until it is released (see `lazyd` and docs/OPERATIONS.md).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -79,6 +79,8 @@ pub enum AgentError {
         #[source]
         source: RemoteError,
     },
+    #[error("cannot open {image}: no answer within mount.open_timeout ({after:?}): the registry or bucket is unreachable or too slow")]
+    OpenTimeout { image: String, after: Duration },
     #[error("cannot read the config of {image}: {source}")]
     Config {
         image: String,
@@ -109,6 +111,7 @@ impl AgentError {
                 !source.is_permanent()
             }
             AgentError::Profile(e) => !e.is_permanent(),
+            AgentError::OpenTimeout { .. } => true,
             _ => false,
         }
     }
@@ -116,6 +119,34 @@ impl AgentError {
     fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
         let context = context.into();
         move |source| AgentError::Io { context, source }
+    }
+}
+
+/// A mountpoint reserved while its mount is being made; freed when dropped.
+struct Reserved<'a> {
+    set: &'a Mutex<BTreeSet<PathBuf>>,
+    path: PathBuf,
+}
+
+impl<'a> Reserved<'a> {
+    /// Reserves `path`, unless a mount there is being made already.
+    fn take(set: &'a Mutex<BTreeSet<PathBuf>>, path: &Path) -> Result<Self, AgentError> {
+        if !lock(set).insert(path.to_path_buf()) {
+            return Err(AgentError::Conflict(format!(
+                "a mount at {} is being made already",
+                path.display()
+            )));
+        }
+        Ok(Reserved {
+            set,
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        lock(self.set).remove(&self.path);
     }
 }
 
@@ -188,6 +219,9 @@ pub struct Agent {
     /// Streams of safetensors files, shared by every mount so they share the link fairly.
     streams: Arc<Streams>,
     mounts: Mutex<BTreeMap<PathBuf, Arc<LiveMount>>>,
+    /// Mountpoints whose mount is being made (the image opened, the filesystem mounted): a
+    /// second request for one is refused rather than stacked on it.
+    mounting: Mutex<BTreeSet<PathBuf>>,
     /// Containers' root filesystems by name.
     containers: Mutex<BTreeMap<String, Container>>,
     /// Held while a container is created or removed (and a lower unmounted by request), so
@@ -227,7 +261,7 @@ impl Agent {
         runtime: tokio::runtime::Handle,
     ) -> Result<Arc<Agent>, AgentError> {
         for dir in [&config.state_dir, &config.cache_dir] {
-            std::fs::create_dir_all(dir)
+            crate::create_private_dir(dir)
                 .map_err(AgentError::io(format!("creating {}", dir.display())))?;
         }
         let cache = Arc::new(ChunkCache::open(&CacheConfig {
@@ -250,6 +284,7 @@ impl Agent {
             mounts: Mutex::new(BTreeMap::new()),
             containers: Mutex::new(BTreeMap::new()),
             container_ops: tokio::sync::Mutex::new(()),
+            mounting: Mutex::new(BTreeSet::new()),
             warms: Mutex::new(BTreeMap::new()),
             next_warm: AtomicU64::new(0),
             images: Mutex::new(images),
@@ -291,13 +326,19 @@ impl Agent {
         let opened = match recent {
             Some(opened) => opened,
             None => {
-                let opened =
-                    remote::open_image(&location, &self.remote, Some(&self.config.cache_dir))
-                        .await
-                        .map_err(|source| AgentError::Open {
-                            image: image.to_string(),
-                            source,
-                        })?;
+                let deadline = self.config.mount.open_timeout;
+                let opening =
+                    remote::open_image(&location, &self.remote, Some(&self.config.cache_dir));
+                let opened = tokio::time::timeout(deadline, opening)
+                    .await
+                    .map_err(|_| AgentError::OpenTimeout {
+                        image: image.to_string(),
+                        after: deadline,
+                    })?
+                    .map_err(|source| AgentError::Open {
+                        image: image.to_string(),
+                        source,
+                    })?;
                 // A local store is read in place: opening it again costs no round trip.
                 if !ttl.is_zero() && !matches!(location, ImageLocation::Dir { .. }) {
                     let mut recent = lock(&self.opened);
@@ -335,10 +376,11 @@ impl Agent {
                 mountpoint.display()
             )));
         }
+        let _reserved = Reserved::take(&self.mounting, &mountpoint)?;
         let opened = self.open(&req.image, true).await?;
         let allow_other = req.allow_other.unwrap_or(self.config.mount.allow_other);
         let live = self
-            .serve(&req.image, opened, &mountpoint, allow_other)
+            .serve(&req.image, opened, &mountpoint, allow_other, req.suid)
             .await?;
         Ok(live.info(&mountpoint))
     }
@@ -352,6 +394,7 @@ impl Agent {
         opened: OpenedImage,
         mountpoint: &Path,
         allow_other: bool,
+        suid: bool,
     ) -> Result<Arc<LiveMount>, AgentError> {
         let recorder = self
             .config
@@ -361,6 +404,7 @@ impl Agent {
         let cfg = MountConfig {
             fs_name: format!("lazyimg:{image}"),
             allow_other,
+            suid,
             read_workers: self.config.mount.read_workers,
             stats: self.fuse_stats.clone(),
             ..MountConfig::default()
@@ -782,7 +826,11 @@ impl Agent {
         };
         mount::check_container_name(&name).map_err(AgentError::BadRequest)?;
         let target = req.target.as_deref().map(absolute).transpose()?;
+        // Opened before the lock: a slow registry must not hold up every other container's
+        // create and remove, nor the drain at SIGTERM.
+        let opened = self.open(&req.image, true).await?;
         let _ops = self.container_ops.lock().await;
+        self.check_running()?;
         if lock(&self.containers).contains_key(&name) {
             return Err(AgentError::Conflict(format!(
                 "a container named {name} exists; remove it first or choose another name"
@@ -806,7 +854,10 @@ impl Agent {
                 )));
             }
         }
-        let opened = self.open(&req.image, true).await?;
+        let _reserved = target
+            .as_deref()
+            .map(|t| Reserved::take(&self.mounting, t))
+            .transpose()?;
         // The runtime's bundle needs the image's config next (`/v1/image/config`): fetch it
         // (into CACHE/configs) while the root filesystem is being made.
         if !opened.is_local() {
@@ -833,10 +884,12 @@ impl Agent {
         if lock(&self.mounts).contains_key(&lower) {
             self.touch(&manifest_digest);
         } else {
-            std::fs::create_dir_all(&lower)
+            crate::create_private_dir(&self.lower_root())
+                .and_then(|()| std::fs::create_dir_all(&lower))
                 .map_err(AgentError::io(format!("creating {}", lower.display())))?;
             // Containers run as any user: the lower must let them all through (root mounts it).
-            self.serve(&req.image, opened, &lower, true).await?;
+            // Their setuid binaries work through their overlays, whatever the lower says.
+            self.serve(&req.image, opened, &lower, true, false).await?;
         }
         let made = {
             let (dir, lower, target) = (dir.clone(), lower.clone(), target.clone());
@@ -1537,16 +1590,16 @@ fn make_overlay(
     lower: &Path,
     target: Option<&Path>,
 ) -> Result<(PathBuf, PathBuf, PathBuf), AgentError> {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
     let parent = dir.parent().unwrap_or(Path::new("/"));
-    std::fs::create_dir_all(parent)
+    // Containers' writes (a setuid shell their root made, say) must not be reachable from the
+    // host by any other user: neither the containers' directory nor theirs let anyone through.
+    crate::create_private_dir(parent)
         .map_err(AgentError::io(format!("creating {}", parent.display())))?;
-    // Containers' writes (setuid binaries copied up, say) are reachable only through their
-    // overlays, not by listing the state dir.
-    std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o711)).map_err(
-        AgentError::io(format!("setting the mode of {}", parent.display())),
-    )?;
-    std::fs::create_dir(dir).map_err(AgentError::io(format!("creating {}", dir.display())))?;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .map_err(AgentError::io(format!("creating {}", dir.display())))?;
     let upper = dir.join("upper");
     let work = dir.join("work");
     let rootfs = target.map_or_else(|| dir.join("rootfs"), Path::to_path_buf);

@@ -12,7 +12,10 @@
 //! chunk stays the last word (it also catches a store that keeps the ETag of changed bytes).
 //! Both are permanent errors: the read fails with EIO and the fetcher logs why.
 //!
-//! Only `s3://` urls are accepted; any other url is an error when the image is opened.
+//! Only `s3://` urls are accepted; any other url is an error when the image is opened. The
+//! objects are read with the agent's own AWS credentials, so an image may name only its own
+//! bucket (an `s3://` image's) and the buckets `RemoteOptions::external_buckets` lists: an image
+//! from a registry cannot point the agent's credentials at any bucket it likes.
 
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
@@ -22,7 +25,7 @@ use async_trait::async_trait;
 use fusefs::manifest::{LazyManifest, ANNOTATION_ETAG};
 
 use crate::blobstore::{too_large, BlobError, BlobStore};
-use crate::remote::{s3_store, RemoteError, RemoteOptions};
+use crate::remote::{s3_store, ImageLocation, RemoteError, RemoteOptions};
 use crate::s3::{S3Location, S3Store};
 
 /// Where one external blob is: its object and what it was when indexed.
@@ -84,16 +87,35 @@ pub fn external_objects(
     Ok(objects)
 }
 
-/// `own` if `manifest` has no external blobs, else a [`RoutedBlobStore`] over it.
+/// `own` if `manifest` has no external blobs, else a [`RoutedBlobStore`] over it. The image
+/// at `location` may name only its own bucket and those `opts` allows.
 pub async fn route_external(
     own: Arc<dyn BlobStore>,
     manifest: &LazyManifest,
-    image: &str,
+    location: &ImageLocation,
     opts: &RemoteOptions,
 ) -> Result<Arc<dyn BlobStore>, RemoteError> {
-    let objects = external_objects(manifest, image)?;
+    let image = location.to_string();
+    let objects = external_objects(manifest, &image)?;
     if objects.is_empty() {
         return Ok(own);
+    }
+    let own_bucket = match location {
+        ImageLocation::S3(l) => Some(l.bucket()),
+        _ => None,
+    };
+    let allowed = |bucket: &str| {
+        own_bucket == Some(bucket)
+            || opts
+                .external_buckets
+                .iter()
+                .any(|b| b == "*" || b == bucket)
+    };
+    if let Some(object) = objects.values().find(|o| !allowed(&o.bucket)) {
+        return Err(RemoteError::ExternalBucket {
+            image,
+            bucket: object.bucket.clone(),
+        });
     }
     let mut clients: HashMap<String, S3Store> = HashMap::new();
     let mut routes = HashMap::new();
@@ -329,13 +351,50 @@ mod tests {
         assert!(e.is_permanent());
     }
 
+    /// An image in the bucket its tests' blobs are in.
+    fn models_image() -> ImageLocation {
+        ImageLocation::parse("s3://models/lazy/llm").unwrap()
+    }
+
+    #[tokio::test]
+    async fn images_name_only_their_own_bucket_and_the_allowed_ones() {
+        let own: Arc<dyn BlobStore> = Arc::new(MemoryBlobStore::new());
+        let m = manifest(&["s3://models/a.bin"]);
+        let registry = ImageLocation::parse("127.0.0.1:5000/app:v1").unwrap();
+        let elsewhere = ImageLocation::parse("s3://other/lazy").unwrap();
+        for location in [&registry, &elsewhere] {
+            let e = route_external(own.clone(), &m, location, &RemoteOptions::default())
+                .await
+                .err()
+                .expect("refused");
+            let text = e.to_string();
+            assert!(
+                text.contains("bucket models") && text.contains("fetch.external_buckets"),
+                "{text}"
+            );
+            assert!(e.is_permanent());
+        }
+        for allowed in [vec!["models".to_string()], vec!["*".to_string()]] {
+            let opts = RemoteOptions {
+                external_buckets: allowed,
+                ..RemoteOptions::default()
+            };
+            route_external(own.clone(), &m, &registry, &opts)
+                .await
+                .unwrap();
+        }
+        route_external(own, &m, &models_image(), &RemoteOptions::default())
+            .await
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn images_without_external_blobs_keep_their_store() {
         let own: Arc<dyn BlobStore> = Arc::new(MemoryBlobStore::new());
         let routed = route_external(
             own.clone(),
             &manifest(&[]),
-            "img",
+            &models_image(),
             &RemoteOptions::default(),
         )
         .await
@@ -350,10 +409,10 @@ mod tests {
         let m1 = manifest(&["s3://models/a.bin"]);
         let m2 = manifest(&["s3://models/b.bin"]);
         let opts = RemoteOptions::default();
-        let r1 = route_external(own.clone(), &m1, "img", &opts)
+        let r1 = route_external(own.clone(), &m1, &models_image(), &opts)
             .await
             .unwrap();
-        let r2 = route_external(own.clone(), &m2, "img", &opts)
+        let r2 = route_external(own.clone(), &m2, &models_image(), &opts)
             .await
             .unwrap();
         assert!(r1
@@ -366,7 +425,7 @@ mod tests {
         );
         assert_eq!(
             r1.describe(),
-            route_external(own.clone(), &m1, "img", &opts)
+            route_external(own.clone(), &m1, &models_image(), &opts)
                 .await
                 .unwrap()
                 .describe()

@@ -41,3 +41,13 @@ pub mod s3;
 pub mod server;
 pub mod store;
 pub mod stream;
+
+/// Creates `dir` and its missing parents and makes it its owner's alone (mode 0700, also when
+/// it already existed with another): lazyd's state and cache directories hold what other local
+/// users must neither read nor reach, such as chunks of private images and the writable layers
+/// of containers (whose setuid files a container's root can make).
+pub fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}

@@ -39,6 +39,7 @@ pub const BACKEND_LATENCY: &str = "lazy_backend_request_seconds";
 pub const STREAMS_STARTED: &str = "lazy_streams_started_total";
 pub const STREAM_BYTES: &str = "lazy_stream_bytes_total";
 pub const STREAM_HEADERS_REFUSED: &str = "lazy_stream_headers_refused_total";
+pub const STREAMS_SKIPPED: &str = "lazy_streams_skipped_total";
 pub const FUSE_REQUESTS: &str = "lazy_fuse_requests_total";
 pub const FUSE_SECONDS: &str = "lazy_fuse_request_seconds_total";
 pub const MOUNTS: &str = "lazyd_mounts";
@@ -296,6 +297,9 @@ pub struct StreamMetrics {
     pub bytes: Counter,
     /// Safetensors files not streamed because their header is invalid.
     pub headers_refused: Counter,
+    /// Safetensors files not streamed because the streams' bounds were reached (files
+    /// streamed at once, header size, tensors planned); they read as any other file.
+    pub skipped: Counter,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -303,6 +307,8 @@ pub struct StreamSnapshot {
     pub started: u64,
     pub bytes: u64,
     pub headers_refused: u64,
+    #[serde(default)]
+    pub skipped: u64,
 }
 
 impl StreamMetrics {
@@ -311,6 +317,7 @@ impl StreamMetrics {
             started: self.started.get(),
             bytes: self.bytes.get(),
             headers_refused: self.headers_refused.get(),
+            skipped: self.skipped.get(),
         }
     }
 }
@@ -395,11 +402,11 @@ impl MetricsSnapshot {
             c.decoded_ahead
         );
         let st = &self.streams;
-        if st.started + st.headers_refused > 0 {
+        if st.started + st.headers_refused + st.skipped > 0 {
             let _ = write!(
                 out,
-                "\nstreams: {} files streamed ({} bytes fetched ahead of readers), {} headers refused",
-                st.started, st.bytes, st.headers_refused
+                "\nstreams: {} files streamed ({} bytes fetched ahead of readers), {} headers refused, {} skipped at the streams' bounds",
+                st.started, st.bytes, st.headers_refused, st.skipped
             );
         }
         for b in &self.backends {
@@ -511,6 +518,11 @@ impl MetricsSnapshot {
                 STREAM_HEADERS_REFUSED,
                 "Safetensors files not streamed because their header is invalid.",
                 self.streams.headers_refused,
+            ),
+            (
+                STREAMS_SKIPPED,
+                "Safetensors files not streamed because the streams' bounds were reached.",
+                self.streams.skipped,
             ),
         ] {
             let _ = writeln!(

@@ -90,6 +90,8 @@ pub enum RemoteError {
         image: String,
         url: String,
     },
+    #[error("{image} names blobs in bucket {bucket}, which this agent may not read for it; if you trust the image, add the bucket to fetch.external_buckets")]
+    ExternalBucket { image: String, bucket: String },
 }
 
 impl RemoteError {
@@ -108,6 +110,7 @@ impl RemoteError {
             | RemoteError::IndexDigest { .. }
             | RemoteError::ConfigDigest { .. }
             | RemoteError::UnfetchableBlob { .. }
+            | RemoteError::ExternalBucket { .. }
             | RemoteError::Io { .. } => true,
         }
     }
@@ -183,6 +186,9 @@ pub struct RemoteOptions {
     pub connect_timeout: std::time::Duration,
     /// Limit on each wait for data from the server.
     pub read_timeout: std::time::Duration,
+    /// Buckets an image's external blobs may be in besides its own (`"*"`: any); see
+    /// `crate::external`.
+    pub external_buckets: Vec<String>,
 }
 
 impl Default for RemoteOptions {
@@ -190,6 +196,7 @@ impl Default for RemoteOptions {
         RemoteOptions {
             connect_timeout: std::time::Duration::from_secs(5),
             read_timeout: std::time::Duration::from_secs(10),
+            external_buckets: Vec::new(),
         }
     }
 }
@@ -264,7 +271,7 @@ pub async fn open_image(
             // The store's own checks, on the index mapped in place (no copy).
             let image = LocalStore::open(path)?.open_image(tag)?;
             let own: Arc<dyn BlobStore> = Arc::new(DirBlobStore::new(path));
-            let store = route_external(own, &image.manifest, &location.to_string(), opts).await?;
+            let store = route_external(own, &image.manifest, location, opts).await?;
             return Ok(OpenedImage {
                 location: location.clone(),
                 manifest: image.manifest,
@@ -317,7 +324,7 @@ pub async fn open_image(
     let index_dir = cache_dir.map(|dir| dir.join(INDEX_DIR));
     let index = load_index(location, &manifest, store.as_ref(), index_dir.as_deref()).await?;
     // Blobs indexed in place elsewhere (`lazyctl convert --reference`) are read from there.
-    let store = route_external(store, &manifest, &location.to_string(), opts).await?;
+    let store = route_external(store, &manifest, location, opts).await?;
     Ok(OpenedImage {
         location: location.clone(),
         manifest,
@@ -515,7 +522,12 @@ async fn load_index(
     let Some(path) = kept else {
         return Ok(Index::from_bytes(bytes)?);
     };
-    write_atomically(&path, &bytes)?;
+    // A copy that cannot be kept (a full or read-only cache disk) costs the next mount a
+    // fetch, not this one: the verified bytes are in hand.
+    if let Err(e) = write_atomically(&path, &bytes) {
+        warn!(path = %path.display(), "cannot keep the image's index, serving it from memory: {e}");
+        return Ok(Index::from_bytes(bytes)?);
+    }
     Index::open_verified(&path, verify)
 }
 

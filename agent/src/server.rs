@@ -91,6 +91,7 @@ impl IntoResponse for ApiError {
                 StatusCode::CONFLICT
             }
             AgentError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            AgentError::OpenTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             AgentError::Open { .. }
             | AgentError::Config { .. }
             | AgentError::Profile(_)

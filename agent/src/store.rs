@@ -270,14 +270,21 @@ impl LocalStore {
         Ok((manifest_digest, manifest))
     }
 
-    /// Opens image `tag`: reads and checks its manifest, verifies the index blob's digest,
-    /// and maps and validates the index.
+    /// Opens image `tag`: reads and checks its manifest, reads the index blob into memory,
+    /// verifies its digest and validates it.
+    ///
+    /// The index is read, not mapped: whoever can write the store (it is the user's directory)
+    /// could truncate a mapped file under lazyd and kill it with SIGBUS. The bytes read are the
+    /// bytes checked and served.
     pub fn open_image(&self, tag: &str) -> Result<StoredImage, StoreError> {
         let (manifest_digest, manifest) = self.manifest(tag)?;
         let index_digest = manifest.index().digest.clone();
         let path = self.blob_path(&index_digest)?;
-        // The mapped bytes are what gets served: check those, not a second read of the file.
-        let index = Index::open_verified(&path, |bytes| {
+        let mut bytes = Vec::new();
+        File::open(&path)
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .map_err(io(&path))?;
+        let index = Index::from_bytes_verified(bytes, |bytes| {
             let actual = sha256_digest(bytes);
             if actual == index_digest {
                 Ok(())

@@ -35,6 +35,14 @@
 //!   the fetcher reports completions (`Fetcher::prefetch_watched`). The fetcher serves its
 //!   prefetch queue in order, so equal shares interleave concurrent streams; demand reads are
 //!   dispatched before any of them, and a queued chunk a reader waits for is promoted.
+//! - **Bounded, whoever opens files**: anyone who can open files on a mount can open
+//!   safetensors files, so what streams hold is bounded for the whole agent, not per file: at
+//!   most [`MAX_STREAM_FILES`] files have a stream (a thread each) at once, at most
+//!   [`MAX_HEADER_READS`] headers are read at once, a header over [`MAX_STREAMED_HEADER`] bytes
+//!   is not streamed, and the plans of all streams hold at most [`MAX_PLANNED_TENSORS`]
+//!   tensors. A file past a bound is read as any other file (a debug line and
+//!   `lazy_streams_skipped_total`): headers in memory stay under 64 MiB and plans under about
+//!   40 MB.
 //! - **Stop**: at the end of the file, when the file's last handle is released, and when the
 //!   filesystem goes away. A stopped stream's queued jobs are dropped at once (requests in
 //!   flight finish), so nothing more is fetched for it.
@@ -42,14 +50,23 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
-use fusefs::safetensors::{header_len, parse_header, LEN_PREFIX};
+use fusefs::safetensors::{header_len, parse_header, TensorRange, LEN_PREFIX};
 use fusefs::{ChunkRef, ChunkSource, OpenFile, SourceError};
 use tracing::{debug, info, warn};
 
 use crate::fetcher::{Backend, Done, Fetcher};
+
+/// Files that have a stream (and its thread) at once, in the whole agent.
+pub const MAX_STREAM_FILES: usize = 64;
+/// Headers read at once, in the whole agent.
+pub const MAX_HEADER_READS: usize = 4;
+/// The largest header streamed (safetensors allows 100 MB; real ones are well under 1 MB).
+pub const MAX_STREAMED_HEADER: u64 = 16 << 20;
+/// Tensors the plans of all running streams hold together (about 150 bytes each).
+pub const MAX_PLANNED_TENSORS: usize = 256 << 10;
 
 /// The suffix of the files streamed.
 const SAFETENSORS_SUFFIX: &[u8] = b".safetensors";
@@ -127,6 +144,13 @@ pub struct Streams {
     config: StreamConfig,
     fetcher: Arc<Fetcher>,
     running: AtomicUsize,
+    /// Files with a stream thread (reading the header or streaming).
+    files: AtomicUsize,
+    /// Tensors in the plans of running streams.
+    planned: AtomicUsize,
+    /// Header reads that may start.
+    header_reads: Mutex<usize>,
+    header_read_done: Condvar,
 }
 
 impl Streams {
@@ -135,7 +159,38 @@ impl Streams {
             config,
             fetcher,
             running: AtomicUsize::new(0),
+            files: AtomicUsize::new(0),
+            planned: AtomicUsize::new(0),
+            header_reads: Mutex::new(MAX_HEADER_READS),
+            header_read_done: Condvar::new(),
         })
+    }
+
+    /// Takes `n` of the `limit` units `counter` counts, if that many are left.
+    fn take(counter: &AtomicUsize, n: usize, limit: usize) -> bool {
+        counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used + n <= limit).then_some(used + n)
+            })
+            .is_ok()
+    }
+
+    /// Runs `read` once fewer than [`MAX_HEADER_READS`] headers are being read.
+    fn read_header<T>(&self, read: impl FnOnce() -> T) -> T {
+        {
+            let mut free = lock(&self.header_reads);
+            while *free == 0 {
+                free = self
+                    .header_read_done
+                    .wait(free)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            *free -= 1;
+        }
+        let out = read();
+        *lock(&self.header_reads) += 1;
+        self.header_read_done.notify_one();
+        out
     }
 
     pub fn config(&self) -> &StreamConfig {
@@ -588,10 +643,23 @@ impl MountStreams {
             return;
         };
         let name = String::from_utf8_lossy(&name).into_owned();
+        let hub = self.hub.clone();
+        if !Streams::take(&hub.files, 1, MAX_STREAM_FILES) {
+            hub.fetcher.stream_metrics().skipped.inc();
+            debug!(
+                file = name,
+                "not streaming: {MAX_STREAM_FILES} files are streamed already"
+            );
+            return self.forget(&stream);
+        }
         let spawned = std::thread::Builder::new()
             .name("lazy-stream".into())
-            .spawn(move || self.run(&file, &name, &stream));
+            .spawn(move || {
+                self.run(&file, &name, &stream);
+                self.hub.files.fetch_sub(1, Ordering::AcqRel);
+            });
         if let Err(e) = spawned {
+            hub.files.fetch_sub(1, Ordering::AcqRel);
             warn!("cannot start a stream thread: {e}");
         }
     }
@@ -614,7 +682,13 @@ impl MountStreams {
                 debug!(file = name, ino = file.ino, "not streaming: {reason}");
                 return self.forget(stream);
             }
+            Err(Refusal::Bound(reason)) => {
+                metrics.skipped.inc();
+                debug!(file = name, ino = file.ino, "not streaming: {reason}");
+                return self.forget(stream);
+            }
         };
+        let planned = plan.tensors.len();
         metrics.started.inc();
         let chunks: HashSet<u32> = plan
             .tensors
@@ -634,6 +708,7 @@ impl MountStreams {
         self.hub.running.fetch_add(1, Ordering::Relaxed);
         let fetched = self.stream(&plan, stream);
         self.hub.running.fetch_sub(1, Ordering::Relaxed);
+        self.hub.planned.fetch_sub(planned, Ordering::AcqRel);
         {
             let mut owners = lock(&self.owners);
             owners.retain(|_, s| !Arc::ptr_eq(s, stream));
@@ -672,15 +747,37 @@ impl MountStreams {
     /// The file's tensors from its header, each with its chunks.
     fn plan(&self, file: &OpenFile) -> Result<Plan, Refusal> {
         let read_err = |e: fusefs::FsError| Refusal::Read(format!("reading the header: {e}"));
-        let prefix = file
-            .read(self.inner.as_ref(), 0, LEN_PREFIX as u32)
-            .map_err(read_err)?;
-        let len = header_len(&prefix, file.size).map_err(|e| Refusal::Header(e.to_string()))?;
-        // `header_len` caps the length at 100 MB, well within a u32.
-        let json = file
-            .read(self.inner.as_ref(), LEN_PREFIX, len as u32)
-            .map_err(read_err)?;
-        let ranges = parse_header(&json, file.size).map_err(|e| Refusal::Header(e.to_string()))?;
+        let ranges = self.hub.read_header(|| {
+            let prefix = file
+                .read(self.inner.as_ref(), 0, LEN_PREFIX as u32)
+                .map_err(read_err)?;
+            let len = header_len(&prefix, file.size).map_err(|e| Refusal::Header(e.to_string()))?;
+            if len > MAX_STREAMED_HEADER {
+                return Err(Refusal::Bound(format!(
+                    "its header ({len} bytes) is over {MAX_STREAMED_HEADER}"
+                )));
+            }
+            let json = file
+                .read(self.inner.as_ref(), LEN_PREFIX, len as u32)
+                .map_err(read_err)?;
+            parse_header(&json, file.size).map_err(|e| Refusal::Header(e.to_string()))
+        })?;
+        if !Streams::take(&self.hub.planned, ranges.len(), MAX_PLANNED_TENSORS) {
+            return Err(Refusal::Bound(format!(
+                "its {} tensors and those of the running streams are over {MAX_PLANNED_TENSORS}",
+                ranges.len()
+            )));
+        }
+        let tensors = ranges.len();
+        let plan = Self::plan_tensors(file, ranges);
+        if plan.is_err() {
+            self.hub.planned.fetch_sub(tensors, Ordering::AcqRel);
+        }
+        plan
+    }
+
+    /// The plan of `ranges`, the tensors of `file`'s header.
+    fn plan_tensors(file: &OpenFile, ranges: Vec<TensorRange>) -> Result<Plan, Refusal> {
         let mut by_name: Vec<usize> = (0..ranges.len()).collect();
         by_name.sort_by(|&a, &b| ranges[a].name.cmp(&ranges[b].name));
         let mut name_rank = vec![0; ranges.len()];
@@ -793,6 +890,8 @@ enum Refusal {
     Header(String),
     /// The file could not be read (backend down): the reader will see that itself.
     Read(String),
+    /// Streaming it would pass one of the streams' bounds: a debug line and a metric.
+    Bound(String),
 }
 
 fn stored_len(chunk: &ChunkRef) -> u64 {
@@ -1386,6 +1485,53 @@ mod tests {
             "t02 came right after t01, not the offset order queued before: {all:?}"
         );
         img.reader.released(ino);
+    }
+
+    #[test]
+    fn streams_are_bounded_however_many_files_are_opened() {
+        let opened = MAX_STREAM_FILES + 36;
+        let names: Vec<String> = (0..opened)
+            .map(|i| format!("m{i:03}.safetensors"))
+            .collect();
+        // A header over the streamed bound, padded with spaces (valid JSON).
+        let json = br#"{"t":{"dtype":"U8","shape":[8],"data_offsets":[0,8]}}"#;
+        let mut big = (MAX_STREAMED_HEADER + 1).to_le_bytes().to_vec();
+        big.extend_from_slice(json);
+        big.resize(8 + MAX_STREAMED_HEADER as usize + 1, b' ');
+        big.extend_from_slice(&[7; 8]);
+        let mut files: Vec<(&str, Vec<u8>)> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), safetensors(&[("t", CS)], 0, i as u64)))
+            .collect();
+        files.push(("big.safetensors", big.clone()));
+        let img = image(files, fetch_config(4), stream_config(1 << 30, 1 << 30));
+        let metrics = img.streams.fetcher().stream_metrics();
+        for name in &names {
+            img.reader.opened(img.ino(name));
+        }
+        wait_for("the files past the bound to be skipped", || {
+            metrics.skipped.get() == 36
+        });
+        assert_eq!(img.streams.files.load(Ordering::Acquire), MAX_STREAM_FILES);
+        // Released, the files free their streams; a new open is streamed again.
+        for name in &names {
+            img.reader.released(img.ino(name));
+        }
+        wait_for("the streams to end", || {
+            img.streams.files.load(Ordering::Acquire) == 0
+        });
+        assert_eq!(img.streams.planned.load(Ordering::Acquire), 0);
+        img.reader.opened(img.ino("big.safetensors"));
+        wait_for("the large header to be skipped", || {
+            metrics.skipped.get() == 37
+        });
+        let got = img
+            .reader
+            .read(img.ino("big.safetensors"), 0, big.len() as u32);
+        assert_eq!(got.unwrap(), big, "a skipped file reads as any other");
+        img.reader.released(img.ino("big.safetensors"));
+        assert_eq!(metrics.headers_refused.get(), 0);
     }
 
     #[test]

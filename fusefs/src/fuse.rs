@@ -59,6 +59,11 @@ pub struct MountConfig {
     pub fs_name: String,
     /// Let users other than the mounter in (`allow_other`); needed for containers.
     pub allow_other: bool,
+    /// Honour the image's setuid and setgid bits (and file capabilities) when its files are
+    /// executed from the mount. Off by default (`nosuid`): with `allow_other`, any local user
+    /// could otherwise run an image's setuid-root binary as root. Containers do not need it
+    /// (their overlay, not its lower, decides), only a runtime handed this mount as its root.
+    pub suid: bool,
     /// Threads that block on chunk fetches for `read` requests.
     pub read_workers: usize,
     /// Threads reading /dev/fuse.
@@ -72,6 +77,7 @@ impl Default for MountConfig {
         MountConfig {
             fs_name: "lazyimg".to_string(),
             allow_other: true,
+            suid: false,
             read_workers: 16,
             session_threads: 2,
             stats: Arc::new(OpStats::default()),
@@ -526,8 +532,14 @@ pub fn mount(
         MountOption::FSName(cfg.fs_name.clone()),
         MountOption::Subtype("lazyimg".to_string()),
         MountOption::DefaultPermissions,
-        MountOption::Dev,
-        MountOption::Suid,
+        // Device nodes of an image never open from the mount: a container gets its devices
+        // from its runtime.
+        MountOption::NoDev,
+        if cfg.suid {
+            MountOption::Suid
+        } else {
+            MountOption::NoSuid
+        },
         MountOption::Exec,
     ];
     let mut config = Config::default();

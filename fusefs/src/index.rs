@@ -61,6 +61,17 @@ impl Index {
         Ok(Self::validate(IndexBytes::Mapped(map), false).map(Arc::new)?)
     }
 
+    /// [`Index::open_verified`] of bytes already read into memory (from a file that someone
+    /// else may write, which must not be mapped).
+    pub fn from_bytes_verified<E: From<IndexError>>(
+        bytes: Vec<u8>,
+        verify: impl FnOnce(&[u8]) -> Result<(), E>,
+    ) -> Result<Arc<Index>, E> {
+        Self::header(&bytes)?;
+        verify(&bytes)?;
+        Ok(Self::validate(IndexBytes::Owned(bytes), false).map(Arc::new)?)
+    }
+
     fn map(path: &Path) -> Result<memmap2::Mmap, IndexError> {
         let file = File::open(path)
             .map_err(|e| IndexError::Corrupt(format!("cannot open {}: {e}", path.display())))?;

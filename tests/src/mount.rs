@@ -141,6 +141,8 @@ pub struct MountInfo {
     pub fs_type: String,
     /// The mount source (`dir:/path` or whatever the file system reported), unescaped.
     pub source: String,
+    /// The per-mount options (`ro,nosuid,nodev,relatime`).
+    pub options: String,
 }
 
 /// Parses `/proc/self/mountinfo` text.
@@ -156,6 +158,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
                 fs_type: fields.get(separator + 1)?.to_string(),
                 source: String::from_utf8_lossy(&unescape_mount_field(fields.get(separator + 2)?))
                     .into_owned(),
+                options: fields.get(5)?.to_string(),
             })
         })
         .collect()

@@ -157,6 +157,9 @@ fn eio(result: std::io::Result<Vec<u8>>, what: &str) {
     }
 }
 
+/// lazyd's config for images whose blobs are the objects of bucket `models`.
+const ALLOW_MODELS: &str = "[fetch]\nexternal_buckets = [\"models\"]\n";
+
 #[test]
 fn model_prefix_converts_with_each_compression_and_by_reference_and_mounts_byte_for_byte() {
     require_root_and_fuse();
@@ -175,7 +178,8 @@ fn model_prefix_converts_with_each_compression_and_by_reference_and_mounts_byte_
         ("reference", &["--reference"], &src),
         ("path", &[], &path_src),
     ];
-    let mut agent = Lazyd::start_with_env("", &moto.env()).unwrap();
+    // The reference images live in bucket `lazy`, their data in `models`.
+    let mut agent = Lazyd::start_with_env(ALLOW_MODELS, &moto.env()).unwrap();
     let mut sizes = std::collections::HashMap::new();
     for (name, flags, source) in cases {
         let image = format!("s3://lazy/{name}");
@@ -192,6 +196,18 @@ fn model_prefix_converts_with_each_compression_and_by_reference_and_mounts_byte_
         assert_same_tree(&model, &mnt, name);
     }
     println!("(raw, stored) bytes per image: {sizes:?}");
+
+    // Without `models` allowed, an image in `lazy` cannot point lazyd's credentials there.
+    let strict = Lazyd::start_with_env("", &moto.env()).unwrap();
+    let mnt = work.path().join("mnt-strict");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let refused = strict.ctl(["mount", "s3://lazy/reference", mnt.to_str().unwrap()]);
+    assert!(
+        !refused.status.success()
+            && String::from_utf8_lossy(&refused.stderr).contains("fetch.external_buckets"),
+        "{refused:?}"
+    );
+    drop(strict);
 
     // A reference image in a registry (an OCI artifact whose data blobs have `urls`, which
     // docker-registry accepts): only its index and config are pushed; lazyd reads the objects.
@@ -291,7 +307,7 @@ fn model_prefix_converts_with_each_compression_and_by_reference_and_mounts_byte_
     );
     moto.delete_object("models", &format!("{SOURCE_PREFIX}/config.json"));
     drop(agent);
-    let mut fresh = Lazyd::start_with_env("", &moto.env()).unwrap();
+    let mut fresh = Lazyd::start_with_env(ALLOW_MODELS, &moto.env()).unwrap();
     let mnt = work.path().join("mnt-changed");
     std::fs::create_dir_all(&mnt).unwrap();
     fresh.mount("s3://lazy/reference", &mnt);

@@ -532,6 +532,21 @@ fn full_cache_disk_serves_from_memory_and_says_so() {
         output.contains("without caching"),
         "no log line says so:\n{output}"
     );
+
+    // A disk full to the last byte, without the index kept: a new mount still works (the
+    // verified index is served from memory) and says why it could not keep it.
+    std::fs::remove_dir_all(cache.join("indexes")).unwrap();
+    let mut ballast = std::fs::File::create(cache.join("ballast")).unwrap();
+    let block = vec![0xa5u8; 4096];
+    while std::io::Write::write_all(&mut ballast, &block).is_ok() {}
+    let m = remote.mount(&work.path().join("mnt"));
+    tree::assert_trees_equal(&expected, m.path());
+    let output = m.output();
+    m.unmount().unwrap();
+    assert!(
+        output.contains("cannot keep the image's index"),
+        "no log line says so:\n{output}"
+    );
     drop(tmpfs);
 }
 

@@ -221,6 +221,25 @@ fn crun_or_runc_runs_python_propagates_exit_codes_and_keeps_image_permissions(ru
     let out = run(&agent, runtime, &[], &image, &["false"]);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
 
+    // The sandbox: a network namespace of its own (loopback only) unless --network host, no
+    // raw sockets (no CAP_NET_RAW), the default seccomp filter unless unconfined.
+    let probe = "import socket\n\
+        links = sorted(l.split(':')[0].strip() for l in open('/proc/net/dev').readlines()[2:])\n\
+        status = dict(l.split(':', 1) for l in open('/proc/self/status').read().splitlines())\n\
+        try:\n    socket.socket(socket.AF_INET, socket.SOCK_RAW, 1); raw = 'raw'\n\
+        except PermissionError:\n    raw = 'no-raw'\n\
+        print(links == ['lo'], status['Seccomp'].strip(), raw)";
+    let out = run_ok(&agent, runtime, &[], &image, &["python3", "-c", probe]);
+    assert_eq!(out, "True 2 no-raw\n");
+    let out = run_ok(
+        &agent,
+        runtime,
+        &["--network", "host", "--security-opt", "seccomp=unconfined"],
+        &image,
+        &["python3", "-c", probe],
+    );
+    assert_eq!(out, "False 0 no-raw\n");
+
     // --env, --workdir, --name (the hostname); PATH and HOME filled in.
     let out = run_ok(
         &agent,

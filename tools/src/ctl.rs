@@ -16,12 +16,14 @@ use anyhow::{bail, Context, Result};
 use crate::client::{AgentClient, ClientError};
 use crate::progress::Progress;
 
-/// Mounts through the agent; `allow_other` overrides the agent's `mount.allow_other`.
+/// Mounts through the agent; `allow_other` overrides the agent's `mount.allow_other`; `suid`
+/// lets the image's setuid bits work (the mount is `nosuid` otherwise).
 pub fn mount(
     client: &AgentClient,
     image: &str,
     mountpoint: &Path,
     allow_other: Option<bool>,
+    suid: bool,
 ) -> Result<()> {
     let mountpoint = absolute(mountpoint)?;
     let info: MountInfo = client.post(
@@ -30,6 +32,7 @@ pub fn mount(
             image: image.to_string(),
             mountpoint,
             allow_other,
+            suid,
         },
     )?;
     println!(

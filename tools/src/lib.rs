@@ -15,6 +15,7 @@
 //! - `client`: the client of lazyd's control API (unix socket).
 //! - `ctl`: the `lazyctl` commands that drive lazyd (mount, umount, status, warm, gc, profile).
 //! - `spec`: the OCI runtime spec of a container, from the image's config and `run`'s flags.
+//! - `seccomp`: the containers' seccomp filter, from docker's default profile.
 //! - `run`: `lazyctl run`: a rootfs from lazyd, a bundle, the OCI runtime, cleanup.
 
 pub mod client;
@@ -33,6 +34,7 @@ pub mod reference;
 pub mod remote;
 pub mod run;
 pub mod s3source;
+pub mod seccomp;
 pub mod source;
 pub mod spec;
 pub mod tree;

@@ -109,6 +109,12 @@ enum Command {
         /// Do not let other users (e.g. a container's non-root users) use the mount.
         #[arg(long)]
         no_allow_other: bool,
+        /// Honour the image's setuid/setgid bits and file capabilities (the mount is nosuid
+        /// by default: with other users let in, any of them could run the image's setuid-root
+        /// binaries as root). For a runtime handed this mount as a container's root; `run`
+        /// and --rootfs need no such thing.
+        #[arg(long, conflicts_with = "rootfs")]
+        suid: bool,
         /// Mount a container's root filesystem instead: a writable overlay (its upper layer in
         /// lazyd's state dir) on the image's shared read-only lazy mount, for runtimes and tools
         /// that make their own bundles. `lazyctl umount DIR` removes it, writes included.
@@ -217,6 +223,14 @@ struct RunArgs {
     /// OCI runtime: crun, runc, or a path (default: crun, else runc, on PATH).
     #[arg(long, env = "LAZY_RUNTIME", value_name = "crun|runc|PATH")]
     runtime: Option<String>,
+    /// The container's network: `none`, a namespace of its own with loopback only (the
+    /// default), or `host`, the host's interfaces and ports.
+    #[arg(long, value_enum, default_value_t = tools::spec::Network::None)]
+    network: tools::spec::Network,
+    /// `seccomp=PATH`: a seccomp profile in docker's format instead of the default
+    /// (containers-common's, docker's default profile); `seccomp=unconfined`: no filter.
+    #[arg(long, value_name = "seccomp=PATH|unconfined")]
+    security_opt: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -260,6 +274,8 @@ impl RemoteArgs {
         Ok(agent::remote::RemoteOptions {
             connect_timeout: seconds(self.connect_timeout)?,
             read_timeout: seconds(self.request_timeout)?,
+            // lazyctl reads with its user's own credentials, for images that user chose.
+            external_buckets: vec!["*".to_string()],
         })
     }
 }
@@ -333,6 +349,8 @@ fn run_container(socket: &std::path::Path, args: RunArgs) -> Result<u8> {
             entrypoint: args.entrypoint,
             runtime: args.runtime,
             command: args.command,
+            network: args.network,
+            security_opt: args.security_opt,
         },
     )
 }
@@ -405,6 +423,7 @@ fn run(socket: &std::path::Path, command: Command) -> Result<()> {
             image,
             mountpoint,
             no_allow_other,
+            suid,
             standalone: true,
             read_workers,
             remote,
@@ -415,7 +434,7 @@ fn run(socket: &std::path::Path, command: Command) -> Result<()> {
             &mountpoint,
             &remote,
             &cache,
-            !no_allow_other,
+            (!no_allow_other, suid),
             read_workers,
         ),
         Command::Mount {
@@ -429,6 +448,7 @@ fn run(socket: &std::path::Path, command: Command) -> Result<()> {
             image,
             mountpoint,
             no_allow_other,
+            suid,
             standalone: false,
             ..
         } => ctl::mount(
@@ -436,6 +456,7 @@ fn run(socket: &std::path::Path, command: Command) -> Result<()> {
             &image,
             &mountpoint,
             no_allow_other.then_some(false),
+            suid,
         ),
         Command::Umount { mountpoint, lazy } => ctl::umount(&client(socket)?, &mountpoint, lazy),
         Command::Status { json } => ctl::status(&client(socket)?, json),
@@ -470,13 +491,14 @@ fn mount(
     mountpoint: &std::path::Path,
     remote: &RemoteArgs,
     cache: &CacheArgs,
-    allow_other: bool,
+    (allow_other, suid): (bool, bool),
     read_workers: usize,
 ) -> Result<()> {
     let location = ImageLocation::parse(image)?;
     let cfg = fusefs::fuse::MountConfig {
         fs_name: format!("lazyimg:{}", image.trim_start_matches("dir:")),
         allow_other,
+        suid,
         read_workers,
         ..fusefs::fuse::MountConfig::default()
     };

@@ -49,6 +49,9 @@ pub struct RunOptions {
     pub runtime: Option<String>,
     /// After `--`.
     pub command: Vec<String>,
+    pub network: spec::Network,
+    /// `--security-opt`: `seccomp=PATH` or `seccomp=unconfined`.
+    pub security_opt: Vec<String>,
 }
 
 /// Runs the container to its end and returns the exit code lazyctl should exit with: the
@@ -73,6 +76,7 @@ pub fn run(client: &AgentClient, opts: &RunOptions) -> Result<u8> {
     for arg in &opts.env {
         env.extend(spec::parse_env(arg, |k| std::env::var(k).ok())?);
     }
+    let seccomp = seccomp_filter(&opts.security_opt)?;
     let signals = SignalForwarder::install()?;
 
     let info: RootfsInfo = client
@@ -104,6 +108,8 @@ pub fn run(client: &AgentClient, opts: &RunOptions) -> Result<u8> {
             user: opts.user.clone(),
             volumes,
             nofile_ceiling: own_nofile_hard_limit(),
+            network: opts.network,
+            seccomp,
         },
         &signals,
     );
@@ -133,10 +139,7 @@ fn prepare_and_run(
         .with_context(|| format!("reading the config of {}", opts.image))?;
     let image = spec::parse_image_config(config)?;
     let spec = spec::build(&image, &request)?;
-    std::fs::create_dir_all(bundle).with_context(|| format!("creating {}", bundle.display()))?;
-    let config_path = bundle.join("config.json");
-    spec.save(&config_path)
-        .with_context(|| format!("writing {}", config_path.display()))?;
+    write_bundle(bundle, &spec)?;
 
     let mut command = Command::new(runtime);
     command
@@ -170,6 +173,59 @@ fn prepare_and_run(
         (None, Some(sig)) => exit_code_for_signal(sig),
         (None, None) => u8::MAX,
     })
+}
+
+/// Writes the bundle's `config.json`; both are root's alone: the spec holds the `--env` values
+/// (tokens, passwords) the user passed.
+fn write_bundle(bundle: &Path, spec: &oci_spec::runtime::Spec) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(bundle)
+        .with_context(|| format!("creating {}", bundle.display()))?;
+    let config_path = bundle.join("config.json");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&config_path)
+        .with_context(|| format!("writing {}", config_path.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    serde_json::to_writer(&mut out, spec)
+        .map_err(std::io::Error::from)
+        .and_then(|()| std::io::Write::flush(&mut out))
+        .with_context(|| format!("writing {}", config_path.display()))
+}
+
+/// The seccomp filter `--security-opt` asks for: docker's default profile unless
+/// `seccomp=unconfined` or `seccomp=PATH`, as with `docker run`.
+fn seccomp_filter(security_opt: &[String]) -> Result<Option<oci_spec::runtime::LinuxSeccomp>> {
+    let mut profile = None;
+    for opt in security_opt {
+        match opt.split_once(['=', ':']) {
+            Some(("seccomp", "unconfined")) => profile = Some(None),
+            Some(("seccomp", path)) if !path.is_empty() => {
+                profile = Some(Some(PathBuf::from(path)));
+            }
+            _ => bail!("--security-opt {opt:?}: expected seccomp=PATH or seccomp=unconfined"),
+        }
+    }
+    let path = match profile {
+        Some(None) => return Ok(None),
+        Some(Some(path)) => Some(path),
+        None => None,
+    };
+    let profile = crate::seccomp::load(path.as_deref())?;
+    let granted = spec::DEFAULT_CAPABILITIES.into_iter().collect();
+    let filter = crate::seccomp::to_spec(
+        &profile,
+        &granted,
+        crate::seccomp::native_arch(),
+        crate::seccomp::kernel_version(),
+    )?;
+    Ok(Some(filter))
 }
 
 /// Waits until `pid` (our child) has exited, leaving it unreaped (`WNOWAIT`).

@@ -1,7 +1,8 @@
 //! The OCI runtime spec (`config.json`) of a container that `lazyctl run` starts: the image's
 //! config (entrypoint, cmd, env, working dir, user) merged with the user's flags, on top of a
-//! fixed, docker-like sandbox (pid/ipc/uts/mount namespaces on the host network, docker's default
-//! capabilities, runc's masked and read-only paths, no new privileges).
+//! fixed, docker-like sandbox (pid/ipc/uts/mount namespaces, a network namespace of its own unless
+//! `--network host`, podman's default capabilities (docker's less NET_RAW), docker's default
+//! seccomp profile, runc's masked and read-only paths, no new privileges).
 //!
 //! Everything here is pure but for reading the image's `/etc/passwd` and `/etc/group` (through
 //! the container's root, never the host's) and checking that volume sources exist, so the whole
@@ -14,9 +15,9 @@ use std::path::{Component, Path, PathBuf};
 use oci_spec::image::ImageConfiguration;
 use oci_spec::runtime::{
     Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxDeviceCgroupBuilder,
-    LinuxNamespaceBuilder, LinuxNamespaceType, LinuxResourcesBuilder, Mount, MountBuilder,
-    PosixRlimitBuilder, PosixRlimitType, ProcessBuilder, RootBuilder, Spec, SpecBuilder,
-    UserBuilder,
+    LinuxNamespaceBuilder, LinuxNamespaceType, LinuxResourcesBuilder, LinuxSeccomp, Mount,
+    MountBuilder, PosixRlimitBuilder, PosixRlimitType, ProcessBuilder, RootBuilder, Spec,
+    SpecBuilder, UserBuilder,
 };
 use thiserror::Error;
 
@@ -26,15 +27,16 @@ pub const OCI_VERSION: &str = "1.0.2";
 /// PATH when the image sets none (docker's default).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// Docker's default capability set: enough for package managers and daemons that drop
-/// privileges, nothing that reaches the host (no SYS_ADMIN, NET_ADMIN, SYS_PTRACE).
-pub const DEFAULT_CAPABILITIES: [Capability; 14] = [
+/// Podman's default capability set, which is docker's without NET_RAW (raw sockets let a
+/// container forge packets, and ping works without it through ICMP sockets): enough for package
+/// managers and daemons that drop privileges, nothing that reaches the host (no SYS_ADMIN,
+/// NET_ADMIN, SYS_PTRACE).
+pub const DEFAULT_CAPABILITIES: [Capability; 13] = [
     Capability::Chown,
     Capability::DacOverride,
     Capability::Fsetid,
     Capability::Fowner,
     Capability::Mknod,
-    Capability::NetRaw,
     Capability::Setgid,
     Capability::Setuid,
     Capability::Setfcap,
@@ -190,6 +192,19 @@ pub struct RunRequest {
     /// The highest RLIMIT_NOFILE the runtime can set (lazyctl's own hard limit); `None`: no
     /// ceiling.
     pub nofile_ceiling: Option<u64>,
+    pub network: Network,
+    /// The seccomp filter (`crate::seccomp::to_spec`); `None`: unconfined.
+    pub seccomp: Option<LinuxSeccomp>,
+}
+
+/// `--network`: the container's network.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Network {
+    /// A network namespace of its own with only loopback (docker's `--network none`).
+    #[default]
+    None,
+    /// The host's network namespace: its interfaces, addresses and ports.
+    Host,
 }
 
 /// Parses the image config JSON that lazyd's `/v1/image/config` returns.
@@ -282,16 +297,20 @@ pub fn build(image: &ImageConfiguration, req: &RunRequest) -> Result<Spec, SpecE
         );
     }
 
-    let namespaces = [
+    let mut namespaces = vec![
         LinuxNamespaceType::Pid,
         LinuxNamespaceType::Ipc,
         LinuxNamespaceType::Uts,
         LinuxNamespaceType::Mount,
-    ]
-    .into_iter()
-    .map(|typ| LinuxNamespaceBuilder::default().typ(typ).build())
-    .collect::<Result<Vec<_>, _>>()?;
-    let linux = LinuxBuilder::default()
+    ];
+    if req.network == Network::None {
+        namespaces.push(LinuxNamespaceType::Network);
+    }
+    let namespaces = namespaces
+        .into_iter()
+        .map(|typ| LinuxNamespaceBuilder::default().typ(typ).build())
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut linux = LinuxBuilder::default()
         .namespaces(namespaces)
         // Deny every device; the runtime then allows its defaults (null, zero, full, random,
         // urandom, tty, ptmx, pts), as with `runc spec`.
@@ -304,8 +323,11 @@ pub fn build(image: &ImageConfiguration, req: &RunRequest) -> Result<Spec, SpecE
                 .build()?,
         )
         .masked_paths(MASKED_PATHS.map(String::from).to_vec())
-        .readonly_paths(READONLY_PATHS.map(String::from).to_vec())
-        .build()?;
+        .readonly_paths(READONLY_PATHS.map(String::from).to_vec());
+    if let Some(seccomp) = &req.seccomp {
+        linux = linux.seccomp(seccomp.clone());
+    }
+    let linux = linux.build()?;
 
     Ok(SpecBuilder::default()
         .version(OCI_VERSION)
@@ -581,9 +603,31 @@ fn parse_group(text: &str) -> Vec<GroupEntry> {
         .collect()
 }
 
-/// Reads a file of the image as the container will see it; `None` when it does not exist.
+/// The most an image's /etc/passwd or /etc/group may hold (real ones are a few KB).
+const MAX_IMAGE_FILE: u64 = 4 << 20;
+
+/// Reads a file of the image as the container will see it; `None` when it does not exist. The
+/// image chooses what the path is: it must be a regular file of at most [`MAX_IMAGE_FILE`]
+/// bytes (a FIFO would hang the read, a huge sparse file exhaust memory).
 fn read_image_file(rootfs: &Path, file: &'static str) -> Result<Option<String>, SpecError> {
-    let read = resolve_in_root(rootfs, Path::new(file)).and_then(std::fs::read);
+    let read = resolve_in_root(rootfs, Path::new(file)).and_then(|path| {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)?;
+        let meta = opened.metadata()?;
+        if !meta.is_file() || meta.len() > MAX_IMAGE_FILE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("not a regular file of at most {MAX_IMAGE_FILE} bytes"),
+            ));
+        }
+        let mut bytes = Vec::new();
+        opened.take(MAX_IMAGE_FILE).read_to_end(&mut bytes)?;
+        Ok(bytes)
+    });
     match read {
         Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -969,6 +1013,55 @@ mod tests {
     }
 
     #[test]
+    fn passwd_that_is_not_a_small_regular_file_is_refused_without_hanging() {
+        let root = rootfs(PASSWD_TEXT, GROUP_TEXT);
+        let passwd = root.path().join("etc/passwd");
+        std::fs::remove_file(&passwd).unwrap();
+        let fifo = std::ffi::CString::new(passwd.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        let err = user(root.path(), Some("app")).unwrap_err().to_string();
+        assert!(
+            err.contains("/etc/passwd") && err.contains("regular file"),
+            "{err}"
+        );
+
+        std::fs::remove_file(&passwd).unwrap();
+        let huge = std::fs::File::create(&passwd).unwrap();
+        huge.set_len(1 << 40).unwrap();
+        let err = user(root.path(), Some("app")).unwrap_err().to_string();
+        assert!(err.contains("at most"), "{err}");
+    }
+
+    #[test]
+    fn network_namespace_unless_host_and_seccomp_when_given() {
+        let root = rootfs(PASSWD_TEXT, GROUP_TEXT);
+        let namespaces = |req: &RunRequest| -> Vec<String> {
+            let spec = build(&image(json!({"Cmd": ["x"]})), req).unwrap();
+            let json = serde_json::to_value(&spec).unwrap();
+            json["linux"]["namespaces"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n["type"].as_str().unwrap().to_string())
+                .collect()
+        };
+        let mut req = request(root.path());
+        assert_eq!(namespaces(&req), ["pid", "ipc", "uts", "mount", "network"]);
+        req.network = Network::Host;
+        assert_eq!(namespaces(&req), ["pid", "ipc", "uts", "mount"]);
+
+        let spec = build(&image(json!({"Cmd": ["x"]})), &req).unwrap();
+        assert!(spec.linux().as_ref().unwrap().seccomp().is_none());
+        let profile = crate::seccomp::load(None).unwrap();
+        let granted = DEFAULT_CAPABILITIES.into_iter().collect();
+        req.seccomp = Some(crate::seccomp::to_spec(&profile, &granted, "amd64", None).unwrap());
+        let spec = build(&image(json!({"Cmd": ["x"]})), &req).unwrap();
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(json["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ERRNO");
+    }
+
+    #[test]
     fn volumes_parse_and_become_rbind_mounts() {
         let host = tempfile::tempdir().unwrap();
         let src = host.path().to_str().unwrap();
@@ -1063,7 +1156,7 @@ mod tests {
             .iter()
             .map(|n| n["type"].as_str().unwrap())
             .collect();
-        assert_eq!(namespaces, ["pid", "ipc", "uts", "mount"]);
+        assert_eq!(namespaces, ["pid", "ipc", "uts", "mount", "network"]);
         let destinations: Vec<&str> = json["mounts"]
             .as_array()
             .unwrap()
@@ -1089,8 +1182,9 @@ mod tests {
             .map(|c| c.as_str().unwrap().to_string())
             .collect();
         bounding.sort();
-        assert_eq!(bounding.len(), 14);
+        assert_eq!(bounding.len(), 13);
         assert!(bounding.contains(&"CAP_CHOWN".to_string()));
+        assert!(!bounding.contains(&"CAP_NET_RAW".to_string()));
         assert!(!bounding.contains(&"CAP_SYS_ADMIN".to_string()));
         assert_eq!(json["linux"]["maskedPaths"].as_array().unwrap().len(), 10);
         assert_eq!(json["linux"]["readonlyPaths"][3], "/proc/sys");

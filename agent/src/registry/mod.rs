@@ -1161,9 +1161,14 @@ impl RegistryClient {
             }
         }
         debug!(%realm, ?scopes, "fetching registry token");
+        let send_credentials = credentials_may_go_to(&url, &self.inner.registry);
         let mut request = self.inner.http.get(url);
         if let Some(c) = &self.inner.credentials {
-            request = request.basic_auth(&c.username, Some(&c.password));
+            if send_credentials {
+                request = request.basic_auth(&c.username, Some(&c.password));
+            } else {
+                warn!(%realm, registry = %self.inner.registry, "not sending the registry's credentials to a token server over plain http on another host; asking anonymously");
+            }
         }
         let mut resp = request.send().await.map_err(transport(realm))?;
         let status = resp.status();
@@ -1715,6 +1720,25 @@ fn parse_www_authenticate(header: &str) -> Vec<RawChallenge> {
     out
 }
 
+/// Whether the registry's credentials may be sent to the token server at `realm`: over https,
+/// or to the registry's own host (which the user chose to reach over plain http). A registry
+/// that names a plain-http realm elsewhere would otherwise hand the password to whoever is on
+/// the path to that host.
+fn credentials_may_go_to(realm: &Url, registry: &str) -> bool {
+    if realm.scheme() == "https" {
+        return true;
+    }
+    let Some(host) = realm.host_str() else {
+        return false;
+    };
+    let registry_host = registry
+        .rsplit_once(':')
+        .filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit()))
+        .map_or(registry, |(host, _)| host);
+    host.trim_start_matches('[').trim_end_matches(']')
+        == registry_host.trim_start_matches('[').trim_end_matches(']')
+}
+
 /// The challenge to answer among all `WWW-Authenticate` values: Bearer (with a realm) over Basic.
 fn pick_challenge(values: &[&str]) -> Option<Challenge> {
     let challenges: Vec<RawChallenge> = values
@@ -1845,6 +1869,20 @@ mod tests {
 
     const DIGEST_A: &str =
         "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+
+    #[test]
+    fn credentials_go_to_https_realms_and_the_registrys_own_host_only() {
+        let ok = |realm: &str, registry: &str| {
+            credentials_may_go_to(&Url::parse(realm).unwrap(), registry)
+        };
+        assert!(ok("https://auth.example/token", "registry.example"));
+        assert!(ok("http://127.0.0.1:5001/token", "127.0.0.1:5000"));
+        assert!(ok("http://reg.local/token", "reg.local:5000"));
+        assert!(ok("http://[::1]:5001/token", "[::1]:5000"));
+        assert!(!ok("http://evil.example/token", "127.0.0.1:5000"));
+        assert!(!ok("http://reg.local.evil/token", "reg.local:5000"));
+        assert!(!ok("http://10.0.0.9/token", "registry.example"));
+    }
 
     #[test]
     fn image_ref_parse_follows_docker_normalisation() {
