@@ -202,6 +202,28 @@ impl Lazyd {
         out
     }
 
+    /// `lazyctl warm --no-progress IMAGE` through this agent, in the background, its output
+    /// piped.
+    pub fn spawn_warm(&self, image: &str) -> Child {
+        Command::new(lazyctl_path())
+            .arg("--socket")
+            .arg(self.socket())
+            .args(["warm", "--no-progress", image])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot run lazyctl")
+    }
+
+    /// Bytes the agent's first running warm has fetched so far; 0 when none runs.
+    pub fn warm_fetched_bytes(&self) -> u64 {
+        self.status()["warms"]
+            .as_array()
+            .and_then(|w| w.first())
+            .map_or(0, |w| w["progress"]["fetched_bytes"].as_u64().unwrap())
+    }
+
     /// The agent's status (`lazyctl status --json`).
     pub fn status(&self) -> serde_json::Value {
         let out = self.ctl_ok(["status", "--json"]);
