@@ -19,7 +19,9 @@
 //! - [`registry`]: a real `docker-registry` on a loopback port, stoppable and restartable;
 //! - [`s3`]: a real S3 API (`moto_server`) on a loopback port, stoppable for fault tests;
 //! - [`proxy`]: a TCP proxy adding per-request latency and, optionally, a shared reply rate
-//!   limit (a shaped link).
+//!   limit (a shaped link);
+//! - [`fault_proxy`]: an HTTP proxy that damages ranged GETs on demand (slow, cut, reset,
+//!   corrupted or misranged bodies, 503 bursts, 429 with `Retry-After`).
 //!
 //! The harness uses `anyhow` for errors: it is test-only code whose callers `unwrap()` or `?`
 //! and want the context chain in the failure message, not a typed error to match on.
@@ -28,6 +30,7 @@
 
 pub mod agent;
 pub mod debian;
+pub mod fault_proxy;
 pub mod model;
 pub mod mount;
 pub mod oci;
