@@ -141,6 +141,27 @@ fn setup(
     (fetcher, faulty, backend, chunks)
 }
 
+/// Reads `chunk` until it is served, for at most `limit` (a fetch that failed may still be
+/// running out its retries); panics if it is not.
+fn read_until_served(
+    fetcher: &Fetcher,
+    backend: &Arc<Backend>,
+    chunk: &ChunkRef,
+    limit: Duration,
+) -> Arc<Vec<u8>> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match fetcher.read(backend, chunk, Priority::Demand) {
+            Ok(got) => return got,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("not served yet: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("not served within {limit:?}: {e}"),
+        }
+    }
+}
+
 #[test]
 fn concurrent_readers_of_one_chunk_cause_one_fetch() {
     let (fetcher, store, backend, chunks) = setup(2, config());
@@ -280,6 +301,49 @@ fn transient_errors_are_retried_and_permanent_ones_are_not() {
         .unwrap_err();
     assert!(err.to_string().contains("not found"), "{err}");
     assert_eq!(store.requests(), 4, "a missing blob is asked for once");
+}
+
+#[test]
+fn throttled_requests_wait_as_asked_up_to_the_read_timeout() {
+    let (fetcher, store, backend, chunks) = setup(
+        2,
+        FetcherConfig {
+            read_timeout: Duration::from_millis(1500),
+            ..config()
+        },
+    );
+    // Two 429s asking for 300 ms each: the read succeeds after both waits, not after the
+    // 10 ms backoffs.
+    store.set(Faults {
+        fail_next: 2,
+        retry_after: Some(Duration::from_millis(300)),
+        ..Faults::default()
+    });
+    let started = Instant::now();
+    let got = fetcher
+        .read(&backend, &chunks[0], Priority::Demand)
+        .unwrap();
+    let waited = started.elapsed();
+    assert_eq!(*got, expected(&chunks[0]));
+    assert!(waited >= Duration::from_millis(600), "waited {waited:?}");
+    assert_eq!(store.requests(), 3);
+
+    // A server asking for an hour: the request asks again one read timeout later instead of
+    // an hour later (the first reader's own wait ends about then too, with the chunk or EIO).
+    store.set(Faults {
+        fail_next: 1,
+        retry_after: Some(Duration::from_secs(3600)),
+        ..Faults::default()
+    });
+    let started = Instant::now();
+    let got = read_until_served(&fetcher, &backend, &chunks[1], Duration::from_secs(10));
+    assert_eq!(*got, expected(&chunks[1]));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(5),
+        "took {took:?}"
+    );
+    assert_eq!(store.requests(), 5);
 }
 
 #[test]
