@@ -899,10 +899,21 @@ impl S3Store {
             ))
         };
         // S3 answers a range that starts inside the object but ends past it with the part that
-        // exists; `Content-Range: bytes a-b/TOTAL` tells that apart from a body cut short.
-        if let Some(total) = response.content_range().and_then(content_range_total) {
-            if total < range.end {
-                return Err(outside(total));
+        // exists; `Content-Range: bytes a-b/TOTAL` tells that apart from a body cut short. An
+        // answer naming other bytes (a proxy or cache that mixed up ranges) is refused here, by
+        // name, rather than left to fail the chunks' checksums.
+        if let Some(header) = response.content_range() {
+            if let Some(total) = content_range_total(header) {
+                if total < range.end {
+                    return Err(outside(total));
+                }
+            }
+            if content_range_bounds(header) != Some((range.start, range.end - 1)) {
+                return Err(Failure::Invalid(format!(
+                    "GET: asked for bytes {}-{}, the answer is {header:?}",
+                    range.start,
+                    range.end - 1
+                )));
             }
         }
         if let Some(len) = content_length(response.content_length()) {
@@ -1259,6 +1270,13 @@ fn content_range_total(header: &str) -> Option<u64> {
     header.rsplit_once('/')?.1.trim().parse().ok()
 }
 
+/// The `(a, b)` of `Content-Range: bytes a-b/TOTAL`.
+fn content_range_bounds(header: &str) -> Option<(u64, u64)> {
+    let range = header.trim().strip_prefix("bytes ")?.split_once('/')?.0;
+    let (first, last) = range.split_once('-')?;
+    Some((first.trim().parse().ok()?, last.trim().parse().ok()?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1354,6 +1372,10 @@ mod tests {
         assert_eq!(content_range_total("bytes 0-9/100"), Some(100));
         assert_eq!(content_range_total("bytes 0-9/*"), None);
         assert_eq!(content_range_total("garbage"), None);
+        assert_eq!(content_range_bounds("bytes 0-9/100"), Some((0, 9)));
+        assert_eq!(content_range_bounds("bytes 5-6/*"), Some((5, 6)));
+        assert_eq!(content_range_bounds("bytes */100"), None);
+        assert_eq!(content_range_bounds("garbage"), None);
     }
 
     #[test]
