@@ -696,6 +696,36 @@ fn warm_fails_when_the_cache_cannot_keep_the_chunks() {
     assert!(matches!(err, WarmError::NoCache), "{err}");
 }
 
+/// Regression: a warm onto a cache whose disk is smaller than its budget reported success
+/// although the cache, evicting to make room on the full disk, kept only its last chunks.
+#[test]
+fn warm_onto_a_disk_smaller_than_the_budget_fails_naming_what_was_kept() {
+    lazy_tests::mount::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let _disk = lazy_tests::mount::TmpfsMount::new(dir.path(), "6m").unwrap();
+    // 64 MiB of budget (4 MiB segments) on a 6 MiB disk, for 10 MiB of incompressible chunks.
+    let cache = disk_cache(&dir.path().join("cache"), 64 << 20);
+    let memory = MemoryBlobStore::new();
+    let raws: Vec<Vec<u8>> = (0..40)
+        .map(|i| lazy_tests::pseudo_random_bytes(i, 256 << 10))
+        .collect();
+    let chunks = blob_of(&memory, &raws);
+    let fetcher = Fetcher::new(config(), Some(cache.clone()), runtime()).unwrap();
+    let backend = fetcher.backend(Arc::new(memory));
+    let err = fetcher
+        .warm(&backend, &chunks, &WarmOptions::default(), &mut |_| true)
+        .unwrap_err();
+    let WarmError::Evicted { kept, total } = err else {
+        panic!("{err}");
+    };
+    assert_eq!(total, 40);
+    let held = chunks
+        .iter()
+        .filter(|c| cache.contains(&c.record.digest))
+        .count() as u64;
+    assert!(kept < total && kept == held, "kept {kept}, held {held}");
+}
+
 fn fs_remove_segments(cache: &ChunkCache) {
     std::fs::remove_dir_all(cache.dir().join("segments")).unwrap();
 }
