@@ -515,7 +515,11 @@ async fn load_index(
     let Some(path) = kept else {
         return Ok(Index::from_bytes(bytes)?);
     };
-    write_atomically(&path, &bytes)?;
+    if let Err(e) = write_atomically(&path, &bytes) {
+        // A full or read-only cache disk costs the kept copy, not the mount.
+        warn!(path = %path.display(), "cannot keep the index, holding it in memory: {e}");
+        return Ok(Index::from_bytes(bytes)?);
+    }
     Index::open_verified(&path, verify)
 }
 

@@ -55,7 +55,7 @@ use fusefs::{ChunkError, ChunkRef, ChunkSource, SourceError};
 use tracing::{debug, error, warn};
 
 use crate::blobstore::{BlobError, BlobStore};
-use crate::cache::{CacheError, ChunkCache};
+use crate::cache::ChunkCache;
 use crate::metrics::{BackendMetrics, ChunkMetrics, Counter, MetricsSnapshot, StreamMetrics};
 use decode::DecodeAhead;
 use memory::MemoryCache;
@@ -301,7 +301,8 @@ struct Shared {
     flights: Mutex<HashMap<[u8; 32], Arc<Flight>>>,
     backends: Mutex<Vec<Arc<Backend>>>,
     metrics: ChunkMetrics,
-    /// Set while the disk cache refuses inserts, so "disk full" is logged once per episode.
+    /// Set while the disk cache refuses inserts (a full or read-only disk), so that is logged
+    /// once per episode.
     disk_full: AtomicBool,
     stream_metrics: StreamMetrics,
     /// Chunks fetched ahead of readers (by class) that no reader has read yet.
@@ -1151,12 +1152,9 @@ impl Shared {
             }
             Err(e) => {
                 self.metrics.served_uncached.inc();
-                let first = !self.disk_full.swap(true, Ordering::Relaxed);
-                match e {
-                    CacheError::NoSpace { .. } if !first => {}
-                    _ => {
-                        warn!(chunk = %chunk.digest_hex(), "serving chunks from memory without caching them: {e}")
-                    }
+                // Once per episode: a full or read-only disk refuses every chunk.
+                if !self.disk_full.swap(true, Ordering::Relaxed) {
+                    warn!(chunk = %chunk.digest_hex(), "serving chunks from memory without caching them: {e}");
                 }
                 Some(e.to_string())
             }
