@@ -51,6 +51,7 @@ use crate::fetcher::{Backend, Fetcher, Priority, RateLimit, WarmError, WarmOptio
 use crate::metrics::MetricsSnapshot;
 use crate::mount::{self, MountError, MountedImage};
 use crate::profile::{self, Profile, ProfileError, Recorder};
+use crate::registry::error_chain;
 use crate::remote::{self, ImageLocation, OpenedImage, RemoteError, RemoteOptions};
 use crate::stream::Streams;
 
@@ -294,9 +295,14 @@ impl Agent {
                 let opened =
                     remote::open_image(&location, &self.remote, Some(&self.config.cache_dir))
                         .await
-                        .map_err(|source| AgentError::Open {
-                            image: image.to_string(),
-                            source,
+                        .map_err(|source| {
+                            // The client gets the error; the log must name it too (a digest
+                            // mismatch is someone changing the store, not a client's mistake).
+                            warn!(image, "cannot open the image: {}", error_chain(&source));
+                            AgentError::Open {
+                                image: image.to_string(),
+                                source,
+                            }
                         })?;
                 // A local store is read in place: opening it again costs no round trip.
                 if !ttl.is_zero() && !matches!(location, ImageLocation::Dir { .. }) {
