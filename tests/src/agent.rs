@@ -280,6 +280,30 @@ impl Lazyd {
         }
     }
 
+    /// The agent's memory and threads now, from `/proc/PID/status`.
+    pub fn memory(&self) -> ProcMemory {
+        let text =
+            fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("lazyd is running");
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("no {name} in /proc/PID/status:\n{text}"))
+        };
+        ProcMemory {
+            rss: field("VmRSS") << 10,
+            peak_rss: field("VmHWM") << 10,
+            rss_anon: field("RssAnon") << 10,
+            threads: field("Threads"),
+        }
+    }
+
+    /// Starts a new peak for [`ProcMemory::peak_rss`] (`/proc/PID/clear_refs`).
+    pub fn reset_peak_memory(&self) {
+        fs::write(format!("/proc/{}/clear_refs", self.pid()), "5")
+            .expect("resetting lazyd's peak RSS");
+    }
+
     /// Kills the agent at once (SIGKILL), as a crash would.
     pub fn kill(&mut self) -> Result<ExitStatus> {
         self.signal(libc::SIGKILL);
@@ -310,6 +334,18 @@ impl Drop for Lazyd {
         }
         let _ = File::open(&self.root);
     }
+}
+
+/// A process's memory (bytes) and thread count, from `/proc/PID/status`.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcMemory {
+    /// `VmRSS`: resident now.
+    pub rss: u64,
+    /// `VmHWM`: the most resident since the start or [`Lazyd::reset_peak_memory`].
+    pub peak_rss: u64,
+    /// `RssAnon`: resident memory of its own (heap, stacks), not file pages.
+    pub rss_anon: u64,
+    pub threads: u64,
 }
 
 /// Bytes the agent's backends have received so far, from its status JSON.
