@@ -30,11 +30,13 @@ apt-get update -qq
 # stand-in FUSE filesystem the test harness checks its own mount guard with; python3-venv: the
 # virtualenv below (moto, the model loaders); crun and runc: the OCI runtimes `lazyctl run` starts
 # containers with (both tested); iproute2: tc, which the benchmarks shape their link with;
-# golang-github-containers-common: the default seccomp profile `lazyctl run` applies.
+# golang-github-containers-common: the default seccomp profile `lazyctl run` applies;
+# faketime: libfaketime, which moves lazyd's wall clock in the fault tests (tests/tests/faults.rs);
+# e2fsprogs: mkfs.ext4 for the cache disk those tests turn read-only.
 apt-get install -y -qq --no-install-recommends \
     fuse3 umoci skopeo debootstrap docker-registry attr bindfs ca-certificates \
-    curl gcc pkg-config tar gzip zstd python3 python3-venv crun runc iproute2 \
-    golang-github-containers-common >/dev/null
+    curl gcc pkg-config tar gzip zstd python3 python3-venv crun runc iproute2 faketime \
+    e2fsprogs golang-github-containers-common >/dev/null
 
 # A virtualenv at /opt/lazy-venv, so pip never touches the system Python, with moto[server]: a
 # real S3 API for the S3 tests (lazy_tests::s3 runs its moto_server), and safetensors, numpy and

@@ -20,7 +20,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
@@ -56,6 +56,14 @@ pub enum BlobError {
         digest: String,
         after: Duration,
     },
+    /// The store asked to be asked again later: a 429 or 503 with a `Retry-After`.
+    #[error("{store}: blob {digest}: {reason}; asked to retry after {retry_after:?}")]
+    Throttled {
+        store: String,
+        digest: String,
+        reason: String,
+        retry_after: Duration,
+    },
 }
 
 impl BlobError {
@@ -65,9 +73,34 @@ impl BlobError {
             BlobError::NotFound { .. } | BlobError::Denied { .. } | BlobError::Invalid { .. } => {
                 true
             }
-            BlobError::Unavailable { .. } | BlobError::Timeout { .. } => false,
+            BlobError::Unavailable { .. }
+            | BlobError::Timeout { .. }
+            | BlobError::Throttled { .. } => false,
         }
     }
+
+    /// How long the store asked the caller to wait before trying again, when it said.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            BlobError::Throttled { retry_after, .. } => Some(*retry_after),
+            BlobError::NotFound { .. }
+            | BlobError::Denied { .. }
+            | BlobError::Invalid { .. }
+            | BlobError::Unavailable { .. }
+            | BlobError::Timeout { .. } => None,
+        }
+    }
+}
+
+/// The wait a `Retry-After` header value asks for (RFC 9110 section 10.2.3): delay-seconds, or
+/// an HTTP date (a date already past asks for no wait). `None` when it is neither.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
 }
 
 /// A place blobs are read from. Cheap to share (`Arc<dyn BlobStore>`); safe to call from many
@@ -321,6 +354,9 @@ pub struct Faults {
     pub truncate: bool,
     /// Flip the lowest bit of the byte at this offset of any blob, wherever a read covers it.
     pub corrupt_offset: Option<u64>,
+    /// Injected failures are throttling answers ([`BlobError::Throttled`]) asking to retry
+    /// after this long, instead of [`BlobError::Unavailable`].
+    pub retry_after: Option<Duration>,
 }
 
 /// Wraps a store and injects errors, delays, truncation and corruption, for tests of the
@@ -362,10 +398,23 @@ impl FaultyBlobStore {
             tokio::time::sleep(faults.delay).await;
         }
         if faults.down || faults.fail_next > 0 {
-            return Err(BlobError::Unavailable {
-                store: self.describe(),
-                digest: digest.to_string(),
-                reason: "injected failure".into(),
+            let (store, digest, reason) = (
+                self.describe(),
+                digest.to_string(),
+                "injected failure".to_string(),
+            );
+            return Err(match faults.retry_after {
+                Some(retry_after) => BlobError::Throttled {
+                    store,
+                    digest,
+                    reason,
+                    retry_after,
+                },
+                None => BlobError::Unavailable {
+                    store,
+                    digest,
+                    reason,
+                },
             });
         }
         Ok(faults)
@@ -509,7 +558,36 @@ mod tests {
                 ..Faults::default()
             });
             assert!(store.read_blob(&digest, 1000).await.is_err());
-            assert_eq!(store.requests(), 6);
+
+            store.set(Faults {
+                fail_next: 1,
+                retry_after: Some(Duration::from_secs(2)),
+                ..Faults::default()
+            });
+            let err = store.read_range(&digest, 0..10).await.unwrap_err();
+            assert!(!err.is_permanent(), "{err}");
+            assert_eq!(err.retry_after(), Some(Duration::from_secs(2)), "{err}");
+            assert_eq!(store.requests(), 7);
         });
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_or_an_http_date() {
+        let now = httpdate::parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
+        assert_eq!(
+            parse_retry_after(" 120 ", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:50:07 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        // A date already past: retry at once.
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-5", now), None);
     }
 }

@@ -51,6 +51,7 @@ use crate::fetcher::{Backend, Fetcher, Priority, RateLimit, WarmError, WarmOptio
 use crate::metrics::MetricsSnapshot;
 use crate::mount::{self, MountError, MountedImage};
 use crate::profile::{self, Profile, ProfileError, Recorder};
+use crate::registry::error_chain;
 use crate::remote::{self, ImageLocation, OpenedImage, RemoteError, RemoteOptions};
 use crate::stream::Streams;
 
@@ -331,13 +332,24 @@ impl Agent {
                     remote::open_image(&location, &self.remote, Some(&self.config.cache_dir));
                 let opened = tokio::time::timeout(deadline, opening)
                     .await
-                    .map_err(|_| AgentError::OpenTimeout {
-                        image: image.to_string(),
-                        after: deadline,
+                    .map_err(|_| {
+                        warn!(
+                            image,
+                            "cannot open the image within mount.open_timeout ({deadline:?})"
+                        );
+                        AgentError::OpenTimeout {
+                            image: image.to_string(),
+                            after: deadline,
+                        }
                     })?
-                    .map_err(|source| AgentError::Open {
-                        image: image.to_string(),
-                        source,
+                    .map_err(|source| {
+                        // The client gets the error; the log must name it too (a digest
+                        // mismatch is someone changing the store, not a client's mistake).
+                        warn!(image, "cannot open the image: {}", error_chain(&source));
+                        AgentError::Open {
+                            image: image.to_string(),
+                            source,
+                        }
                     })?;
                 // A local store is read in place: opening it again costs no round trip.
                 if !ttl.is_zero() && !matches!(location, ImageLocation::Dir { .. }) {

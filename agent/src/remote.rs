@@ -525,7 +525,7 @@ async fn load_index(
     // A copy that cannot be kept (a full or read-only cache disk) costs the next mount a
     // fetch, not this one: the verified bytes are in hand.
     if let Err(e) = write_atomically(&path, &bytes) {
-        warn!(path = %path.display(), "cannot keep the image's index, serving it from memory: {e}");
+        warn!(path = %path.display(), "cannot keep the index, holding it in memory: {e}");
         return Ok(Index::from_bytes(bytes)?);
     }
     Index::open_verified(&path, verify)

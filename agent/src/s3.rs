@@ -35,7 +35,7 @@
 use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use aws_config::meta::region::RegionProviderChain;
@@ -54,7 +54,7 @@ use aws_types::service_config::ServiceConfigKey;
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
-use crate::blobstore::{check_digest, too_large, BlobError, BlobStore};
+use crate::blobstore::{check_digest, parse_retry_after, too_large, BlobError, BlobStore};
 
 /// Region used when neither the options, the environment nor a profile names one.
 const DEFAULT_REGION: &str = "us-east-1";
@@ -899,10 +899,21 @@ impl S3Store {
             ))
         };
         // S3 answers a range that starts inside the object but ends past it with the part that
-        // exists; `Content-Range: bytes a-b/TOTAL` tells that apart from a body cut short.
-        if let Some(total) = response.content_range().and_then(content_range_total) {
-            if total < range.end {
-                return Err(outside(total));
+        // exists; `Content-Range: bytes a-b/TOTAL` tells that apart from a body cut short. An
+        // answer naming other bytes (a proxy or cache that mixed up ranges) is refused here, by
+        // name, rather than left to fail the chunks' checksums.
+        if let Some(header) = response.content_range() {
+            if let Some(total) = content_range_total(header) {
+                if total < range.end {
+                    return Err(outside(total));
+                }
+            }
+            if content_range_bounds(header) != Some((range.start, range.end - 1)) {
+                return Err(Failure::Invalid(format!(
+                    "GET: asked for bytes {}-{}, the answer is {header:?}",
+                    range.start,
+                    range.end - 1
+                )));
             }
         }
         if let Some(len) = content_length(response.content_length()) {
@@ -1021,7 +1032,10 @@ impl S3Store {
                     (_, Some("InvalidRange")) | (416, _) => Failure::Invalid(cause()),
                     (_, Some("SlowDown" | "RequestTimeout" | "Throttling" | "InternalError"))
                     | (408 | 429, _)
-                    | (500..=599, _) => Failure::Unavailable(cause()),
+                    | (500..=599, _) => match retry_after(service.raw()) {
+                        Some(after) => Failure::Throttled(cause(), after),
+                        None => Failure::Unavailable(cause()),
+                    },
                     _ => Failure::Invalid(cause()),
                 }
             }
@@ -1084,6 +1098,8 @@ enum Failure {
     },
     /// The object is not the one the caller expects (its ETag changed).
     Changed(String),
+    /// A 429 or 503 asking to be asked again after this long (`Retry-After`).
+    Throttled(String, Duration),
 }
 
 impl Failure {
@@ -1106,6 +1122,12 @@ impl Failure {
                 store,
                 digest,
                 reason: format!("{url}: {reason}"),
+            },
+            Failure::Throttled(reason, retry_after) => BlobError::Throttled {
+                store,
+                digest,
+                reason: format!("{url}: {reason}"),
+                retry_after,
             },
             Failure::Timeout(after) => BlobError::Timeout {
                 store,
@@ -1131,7 +1153,9 @@ impl Failure {
             Failure::NotFound => S3Error::NotFound { url },
             Failure::Denied(reason) => S3Error::Denied { url, reason },
             Failure::Invalid(reason) => S3Error::Invalid { url, reason },
-            Failure::Unavailable(reason) => S3Error::Unavailable { url, reason },
+            Failure::Unavailable(reason) | Failure::Throttled(reason, _) => {
+                S3Error::Unavailable { url, reason }
+            }
             Failure::Timeout(after) => S3Error::Timeout { url, after },
             Failure::TooLarge { len, max_size } => S3Error::Invalid {
                 url,
@@ -1233,9 +1257,24 @@ fn content_length(header: Option<i64>) -> Option<u64> {
     header.and_then(|len| u64::try_from(len).ok())
 }
 
+/// The wait a 429 or 503 answer asks for with `Retry-After`, if it does.
+fn retry_after(response: &aws_sdk_s3::config::http::HttpResponse) -> Option<Duration> {
+    match response.status().as_u16() {
+        429 | 503 => parse_retry_after(response.headers().get("retry-after")?, SystemTime::now()),
+        _ => None,
+    }
+}
+
 /// The `TOTAL` of `Content-Range: bytes a-b/TOTAL`, if known.
 fn content_range_total(header: &str) -> Option<u64> {
     header.rsplit_once('/')?.1.trim().parse().ok()
+}
+
+/// The `(a, b)` of `Content-Range: bytes a-b/TOTAL`.
+fn content_range_bounds(header: &str) -> Option<(u64, u64)> {
+    let range = header.trim().strip_prefix("bytes ")?.split_once('/')?.0;
+    let (first, last) = range.split_once('-')?;
+    Some((first.trim().parse().ok()?, last.trim().parse().ok()?))
 }
 
 #[cfg(test)]
@@ -1333,6 +1372,10 @@ mod tests {
         assert_eq!(content_range_total("bytes 0-9/100"), Some(100));
         assert_eq!(content_range_total("bytes 0-9/*"), None);
         assert_eq!(content_range_total("garbage"), None);
+        assert_eq!(content_range_bounds("bytes 0-9/100"), Some((0, 9)));
+        assert_eq!(content_range_bounds("bytes 5-6/*"), Some((5, 6)));
+        assert_eq!(content_range_bounds("bytes */100"), None);
+        assert_eq!(content_range_bounds("garbage"), None);
     }
 
     #[test]

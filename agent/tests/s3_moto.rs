@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use agent::blobstore::{BlobError, BlobStore};
 use agent::s3::{BlobUpload, S3Error, S3Location, S3Options, S3Store, MULTIPART_THRESHOLD};
+use lazy_tests::fault_proxy::{FaultProxy, HttpFault};
 use lazy_tests::pseudo_random_bytes;
 use lazy_tests::s3::{MotoServer, ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY};
 use sha2::{Digest, Sha256};
@@ -377,6 +378,57 @@ async fn hung_server_times_out_within_the_read_timeout() {
     assert_eq!(
         store.read_range(&digest, 0..100).await.unwrap(),
         &blob[..100]
+    );
+}
+
+/// Answers a proxy in front of moto damages: a 429 with `Retry-After` is throttling with that
+/// wait, a range answered with other bytes (or the right bytes under another `Content-Range`)
+/// is refused naming the range, and a cut or reset body is a transient error; each time, the
+/// next undamaged answer reads right.
+#[tokio::test]
+async fn damaged_answers_are_classified_and_the_next_good_one_reads() {
+    let moto = MotoServer::start();
+    moto.create_bucket(BUCKET);
+    let proxy = FaultProxy::start(&format!("127.0.0.1:{}", moto.port())).unwrap();
+    let opts = S3Options {
+        endpoint_url: Some(format!("http://{}", proxy.host())),
+        ..options(&moto)
+    };
+    let location = S3Location::parse(&format!("s3://{BUCKET}/p")).unwrap();
+    let store = S3Store::connect(location, &opts).await.unwrap();
+    let blob = pseudo_random_bytes(9, 8192);
+    let digest = digest_of(&blob);
+    moto.put_object(BUCKET, &store.location().blob_key(&digest).unwrap(), &blob);
+    let range = 1000..5000;
+
+    proxy.inject(
+        HttpFault::Status {
+            status: 429,
+            retry_after: Some(3),
+        },
+        1,
+    );
+    let err = store.read_range(&digest, range.clone()).await.unwrap_err();
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(3)), "{err}");
+    assert!(!err.is_permanent());
+    for fault in [HttpFault::ShiftedRange, HttpFault::WrongContentRange] {
+        proxy.inject(fault, 1);
+        let err = store.read_range(&digest, range.clone()).await.unwrap_err();
+        assert!(
+            matches!(&err, BlobError::Invalid { reason, .. }
+                if reason.contains("asked for bytes 1000-4999")),
+            "{fault:?}: {err}"
+        );
+    }
+    for fault in [HttpFault::Truncate, HttpFault::ResetMidBody] {
+        proxy.inject(fault, 1);
+        let err = store.read_range(&digest, range.clone()).await.unwrap_err();
+        assert!(!err.is_permanent(), "{fault:?}: {err}");
+    }
+    assert_eq!(proxy.faults_injected(), 5);
+    assert_eq!(
+        store.read_range(&digest, range.clone()).await.unwrap(),
+        slice(&blob, &range)
     );
 }
 

@@ -202,6 +202,28 @@ impl Lazyd {
         out
     }
 
+    /// `lazyctl warm --no-progress IMAGE` through this agent, in the background, its output
+    /// piped.
+    pub fn spawn_warm(&self, image: &str) -> Child {
+        Command::new(lazyctl_path())
+            .arg("--socket")
+            .arg(self.socket())
+            .args(["warm", "--no-progress", image])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot run lazyctl")
+    }
+
+    /// Bytes the agent's first running warm has fetched so far; 0 when none runs.
+    pub fn warm_fetched_bytes(&self) -> u64 {
+        self.status()["warms"]
+            .as_array()
+            .and_then(|w| w.first())
+            .map_or(0, |w| w["progress"]["fetched_bytes"].as_u64().unwrap())
+    }
+
     /// The agent's status (`lazyctl status --json`).
     pub fn status(&self) -> serde_json::Value {
         let out = self.ctl_ok(["status", "--json"]);
@@ -258,6 +280,30 @@ impl Lazyd {
         }
     }
 
+    /// The agent's memory and threads now, from `/proc/PID/status`.
+    pub fn memory(&self) -> ProcMemory {
+        let text =
+            fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("lazyd is running");
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("no {name} in /proc/PID/status:\n{text}"))
+        };
+        ProcMemory {
+            rss: field("VmRSS") << 10,
+            peak_rss: field("VmHWM") << 10,
+            rss_anon: field("RssAnon") << 10,
+            threads: field("Threads"),
+        }
+    }
+
+    /// Starts a new peak for [`ProcMemory::peak_rss`] (`/proc/PID/clear_refs`).
+    pub fn reset_peak_memory(&self) {
+        fs::write(format!("/proc/{}/clear_refs", self.pid()), "5")
+            .expect("resetting lazyd's peak RSS");
+    }
+
     /// Kills the agent at once (SIGKILL), as a crash would.
     pub fn kill(&mut self) -> Result<ExitStatus> {
         self.signal(libc::SIGKILL);
@@ -288,6 +334,18 @@ impl Drop for Lazyd {
         }
         let _ = File::open(&self.root);
     }
+}
+
+/// A process's memory (bytes) and thread count, from `/proc/PID/status`.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcMemory {
+    /// `VmRSS`: resident now.
+    pub rss: u64,
+    /// `VmHWM`: the most resident since the start or [`Lazyd::reset_peak_memory`].
+    pub peak_rss: u64,
+    /// `RssAnon`: resident memory of its own (heap, stacks), not file pages.
+    pub rss_anon: u64,
+    pub threads: u64,
 }
 
 /// Bytes the agent's backends have received so far, from its status JSON.

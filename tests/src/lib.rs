@@ -11,13 +11,17 @@
 //! - [`reference`](mod@reference): the reference unpack (`umoci unpack`) and `skopeo copy`;
 //! - [`tree`]: a full comparison of two directory trees (metadata, xattrs, hardlinks, content);
 //! - [`agent`]: a real `lazyd` with its own socket, cache and state, driven through `lazyctl`;
+//! - [`random_files`]: directories of incompressible files from a seed, for images whose
+//!   bytes a test recomputes;
 //! - [`model`]: sharded safetensors model directories from a seed, and a tensor-by-tensor
 //!   check of a mounted copy;
 //! - [`mount`]: running `lazyctl`, a guard around a live FUSE mount, root/FUSE preconditions;
 //! - [`registry`]: a real `docker-registry` on a loopback port, stoppable and restartable;
 //! - [`s3`]: a real S3 API (`moto_server`) on a loopback port, stoppable for fault tests;
 //! - [`proxy`]: a TCP proxy adding per-request latency and, optionally, a shared reply rate
-//!   limit (a shaped link).
+//!   limit (a shaped link);
+//! - [`fault_proxy`]: an HTTP proxy that damages ranged GETs on demand (slow, cut, reset,
+//!   corrupted or misranged bodies, 503 bursts, 429 with `Retry-After`).
 //!
 //! The harness uses `anyhow` for errors: it is test-only code whose callers `unwrap()` or `?`
 //! and want the context chain in the failure message, not a typed error to match on.
@@ -26,10 +30,12 @@
 
 pub mod agent;
 pub mod debian;
+pub mod fault_proxy;
 pub mod model;
 pub mod mount;
 pub mod oci;
 pub mod proxy;
+pub mod random_files;
 pub mod reference;
 pub mod registry;
 pub mod s3;
@@ -96,6 +102,26 @@ pub(crate) fn lock_exclusive(path: &Path) -> Result<File> {
             .with_context(|| format!("locking {}", path.display()));
     }
     Ok(lock)
+}
+
+/// Inverts one byte every `step` bytes of the file at `path`, from offset `from` on (damage
+/// behind a reader's back: a cache segment, a stored blob); returns how many.
+pub fn flip_bytes(path: &Path, from: u64, step: u64) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let len = file.metadata().unwrap().len();
+    let mut flipped = 0;
+    for at in (from..len).step_by(step as usize) {
+        let mut b = [0u8];
+        file.read_exact_at(&mut b, at).unwrap();
+        file.write_all_at(&[!b[0]], at).unwrap();
+        flipped += 1;
+    }
+    flipped
 }
 
 /// `len` pseudo-random bytes from `seed` (splitmix64): incompressible, reproducible test data

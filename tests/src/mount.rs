@@ -517,6 +517,93 @@ impl Drop for TmpfsMount {
     }
 }
 
+/// An ext4 file system in a sparse image file, loop-mounted over a directory with
+/// `errors=remount-ro`: [`Ext4Loop::fail`] makes it report an error, as a failing disk does, and
+/// the kernel turns it read-only at once, under processes that hold files open for writing (which
+/// `mount -o remount,ro` refuses with EBUSY). Unmounted when dropped, even if the test fails.
+pub struct Ext4Loop {
+    dir: PathBuf,
+    /// The loop device's name (`loop3`), under `/sys/fs/ext4/`.
+    device: String,
+}
+
+impl Ext4Loop {
+    /// Makes a `size`-byte ext4 file system in `image` and mounts it on `dir`. Needs root.
+    pub fn new(image: &Path, dir: &Path, size: u64) -> Result<Ext4Loop> {
+        File::create(image)?.set_len(size)?;
+        let status = Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(image)
+            .status()
+            .context("running mkfs.ext4 (apt-get install e2fsprogs)")?;
+        ensure!(
+            status.success(),
+            "mkfs.ext4 {} failed: {status}",
+            image.display()
+        );
+        let status = Command::new("mount")
+            .args(["-o", "loop,errors=remount-ro"])
+            .arg(image)
+            .arg(dir)
+            .status()
+            .context("running mount")?;
+        ensure!(
+            status.success(),
+            "mount -o loop {} failed: {status}",
+            image.display()
+        );
+        // Unmounted on drop if what follows fails.
+        let mut mounted = Ext4Loop {
+            device: String::new(),
+            dir: dir.canonicalize()?,
+        };
+        let source = mounts_at(&mounted.dir)?
+            .pop()
+            .map(|m| m.source)
+            .context("the loop mount is not in mountinfo")?;
+        mounted.device = source
+            .strip_prefix("/dev/")
+            .with_context(|| format!("loop mount source {source:?} is not a device"))?
+            .to_string();
+        Ok(mounted)
+    }
+
+    /// Reports an error on the file system (ext4's `trigger_fs_error`): from then on it is
+    /// read-only.
+    pub fn fail(&self) -> Result<()> {
+        let trigger = format!("/sys/fs/ext4/{}/trigger_fs_error", self.device);
+        fs::write(&trigger, "lazy-tests: simulated disk error")
+            .with_context(|| format!("writing {trigger}"))?;
+        ensure!(
+            self.is_read_only()?,
+            "{} is still writable",
+            self.dir.display()
+        );
+        Ok(())
+    }
+
+    /// Whether the file system refuses writes now. Tried with a write: ext4 marks an error
+    /// remount in its own flags (`emergency_ro`), which `statvfs` does not report.
+    pub fn is_read_only(&self) -> Result<bool> {
+        let probe = self.dir.join(".lazy-tests-write-probe");
+        match File::create(&probe) {
+            Ok(_) => {
+                fs::remove_file(&probe)?;
+                Ok(false)
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EROFS) => Ok(true),
+            Err(e) => Err(e).with_context(|| format!("creating {}", probe.display())),
+        }
+    }
+}
+
+impl Drop for Ext4Loop {
+    fn drop(&mut self) {
+        // The loop device goes with the mount (mount -o loop sets autoclear).
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
 /// Stored bytes of a lazy image's data blobs, from `lazyctl inspect IMAGE` (run with `env`,
 /// e.g. an S3 endpoint).
 pub fn stored_bytes(image: &str, env: &[(String, String)]) -> u64 {

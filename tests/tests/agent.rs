@@ -13,7 +13,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use lazy_tests::agent::{backend_bytes, counter, Lazyd};
@@ -21,9 +21,10 @@ use lazy_tests::mount::{
     is_fuse_mounted, lazyctl, lazyctl_path, require_root_and_fuse, stored_bytes, Mounted,
 };
 use lazy_tests::proxy::DelayProxy;
+use lazy_tests::random_files::{file_bytes, RandomFiles};
 use lazy_tests::registry::LocalRegistry;
 use lazy_tests::s3::MotoServer;
-use lazy_tests::{debian, pseudo_random_bytes, reference, tree};
+use lazy_tests::{debian, reference, tree};
 use serde_json::Value;
 
 /// The tests here measure latencies and rates: one at a time, so that they do not measure each
@@ -189,8 +190,8 @@ fn warmed_s3_image_reads_every_file_with_s3_stopped() {
 }
 
 /// A directory of `files` incompressible files of `size` bytes (`blob0`, `blob1`, ...: file `i`
-/// holds `blob(i, size)`), converted to `repo_tag` in `registry`. Returns the lazy image
-/// reference. Images made with different sizes share no chunk.
+/// holds `file_bytes(i, size)`), converted to `repo_tag` in `registry`. Returns the lazy image
+/// reference.
 fn random_image(
     registry: &LocalRegistry,
     work: &Path,
@@ -198,24 +199,10 @@ fn random_image(
     files: usize,
     size: usize,
 ) -> String {
-    let dir = work.join(format!("src-{}", repo_tag.replace(['/', ':'], "-")));
-    std::fs::create_dir_all(&dir).unwrap();
-    for i in 0..files {
-        std::fs::write(dir.join(format!("blob{i}")), blob(i, size)).unwrap();
-    }
+    let name = format!("src-{}", repo_tag.replace(['/', ':'], "-"));
     let lazy = format!("docker://{}/{repo_tag}", registry.host());
-    let out = lazyctl([
-        "convert",
-        "--no-progress",
-        &format!("path:{}", dir.display()),
-        &lazy,
-    ]);
-    assert!(out.status.success(), "{out:?}");
+    RandomFiles::write(work, &name, files, size).convert(&lazy, &[]);
     lazy
-}
-
-fn blob(i: usize, size: usize) -> Vec<u8> {
-    pseudo_random_bytes((size as u64) << 16 | i as u64, size)
 }
 
 #[test]
@@ -232,27 +219,16 @@ fn interrupted_warm_continues_and_fetches_the_image_about_once() {
     let image = lazy.replace(&registry.host(), &proxy.host());
     let agent = Lazyd::start("").unwrap();
 
-    let mut warm = Command::new(lazyctl_path())
-        .arg("--socket")
-        .arg(agent.socket())
-        .args(["warm", "--no-progress", &image])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut warm = agent.spawn_warm(&image);
     let start = Instant::now();
     loop {
-        let status = agent.status();
-        let done = status["warms"]
-            .as_array()
-            .and_then(|w| w.first())
-            .map_or(0, |w| w["progress"]["fetched_bytes"].as_u64().unwrap());
-        if done > total / 4 {
+        if agent.warm_fetched_bytes() > total / 4 {
             break;
         }
         assert!(
             start.elapsed() < Duration::from_secs(60),
-            "warm made no progress: {status}"
+            "warm made no progress: {}",
+            agent.status()
         );
         assert!(
             warm.try_wait().unwrap().is_none(),
@@ -551,20 +527,13 @@ fn demand_read_during_a_large_warm_is_served_next() {
         let t = Instant::now();
         let bytes = std::fs::read(mnt.join(format!("blob{i}"))).unwrap();
         let elapsed = t.elapsed();
-        assert!(bytes == blob(i, 1 << 20), "blob{i} read wrong bytes");
+        assert!(bytes == file_bytes(i, 1 << 20), "blob{i} read wrong bytes");
         elapsed
     };
     let mut idle: Vec<Duration> = (0..3).map(read).collect();
     idle.sort();
 
-    let warm = Command::new(lazyctl_path())
-        .arg("--socket")
-        .arg(agent.socket())
-        .args(["warm", "--no-progress", &big])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let warm = agent.spawn_warm(&big);
     let start = Instant::now();
     while backend_bytes(&agent.status()) < 32 << 20 {
         assert!(
@@ -770,7 +739,10 @@ fn whole_image_prefetch_stays_under_half_the_cache_and_stops_at_unmount() {
         status["mounts"][0]["profile"]["whole_image_chunks"], 10,
         "ten 1 MiB chunks fit under half of 20 MiB: {status}"
     );
-    assert_eq!(std::fs::read(mnt.join("blob7")).unwrap(), blob(7, 4 << 20));
+    assert_eq!(
+        std::fs::read(mnt.join("blob7")).unwrap(),
+        file_bytes(7, 4 << 20)
+    );
     agent.ctl_ok([OsArg::from("umount"), mnt.into()]);
     drop(agent);
 

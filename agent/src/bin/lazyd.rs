@@ -188,11 +188,26 @@ fn notify(state: &[sd_notify::NotifyState]) {
 /// of its own (up to eight per core) and keeps what is freed in each: lazyd's fetch, decode
 /// and FUSE threads pass megabyte chunk buffers between them, and with one arena per thread
 /// its anonymous memory during a model load peaked at 255-293 MB; with two, at 139 MB, the
-/// load as fast (docs/BENCHMARKS.md). Must run before any thread starts.
+/// load as fast (docs/BENCHMARKS.md).
+///
+/// And a fixed mmap threshold above the largest chunk buffer: each FUSE session thread holds
+/// a 16 MiB request buffer (`vec![0; ..]`, of which a read-only filesystem's requests touch a
+/// few KiB). Mapped, its untouched pages cost nothing; but glibc raises its mmap threshold to
+/// the size of the largest mapped block freed (up to 32 MiB), after which these buffers come
+/// from an arena and `calloc` zeroes all 16 MiB: fifty mounts made lazyd 1 GiB larger, against
+/// 19 MiB with the threshold fixed (docs/BENCHMARKS.md, "Fault matrix"). Must run before any
+/// thread starts.
 fn bound_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets a tunable of the allocator; no thread runs yet.
+    // SAFETY: mallopt only sets tunables of the allocator; no thread runs yet.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
     }
 }
+
+/// Blocks of at least this size are mapped, never taken from an arena: chunk buffers below it
+/// (1 MiB chunks by default) are reused from the arenas, fuser's 16 MiB session buffers are
+/// mapped.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const MMAP_THRESHOLD: libc::c_int = 8 << 20;

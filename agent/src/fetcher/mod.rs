@@ -22,7 +22,8 @@
 //! hit is checked by the cache (entry header and payload crc32) and decoded without a second
 //! crc32 or blake3: only verified bytes are ever written to the cache (docs/ARCHITECTURE.md,
 //! "Integrity"). A reader waits at most `read_timeout` for its chunk and then gets an error
-//! (EIO at the filesystem) with a log line saying why; the next read starts afresh, so reads
+//! (EIO at the filesystem) with a log line saying why; readers that join that chunk's fetch
+//! later get the error at once, and once the fetch ends the next read starts afresh, so reads
 //! succeed again as soon as the backend is back.
 //!
 //! **Speculation** ([`Fetcher::speculate`]): chunks a reader may read next (the filesystem
@@ -51,10 +52,10 @@ use std::time::{Duration, Instant};
 
 use fusefs::chunk::{check_stored, decode_chunk, decode_owned, Checks};
 use fusefs::{ChunkError, ChunkRef, ChunkSource, SourceError};
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
 
 use crate::blobstore::{BlobError, BlobStore};
-use crate::cache::{CacheError, ChunkCache};
+use crate::cache::ChunkCache;
 use crate::metrics::{BackendMetrics, ChunkMetrics, Counter, MetricsSnapshot, StreamMetrics};
 use decode::DecodeAhead;
 use memory::MemoryCache;
@@ -236,6 +237,11 @@ struct FlightState {
     /// Dropped unserved (its watcher stopped, or its decode found nothing): a reader that had
     /// joined it starts anew.
     abandoned: bool,
+    /// When the first reader that waited for it gives up (its start plus the read timeout).
+    /// Readers that join later give up then too: a chunk overdue for one reader fails the next
+    /// at once instead of holding it a read timeout more. The kernel retries a page whose
+    /// read-ahead failed with one more read, which would otherwise double every wait.
+    overdue_at: Option<Instant>,
 }
 
 impl FlightState {
@@ -264,6 +270,7 @@ impl Flight {
                 watchers: watcher.into_iter().cloned().collect(),
                 for_watcher: watcher.is_some(),
                 abandoned: false,
+                overdue_at: None,
             }),
             done: Condvar::new(),
         })
@@ -294,7 +301,8 @@ struct Shared {
     flights: Mutex<HashMap<[u8; 32], Arc<Flight>>>,
     backends: Mutex<Vec<Arc<Backend>>>,
     metrics: ChunkMetrics,
-    /// Set while the disk cache refuses inserts, so "disk full" is logged once per episode.
+    /// Set while the disk cache refuses inserts (a full or read-only disk), so that is logged
+    /// once per episode.
     disk_full: AtomicBool,
     stream_metrics: StreamMetrics,
     /// Chunks fetched ahead of readers (by class) that no reader has read yet.
@@ -675,6 +683,7 @@ impl Shared {
             return Ok(hit);
         }
         let started = Instant::now();
+        let deadline = started + self.config.read_timeout;
         let mut fetched = false;
         let mut result = Err(SourceError::Blob {
             blob: chunk.blob_digest.clone(),
@@ -699,7 +708,7 @@ impl Shared {
                     self.metrics.joined.inc();
                 }
             }
-            result = match self.wait(&flight, chunk, backend) {
+            result = match self.wait(&flight, chunk, backend, deadline) {
                 Ok(Some(data)) => Ok(data),
                 Ok(None) => continue,
                 Err(e) if lock(&flight.state).abandoned => Err(e),
@@ -871,29 +880,45 @@ impl Shared {
         (flight, true)
     }
 
-    /// Waits for `flight`, up to the read timeout: its chunk, or `None` when it left the chunk
-    /// in the disk cache undecoded.
+    /// Waits for `flight` until `deadline` (the reader's start plus the read timeout), or until
+    /// the flight is overdue (see [`FlightState::overdue_at`]): its chunk, or `None` when it
+    /// left the chunk in the disk cache undecoded.
     fn wait(
         &self,
         flight: &Flight,
         chunk: &ChunkRef,
         backend: &Backend,
+        deadline: Instant,
     ) -> Result<Option<Arc<Vec<u8>>>, SourceError> {
-        let deadline = Instant::now() + self.config.read_timeout;
         let mut state = lock(&flight.state);
+        let (deadline, first) = match state.overdue_at {
+            Some(overdue) => (overdue.min(deadline), false),
+            None => {
+                state.overdue_at = Some(deadline);
+                (deadline, true)
+            }
+        };
         loop {
             if let Some(result) = &state.result {
                 return result.clone();
             }
             let now = Instant::now();
             if now >= deadline {
-                error!(
-                    chunk = %chunk.digest_hex(),
-                    blob = %chunk.blob_digest,
-                    backend = %backend.name,
-                    "chunk not served: no data from the backend within {:?}",
-                    self.config.read_timeout
-                );
+                // Said once per chunk fetch: by the reader that waited the whole read timeout.
+                if first {
+                    error!(
+                        chunk = %chunk.digest_hex(),
+                        blob = %chunk.blob_digest,
+                        backend = %backend.name,
+                        "chunk not served: no data from the backend within {:?}",
+                        self.config.read_timeout
+                    );
+                } else {
+                    debug!(
+                        chunk = %chunk.digest_hex(),
+                        "chunk not served: its fetch is overdue"
+                    );
+                }
                 return Err(SourceError::Timeout(self.config.read_timeout));
             }
             state = flight
@@ -1127,12 +1152,9 @@ impl Shared {
             }
             Err(e) => {
                 self.metrics.served_uncached.inc();
-                let first = !self.disk_full.swap(true, Ordering::Relaxed);
-                match e {
-                    CacheError::NoSpace { .. } if !first => {}
-                    _ => {
-                        warn!(chunk = %chunk.digest_hex(), "serving chunks from memory without caching them: {e}")
-                    }
+                // Once per episode: a full or read-only disk refuses every chunk.
+                if !self.disk_full.swap(true, Ordering::Relaxed) {
+                    warn!(chunk = %chunk.digest_hex(), "serving chunks from memory without caching them: {e}");
                 }
                 Some(e.to_string())
             }

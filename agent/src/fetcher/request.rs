@@ -4,7 +4,11 @@
 //! bounded by `request_timeout`; transient failures (connection errors, 5xx, short bodies,
 //! timeouts) are retried with exponential backoff up to `max_attempts`, and a retry asks only
 //! for the chunks not delivered yet; permanent ones (missing blob, denied, bad range) are not
-//! retried. An attempt that delivered something starts the count of attempts afresh.
+//! retried. An attempt that delivered something starts the count of attempts afresh. A store
+//! that throttles (429 or 503 with `Retry-After`) is asked again no sooner than it said, but no
+//! later than `read_timeout` after its answer: a reader never waits longer than that anyway, and
+//! a server that asks for an hour would otherwise hold the request (and its chunks' flights) for
+//! an hour.
 
 use std::ops::Range;
 use std::time::{Duration, Instant};
@@ -84,7 +88,7 @@ pub(super) async fn fetch_spans(
         if err.is_permanent() || attempt >= config.max_attempts {
             return Err((next, err));
         }
-        let delay = backoff(config.retry_backoff, attempt);
+        let delay = retry_delay(config, attempt, &err);
         debug!(
             backend = %backend.name,
             blob,
@@ -105,6 +109,15 @@ fn backoff(base: Duration, attempt: u32) -> Duration {
     base * 2u32.saturating_pow(attempt - 1)
 }
 
+/// The wait before retry number `attempt` after `err`: the backoff, or the store's
+/// `Retry-After` when it asks for longer, up to the read timeout.
+fn retry_delay(config: &FetcherConfig, attempt: u32, err: &BlobError) -> Duration {
+    let asked = err
+        .retry_after()
+        .map_or(Duration::ZERO, |after| after.min(config.read_timeout));
+    backoff(config.retry_backoff, attempt).max(asked)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,5 +127,39 @@ mod tests {
         let base = Duration::from_millis(100);
         assert_eq!(backoff(base, 1), base);
         assert_eq!(backoff(base, 3), base * 4);
+    }
+
+    #[test]
+    fn retry_after_is_honoured_up_to_the_read_timeout() {
+        let config = FetcherConfig {
+            retry_backoff: Duration::from_millis(100),
+            read_timeout: Duration::from_secs(5),
+            ..FetcherConfig::default()
+        };
+        let throttled = |secs| BlobError::Throttled {
+            store: "s".into(),
+            digest: "d".into(),
+            reason: "http 429".into(),
+            retry_after: Duration::from_secs(secs),
+        };
+        assert_eq!(
+            retry_delay(&config, 1, &throttled(2)),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            retry_delay(&config, 1, &throttled(3600)),
+            Duration::from_secs(5)
+        );
+        // A server asking for less than the backoff gets the backoff.
+        assert_eq!(
+            retry_delay(&config, 3, &throttled(0)),
+            Duration::from_millis(400)
+        );
+        let down = BlobError::Unavailable {
+            store: "s".into(),
+            digest: "d".into(),
+            reason: "http 503".into(),
+        };
+        assert_eq!(retry_delay(&config, 2, &down), Duration::from_millis(200));
     }
 }

@@ -141,6 +141,27 @@ fn setup(
     (fetcher, faulty, backend, chunks)
 }
 
+/// Reads `chunk` until it is served, for at most `limit` (a fetch that failed may still be
+/// running out its retries); panics if it is not.
+fn read_until_served(
+    fetcher: &Fetcher,
+    backend: &Arc<Backend>,
+    chunk: &ChunkRef,
+    limit: Duration,
+) -> Arc<Vec<u8>> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match fetcher.read(backend, chunk, Priority::Demand) {
+            Ok(got) => return got,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("not served yet: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("not served within {limit:?}: {e}"),
+        }
+    }
+}
+
 #[test]
 fn concurrent_readers_of_one_chunk_cause_one_fetch() {
     let (fetcher, store, backend, chunks) = setup(2, config());
@@ -283,11 +304,57 @@ fn transient_errors_are_retried_and_permanent_ones_are_not() {
 }
 
 #[test]
-fn silent_backend_fails_reads_within_the_timeout_and_recovers() {
+fn throttled_requests_wait_as_asked_up_to_the_read_timeout() {
     let (fetcher, store, backend, chunks) = setup(
         2,
         FetcherConfig {
-            request_timeout: Duration::from_millis(200),
+            read_timeout: Duration::from_millis(1500),
+            ..config()
+        },
+    );
+    // Two 429s asking for 300 ms each: the read succeeds after both waits, not after the
+    // 10 ms backoffs.
+    store.set(Faults {
+        fail_next: 2,
+        retry_after: Some(Duration::from_millis(300)),
+        ..Faults::default()
+    });
+    let started = Instant::now();
+    let got = fetcher
+        .read(&backend, &chunks[0], Priority::Demand)
+        .unwrap();
+    let waited = started.elapsed();
+    assert_eq!(*got, expected(&chunks[0]));
+    assert!(waited >= Duration::from_millis(600), "waited {waited:?}");
+    assert_eq!(store.requests(), 3);
+
+    // A server asking for an hour: the request asks again one read timeout later instead of
+    // an hour later (the first reader's own wait ends about then too, with the chunk or EIO).
+    store.set(Faults {
+        fail_next: 1,
+        retry_after: Some(Duration::from_secs(3600)),
+        ..Faults::default()
+    });
+    let started = Instant::now();
+    let got = read_until_served(&fetcher, &backend, &chunks[1], Duration::from_secs(10));
+    assert_eq!(*got, expected(&chunks[1]));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(5),
+        "took {took:?}"
+    );
+    assert_eq!(store.requests(), 5);
+}
+
+/// A reader waits one read timeout, and one that joins the fetch after that fails at once.
+/// Regression: a read through the page cache got EIO only after twice the read timeout, since
+/// the kernel retries a page whose read-ahead failed and that retry waited a read timeout too.
+#[test]
+fn silent_backend_fails_reads_within_one_read_timeout_and_reads_recover() {
+    let (fetcher, store, backend, chunks) = setup(
+        2,
+        FetcherConfig {
+            request_timeout: Duration::from_millis(300),
             read_timeout: Duration::from_millis(700),
             ..config()
         },
@@ -301,25 +368,24 @@ fn silent_backend_fails_reads_within_the_timeout_and_recovers() {
         .read(&backend, &chunks[0], Priority::Demand)
         .unwrap_err();
     let waited = started.elapsed();
+    assert!(matches!(err, SourceError::Timeout(_)), "{err}");
     assert!(
-        matches!(err, SourceError::Timeout(_) | SourceError::Blob { .. }),
-        "{err}"
+        waited >= Duration::from_millis(700) && waited < Duration::from_millis(1500),
+        "waited {waited:?}"
     );
-    assert!(waited < Duration::from_millis(1500), "waited {waited:?}");
+    // The fetch is still retrying (4 attempts of 300 ms): the next reader fails at once.
+    let started = Instant::now();
+    let err = fetcher
+        .read(&backend, &chunks[0], Priority::Demand)
+        .unwrap_err();
+    assert!(matches!(err, SourceError::Timeout(_)), "{err}");
+    let again = started.elapsed();
+    assert!(again < Duration::from_millis(200), "waited {again:?} again");
 
     store.set(Faults::default());
-    // The failed fetch may still be retrying; a new read succeeds once it gives up.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match fetcher.read(&backend, &chunks[0], Priority::Demand) {
-            Ok(got) => {
-                assert_eq!(*got, expected(&chunks[0]));
-                break;
-            }
-            Err(e) if Instant::now() < deadline => eprintln!("still failing: {e}"),
-            Err(e) => panic!("backend is back but reads fail: {e}"),
-        }
-    }
+    // A new read succeeds once the failed fetch has given up or its next attempt got through.
+    let got = read_until_served(&fetcher, &backend, &chunks[0], Duration::from_secs(5));
+    assert_eq!(*got, expected(&chunks[0]));
     assert!(backend.metrics.timeouts.get() >= 1);
 }
 
@@ -628,6 +694,36 @@ fn warm_fails_when_the_cache_cannot_keep_the_chunks() {
         .warm(&backend, &t.chunks, &WarmOptions::default(), &mut |_| true)
         .unwrap_err();
     assert!(matches!(err, WarmError::NoCache), "{err}");
+}
+
+/// Regression: a warm onto a cache whose disk is smaller than its budget reported success
+/// although the cache, evicting to make room on the full disk, kept only its last chunks.
+#[test]
+fn warm_onto_a_disk_smaller_than_the_budget_fails_naming_what_was_kept() {
+    lazy_tests::mount::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let _disk = lazy_tests::mount::TmpfsMount::new(dir.path(), "6m").unwrap();
+    // 64 MiB of budget (4 MiB segments) on a 6 MiB disk, for 10 MiB of incompressible chunks.
+    let cache = disk_cache(&dir.path().join("cache"), 64 << 20);
+    let memory = MemoryBlobStore::new();
+    let raws: Vec<Vec<u8>> = (0..40)
+        .map(|i| lazy_tests::pseudo_random_bytes(i, 256 << 10))
+        .collect();
+    let chunks = blob_of(&memory, &raws);
+    let fetcher = Fetcher::new(config(), Some(cache.clone()), runtime()).unwrap();
+    let backend = fetcher.backend(Arc::new(memory));
+    let err = fetcher
+        .warm(&backend, &chunks, &WarmOptions::default(), &mut |_| true)
+        .unwrap_err();
+    let WarmError::Evicted { kept, total } = err else {
+        panic!("{err}");
+    };
+    assert_eq!(total, 40);
+    let held = chunks
+        .iter()
+        .filter(|c| cache.contains(&c.record.digest))
+        .count() as u64;
+    assert!(kept < total && kept == held, "kept {kept}, held {held}");
 }
 
 fn fs_remove_segments(cache: &ChunkCache) {

@@ -6,8 +6,9 @@
 //!
 //! A warm hears of completions through a channel of digests and outcomes and never holds chunk
 //! data, so its memory does not grow with the image. It fails at the first chunk that cannot be
-//! fetched (after the fetcher's retries) or cached: a warm that reports success has filled the
-//! cache. A cancelled warm drops its queued jobs that nothing else waits for (a reader that
+//! fetched (after the fetcher's retries) or cached, and at the end when the cache no longer
+//! holds every chunk (a disk smaller than the cache budget makes it evict some to take the
+//! rest): a warm that reports success has filled the cache. A cancelled warm drops its queued jobs that nothing else waits for (a reader that
 //! joined one as it was dropped fetches it again).
 
 use std::collections::{HashMap, HashSet};
@@ -93,6 +94,10 @@ pub enum WarmError {
     /// The chunks cannot all be in the cache at once: warming them would evict the first ones.
     #[error("warm needs {needed} bytes of chunk cache but its budget is {budget} bytes; raise the cache budget")]
     TooLarge { needed: u64, budget: u64 },
+    /// Every chunk was fetched and cached, but the cache evicted some of them again before the
+    /// warm ended: its disk holds less than its budget (disk full), or other work filled it.
+    #[error("warm fetched every chunk but the chunk cache kept only {kept} of {total}: the rest were evicted to make room (is the cache's disk smaller than its budget, or full?); free disk space or lower cache_size")]
+    Evicted { kept: u64, total: u64 },
     #[error("warm needs a disk cache; this fetcher has none")]
     NoCache,
     /// `progress` returned false.
@@ -248,6 +253,21 @@ impl Fetcher {
             if !progress(&p) {
                 return Err(self.cancel_warm(backend, &waiting, opts.priority));
             }
+        }
+        // A warm that reports success has filled the cache: each chunk was cached when it
+        // came, but a disk smaller than the budget makes the cache evict earlier ones to take
+        // later ones.
+        let mut kept = HashSet::new();
+        for chunk in chunks {
+            if cache.contains(&chunk.record.digest) {
+                kept.insert(chunk.record.digest);
+            }
+        }
+        if (kept.len() as u64) < p.total_chunks {
+            return Err(WarmError::Evicted {
+                kept: kept.len() as u64,
+                total: p.total_chunks,
+            });
         }
         debug!(
             backend = %backend.name,

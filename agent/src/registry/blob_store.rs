@@ -83,6 +83,7 @@ impl BlobStore for RegistryBlobStore {
 /// - missing blob: [`BlobError::NotFound`];
 /// - refused or impossible authentication: [`BlobError::Denied`];
 /// - a timeout (reqwest's connect or read timeout, a stalled transfer): [`BlobError::Timeout`];
+/// - a 429 or 503 with `Retry-After`: [`BlobError::Throttled`];
 /// - everything else by [`RegistryError::is_permanent`]: [`BlobError::Invalid`] when a retry
 ///   cannot help, [`BlobError::Unavailable`] when it may.
 fn blob_error(store: &RegistryBlobStore, digest: &str, err: RegistryError) -> BlobError {
@@ -115,6 +116,15 @@ fn blob_error(store: &RegistryBlobStore, digest: &str, err: RegistryError) -> Bl
             store: name,
             digest,
             after,
+        },
+        RegistryError::Http {
+            retry_after: Some(retry_after),
+            ..
+        } => BlobError::Throttled {
+            store: name,
+            digest,
+            reason,
+            retry_after,
         },
         RegistryError::InvalidReference { .. }
         | RegistryError::InvalidRegistry { .. }
@@ -251,6 +261,11 @@ mod tests {
                         503,
                         r#"{"errors":[{"code":"UNAVAILABLE","message":"maintenance"}]}"#,
                     ),
+                    "test/throttled" => Reply::new(
+                        429,
+                        r#"{"errors":[{"code":"TOOMANYREQUESTS","message":"slow down"}]}"#,
+                    )
+                    .header("Retry-After", "7"),
                     "test/forbidden" => Reply::new(403, ""),
                     "test/negotiate" => Reply::new(401, "").header("WWW-Authenticate", "Negotiate"),
                     "test/private" => bearer_challenge(&base, "test/private"),
@@ -281,6 +296,13 @@ mod tests {
             matches!(&err, BlobError::Unavailable { reason, .. } if reason.contains("UNAVAILABLE maintenance")),
             "{err}"
         );
+        let err = read("test/throttled", 0..10).await;
+        assert!(
+            matches!(&err, BlobError::Throttled { reason, retry_after, .. }
+                if reason.contains("http 429") && *retry_after == Duration::from_secs(7)),
+            "{err}"
+        );
+        assert!(!err.is_permanent());
         let err = read("test/short", 0..10).await;
         assert!(
             matches!(&err, BlobError::Unavailable { reason, .. } if reason.contains("after 9 bytes")),

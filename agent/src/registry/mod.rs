@@ -40,19 +40,21 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
 use bytes::Bytes;
 use reqwest::header::{
     HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE,
-    RANGE, WWW_AUTHENTICATE,
+    RANGE, RETRY_AFTER, WWW_AUTHENTICATE,
 };
 use reqwest::{Method, Response, StatusCode, Url};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, warn};
+
+use crate::blobstore::parse_retry_after;
 
 mod blob_store;
 mod push;
@@ -171,6 +173,8 @@ pub enum RegistryError {
         status: u16,
         url: String,
         detail: String,
+        /// The wait a 429 or 503 asked for with `Retry-After`.
+        retry_after: Option<Duration>,
     },
     #[error("request to {url} failed")]
     Transport {
@@ -1369,6 +1373,13 @@ async fn status_error(repo: &str, url: &str, mut resp: Response) -> RegistryErro
             url: url.to_string(),
         },
         status => {
+            let retry_after = match status {
+                StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
+                    header_str(resp.headers(), RETRY_AFTER.as_str())
+                        .and_then(|v| parse_retry_after(&v, SystemTime::now()))
+                }
+                _ => None,
+            };
             let read = read_capped(&mut resp, MAX_ERROR_BODY_BYTES, url);
             let detail = match tokio::time::timeout(ERROR_BODY_TIMEOUT, read).await {
                 Ok(Ok(Some(body))) => registry_error_detail(&body),
@@ -1378,6 +1389,7 @@ async fn status_error(repo: &str, url: &str, mut resp: Response) -> RegistryErro
                 status: status.as_u16(),
                 url: url.to_string(),
                 detail,
+                retry_after,
             }
         }
     }
@@ -2245,6 +2257,7 @@ mod tests {
             status,
             url: "u".into(),
             detail: String::new(),
+            retry_after: None,
         };
         for status in [500, 502, 503, 408, 429] {
             assert!(!http(status).is_permanent(), "{status}");
@@ -2278,6 +2291,7 @@ mod tests {
             status: 500,
             url: "u".into(),
             detail: "X y".into(),
+            retry_after: None,
         };
         assert_eq!(detail.to_string(), "http 500 from u: X y");
         assert_eq!(http(500).to_string(), "http 500 from u");
