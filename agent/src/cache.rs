@@ -1085,11 +1085,11 @@ impl ChunkCache {
         seq: u64,
         path: PathBuf,
     ) -> Result<Option<(SegmentState, Vec<Entry>)>, CacheError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(io_err(&path, "opening a segment"))?;
+        let file = match OpenOptions::new().read(true).write(true).open(&path) {
+            Err(e) if is_read_only(&e) => File::open(&path),
+            opened => opened,
+        }
+        .map_err(io_err(&path, "opening a segment"))?;
         let file_len = file
             .metadata()
             .map_err(io_err(&path, "opening a segment"))?
@@ -1101,8 +1101,12 @@ impl ChunkCache {
         {
             warn!(segment = %path.display(), bytes = file_len, "cache segment has no valid header (torn at creation, or another version): deleted");
             drop(file);
-            fs::remove_file(&path).map_err(io_err(&path, "deleting a bad segment"))?;
-            return Ok(None);
+            match fs::remove_file(&path) {
+                Err(e) if !is_read_only(&e) => {
+                    return Err(io_err(&path, "deleting a bad segment")(e));
+                }
+                _ => return Ok(None),
+            }
         }
         let scan = scan_entries(&file, file_len).map_err(io_err(&path, "scanning a segment"))?;
         if let Some(reason) = &scan.torn {
@@ -1112,8 +1116,13 @@ impl ChunkCache {
                 dropped_bytes = file_len - scan.len,
                 "cache segment has a torn tail ({reason}): truncated at the last whole entry"
             );
-            file.set_len(scan.len)
-                .map_err(io_err(&path, "truncating a torn segment"))?;
+            // On a read-only disk the tail stays, unindexed.
+            match file.set_len(scan.len) {
+                Err(e) if !is_read_only(&e) => {
+                    return Err(io_err(&path, "truncating a torn segment")(e));
+                }
+                _ => {}
+            }
         }
         let segment = Arc::new(Segment {
             seq,
@@ -1235,16 +1244,32 @@ fn will_need(file: &File, offset: u64, len: u64) {
     }
 }
 
+/// Whether `e` says the file system is mounted read-only.
+fn is_read_only(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EROFS)
+}
+
 /// Takes the directory's exclusive lock and records this process as its holder.
+///
+/// On a read-only file system the lock is taken on the directory itself and no holder is
+/// recorded: the cache then serves what it holds and caches nothing new.
 fn take_lock(dir: &Path) -> Result<File, CacheError> {
     let path = dir.join("lock");
-    let file = OpenOptions::new()
+    let opened = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(&path)
-        .map_err(io_err(&path, "opening the lock file"))?;
+        .open(&path);
+    let (file, writable) = match opened {
+        Ok(file) => (file, true),
+        Err(e) if is_read_only(&e) => {
+            warn!(dir = %dir.display(), "the cache directory is read-only: serving the chunks it holds, caching nothing new");
+            let file = File::open(dir).map_err(io_err(dir, "opening the cache directory"))?;
+            (file, false)
+        }
+        Err(e) => return Err(io_err(&path, "opening the lock file")(e)),
+    };
     match file.try_lock() {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => {
@@ -1257,6 +1282,9 @@ fn take_lock(dir: &Path) -> Result<File, CacheError> {
             });
         }
         Err(TryLockError::Error(e)) => return Err(io_err(&path, "locking the cache")(e)),
+    }
+    if !writable {
+        return Ok(file);
     }
     let pid = format!("{}\n", std::process::id());
     file.set_len(0)

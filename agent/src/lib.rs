@@ -46,8 +46,21 @@ pub mod stream;
 /// it already existed with another): lazyd's state and cache directories hold what other local
 /// users must neither read nor reach, such as chunks of private images and the writable layers
 /// of containers (whose setuid files a container's root can make).
+///
+/// On a read-only file system nothing can be changed: an existing directory is taken as it is,
+/// with a warning when others may enter it.
 pub fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
+    if mode == 0o700 {
+        return Ok(());
+    }
+    match std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => {
+            tracing::warn!(dir = %dir.display(), "on a read-only file system: its mode stays {mode:o}");
+            Ok(())
+        }
+        changed => changed,
+    }
 }
