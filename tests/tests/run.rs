@@ -492,6 +492,13 @@ fn container_writes_land_in_its_upper_layer_not_in_the_lower_or_the_cache() {
         describe(&out)
     );
 
+    // The bundle's spec (with any --env values) and the container's directory are root's.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir.join("bundle/config.json")), 0o600);
+    assert_eq!(mode(&dir.join("bundle")), 0o700);
+    assert_eq!(mode(&dir), 0o700);
+
     // The upper layer holds every write, the deletion as a whiteout (a 0:0 character device).
     assert_eq!(
         std::fs::read_to_string(upper.join("root/new.txt")).unwrap(),
