@@ -2377,6 +2377,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn credentials_are_not_sent_to_a_plain_http_realm_on_another_host() {
+        // The token server answers anyone; only the Authorization header it sees matters.
+        let tokens = FakeServer::start(|_| {
+            Arc::new(|_: &SeenRequest| Reply::new(200, r#"{"token":"tok-1"}"#))
+        })
+        .await;
+        // `localhost`, not the registry's `127.0.0.1`: another host, over plain http.
+        let realm = format!(
+            "http://localhost:{}/token",
+            tokens.host().rsplit_once(':').unwrap().1
+        );
+        let server = FakeServer::start(move |_| {
+            Arc::new(move |req: &SeenRequest| match req.header("authorization") {
+                Some("Bearer tok-1") => manifest_reply(),
+                _ => Reply::new(401, "").header(
+                    "WWW-Authenticate",
+                    format!(r#"Bearer realm="{realm}",service="s""#),
+                ),
+            })
+        })
+        .await;
+        let creds = Credentials {
+            username: "alice".into(),
+            password: "s3cret".into(),
+        };
+        let m = server
+            .client(Some(creds))
+            .get_manifest("test/img", &tag("v1"))
+            .await
+            .unwrap();
+        assert_eq!(m.bytes, MANIFEST_BODY);
+        let asked = tokens.requests_to("/token");
+        assert!(!asked.is_empty());
+        for request in asked {
+            assert_eq!(request.header("authorization"), None, "the password left");
+        }
+    }
+
+    #[tokio::test]
     async fn token_is_replaced_after_a_new_401_and_fetched_up_front_for_other_repos() {
         #[derive(Default)]
         struct TokenState {
