@@ -1326,11 +1326,21 @@ struct TokenResponseBody {
     expires_in: Option<serde_json::Value>,
 }
 
+/// Parses a JSON object into `T`. Structs that derive `Deserialize` also take a JSON array of
+/// their fields' values in order (`[null,null]` passed for a manifest, `["t"]` for a token
+/// reply); no server sends one, so it is refused.
+fn from_json_object<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        return Err("not a JSON object".into());
+    }
+    serde_json::from_slice(bytes).map_err(|e| e.to_string())
+}
+
 /// A token server's reply: the `Authorization` value to send (`Bearer TOKEN`, from `token` or,
 /// when that is missing or empty, `access_token`) and how long the token lives.
 fn parse_token_response(body: &[u8]) -> Result<(HeaderValue, Duration), String> {
     let parsed: TokenResponseBody =
-        serde_json::from_slice(body).map_err(|e| format!("not a token json: {e}"))?;
+        from_json_object(body).map_err(|e| format!("not a token json: {e}"))?;
     let token = [parsed.token, parsed.access_token]
         .into_iter()
         .flatten()
@@ -1487,8 +1497,7 @@ fn manifest_media_type(content_type: Option<&str>, bytes: &[u8]) -> Result<Strin
         MEDIA_TYPE_DOCKER_MANIFEST_LIST,
         MEDIA_TYPE_DOCKER_MANIFEST,
     ];
-    let sniff: Sniff =
-        serde_json::from_slice(bytes).map_err(|e| format!("not a JSON manifest: {e}"))?;
+    let sniff: Sniff = from_json_object(bytes).map_err(|e| format!("not a JSON manifest: {e}"))?;
     let media_type = match content_type {
         Some(ct) if SUPPORTED.contains(&ct) => ct.to_string(),
         Some(ct) if ct.starts_with("application/vnd.") => ct.to_string(),
@@ -2160,6 +2169,36 @@ mod tests {
             .unwrap_err()
             .contains("not a JSON manifest"));
         assert!(manifest_media_type(None, b"[1,2]").is_err());
+    }
+
+    /// `[null,null]` deserialized as the two fields of the media-type sniff and was taken for
+    /// an OCI manifest (found by the oci_manifest fuzz target's check).
+    #[test]
+    fn manifest_that_is_a_json_array_is_refused() {
+        for body in [
+            &b"[null,null]"[..],
+            b" [\"application/vnd.oci.image.index.v1+json\",1]",
+        ] {
+            let e = manifest_media_type(None, body).unwrap_err();
+            assert!(e.contains("not a JSON object"), "{e}");
+        }
+        assert_eq!(
+            manifest_media_type(None, b" \n{}").unwrap(),
+            MEDIA_TYPE_OCI_MANIFEST
+        );
+    }
+
+    /// `["t",null,5]` deserialized as token, access_token and expires_in and was accepted as a
+    /// token (found by the token_response fuzz target's check).
+    #[test]
+    fn token_reply_that_is_a_json_array_is_refused() {
+        let e = parse_token_response(br#"["t",null,5]"#).unwrap_err();
+        assert!(e.contains("not a JSON object"), "{e}");
+        let (header, lifetime) =
+            parse_token_response(br#" {"token":"","access_token":"t","expires_in":300}"#).unwrap();
+        assert_eq!(header, "Bearer t");
+        assert!(header.is_sensitive());
+        assert_eq!(lifetime, Duration::from_secs(300));
     }
 
     #[test]
