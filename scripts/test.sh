@@ -4,7 +4,7 @@
 #   unit + property tests        cargo test (every crate)
 #   end-to-end tests             tests/tests/*.rs (real mounts, real images, reference unpacks)
 #   lint                         cargo fmt --check, cargo clippy -D warnings
-#   fuzz (brief)                 cargo fuzz run index_open for FUZZ_SECONDS (default 60; 0 skips), then safetensors_header for half as long
+#   fuzz (brief)                 scripts/fuzz.sh FUZZ_SECONDS (default 60; 0 skips): index_open for that long, the other targets briefly
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -22,7 +22,7 @@ impl ChunkSource for Zeros {
 }
 
 /// Rewrites the section and header crc32s (and the length) so they match the bytes.
-fn repair(data: &mut Vec<u8>) {
+fn repair(data: &mut [u8]) {
     if data.len() < HEADER_LEN {
         return;
     }

@@ -129,7 +129,11 @@ fn pax_time(v: &[u8]) -> Option<(i64, u32)> {
         None => (false, s),
     };
     let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
-    let sec: i64 = whole.parse().ok()?;
+    // Digits only: `from_str` would also take a second sign (`--5`, `-+5`).
+    if whole.is_empty() || !whole.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let sec: u64 = whole.parse().ok()?;
     let mut digits: String = frac.chars().take(9).collect();
     if !digits.chars().all(|c| c.is_ascii_digit()) {
         return None;
@@ -139,11 +143,11 @@ fn pax_time(v: &[u8]) -> Option<(i64, u32)> {
     }
     let nsec: u32 = digits.parse().ok()?;
     if !neg {
-        Some((sec, nsec))
+        Some((i64::try_from(sec).ok()?, nsec))
     } else if nsec == 0 {
-        Some((-sec, 0))
+        Some((0i64.checked_sub_unsigned(sec)?, 0))
     } else {
-        Some((-sec - 1, 1_000_000_000 - nsec))
+        Some(((-1i64).checked_sub_unsigned(sec)?, 1_000_000_000 - nsec))
     }
 }
 
@@ -370,6 +374,22 @@ mod tests {
         assert_eq!(pax_time(b"-1.25"), Some((-2, 750_000_000)));
         assert_eq!(pax_time(b"x"), None);
         assert_eq!(pax_time(b"1.2x"), None);
+    }
+
+    /// `--9223372036854775808` parsed as i64::MIN and was then negated: an overflow panic in
+    /// debug builds, a wrong mtime in release ones; `--5` was taken for 5.
+    #[test]
+    fn pax_time_with_two_signs_is_refused() {
+        assert_eq!(pax_time(b"--9223372036854775808"), None);
+        assert_eq!(pax_time(b"--5"), None);
+        assert_eq!(pax_time(b"-+5"), None);
+        assert_eq!(pax_time(b"+5"), None);
+        assert_eq!(pax_time(b"-9223372036854775808"), Some((i64::MIN, 0)));
+        assert_eq!(
+            pax_time(b"-9223372036854775807.5"),
+            Some((i64::MIN, 500_000_000))
+        );
+        assert_eq!(pax_time(b"9223372036854775808"), None);
     }
 
     #[test]

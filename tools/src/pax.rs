@@ -167,9 +167,11 @@ pub fn pax_records_before(tap: &Tap, header_pos: u64) -> PaxLookup {
                 break false;
             };
             let data = off + BLOCK;
+            // Checked: a size near 2^64 would wrap `next` back to `off`, and the walk would
+            // never end.
             let Some(next) = size
                 .checked_add(BLOCK - 1)
-                .map(|s| data + s / BLOCK * BLOCK)
+                .and_then(|s| data.checked_add(s / BLOCK * BLOCK))
                 .filter(|n| *n <= header_pos)
             else {
                 break false;
@@ -268,6 +270,21 @@ mod tests {
         assert!(parse_records(b"x a=b\n").is_err());
         assert!(parse_records(b"6 ab\nx").is_err());
         assert!(parse_records(b"5 a=b").is_err());
+    }
+
+    /// A header whose size is close to 2^64 (base-256) wrapped the walk's next offset back to
+    /// itself: an endless loop in release builds, an overflow panic in debug ones.
+    #[test]
+    fn header_with_a_size_near_2_pow_64_ends_the_walk() {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::XGlobalHeader);
+        h.set_size(u64::MAX - 600); // base-256
+        h.set_cksum();
+        let stream = [h.as_bytes().as_slice(), &[0; 1024]].concat();
+        let (mut reader, tap) = HeaderTap::new(&stream[..]);
+        io::copy(&mut reader, &mut io::sink()).unwrap();
+        // The chain cannot start at the huge header; the entry's own header is all there is.
+        assert_eq!(pax_records_before(&tap.borrow(), 512), PaxLookup::NoPax);
     }
 
     #[test]

@@ -1195,17 +1195,7 @@ impl RegistryClient {
         let body = read_capped(&mut resp, MAX_TOKEN_RESPONSE_BYTES, realm)
             .await?
             .ok_or_else(|| bad(format!("larger than {MAX_TOKEN_RESPONSE_BYTES} bytes")))?;
-        let parsed: TokenResponseBody =
-            serde_json::from_slice(&body).map_err(|e| bad(format!("not a token json: {e}")))?;
-        let token = [parsed.token, parsed.access_token]
-            .into_iter()
-            .flatten()
-            .find(|t| !t.is_empty())
-            .ok_or_else(|| bad("no token or access_token field".into()))?;
-        let mut header = HeaderValue::from_str(&format!("Bearer {token}"))
-            .map_err(|_| bad("the token is not a valid header value".into()))?;
-        header.set_sensitive(true);
-        let lifetime = token_lifetime(parsed.expires_in.as_ref());
+        let (header, lifetime) = parse_token_response(&body).map_err(bad)?;
         Ok(CachedToken {
             header,
             refresh_at: Instant::now() + lifetime.saturating_sub(TOKEN_EXPIRY_MARGIN),
@@ -1343,6 +1333,32 @@ struct TokenResponseBody {
     access_token: Option<String>,
     /// Usually an integer; kept loose so that a float or string does not fail the whole token.
     expires_in: Option<serde_json::Value>,
+}
+
+/// Parses a JSON object into `T`. Structs that derive `Deserialize` also take a JSON array of
+/// their fields' values in order (`[null,null]` passed for a manifest, `["t"]` for a token
+/// reply); no server sends one, so it is refused.
+fn from_json_object<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        return Err("not a JSON object".into());
+    }
+    serde_json::from_slice(bytes).map_err(|e| e.to_string())
+}
+
+/// A token server's reply: the `Authorization` value to send (`Bearer TOKEN`, from `token` or,
+/// when that is missing or empty, `access_token`) and how long the token lives.
+fn parse_token_response(body: &[u8]) -> Result<(HeaderValue, Duration), String> {
+    let parsed: TokenResponseBody =
+        from_json_object(body).map_err(|e| format!("not a token json: {e}"))?;
+    let token = [parsed.token, parsed.access_token]
+        .into_iter()
+        .flatten()
+        .find(|t| !t.is_empty())
+        .ok_or("no token or access_token field")?;
+    let mut header = HeaderValue::from_str(&format!("Bearer {token}"))
+        .map_err(|_| "the token is not a valid header value")?;
+    header.set_sensitive(true);
+    Ok((header, token_lifetime(parsed.expires_in.as_ref())))
 }
 
 /// How long a token lives: `expires_in` clamped to [60 s, 24 h], 60 s when absent or unreadable.
@@ -1498,8 +1514,7 @@ fn manifest_media_type(content_type: Option<&str>, bytes: &[u8]) -> Result<Strin
         MEDIA_TYPE_DOCKER_MANIFEST_LIST,
         MEDIA_TYPE_DOCKER_MANIFEST,
     ];
-    let sniff: Sniff =
-        serde_json::from_slice(bytes).map_err(|e| format!("not a JSON manifest: {e}"))?;
+    let sniff: Sniff = from_json_object(bytes).map_err(|e| format!("not a JSON manifest: {e}"))?;
     let media_type = match content_type {
         Some(ct) if SUPPORTED.contains(&ct) => ct.to_string(),
         Some(ct) if ct.starts_with("application/vnd.") => ct.to_string(),
@@ -1864,6 +1879,63 @@ fn credentials_from_config(text: &str, registry: &str) -> Result<Option<Credenti
     }
 }
 
+/// The parsers of what a registry sends, for the fuzz targets in `fuzz/` (they are private to
+/// this module). Not an API: plain types in, plain types out.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::ops::RangeInclusive;
+    use std::time::Duration;
+
+    use reqwest::header::HeaderValue;
+
+    use super::{Challenge, MAX_TOKEN_LIFETIME, MIN_TOKEN_LIFETIME};
+
+    /// The lifetimes a token can be given.
+    pub const TOKEN_LIFETIME: RangeInclusive<Duration> = MIN_TOKEN_LIFETIME..=MAX_TOKEN_LIFETIME;
+
+    /// The challenges of one `WWW-Authenticate` value: scheme and (lowercased name, value) pairs.
+    pub fn www_authenticate(header: &str) -> Vec<(String, Vec<(String, String)>)> {
+        super::parse_www_authenticate(header)
+            .into_iter()
+            .map(|c| (c.scheme, c.params))
+            .collect()
+    }
+
+    /// A Bearer challenge's realm, service and scope.
+    pub type Bearer = (String, Option<String>, Option<String>);
+
+    /// The challenge the client answers among `values`: `Some(None)` for Basic, `Some(Some(_))`
+    /// for Bearer.
+    pub fn pick_challenge(values: &[&str]) -> Option<Option<Bearer>> {
+        super::pick_challenge(values).map(|c| match c {
+            Challenge::Basic => None,
+            Challenge::Bearer {
+                realm,
+                service,
+                scope,
+            } => Some((realm, service, scope)),
+        })
+    }
+
+    /// A token server's reply: the `Authorization` value and the token's lifetime.
+    pub fn token_response(body: &[u8]) -> Result<(HeaderValue, Duration), String> {
+        super::parse_token_response(body)
+    }
+
+    /// The media type of a manifest served with `content_type`.
+    pub fn manifest_media_type(content_type: Option<&str>, bytes: &[u8]) -> Result<String, String> {
+        super::manifest_media_type(content_type, bytes)
+    }
+
+    /// The referrers a referrers list (or referrers-tag index) names; `None` when it is not a
+    /// JSON object.
+    pub fn index_referrers(bytes: &[u8]) -> Option<Vec<super::Referrer>> {
+        serde_json::from_slice(bytes)
+            .ok()
+            .map(|index| super::referrers::index_referrers(&index))
+    }
+}
+
 #[cfg(test)]
 mod test_support;
 
@@ -2147,6 +2219,36 @@ mod tests {
             .unwrap_err()
             .contains("not a JSON manifest"));
         assert!(manifest_media_type(None, b"[1,2]").is_err());
+    }
+
+    /// `[null,null]` deserialized as the two fields of the media-type sniff and was taken for
+    /// an OCI manifest (found by the oci_manifest fuzz target's check).
+    #[test]
+    fn manifest_that_is_a_json_array_is_refused() {
+        for body in [
+            &b"[null,null]"[..],
+            b" [\"application/vnd.oci.image.index.v1+json\",1]",
+        ] {
+            let e = manifest_media_type(None, body).unwrap_err();
+            assert!(e.contains("not a JSON object"), "{e}");
+        }
+        assert_eq!(
+            manifest_media_type(None, b" \n{}").unwrap(),
+            MEDIA_TYPE_OCI_MANIFEST
+        );
+    }
+
+    /// `["t",null,5]` deserialized as token, access_token and expires_in and was accepted as a
+    /// token (found by the token_response fuzz target's check).
+    #[test]
+    fn token_reply_that_is_a_json_array_is_refused() {
+        let e = parse_token_response(br#"["t",null,5]"#).unwrap_err();
+        assert!(e.contains("not a JSON object"), "{e}");
+        let (header, lifetime) =
+            parse_token_response(br#" {"token":"","access_token":"t","expires_in":300}"#).unwrap();
+        assert_eq!(header, "Bearer t");
+        assert!(header.is_sensitive());
+        assert_eq!(lifetime, Duration::from_secs(300));
     }
 
     #[test]

@@ -265,7 +265,7 @@ impl RegistryClient {
 /// The usable entries of an index's `manifests`. An entry that is not a descriptor with a
 /// sha256 digest is skipped with a warning, so that one bad entry (written by some other tool)
 /// does not hide the rest.
-fn index_referrers(index: &serde_json::Map<String, serde_json::Value>) -> Vec<Referrer> {
+pub(super) fn index_referrers(index: &serde_json::Map<String, serde_json::Value>) -> Vec<Referrer> {
     let Some(serde_json::Value::Array(manifests)) = index.get("manifests") else {
         return Vec::new();
     };
