@@ -132,6 +132,13 @@ pub fn require_root_and_fuse() {
     }
 }
 
+/// `work/name`, created: an empty directory to mount on.
+pub fn mountpoint(work: &Path, name: &str) -> PathBuf {
+    let p = work.join(name);
+    fs::create_dir_all(&p).unwrap();
+    p
+}
+
 /// One line of `/proc/self/mountinfo`, the fields the harness needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MountInfo {

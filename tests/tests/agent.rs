@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use lazy_tests::agent::{backend_bytes, counter, Lazyd};
 use lazy_tests::mount::{
-    is_fuse_mounted, lazyctl, lazyctl_path, require_root_and_fuse, stored_bytes, Mounted,
+    is_fuse_mounted, lazyctl, lazyctl_path, mountpoint, require_root_and_fuse, stored_bytes,
+    Mounted,
 };
 use lazy_tests::proxy::DelayProxy;
 use lazy_tests::random_files::{file_bytes, RandomFiles};
@@ -55,12 +56,6 @@ fn chroot(root: &Path, script: &str) -> String {
         .unwrap();
     assert!(out.status.success(), "chroot {script:?}: {out:?}");
     stdout(&out)
-}
-
-fn mountpoint(work: &Path, name: &str) -> PathBuf {
-    let p = work.join(name);
-    std::fs::create_dir_all(&p).unwrap();
-    p
 }
 
 #[test]

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime};
 use lazy_tests::agent::{backend_bytes, counter, Lazyd};
 use lazy_tests::fault_proxy::{FaultProxy, HttpFault};
 use lazy_tests::flip_bytes;
-use lazy_tests::mount::{lazyctl_path, require_root_and_fuse, Ext4Loop, TmpfsMount};
+use lazy_tests::mount::{lazyctl_path, mountpoint, require_root_and_fuse, Ext4Loop, TmpfsMount};
 use lazy_tests::proxy::DelayProxy;
 use lazy_tests::random_files::RandomFiles;
 use lazy_tests::registry::LocalRegistry;
@@ -71,12 +71,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 /// Prints one measured figure for the table.
 fn figure(row: &str, text: &str) {
     eprintln!("fault-matrix: {row} | {text}");
-}
-
-fn mountpoint(work: &Path, name: &str) -> PathBuf {
-    let p = work.join(name);
-    std::fs::create_dir_all(&p).unwrap();
-    p
 }
 
 fn mib(bytes: u64) -> f64 {

@@ -10,12 +10,12 @@
 //!   streaming: it fetched no more than the stream's bound beyond what was read, and nothing
 //!   after the close.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use lazy_tests::agent::{backend_bytes, counter, Lazyd};
 use lazy_tests::model::{self, ModelFiles, ModelSpec, TensorInfo};
-use lazy_tests::mount::require_root_and_fuse;
+use lazy_tests::mount::{mountpoint, require_root_and_fuse};
 use lazy_tests::s3::{convert, MotoServer};
 
 /// Four shards of about 512 MiB: a model of about 2 GiB, several times the agent's default
@@ -32,12 +32,6 @@ const RAW: &str = "raw/llm/";
 /// The stream bound of the agent that checks the half-way reader: small against a shard, so
 /// that stopping half-way means something.
 const MAX_AHEAD: u64 = 64 << 20;
-
-fn mountpoint(work: &Path, name: &str) -> PathBuf {
-    let p = work.join(name);
-    std::fs::create_dir_all(&p).unwrap();
-    p
-}
 
 /// A seeded shuffle (splitmix64 + Fisher-Yates), so a failure reproduces.
 fn shuffle<T>(items: &mut [T], seed: u64) {

@@ -9,12 +9,12 @@
 //!   cannot be opened within `mount.open_timeout` fails with a message saying so.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use lazy_tests::agent::Lazyd;
-use lazy_tests::mount::{lazyctl_ok, mounts_at, require_root_and_fuse};
+use lazy_tests::mount::{lazyctl_ok, mountpoint, mounts_at, require_root_and_fuse};
 use lazy_tests::proxy::DelayProxy;
 use lazy_tests::registry::LocalRegistry;
 
@@ -58,12 +58,6 @@ fn hostile_image(work: &Path) -> String {
         &format!("dir:{}:v1", store.display()),
     ]);
     format!("dir:{}:v1", store.display())
-}
-
-fn mountpoint(work: &Path, name: &str) -> PathBuf {
-    let p = work.join(name);
-    std::fs::create_dir_all(&p).unwrap();
-    p
 }
 
 #[test]
