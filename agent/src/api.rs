@@ -42,6 +42,21 @@ pub struct UmountRequest {
     pub lazy: bool,
 }
 
+/// `POST /v1/upgrade`: replace the running lazyd (supervisor and server) by a binary.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct UpgradeRequest {
+    /// The new lazyd; by default the binary lazyd was started from (replaced by a package
+    /// upgrade).
+    #[serde(default)]
+    pub binary: Option<PathBuf>,
+}
+
+/// The answer to `POST /v1/upgrade`: the server that hands over.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpgradeStarted {
+    pub pid: u32,
+}
+
 /// A live mount, as `status` and `mount` report it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MountInfo {
@@ -49,8 +64,12 @@ pub struct MountInfo {
     pub image: String,
     pub manifest_digest: String,
     pub files: u64,
+    /// Seconds since the image was mounted here, across restarts of lazyd.
     pub mounted_secs: f64,
-    /// File bytes read through the mount.
+    /// Restarts of lazyd (crashes, restarts, upgrades) the mount was served across.
+    #[serde(default)]
+    pub restarts_survived: u32,
+    /// File bytes read through the mount (since lazyd last started).
     pub bytes_served: u64,
     pub profile: MountProfile,
 }
@@ -115,7 +134,21 @@ pub struct WarmInfo {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     pub version: String,
+    /// The serving lazyd's pid.
     pub pid: u32,
+    /// The supervisor's pid, when lazyd runs under its own supervisor.
+    #[serde(default)]
+    pub supervisor_pid: Option<u32>,
+    /// Who keeps the mounts' FUSE descriptors across restarts: `systemd`, `supervisor`, or
+    /// `none` (the mounts end with this process).
+    #[serde(default)]
+    pub holder: String,
+    /// Times lazyd started again and took over the mounts of the one before.
+    #[serde(default)]
+    pub restarts: u64,
+    /// The running binary.
+    #[serde(default)]
+    pub binary: PathBuf,
     pub uptime_secs: f64,
     pub cache_dir: PathBuf,
     pub shutting_down: bool,
@@ -203,7 +236,7 @@ pub struct RootfsRequest {
 }
 
 /// A container's root filesystem, as `POST /v1/rootfs` and `status` report it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RootfsInfo {
     pub name: String,
     pub image: String,

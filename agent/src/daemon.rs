@@ -23,8 +23,10 @@
 //!
 //! State that must survive a restart is small and lives in files: the images the agent has
 //! opened (`STATE/images.json`, used by `gc`), kept manifests and indexes in the cache directory
-//! (so a warmed image mounts with its backend down), and profiles. Mounts themselves do not
-//! survive the process: on SIGTERM the agent unmounts what is idle and keeps serving what is in
+//! (so a warmed image mounts with its backend down), profiles, and the mount table
+//! (`STATE/mounts.json`, [`crate::handover`]). Mounts survive the process when a holder keeps
+//! their FUSE descriptors (systemd or lazyd's supervisor): the next agent serves them again
+//! ([`Agent::adopt`]). Without one, SIGTERM unmounts what is idle and keeps serving what is in
 //! use until it is released (see `lazyd` and docs/OPERATIONS.md).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -33,7 +35,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use fusefs::fuse::MountConfig;
+use std::os::fd::{AsFd, OwnedFd};
+
+use fusefs::fuse::{Connection, MountConfig};
 use fusefs::ops::OpStats;
 use fusefs::Index;
 use thiserror::Error;
@@ -48,8 +52,9 @@ use crate::api::{
 use crate::cache::{CacheConfig, CacheError, ChunkCache};
 use crate::config::{AgentConfig, WholeImage};
 use crate::fetcher::{Backend, Fetcher, Priority, RateLimit, WarmError, WarmOptions, WarmProgress};
+use crate::handover::{self, Holder, KeptContainer, KeptMount, MountTable};
 use crate::metrics::MetricsSnapshot;
-use crate::mount::{self, MountError, MountedImage};
+use crate::mount::{self, Attach, MountError, MountedImage};
 use crate::profile::{self, Profile, ProfileError, Recorder};
 use crate::registry::error_chain;
 use crate::remote::{self, ImageLocation, OpenedImage, RemoteError, RemoteOptions};
@@ -153,13 +158,22 @@ impl Drop for Reserved<'_> {
 
 /// A mount served by the agent.
 struct LiveMount {
+    /// Its descriptor is kept under `handover::fd_name(id)`.
+    id: u64,
+    allow_other: bool,
+    suid: bool,
+    /// The FUSE ABI version agreed on when it was mounted.
+    proto: (u32, u32),
+    /// When it was first mounted (seconds since the Unix epoch), and how many restarts of
+    /// lazyd it has been served across.
+    first_mounted: f64,
+    restarts: u32,
     image: String,
     opened: OpenedImage,
     /// `None` for local stores, read in place.
     backend: Option<Arc<Backend>>,
     session: Mutex<Option<MountedImage>>,
     reader: Arc<fusefs::ImageReader>,
-    mounted_at: Instant,
     recorder: Option<Arc<Recorder>>,
     /// Bumped by every (re)start of a recording, so only the latest one's timer saves it.
     recording: AtomicU64,
@@ -180,7 +194,8 @@ impl LiveMount {
             image: self.image.clone(),
             manifest_digest: self.opened.manifest_digest.clone(),
             files: self.opened.index.inode_count(),
-            mounted_secs: self.mounted_at.elapsed().as_secs_f64(),
+            mounted_secs: (unix_now_f64() - self.first_mounted).max(0.0),
+            restarts_survived: self.restarts,
             bytes_served: self.reader.bytes_served(),
             profile: MountProfile {
                 recording: self.recorder.as_ref().is_some_and(|r| r.is_recording()),
@@ -195,6 +210,29 @@ impl LiveMount {
     fn is_finished(&self) -> bool {
         lock(&self.session).as_ref().is_none_or(|s| s.is_finished())
     }
+
+    fn kept(&self, mountpoint: &Path) -> KeptMount {
+        KeptMount {
+            id: self.id,
+            mountpoint: mountpoint.to_path_buf(),
+            image: self.image.clone(),
+            manifest: self.opened.manifest.clone(),
+            manifest_digest: self.opened.manifest_digest.clone(),
+            allow_other: self.allow_other,
+            suid: self.suid,
+            proto: self.proto,
+            mounted_at: self.first_mounted,
+            restarts: self.restarts,
+        }
+    }
+}
+
+/// How [`Agent::serve`] attaches a mount.
+enum Serve {
+    /// Mounts anew.
+    New { allow_other: bool, suid: bool },
+    /// Serves a mount a predecessor handed over.
+    Adopt(Box<KeptMount>, Connection),
 }
 
 /// A container's root filesystem: an overlay over a shared lower mount.
@@ -242,6 +280,16 @@ pub struct Agent {
     /// that unmounts a lingering lower acts only if no container came (and went) since.
     idle_lowers: Mutex<HashMap<PathBuf, u64>>,
     next_idle: AtomicU64,
+    /// Who keeps the mounts' descriptors across restarts.
+    holder: Holder,
+    /// The next mount id (`handover::fd_name`).
+    next_mount: AtomicU64,
+    /// Times an agent took over the mounts of the one before (the mount table's count).
+    restarts: AtomicU64,
+    /// Serialises writes of `STATE/mounts.json`.
+    table_lock: Mutex<()>,
+    /// Notified when `POST /v1/upgrade` asks this server to hand over.
+    upgrade: tokio::sync::Notify,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -260,6 +308,7 @@ impl Agent {
     pub fn new(
         config: AgentConfig,
         runtime: tokio::runtime::Handle,
+        holder: Holder,
     ) -> Result<Arc<Agent>, AgentError> {
         for dir in [&config.state_dir, &config.cache_dir] {
             crate::create_private_dir(dir)
@@ -273,6 +322,7 @@ impl Agent {
             .map_err(AgentError::io("starting the fetcher"))?;
         let streams = Streams::new(fetcher.clone(), config.streams());
         let images = load_images(&config.state_dir.join(IMAGES_FILE));
+        let table = MountTable::load(&config.state_dir);
         let background_limit =
             (config.background.bandwidth > 0).then(|| RateLimit::new(config.background.bandwidth));
         Ok(Arc::new(Agent {
@@ -295,6 +345,11 @@ impl Agent {
             opened: Mutex::new(HashMap::new()),
             idle_lowers: Mutex::new(HashMap::new()),
             next_idle: AtomicU64::new(0),
+            holder,
+            next_mount: AtomicU64::new(table.next_id),
+            restarts: AtomicU64::new(table.restarts),
+            table_lock: Mutex::new(()),
+            upgrade: tokio::sync::Notify::new(),
         }))
     }
 
@@ -391,9 +446,11 @@ impl Agent {
         let _reserved = Reserved::take(&self.mounting, &mountpoint)?;
         let opened = self.open(&req.image, true).await?;
         let allow_other = req.allow_other.unwrap_or(self.config.mount.allow_other);
-        let live = self
-            .serve(&req.image, opened, &mountpoint, allow_other, req.suid)
-            .await?;
+        let how = Serve::New {
+            allow_other,
+            suid: req.suid,
+        };
+        let live = self.serve(&req.image, opened, &mountpoint, how).await?;
         Ok(live.info(&mountpoint))
     }
 
@@ -405,13 +462,14 @@ impl Agent {
         image: &str,
         opened: OpenedImage,
         mountpoint: &Path,
-        allow_other: bool,
-        suid: bool,
+        how: Serve,
     ) -> Result<Arc<LiveMount>, AgentError> {
-        let recorder = self
-            .config
-            .profile
-            .record
+        let (allow_other, suid) = match &how {
+            Serve::New { allow_other, suid } => (*allow_other, *suid),
+            Serve::Adopt(kept, _) => (kept.allow_other, kept.suid),
+        };
+        // A mount served again records nothing: its start was recorded before.
+        let recorder = (self.config.profile.record && matches!(how, Serve::New { .. }))
             .then(|| Recorder::new(self.config.profile.window));
         let cfg = MountConfig {
             fs_name: format!("lazyimg:{image}"),
@@ -429,28 +487,32 @@ impl Agent {
         });
         let streams = self.streams.clone();
         let speculate = self.config.fetch.speculate;
+        let (kept, connection) = match how {
+            Serve::New { .. } => (None, None),
+            Serve::Adopt(kept, connection) => (Some(kept), Some(connection)),
+        };
         let mounted = {
             let mountpoint = mountpoint.to_path_buf();
             let recorder = recorder.clone();
             tokio::task::spawn_blocking(move || {
-                let mounted = match &opened.location {
-                    ImageLocation::Dir { path, tag } if opened.is_local() => {
-                        mount::mount_local(path, tag, &mountpoint, &cfg, recorder.as_ref())
-                    }
-                    _ => mount::mount_remote_streaming(
-                        &opened,
-                        &streams,
-                        &mountpoint,
-                        &cfg,
-                        recorder.as_ref(),
-                        speculate,
-                    ),
+                let attach = match &connection {
+                    Some(c) => Attach::Adopt(c),
+                    None => Attach::Kept,
                 };
+                let mounted = mount::mount_opened(
+                    &opened,
+                    &streams,
+                    &mountpoint,
+                    &cfg,
+                    recorder.as_ref(),
+                    speculate,
+                    attach,
+                );
                 mounted.map(|m| (opened, m))
             })
             .await
         };
-        let (opened, mounted) = match mounted {
+        let (opened, mut mounted) = match mounted {
             Ok(Ok(mounted)) => mounted,
             failed => {
                 if let Some(lookup) = &profile {
@@ -466,13 +528,32 @@ impl Agent {
                 });
             }
         };
+        let (id, proto, first_mounted, restarts) = match &kept {
+            Some(k) => (k.id, k.proto, k.mounted_at, k.restarts + 1),
+            None => {
+                let id = self.next_mount.fetch_add(1, Ordering::Relaxed);
+                let connection = mounted.connection.take().expect("a new mount's connection");
+                if let Err(e) = self
+                    .holder
+                    .store(&handover::fd_name(id), connection.fd.as_fd())
+                {
+                    warn!(mountpoint = %mountpoint.display(), "cannot hand the mount's FUSE descriptor to the {} holder; it will not survive a restart of lazyd: {e}", self.holder.name());
+                }
+                (id, connection.proto, unix_now_f64(), 0)
+            }
+        };
         let live = Arc::new(LiveMount {
+            id,
+            allow_other,
+            suid,
+            proto,
+            first_mounted,
+            restarts,
             image: image.to_string(),
             reader: mounted.reader.clone(),
             opened,
             backend,
             session: Mutex::new(Some(mounted)),
-            mounted_at: Instant::now(),
             recorder,
             recording: AtomicU64::new(0),
             saved: AtomicBool::new(false),
@@ -481,6 +562,7 @@ impl Agent {
             stop_prefetch: Arc::new(AtomicBool::new(false)),
         });
         lock(&self.mounts).insert(mountpoint.to_path_buf(), live.clone());
+        self.save_table();
         if live.recorder.is_some() {
             self.schedule_recording_end(&live, 0, self.config.profile.window);
         }
@@ -901,7 +983,11 @@ impl Agent {
                 .map_err(AgentError::io(format!("creating {}", lower.display())))?;
             // Containers run as any user: the lower must let them all through (root mounts it).
             // Their setuid binaries work through their overlays, whatever the lower says.
-            self.serve(&req.image, opened, &lower, true, false).await?;
+            let how = Serve::New {
+                allow_other: true,
+                suid: false,
+            };
+            self.serve(&req.image, opened, &lower, how).await?;
         }
         let made = {
             let (dir, lower, target) = (dir.clone(), lower.clone(), target.clone());
@@ -944,6 +1030,7 @@ impl Agent {
                 own_target: target.is_some(),
             },
         );
+        self.save_table();
         Ok(info)
     }
 
@@ -980,6 +1067,7 @@ impl Agent {
                 })??
         };
         lock(&self.containers).remove(name);
+        self.save_table();
         match &kept_upper {
             Some(upper) => info!(
                 container = %name,
@@ -1077,6 +1165,8 @@ impl Agent {
                 mounts.remove(mountpoint);
             }
         }
+        self.holder.remove(&handover::fd_name(live.id));
+        self.save_table();
         self.touch(&live.opened.manifest_digest);
         self.save_recording(live).await;
     }
@@ -1426,6 +1516,13 @@ impl Agent {
         Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
             pid: std::process::id(),
+            supervisor_pid: match self.holder {
+                Holder::Supervisor { pid } => Some(pid),
+                _ => None,
+            },
+            holder: self.holder.name().to_string(),
+            restarts: self.restarts.load(Ordering::Relaxed),
+            binary: std::env::current_exe().unwrap_or_default(),
             uptime_secs: self.started.elapsed().as_secs_f64(),
             cache_dir: self.config.cache_dir.clone(),
             shutting_down: self.shutting_down.load(Ordering::Relaxed),
@@ -1516,6 +1613,204 @@ impl Agent {
             }
         }
         busy
+    }
+
+    pub fn holder(&self) -> Holder {
+        self.holder
+    }
+
+    /// Writes the mount table (`STATE/mounts.json`) from the live mounts and containers.
+    fn save_table(&self) {
+        let _writing = lock(&self.table_lock);
+        let table = MountTable {
+            next_id: self.next_mount.load(Ordering::Relaxed),
+            restarts: self.restarts.load(Ordering::Relaxed),
+            mounts: lock(&self.mounts)
+                .iter()
+                .map(|(path, live)| live.kept(path))
+                .collect(),
+            containers: lock(&self.containers)
+                .values()
+                .map(|c| KeptContainer {
+                    info: c.info.clone(),
+                    own_target: c.own_target,
+                })
+                .collect(),
+        };
+        if let Err(e) = table.save(&self.config.state_dir) {
+            error!("cannot write the mount table; a restart of lazyd would lose its mounts: {e}");
+        }
+    }
+
+    /// At start: serves again the mounts of the mount table whose FUSE descriptors the holder
+    /// handed back (`fds`, by name), and restores the containers on them. A mount of the table
+    /// whose descriptor did not come back (the holder died too, a reboot) is dead: it is
+    /// detached, with a log line naming it, so that its path can be mounted again; so is a
+    /// container overlay over one. Descriptors no mount claims are closed.
+    pub async fn adopt(self: &Arc<Self>, mut fds: HashMap<String, OwnedFd>) {
+        let table = MountTable::load(&self.config.state_dir);
+        let handed = !fds.is_empty();
+        let mut served = 0;
+        for kept in table.mounts {
+            let path = kept.mountpoint.clone();
+            let fd = fds.remove(&handover::fd_name(kept.id));
+            let fs_type = mount::fs_type_at(&path);
+            match (fd, fs_type.as_deref()) {
+                (Some(fd), Some(mount::FUSE_TYPE)) => match self.adopt_one(kept, fd).await {
+                    Ok(resent) => {
+                        served += 1;
+                        info!(mountpoint = %path.display(), resent, "serving the mount again");
+                    }
+                    Err(e) => {
+                        error!(mountpoint = %path.display(), "cannot serve the mount again, detaching it: {}", error_chain(&e));
+                        detach_dead(&path, "its image cannot be opened again");
+                    }
+                },
+                (Some(_), _) => {
+                    info!(mountpoint = %path.display(), "the mount was unmounted while lazyd was down; forgetting it");
+                }
+                (None, Some(mount::FUSE_TYPE)) if mount::is_dead_fuse_mount(&path) => {
+                    detach_dead(&path, "its FUSE connection did not survive (the fd holder stopped too, or the host rebooted)");
+                }
+                (None, Some(mount::FUSE_TYPE)) => {
+                    warn!(mountpoint = %path.display(), "a live mount no descriptor came back for (not this lazyd's any more?); left alone");
+                }
+                (None, _) => {}
+            }
+        }
+        for (name, _) in fds.drain() {
+            warn!(
+                name,
+                "closing a handed-over descriptor no mount of the table names"
+            );
+            self.holder.remove(&name);
+        }
+        for kept in table.containers {
+            let name = kept.info.name.clone();
+            let rootfs = kept.info.rootfs.clone();
+            let lower_served = lock(&self.mounts).contains_key(&kept.info.lower);
+            let overlay = mount::fs_type_at(&rootfs).as_deref() == Some("overlay");
+            if lower_served && overlay {
+                lock(&self.containers).insert(
+                    name,
+                    Container {
+                        info: kept.info,
+                        own_target: kept.own_target,
+                    },
+                );
+            } else if overlay {
+                detach_dead(&rootfs, &format!("the root filesystem of container {name} lost its lower mount; its writes stay in {}", kept.info.upper.display()));
+            }
+        }
+        if handed {
+            self.restarts.fetch_add(1, Ordering::Relaxed);
+        }
+        self.save_table();
+        if handed || served > 0 {
+            info!(
+                mounts = served,
+                "took over the mounts of the previous lazyd"
+            );
+        }
+        // Lowers no container uses any more linger and go, as they would have.
+        let lowers: Vec<PathBuf> = lock(&self.mounts)
+            .keys()
+            .filter(|p| p.starts_with(self.lower_root()))
+            .cloned()
+            .collect();
+        for lower in lowers {
+            self.release_lower(&lower, false).await;
+        }
+    }
+
+    /// Serves one handed-over mount again; returns whether the kernel resent the requests the
+    /// previous lazyd had not answered.
+    async fn adopt_one(self: &Arc<Self>, kept: KeptMount, fd: OwnedFd) -> Result<bool, AgentError> {
+        let location =
+            ImageLocation::parse(&kept.image).map_err(|e| AgentError::BadRequest(e.to_string()))?;
+        let opened = remote::open_pinned(
+            &location,
+            kept.manifest.clone(),
+            kept.manifest_digest.clone(),
+            &self.remote,
+            Some(&self.config.cache_dir),
+        )
+        .await
+        .map_err(|source| AgentError::Open {
+            image: kept.image.clone(),
+            source,
+        })?;
+        let connection = Connection {
+            fd,
+            proto: kept.proto,
+        };
+        let (image, path) = (kept.image.clone(), kept.mountpoint.clone());
+        let live = self
+            .serve(
+                &image,
+                opened,
+                &path,
+                Serve::Adopt(Box::new(kept), connection),
+            )
+            .await?;
+        let resent = lock(&live.session).as_ref().is_some_and(|s| s.resent);
+        Ok(resent)
+    }
+
+    /// Asks the supervisor to replace lazyd by `binary` (by default the binary it was started
+    /// from); this server then hands over ([`Agent::upgrade_requested`]).
+    pub fn request_upgrade(
+        &self,
+        binary: Option<PathBuf>,
+    ) -> Result<crate::api::UpgradeStarted, AgentError> {
+        self.check_running()?;
+        match self.holder {
+            Holder::Supervisor { .. } => {}
+            Holder::Systemd => {
+                return Err(AgentError::Conflict(
+                    "lazyd runs under systemd: install the new binary where the unit's ExecStart= names it and run `systemctl restart lazyd`; systemd keeps the mounts meanwhile".into(),
+                ))
+            }
+            Holder::None => {
+                return Err(AgentError::Conflict(
+                    "lazyd runs without a supervisor (--no-supervisor): replacing it would end its mounts".into(),
+                ))
+            }
+        }
+        let target = match &binary {
+            Some(path) => {
+                let path = absolute(path)?;
+                crate::supervisor::upgrade_target(&path).map_err(AgentError::BadRequest)?;
+                path.display().to_string()
+            }
+            None => String::new(),
+        };
+        let message = format!("X_LAZYD_UPGRADE={target}");
+        sd_notify::notify(false, &[sd_notify::NotifyState::Custom(&message)])
+            .map_err(AgentError::io("asking the supervisor for the upgrade"))?;
+        self.upgrade.notify_one();
+        Ok(crate::api::UpgradeStarted {
+            pid: std::process::id(),
+        })
+    }
+
+    /// Resolves when an upgrade was asked for through the API.
+    pub async fn upgrade_requested(&self) {
+        self.upgrade.notified().await;
+    }
+
+    /// Stops serving without unmounting: the holder keeps every mount's descriptor for the next
+    /// lazyd, which serves them from the mount table written here. Requests read and not
+    /// answered yet are resent to it by the kernel (6.9+).
+    pub fn hand_over(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+        self.save_table();
+        info!(
+            mounts = lock(&self.mounts).len(),
+            containers = lock(&self.containers).len(),
+            "handing the mounts over to the next lazyd (the {} keeps their descriptors)",
+            self.holder.name()
+        );
     }
 
     fn profile_dir(&self) -> PathBuf {
@@ -1742,6 +2037,20 @@ fn absolute(path: &Path) -> Result<PathBuf, AgentError> {
         )));
     }
     Ok(path.to_path_buf())
+}
+
+/// Detaches the dead mount at `path`, saying why.
+fn detach_dead(path: &Path, why: &str) {
+    match mount::unmount(path, true) {
+        Ok(()) => warn!(mountpoint = %path.display(), "detached a dead mount: {why}"),
+        Err(e) => error!(mountpoint = %path.display(), "cannot detach a dead mount ({why}): {e}"),
+    }
+}
+
+fn unix_now_f64() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 fn unix_now() -> u64 {

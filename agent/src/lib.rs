@@ -21,6 +21,10 @@
 //! - `metrics`: fetch and cache counters, as JSON and Prometheus text.
 //! - `config`: lazyd's TOML configuration.
 //! - `daemon`: the `Agent` lazyd runs: mounts, warms, profiles, gc.
+//! - `handover`: mounts that outlive lazyd: the fd holder (systemd or the supervisor) and the
+//!   mount table its successor serves them again from.
+//! - `supervisor`: the parent that holds the mounts' descriptors and restarts lazyd without
+//!   systemd.
 //! - `api`, `server`: the control API's messages and its HTTP server on the unix socket.
 
 pub mod api;
@@ -30,6 +34,7 @@ pub mod config;
 pub mod daemon;
 pub mod external;
 pub mod fetcher;
+pub mod handover;
 pub mod local;
 pub mod metrics;
 pub mod mount;
@@ -41,6 +46,7 @@ pub mod s3;
 pub mod server;
 pub mod store;
 pub mod stream;
+pub mod supervisor;
 
 /// Creates `dir` and its missing parents and makes it its owner's alone (mode 0700, also when
 /// it already existed with another): lazyd's state and cache directories hold what other local

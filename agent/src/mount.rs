@@ -9,15 +9,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use fusefs::fuse::MountConfig;
-use fusefs::{ChunkSource, ImageReader, Index};
+use fusefs::fuse::{Connection, MountConfig};
+use fusefs::{ChunkSource, ImageReader};
 use thiserror::Error;
 use tracing::{info, warn};
 
 use crate::fetcher::Fetcher;
 use crate::local::{LocalChunkSource, DEFAULT_MEMORY_CACHE};
 use crate::profile::{Recorder, RecordingSource};
-use crate::remote::OpenedImage;
+use crate::remote::{ImageLocation, OpenedImage};
 use crate::store::{LocalStore, StoreError};
 use crate::stream::{StreamConfig, Streams};
 
@@ -35,6 +35,14 @@ pub enum MountError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot serve the mount at {path} again over its handed-over FUSE connection")]
+    Adopt {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} is a dead FUSE mount (the process that served it is gone): detach it with `umount -l {0}`, or restart lazyd, which detaches its own dead mounts")]
+    DeadMount(PathBuf),
     #[error("overlay directory {path} contains ',', ':' or '\\', which overlayfs options cannot carry; use a state dir or target without them")]
     OverlayPath { path: PathBuf },
     #[error("cannot mount the overlay at {target} ({options}); does the kernel have overlayfs (modprobe overlay) and accept a FUSE lower?")]
@@ -63,9 +71,24 @@ impl MountSource {
     }
 }
 
+/// How a mount reaches the kernel.
+pub enum Attach<'a> {
+    /// `fuser` mounts it (fusermount3 for a user); it ends with the process. The standalone
+    /// `lazyctl mount`.
+    Standalone,
+    /// mount(2) here, keeping the connection so that a successor can serve it (lazyd).
+    Kept,
+    /// Serve a connection an earlier lazyd mounted and handed over.
+    Adopt(&'a Connection),
+}
+
 /// A live mount of one image.
 pub struct MountedImage {
     session: fuser::BackgroundSession,
+    /// The connection, for the fd holder (`Attach::Kept`).
+    pub connection: Option<Connection>,
+    /// An adopted mount whose unanswered requests the kernel was asked to resend.
+    pub resent: bool,
     pub reader: Arc<ImageReader>,
     pub source: MountSource,
     pub mountpoint: PathBuf,
@@ -110,20 +133,75 @@ pub fn mount_local(
     check_mountpoint(mountpoint)?;
     let store = LocalStore::open(store_path)?;
     let image = store.open_image(tag)?;
-    let source = Arc::new(LocalChunkSource::new(
+    let how = (started, Attach::Standalone);
+    local_mount(
         &store,
         &image.index,
-        DEFAULT_MEMORY_CACHE,
-    )?);
-    mount_index(
-        image.index,
-        recorded(source.clone(), recorder),
-        MountSource::Local(source),
         &image.manifest_digest,
         mountpoint,
         cfg,
-        started,
+        recorder,
+        how,
     )
+}
+
+/// Mounts `index` of the local `store`, read in place.
+fn local_mount(
+    store: &LocalStore,
+    index: &Arc<fusefs::Index>,
+    manifest_digest: &str,
+    mountpoint: &Path,
+    cfg: &MountConfig,
+    recorder: Option<&Arc<Recorder>>,
+    how: (Instant, Attach<'_>),
+) -> Result<MountedImage, MountError> {
+    let source = Arc::new(LocalChunkSource::new(store, index, DEFAULT_MEMORY_CACHE)?);
+    mount_reader(
+        ImageReader::new(index.clone(), recorded(source.clone(), recorder))?,
+        MountSource::Local(source),
+        manifest_digest,
+        mountpoint,
+        cfg,
+        how,
+    )
+}
+
+/// lazyd's mounts: mounts an opened image (read in place from a local store, or through the
+/// fetcher of `streams`, with `speculate`) at `mountpoint`, or serves it there again over an
+/// adopted connection (`attach`).
+pub fn mount_opened(
+    image: &OpenedImage,
+    streams: &Arc<Streams>,
+    mountpoint: &Path,
+    cfg: &MountConfig,
+    recorder: Option<&Arc<Recorder>>,
+    speculate: bool,
+    attach: Attach<'_>,
+) -> Result<MountedImage, MountError> {
+    let started = Instant::now();
+    if !matches!(attach, Attach::Adopt(_)) {
+        check_mountpoint(mountpoint)?;
+    }
+    match &image.location {
+        ImageLocation::Dir { path, .. } if image.is_local() => local_mount(
+            &LocalStore::open(path)?,
+            &image.index,
+            &image.manifest_digest,
+            mountpoint,
+            cfg,
+            recorder,
+            (started, attach),
+        ),
+        _ => remote_mount(
+            image,
+            streams,
+            mountpoint,
+            cfg,
+            recorder,
+            speculate,
+            (started, attach),
+        ),
+    }
 }
 
 /// Mounts an image opened with `remote::open_image`, reading its data through `fetcher`, with
@@ -138,22 +216,30 @@ pub fn mount_remote(
     recorder: Option<&Arc<Recorder>>,
 ) -> Result<MountedImage, MountError> {
     let streams = Streams::new(fetcher.clone(), StreamConfig::for_fetcher(fetcher));
-    mount_remote_streaming(image, &streams, mountpoint, cfg, recorder, true)
+    check_mountpoint(mountpoint)?;
+    remote_mount(
+        image,
+        &streams,
+        mountpoint,
+        cfg,
+        recorder,
+        true,
+        (Instant::now(), Attach::Standalone),
+    )
 }
 
-/// [`mount_remote`] with the streams (and fetcher) of `streams`, shared with other mounts so
-/// that their streams share the link fairly; `speculate` says whether the filesystem guesses
-/// what its readers read next (`ImageReader::speculate_from_layout`).
-pub fn mount_remote_streaming(
+/// A remote image's mount with the streams (and fetcher) of `streams`, shared with other mounts
+/// so that their streams share the link fairly; `speculate` says whether the filesystem
+/// guesses what its readers read next (`ImageReader::speculate_from_layout`).
+fn remote_mount(
     image: &OpenedImage,
     streams: &Arc<Streams>,
     mountpoint: &Path,
     cfg: &MountConfig,
     recorder: Option<&Arc<Recorder>>,
     speculate: bool,
+    how: (Instant, Attach<'_>),
 ) -> Result<MountedImage, MountError> {
-    let started = Instant::now();
-    check_mountpoint(mountpoint)?;
     let fetcher = streams.fetcher();
     let backend = fetcher.backend(image.store.clone());
     let fetch = Arc::new(fetcher.source(backend.clone()));
@@ -173,37 +259,32 @@ pub fn mount_remote_streaming(
         &image.manifest_digest,
         mountpoint,
         cfg,
-        started,
+        how,
     )?;
     mounted.fetch_guesses = Some(fetch_guesses);
     Ok(mounted)
 }
 
 fn check_mountpoint(mountpoint: &Path) -> Result<(), MountError> {
-    if mountpoint.is_dir() {
-        Ok(())
-    } else {
-        Err(MountError::NotADirectory(mountpoint.to_path_buf()))
+    if is_dead_fuse_mount(mountpoint) {
+        return Err(MountError::DeadMount(mountpoint.to_path_buf()));
+    }
+    match std::fs::metadata(mountpoint) {
+        Ok(md) if md.is_dir() => Ok(()),
+        _ => Err(MountError::NotADirectory(mountpoint.to_path_buf())),
     }
 }
 
-fn mount_index(
-    index: Arc<Index>,
-    chunks: Arc<dyn ChunkSource>,
-    source: MountSource,
-    manifest_digest: &str,
-    mountpoint: &Path,
-    cfg: &MountConfig,
-    started: Instant,
-) -> Result<MountedImage, MountError> {
-    mount_reader(
-        ImageReader::new(index, chunks)?,
-        source,
-        manifest_digest,
-        mountpoint,
-        cfg,
-        started,
-    )
+/// Whether `path` is a FUSE mount whose connection is gone ("Transport endpoint is not
+/// connected"). Asks with statfs, which the kernel never answers from its caches (a stat of
+/// the mount's root can still succeed from cached attributes).
+pub fn is_dead_fuse_mount(path: &Path) -> bool {
+    let is_fuse = fs_type_at(path).is_some_and(|t| t == "fuse" || t.starts_with("fuse."));
+    is_fuse
+        && matches!(
+            nix::sys::statfs::statfs(path),
+            Err(nix::errno::Errno::ENOTCONN)
+        )
 }
 
 fn mount_reader(
@@ -212,16 +293,32 @@ fn mount_reader(
     manifest_digest: &str,
     mountpoint: &Path,
     cfg: &MountConfig,
-    started: Instant,
+    (started, attach): (Instant, Attach<'_>),
 ) -> Result<MountedImage, MountError> {
     let files = reader.index().inode_count();
     let reader = Arc::new(reader);
-    let session = fusefs::fuse::mount(reader.clone(), mountpoint, cfg).map_err(|source| {
-        MountError::Mount {
-            path: mountpoint.to_path_buf(),
-            source,
+    let failed = |source| MountError::Mount {
+        path: mountpoint.to_path_buf(),
+        source,
+    };
+    let (session, connection, resent) = match attach {
+        Attach::Standalone => {
+            let session = fusefs::fuse::mount(reader.clone(), mountpoint, cfg).map_err(failed)?;
+            (session, None, false)
         }
-    })?;
+        Attach::Kept => {
+            let kept = fusefs::fuse::mount_kept(reader.clone(), mountpoint, cfg).map_err(failed)?;
+            (kept.session, Some(kept.connection), false)
+        }
+        Attach::Adopt(connection) => {
+            let (session, resent) = fusefs::fuse::serve_adopted(reader.clone(), connection, cfg)
+                .map_err(|source| MountError::Adopt {
+                    path: mountpoint.to_path_buf(),
+                    source,
+                })?;
+            (session, None, resent)
+        }
+    };
     let read_ahead_kb = match reader.watches_opens() {
         true => STREAMED_READ_AHEAD_KB,
         false => READ_AHEAD_KB,
@@ -236,12 +333,55 @@ fn mount_reader(
     );
     Ok(MountedImage {
         session,
+        connection,
+        resent,
         reader,
         source,
         mountpoint: mountpoint.to_path_buf(),
         files,
         fetch_guesses: None,
     })
+}
+
+/// The file system type of lazyd's FUSE mounts in /proc/self/mountinfo.
+pub const FUSE_TYPE: &str = "fuse.lazyimg";
+
+/// The file system type of the topmost mount at `path` (`/proc/self/mountinfo`), if `path` is
+/// a mountpoint. Reads no file under `path`, so it answers for dead FUSE mounts too.
+pub fn fs_type_at(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = path.as_os_str().as_bytes();
+    text.lines().rev().find_map(|line| {
+        // ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - TYPE SOURCE SUPER
+        let mut fields = line.split(' ');
+        let mountpoint = fields.nth(4)?;
+        let (_, after) = line.split_once(" - ")?;
+        let fs_type = after.split(' ').next()?;
+        (unescape_mountinfo(mountpoint) == want).then(|| fs_type.to_string())
+    })
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, `\011`, `\012`, `\134`).
+fn unescape_mountinfo(field: &str) -> Vec<u8> {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(d) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 /// Kernel read-ahead for a mount, in KiB. FUSE mounts start at 128 KiB, which turns a
@@ -396,6 +536,19 @@ pub fn unmount(path: &Path, lazy: bool) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape_mountinfo(r"/a\040b\134c"), b"/a b\\c");
+        assert_eq!(unescape_mountinfo(r"/plain"), b"/plain");
+        assert_eq!(unescape_mountinfo(r"/x\04"), b"/x\\04");
+    }
+
+    #[test]
+    fn the_root_is_a_mountpoint_and_a_file_is_not() {
+        assert!(fs_type_at(Path::new("/")).is_some());
+        assert_eq!(fs_type_at(Path::new("/proc/self/mountinfo")), None);
+    }
 
     #[test]
     fn container_names() {

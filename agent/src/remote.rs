@@ -321,6 +321,42 @@ pub async fn open_image(
             location: location.to_string(),
             source,
         })?;
+    open_manifest(location, manifest, manifest_digest, store, opts, cache_dir).await
+}
+
+/// Opens the image at `location` whose lazy manifest is `manifest` (with digest
+/// `manifest_digest`), without asking the backend for a manifest: a mount lazyd serves again
+/// after a restart must show the same image, whatever its tag names now. Its index comes from
+/// `CACHE/indexes` when kept there (else from the backend), verified against the manifest.
+pub async fn open_pinned(
+    location: &ImageLocation,
+    manifest: LazyManifest,
+    manifest_digest: String,
+    opts: &RemoteOptions,
+    cache_dir: Option<&Path>,
+) -> Result<OpenedImage, RemoteError> {
+    let store: Arc<dyn BlobStore> = match location {
+        ImageLocation::Dir { path, .. } => Arc::new(DirBlobStore::new(path)),
+        ImageLocation::Registry(image) => {
+            let client = registry_client(&image.registry, opts)?;
+            Arc::new(RegistryBlobStore::new(client, &image.repository)?)
+        }
+        ImageLocation::S3(l) => Arc::new(s3_store(l, opts, 1).await?),
+    };
+    // A local store's index is read from the store itself, as when it was mounted.
+    let cache_dir = cache_dir.filter(|_| !matches!(location, ImageLocation::Dir { .. }));
+    open_manifest(location, manifest, manifest_digest, store, opts, cache_dir).await
+}
+
+/// The rest of opening an image once its manifest is known: its index and where its blobs are.
+async fn open_manifest(
+    location: &ImageLocation,
+    manifest: LazyManifest,
+    manifest_digest: String,
+    store: Arc<dyn BlobStore>,
+    opts: &RemoteOptions,
+    cache_dir: Option<&Path>,
+) -> Result<OpenedImage, RemoteError> {
     let index_dir = cache_dir.map(|dir| dir.join(INDEX_DIR));
     let index = load_index(location, &manifest, store.as_ref(), index_dir.as_deref()).await?;
     // Blobs indexed in place elsewhere (`lazyctl convert --reference`) are read from there.

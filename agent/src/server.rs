@@ -41,6 +41,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/rootfs", post(rootfs))
         .route("/v1/rootfs/remove", post(rootfs_remove))
         .route("/v1/image/config", post(image_config))
+        .route("/v1/upgrade", post(upgrade))
         .route("/metrics", get(metrics))
         .with_state(agent)
 }
@@ -102,13 +103,16 @@ impl IntoResponse for ApiError {
                     StatusCode::BAD_REQUEST
                 }
             }
-            AgentError::Mount(MountError::NotADirectory(_) | MountError::OverlayPath { .. }) => {
-                StatusCode::BAD_REQUEST
-            }
+            AgentError::Mount(
+                MountError::NotADirectory(_)
+                | MountError::OverlayPath { .. }
+                | MountError::DeadMount(_),
+            ) => StatusCode::BAD_REQUEST,
             AgentError::Mount(
                 MountError::Store(_)
                 | MountError::Index(_)
                 | MountError::Mount { .. }
+                | MountError::Adopt { .. }
                 | MountError::Overlay { .. },
             )
             | AgentError::Cache(_)
@@ -194,6 +198,13 @@ async fn image_config(
 ) -> Result<Response> {
     let bytes = agent.image_config(&req.image).await?;
     Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response())
+}
+
+async fn upgrade(
+    State(agent): State<Arc<Agent>>,
+    Json(req): Json<crate::api::UpgradeRequest>,
+) -> Result<Json<crate::api::UpgradeStarted>> {
+    Ok(Json(agent.request_upgrade(req.binary)?))
 }
 
 async fn metrics(State(agent): State<Arc<Agent>>) -> impl IntoResponse {

@@ -26,7 +26,8 @@
 //!
 //! [`OpStats`] counts what does reach the daemon, by kind, with the time spent on it.
 
-use std::ffi::OsStr;
+use std::ffi::{CString, OsStr};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -520,14 +521,9 @@ fn missing_attr() -> FileAttr {
     }
 }
 
-/// Mounts `reader` at `mountpoint` read-only and serves it from background threads until the
-/// returned session is dropped or unmounted.
-pub fn mount(
-    reader: Arc<ImageReader>,
-    mountpoint: &Path,
-    cfg: &MountConfig,
-) -> std::io::Result<fuser::BackgroundSession> {
-    let options = vec![
+/// The mount options of an image, for `fuser`'s mount (the standalone `lazyctl mount`).
+fn mount_options(cfg: &MountConfig) -> Vec<MountOption> {
+    vec![
         MountOption::RO,
         MountOption::FSName(cfg.fs_name.clone()),
         MountOption::Subtype("lazyimg".to_string()),
@@ -541,16 +537,203 @@ pub fn mount(
             MountOption::NoSuid
         },
         MountOption::Exec,
-    ];
+    ]
+}
+
+fn session_config(cfg: &MountConfig, clone_fd: bool) -> Config {
     let mut config = Config::default();
-    config.mount_options = options;
     config.acl = if cfg.allow_other {
         SessionACL::All
     } else {
         SessionACL::Owner
     };
     config.n_threads = Some(cfg.session_threads.max(1));
-    config.clone_fd = true;
+    config.clone_fd = clone_fd;
+    config
+}
+
+/// Mounts `reader` at `mountpoint` read-only and serves it from background threads until the
+/// returned session is dropped or unmounted. The mount ends with the process: lazyd mounts
+/// with [`mount_kept`] instead.
+pub fn mount(
+    reader: Arc<ImageReader>,
+    mountpoint: &Path,
+    cfg: &MountConfig,
+) -> std::io::Result<fuser::BackgroundSession> {
+    let mut config = session_config(cfg, true);
+    config.mount_options = mount_options(cfg);
     let fs = LazyFs::new(reader, cfg.read_workers, cfg.stats.clone())?;
     fuser::spawn_mount(fs, mountpoint, &config)
+}
+
+/// `FUSE_NOTIFY_RESEND` (Linux 6.9): the kernel queues again every request that was read
+/// from the connection and not answered.
+const FUSE_NOTIFY_RESEND: i32 = 7;
+
+/// A FUSE connection that can outlive the process serving it: its /dev/fuse descriptor, and
+/// what a successor needs to serve it again.
+#[derive(Debug)]
+pub struct Connection {
+    /// A descriptor of the connection's /dev/fuse file (shared with the session's threads).
+    pub fd: OwnedFd,
+    /// The FUSE ABI version agreed on in `FUSE_INIT`.
+    pub proto: (u32, u32),
+}
+
+/// A mount served by this process whose connection can be handed to a successor.
+pub struct KeptSession {
+    pub session: fuser::BackgroundSession,
+    pub connection: Connection,
+}
+
+/// Whether the running kernel has `FUSE_NOTIFY_RESEND` (Linux 6.9 and later).
+///
+/// It decides how a mount is read. With it, every session thread reads the connection's one
+/// descriptor, which the fd holder keeps: requests a dying lazyd had read stay in the kernel
+/// and the successor has them resent, so no reader sees an error. Without it, each thread reads
+/// a clone of the descriptor (`FUSE_DEV_IOC_CLONE`), which dies with the process: the kernel
+/// then fails the requests that process had read (`ECONNABORTED`) instead of leaving their
+/// readers waiting for an answer nobody can give; requests not yet read wait for the successor.
+pub fn kernel_resends() -> bool {
+    kernel_at_least(6, 9)
+}
+
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
+        return false;
+    };
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    found >= (major, minor)
+}
+
+/// Mounts `reader` at `mountpoint` read-only with mount(2) (root only), answers the kernel's
+/// `FUSE_INIT`, and serves it from background threads. The returned [`Connection`] lets a
+/// successor serve the mount after this process ends ([`serve_adopted`]); nothing here
+/// unmounts it: [`crate`]'s callers unmount by path.
+pub fn mount_kept(
+    reader: Arc<ImageReader>,
+    mountpoint: &Path,
+    cfg: &MountConfig,
+) -> std::io::Result<KeptSession> {
+    let device = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")?;
+    let fd = OwnedFd::from(device);
+    let kept = fd.try_clone()?;
+    let fs = LazyFs::new(reader, cfg.read_workers, cfg.stats.clone())?;
+    mount_fuse(&fd, mountpoint, cfg)?;
+    let config = session_config(cfg, !kernel_resends());
+    let session = match fuser::Session::from_fd(fs, fd, config.acl, config) {
+        Ok(s) => s,
+        Err(e) => {
+            // The connection is dead without its INIT answered; take the mount down.
+            let _ = detach(mountpoint);
+            return Err(e);
+        }
+    };
+    let proto = session.proto_version().map_or((0, 0), |v| (v.0, v.1));
+    Ok(KeptSession {
+        session: session.spawn()?,
+        connection: Connection { fd: kept, proto },
+    })
+}
+
+/// Serves a mount whose connection an earlier process initialised and handed over (`fd`, with
+/// the ABI version it agreed on), and has the kernel resend what that process read but did
+/// not answer. Returns the session and whether the requests were resent (false on kernels
+/// before 6.9; see [`kernel_resends`]).
+pub fn serve_adopted(
+    reader: Arc<ImageReader>,
+    connection: &Connection,
+    cfg: &MountConfig,
+) -> std::io::Result<(fuser::BackgroundSession, bool)> {
+    let resend = kernel_resends();
+    let fs = LazyFs::new(reader, cfg.read_workers, cfg.stats.clone())?;
+    let (major, minor) = connection.proto;
+    let config = session_config(cfg, !resend);
+    let session = fuser::Session::from_fd_initialized(
+        fs,
+        connection.fd.try_clone()?,
+        config.acl,
+        config,
+        fuser::Version(major, minor),
+    )
+    .spawn()?;
+    if resend {
+        notify_resend(connection.fd.as_fd())?;
+    }
+    Ok((session, resend))
+}
+
+/// Writes `FUSE_NOTIFY_RESEND` to a connection.
+fn notify_resend(fd: BorrowedFd<'_>) -> std::io::Result<()> {
+    // struct fuse_out_header { u32 len; i32 error (the notify code); u64 unique (0) }
+    let mut header = [0u8; 16];
+    header[0..4].copy_from_slice(&16u32.to_ne_bytes());
+    header[4..8].copy_from_slice(&FUSE_NOTIFY_RESEND.to_ne_bytes());
+    // SAFETY: `fd` is open for the duration of the call; `header` is 16 readable bytes.
+    let n = unsafe { libc::write(fd.as_raw_fd(), header.as_ptr().cast(), header.len()) };
+    if n == header.len() as isize {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// mount(2) of a FUSE file system served through `fd` at `mountpoint`, with the options of
+/// [`mount_options`].
+fn mount_fuse(fd: &OwnedFd, mountpoint: &Path, cfg: &MountConfig) -> std::io::Result<()> {
+    let mut data = format!(
+        "fd={},rootmode=40000,user_id={},group_id={},default_permissions",
+        fd.as_raw_fd(),
+        // SAFETY: getuid and getgid cannot fail.
+        unsafe { libc::getuid() },
+        unsafe { libc::getgid() }
+    );
+    if cfg.allow_other {
+        data.push_str(",allow_other");
+    }
+    let mut flags = libc::MS_RDONLY | libc::MS_NODEV;
+    if !cfg.suid {
+        flags |= libc::MS_NOSUID;
+    }
+    let c = |s: &[u8]| {
+        CString::new(s).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
+    let (source, target) = (
+        c(cfg.fs_name.as_bytes())?,
+        c(mountpoint.as_os_str().as_bytes())?,
+    );
+    let (fstype, data) = (c(b"fuse.lazyimg")?, c(data.as_bytes())?);
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn detach(mountpoint: &Path) -> std::io::Result<()> {
+    let target = CString::new(mountpoint.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: `target` is a NUL-terminated path that outlives the call.
+    if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }

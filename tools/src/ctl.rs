@@ -100,6 +100,39 @@ fn direct_unmount(mountpoint: &Path, lazy: bool) -> Result<()> {
         .with_context(|| format!("unmounting {}", mountpoint.display()))
 }
 
+/// How long `upgrade` waits for the new lazyd to answer.
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Replaces the running lazyd by `binary` (by default the binary it was started from) and waits
+/// until the new one answers; its mounts are served throughout.
+pub fn upgrade(client: &AgentClient, binary: Option<&Path>) -> Result<()> {
+    let req = agent::api::UpgradeRequest {
+        binary: binary.map(absolute).transpose()?,
+    };
+    let started: agent::api::UpgradeStarted = client.post("/v1/upgrade", &req)?;
+    let deadline = std::time::Instant::now() + UPGRADE_TIMEOUT;
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        if let Ok(status) = client.get::<Status>("/v1/status") {
+            if status.pid != started.pid {
+                println!(
+                    "lazyd upgraded: pid {} -> {} ({}), {} mount(s) served throughout",
+                    started.pid,
+                    status.pid,
+                    status.binary.display(),
+                    status.mounts.len()
+                );
+                return Ok(());
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "the new lazyd did not answer within {UPGRADE_TIMEOUT:?}; see lazyd's log"
+            );
+        }
+    }
+}
+
 pub fn status(client: &AgentClient, json: bool) -> Result<()> {
     let status: Status = client.get("/v1/status")?;
     if json {
@@ -116,6 +149,15 @@ pub fn status(client: &AgentClient, json: bool) -> Result<()> {
         } else {
             ""
         }
+    );
+    let holder = match (status.holder.as_str(), status.supervisor_pid) {
+        ("supervisor", Some(pid)) => format!("its supervisor (pid {pid})"),
+        ("systemd", _) => "systemd's descriptor store".to_string(),
+        _ => "nobody: they end with this process".to_string(),
+    };
+    println!(
+        "mounts kept across restarts by {holder}; {} restart(s) so far",
+        status.restarts
     );
     if let Some(cache) = &status.metrics.cache {
         println!(
@@ -142,11 +184,13 @@ pub fn status(client: &AgentClient, json: bool) -> Result<()> {
             ));
         }
         println!(
-            "  {}  {}  {} files, {} read{}",
+            "  {}  {}  {} files, {} read, mounted {} ago, {} restart(s) survived{}",
             m.mountpoint.display(),
             m.image,
             m.files,
             bytes(m.bytes_served),
+            humantime::format_duration(Duration::from_secs(m.mounted_secs as u64)),
+            m.restarts_survived,
             profile
         );
     }

@@ -151,6 +151,17 @@ enum Command {
     /// SIGQUIT, SIGUSR1 and SIGUSR2 are passed on to it. The container shares the host's
     /// network.
     Run(RunArgs),
+    /// Replace the running lazyd by a new binary without taking its mounts down.
+    ///
+    /// The supervisor stops the serving lazyd, runs the new binary with every mount's FUSE
+    /// descriptor, and the new lazyd serves them again; requests in flight are resent to it.
+    /// Under systemd, install the binary and `systemctl restart lazyd` instead.
+    Upgrade {
+        /// The new lazyd binary. Default: the path lazyd was started from (where a package
+        /// upgrade puts the new version).
+        #[arg(long)]
+        binary: Option<std::path::PathBuf>,
+    },
     /// Show lazyd's mounts, warms, cache and fetch counters.
     Status {
         /// Print the agent's JSON status.
@@ -460,6 +471,7 @@ fn run(socket: &std::path::Path, command: Command) -> Result<()> {
         ),
         Command::Umount { mountpoint, lazy } => ctl::umount(&client(socket)?, &mountpoint, lazy),
         Command::Status { json } => ctl::status(&client(socket)?, json),
+        Command::Upgrade { binary } => ctl::upgrade(&client(socket)?, binary.as_deref()),
         Command::Warm {
             image,
             hot,

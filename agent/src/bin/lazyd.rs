@@ -1,10 +1,17 @@
 //! `lazyd`: the host agent. Owns the chunk cache, the fetcher and every lazy mount of the host,
 //! and serves the control API on a unix socket (docs/API.md) for `lazyctl`.
 //!
-//! Stopping: the first SIGTERM or SIGINT refuses new work, unmounts every mount nobody uses and
-//! keeps serving the ones in use (a running container's rootfs) until they are released, then
-//! exits; a second signal detaches the remaining mounts at once (their users then get errors).
-//! docs/OPERATIONS.md explains how the systemd unit relies on this.
+//! Started by hand or from a container's entrypoint, `lazyd` is a small supervisor
+//! (`agent::supervisor`) that runs the serving lazyd as its child and keeps the mounts' FUSE
+//! descriptors, so mounts survive the server's crashes, restarts and upgrades. Under systemd
+//! with a descriptor store (packaging/systemd/lazyd.service) it serves directly and systemd
+//! keeps the descriptors. docs/OPERATIONS.md says what each signal does.
+//!
+//! The serving process: SIGTERM or SIGINT hand the mounts over (the holder keeps them, the
+//! next lazyd serves them) and exit at once; without a holder, or on SIGUSR1, it refuses new
+//! work, unmounts every mount nobody uses and keeps serving the ones in use (a running
+//! container's rootfs) until they are released, then exits; a second signal detaches the
+//! remaining mounts at once (their users then get errors).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -13,7 +20,8 @@ use std::time::Duration;
 
 use agent::config::{AgentConfig, DEFAULT_CONFIG};
 use agent::daemon::Agent;
-use agent::server;
+use agent::handover::{self, Holder};
+use agent::{server, supervisor};
 use anyhow::{Context, Result};
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
@@ -29,7 +37,15 @@ struct Args {
     /// Check the config file and print the settings in effect, then exit.
     #[arg(long)]
     check_config: bool,
+    /// Serve in this process, without the supervisor that keeps mounts across restarts: the
+    /// mounts then end with the process. (Under systemd, systemd is the supervisor.)
+    #[arg(long)]
+    no_supervisor: bool,
 }
+
+/// The exit status after handing the mounts over (EX_TEMPFAIL): the systemd unit takes it as a
+/// success that still calls for a restart (packaging/systemd/lazyd.service).
+const HANDOVER_EXIT: i32 = 75;
 
 /// How often a stopping agent retries unmounting mounts that are in use.
 const DRAIN_RETRY: Duration = Duration::from_secs(1);
@@ -65,10 +81,32 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if std::env::var_os("NOTIFY_SOCKET").is_none() && !args.no_supervisor {
+        return supervise(&config);
+    }
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("lazyd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs as the supervisor of a serving lazyd started with the same arguments.
+fn supervise(config: &AgentConfig) -> ExitCode {
+    let binary = match std::env::current_exe() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("lazyd: cannot find its own binary: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    match supervisor::run(&binary, &args, &config.state_dir) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("lazyd: supervisor: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -89,18 +127,30 @@ fn load_config(path: Option<&Path>) -> Result<AgentConfig> {
 const RUNTIME_WORKERS: usize = 2;
 
 fn run(config: AgentConfig) -> Result<()> {
+    let holder = Holder::from_env();
+    // Taken before anything else opens descriptors: they are this process's mounts.
+    let fds = handover::inherited_fds();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(RUNTIME_WORKERS)
         .thread_name("lazyd")
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let agent = Agent::new(config, runtime.handle().clone()).context("starting the agent")?;
-    runtime.block_on(serve(agent))
+    let agent =
+        Agent::new(config, runtime.handle().clone(), holder).context("starting the agent")?;
+    if !holder.keeps_mounts() && std::env::var_os("NOTIFY_SOCKET").is_some() {
+        warn!("systemd gives lazyd no file descriptor store (FileDescriptorStoreMax= in the unit, FDSTORE in its environment): mounts will not survive a restart");
+    }
+    runtime.block_on(serve(agent, fds))
 }
 
-async fn serve(agent: Arc<Agent>) -> Result<()> {
+async fn serve(
+    agent: Arc<Agent>,
+    fds: std::collections::HashMap<String, std::os::fd::OwnedFd>,
+) -> Result<()> {
     let config = agent.config().clone();
+    // First the mounts a predecessor handed over: their readers are waiting.
+    agent.adopt(fds).await;
     let listener = server::bind_socket(&config.socket)
         .await
         .with_context(|| format!("binding the control socket {}", config.socket.display()))?;
@@ -132,12 +182,25 @@ async fn serve(agent: Arc<Agent>) -> Result<()> {
 
     let mut term = signal(SignalKind::terminate()).context("installing signal handlers")?;
     let mut int = signal(SignalKind::interrupt()).context("installing signal handlers")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    info!("stopping: unmounting mounts that are not in use");
+    let mut usr1 = signal(SignalKind::user_defined1()).context("installing signal handlers")?;
+    let drain = tokio::select! {
+        _ = term.recv() => !agent.holder().keeps_mounts(),
+        _ = int.recv() => !agent.holder().keeps_mounts(),
+        _ = usr1.recv() => true,
+        _ = agent.upgrade_requested() => false,
+    };
     notify(&[sd_notify::NotifyState::Stopping]);
+    if !drain {
+        // Lets the answer to an upgrade request reach its client.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        agent.hand_over();
+        // Exits without running destructors: nothing may unmount, and the threads serving
+        // requests stop where they are (the kernel resends what they had not answered).
+        std::process::exit(HANDOVER_EXIT);
+    }
+    // Stopping for good: the supervisor must not start another server.
+    notify(&[sd_notify::NotifyState::Custom("X_LAZYD_EXIT=1")]);
+    info!("stopping: unmounting mounts that are not in use");
     agent.begin_shutdown();
     let mut reported = usize::MAX;
     loop {
@@ -160,6 +223,7 @@ async fn serve(agent: Arc<Agent>) -> Result<()> {
             _ = tokio::time::sleep(DRAIN_RETRY) => {}
             _ = term.recv() => { force(&agent).await; break; }
             _ = int.recv() => { force(&agent).await; break; }
+            _ = usr1.recv() => { force(&agent).await; break; }
         }
     }
     if let Err(e) = std::fs::remove_file(&config.socket) {
