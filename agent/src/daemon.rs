@@ -298,6 +298,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// How long a starting agent waits for the cache's lock, which a predecessor that is exiting
+/// may still hold.
+const CACHE_LOCK_WAIT: Duration = Duration::from_secs(3);
+
 /// How often a warm reports progress to its client (the last report is always sent).
 const WARM_REPORT_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -314,10 +318,21 @@ impl Agent {
             crate::create_private_dir(dir)
                 .map_err(AgentError::io(format!("creating {}", dir.display())))?;
         }
-        let cache = Arc::new(ChunkCache::open(&CacheConfig {
+        let cache_config = CacheConfig {
             dir: config.chunk_dir(),
             budget_bytes: config.cache_size,
-        })?);
+        };
+        // A predecessor killed a moment ago (with its supervisor) may still hold the lock
+        // while it exits.
+        let deadline = Instant::now() + CACHE_LOCK_WAIT;
+        let cache = loop {
+            match ChunkCache::open(&cache_config) {
+                Err(CacheError::Locked { .. }) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                opened => break Arc::new(opened?),
+            }
+        };
         let fetcher = Fetcher::new(config.fetcher(), Some(cache.clone()), runtime)
             .map_err(AgentError::io("starting the fetcher"))?;
         let streams = Streams::new(fetcher.clone(), config.streams());

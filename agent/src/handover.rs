@@ -22,6 +22,9 @@ use crate::api::RootfsInfo;
 pub const TABLE_FILE: &str = "mounts.json";
 /// Set by lazyd's supervisor in its server's environment: the supervisor's pid.
 pub const SUPERVISOR_ENV: &str = "LAZYD_SUPERVISOR_PID";
+/// The name under which the control socket's listening descriptor is stored: connections made
+/// while lazyd restarts wait in its queue for the next one.
+pub const API_SOCKET: &str = "lazyd-api";
 /// Prefix of the names under which mounts' descriptors are stored.
 const FD_PREFIX: &str = "lazyd-mount-";
 

@@ -73,6 +73,46 @@ pub async fn bind_socket(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Serves `router` on `listener` until `stop` is notified, then stops accepting and returns
+/// once every connection it accepted has ended. Unlike axum's graceful shutdown, a connection
+/// accepted but whose request has not arrived yet is served, not closed: a client that connected
+/// while lazyd hands over gets its answer. Connections not yet accepted stay queued on the
+/// listening socket, which the next lazyd inherits.
+pub async fn serve_until(
+    listener: tokio::net::UnixListener,
+    router: Router,
+    stop: Arc<tokio::sync::Notify>,
+) {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!("control socket: accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.notified() => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        connections.spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
+                tracing::debug!("control connection: {e}");
+            }
+        });
+        // Reap the connections that ended.
+        while connections.try_join_next().is_some() {}
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+}
+
 /// An agent error as an HTTP response; the one place errors become statuses.
 struct ApiError(AgentError);
 

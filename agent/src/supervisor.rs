@@ -106,6 +106,7 @@ pub fn run(binary: &Path, args: &[OsString], state_dir: &Path) -> anyhow::Result
     let mut started = Instant::now();
     let mut ending = Ending::Unasked;
     let mut backoff = FIRST_BACKOFF;
+    let mut quick_deaths = 0u32;
     let mut stops = 0u32;
     // Whether a server ever started: one that fails before it is ready the first time (a
     // busy socket, a locked cache) is not retried; lazyd exits with its status.
@@ -178,7 +179,10 @@ pub fn run(binary: &Path, args: &[OsString], state_dir: &Path) -> anyhow::Result
                 error!("cannot run {}: {err}", path.display());
                 return Err(err.into());
             }
-            Ending::Restart => backoff = FIRST_BACKOFF,
+            Ending::Restart => {
+                quick_deaths = 0;
+                backoff = FIRST_BACKOFF;
+            }
             Ending::Unasked if !ever_ready => {
                 error!("the server exited at start ({status}); see its messages above");
                 let _ = std::fs::remove_file(&socket_path);
@@ -190,11 +194,18 @@ pub fn run(binary: &Path, args: &[OsString], state_dir: &Path) -> anyhow::Result
                     "the server exited ({status}); starting a new one with {} mount(s)",
                     held.len()
                 );
-                if started.elapsed() < QUICK_DEATH {
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                } else {
+                // The first death is restarted at once (readers are waiting); a server that
+                // keeps dying soon after its start is restarted ever more slowly.
+                if started.elapsed() >= QUICK_DEATH {
+                    quick_deaths = 0;
                     backoff = FIRST_BACKOFF;
+                } else {
+                    quick_deaths += 1;
+                    if quick_deaths > 1 {
+                        warn!("the server keeps dying; waiting {backoff:?} before the next start");
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
                 }
             }
         }

@@ -5,6 +5,12 @@
 //! The binary is `$LAZYD` or `lazyd` beside `lazyctl` (`cargo build -p agent --bin lazyd`).
 //! Dropping a [`Lazyd`] stops it with SIGTERM (which unmounts its mounts), then SIGKILL and
 //! `umount -l` for anything left, so a failing test leaves no mount behind.
+//!
+//! Started this way (no `NOTIFY_SOCKET`), `lazyd` is a supervisor: the process spawned here
+//! holds the FUSE connections and runs the serving `lazyd` as its child, restarting it when it
+//! ends. [`Lazyd::pid`] is the supervisor; [`Lazyd::server_pid`] the server, which
+//! [`Lazyd::kill_server`], [`Lazyd::restart_server`] and [`Lazyd::upgrade`] replace, each
+//! returning once a new server answers on the socket.
 
 use std::ffi::OsStr;
 use std::fs::{self, File};
@@ -12,6 +18,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -23,6 +30,12 @@ use crate::mount::{is_fuse_mounted, lazyctl_path};
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long it may take to exit after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a new server may take to answer after the old one ended (a crash is restarted
+/// within about 100 ms; an upgrade execs a new binary, which then adopts every mount).
+const RESTART_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long one status request may take while a server is being replaced: a connection the
+/// supervisor queues for the next server is answered once that one is up.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(20);
 
 /// The `lazyd` binary under test.
@@ -39,6 +52,30 @@ pub fn lazyd_path() -> PathBuf {
     path
 }
 
+/// `lazyctl --socket SOCKET run --runtime RUNTIME FLAGS... IMAGE -- CMD...` as a command (stdin
+/// null, stdout and stderr captured).
+pub fn run_command(
+    socket: &Path,
+    runtime: &str,
+    flags: &[&str],
+    image: &str,
+    cmd: &[&str],
+) -> Command {
+    let mut command = Command::new(lazyctl_path());
+    command
+        .arg("--socket")
+        .arg(socket)
+        .args(["run", "--runtime", runtime])
+        .args(flags)
+        .arg(image)
+        .arg("--")
+        .args(cmd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
 /// A running agent.
 pub struct Lazyd {
     child: Option<Child>,
@@ -46,6 +83,9 @@ pub struct Lazyd {
     /// Keeps `root` alive when the agent made it.
     _tmp: Option<tempfile::TempDir>,
     mounts: Vec<PathBuf>,
+    /// The server's pid as last seen (0: not yet asked): [`Lazyd::memory`] samples it in
+    /// loops, where a status request each time would slow what is measured.
+    server: AtomicU32,
 }
 
 impl Lazyd {
@@ -81,6 +121,11 @@ impl Lazyd {
         let child = Command::new(lazyd_path())
             .arg("--config")
             .arg(root.join("config.toml"))
+            // Not systemd's: this lazyd is its own supervisor, whatever runs the tests.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDNAMES")
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info,fuser::mnt=error".into()),
@@ -96,6 +141,7 @@ impl Lazyd {
             root: root.to_path_buf(),
             _tmp: None,
             mounts: Vec::new(),
+            server: AtomicU32::new(0),
         };
         let start = Instant::now();
         loop {
@@ -139,8 +185,108 @@ impl Lazyd {
         self.root.join("state")
     }
 
+    /// The process this harness spawned: the supervisor (0 once it has been waited for).
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// The serving process (`pid` of the status), which the supervisor restarts: the one seen
+    /// last while it is alive and the supervisor's child, else asked for again.
+    pub fn server_pid(&self) -> u32 {
+        let seen = self.server.load(Ordering::Relaxed);
+        if seen != 0 && process_alive(seen) && parent_of(seen) == Some(self.pid()) {
+            return seen;
+        }
+        let pid = status_pid(&self.status()).expect("the status names the server's pid");
+        self.server.store(pid, Ordering::Relaxed);
+        pid
+    }
+
+    /// Kills the server with SIGKILL, as a crash would, and waits until the supervisor's next
+    /// server answers; returns its pid.
+    pub fn kill_server(&mut self) -> Result<u32> {
+        let old = self.server_pid();
+        // SAFETY: kill(2) with the pid the agent reported a moment ago, a process of this test's
+        // agent (its supervisor restarts it).
+        unsafe { libc::kill(old as libc::pid_t, libc::SIGKILL) };
+        self.wait_for_new_server(old)
+    }
+
+    /// A planned restart: SIGHUP to the supervisor, which has the server hand over and starts
+    /// a new one; returns the new server's pid once it answers.
+    pub fn restart_server(&mut self) -> Result<u32> {
+        let old = self.server_pid();
+        self.signal(libc::SIGHUP);
+        self.wait_for_new_server(old)
+    }
+
+    /// `lazyctl upgrade --binary BINARY`: supervisor and server become `binary`, the mounts
+    /// stay. Returns the new server's pid once it answers.
+    pub fn upgrade(&mut self, binary: &Path) -> Result<u32> {
+        let old = self.server_pid();
+        let out = self.ctl([
+            OsStr::new("upgrade"),
+            OsStr::new("--binary"),
+            binary.as_os_str(),
+        ]);
+        if !out.status.success() {
+            bail!(
+                "lazyctl upgrade --binary {} failed with {}:\n--- stdout ---\n{}--- stderr ---\n{}--- lazyd log ---\n{}",
+                binary.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                self.log()
+            );
+        }
+        self.wait_for_new_server(old)
+    }
+
+    /// Polls the socket until a server other than `old` answers; fails if the supervisor
+    /// exits or none answers within [`RESTART_TIMEOUT`].
+    fn wait_for_new_server(&mut self, old: u32) -> Result<u32> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child_mut().try_wait()? {
+                self.child = None;
+                bail!(
+                    "the supervisor exited with {status} while the server {old} was replaced; \
+                     its log:\n{}",
+                    self.log()
+                );
+            }
+            if let Some(pid) = self.try_status().as_ref().and_then(status_pid) {
+                if pid != old {
+                    self.server.store(pid, Ordering::Relaxed);
+                    return Ok(pid);
+                }
+            }
+            if start.elapsed() > RESTART_TIMEOUT {
+                bail!(
+                    "no server other than {old} answered within {RESTART_TIMEOUT:?}; the log:\n{}",
+                    self.log()
+                );
+            }
+            sleep(POLL);
+        }
+    }
+
+    /// The status straight from the socket (`GET /v1/status`), or `None` when nothing answers
+    /// within [`STATUS_TIMEOUT`]: for polling while the server is being replaced, where
+    /// [`Lazyd::status`] would panic.
+    pub fn try_status(&self) -> Option<serde_json::Value> {
+        let mut s = UnixStream::connect(self.socket()).ok()?;
+        s.set_read_timeout(Some(STATUS_TIMEOUT)).ok()?;
+        s.set_write_timeout(Some(STATUS_TIMEOUT)).ok()?;
+        write!(s, "GET /v1/status HTTP/1.0\r\nHost: lazyd\r\n\r\n").ok()?;
+        let mut text = Vec::new();
+        s.read_to_end(&mut text).ok()?;
+        let text = String::from_utf8_lossy(&text);
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        if head.split_whitespace().nth(1) != Some("200") {
+            return None;
+        }
+        serde_json::from_str(body).ok()
     }
 
     /// The agent's log so far.
@@ -280,10 +426,11 @@ impl Lazyd {
         }
     }
 
-    /// The agent's memory and threads now, from `/proc/PID/status`.
+    /// The serving agent's memory and threads now, from `/proc/PID/status` of the server
+    /// (the supervisor only holds file descriptors).
     pub fn memory(&self) -> ProcMemory {
-        let text =
-            fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("lazyd is running");
+        let pid = self.server_pid();
+        let text = fs::read_to_string(format!("/proc/{pid}/status")).expect("lazyd is running");
         let field = |name: &str| {
             text.lines()
                 .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
@@ -300,15 +447,66 @@ impl Lazyd {
 
     /// Starts a new peak for [`ProcMemory::peak_rss`] (`/proc/PID/clear_refs`).
     pub fn reset_peak_memory(&self) {
-        fs::write(format!("/proc/{}/clear_refs", self.pid()), "5")
+        fs::write(format!("/proc/{}/clear_refs", self.server_pid()), "5")
             .expect("resetting lazyd's peak RSS");
     }
 
-    /// Kills the agent at once (SIGKILL), as a crash would.
+    /// Kills the whole agent at once (SIGKILL to the supervisor), as a crash of both would;
+    /// returns once the supervisor and its servers (which die with their parent) are gone.
     pub fn kill(&mut self) -> Result<ExitStatus> {
+        let servers = self.children();
         self.signal(libc::SIGKILL);
-        self.wait(STOP_TIMEOUT)
+        let status = self.wait(STOP_TIMEOUT)?;
+        let start = Instant::now();
+        while let Some(alive) = servers.iter().find(|&&pid| process_alive(pid)) {
+            if start.elapsed() > STOP_TIMEOUT {
+                for &pid in &servers {
+                    // SAFETY: kill(2) of a server left behind by its dead supervisor.
+                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                }
+                bail!(
+                    "the server {alive} outlived its killed supervisor by {STOP_TIMEOUT:?}; the \
+                     log:\n{}",
+                    self.log()
+                );
+            }
+            sleep(POLL);
+        }
+        Ok(status)
     }
+
+    /// The supervisor's child processes now (its server, two while one replaces another).
+    fn children(&self) -> Vec<u32> {
+        let pid = self.pid();
+        fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+}
+
+/// The `pid` of a status: the serving process.
+fn status_pid(status: &serde_json::Value) -> Option<u32> {
+    status["pid"].as_u64().and_then(|p| u32::try_from(p).ok())
+}
+
+/// The parent of process `pid`, from `/proc/PID/stat`.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name (in parentheses, which may hold spaces): state, then ppid.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie waiting for its new parent).
+fn process_alive(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
 }
 
 impl Drop for Lazyd {
@@ -321,10 +519,21 @@ impl Drop for Lazyd {
             );
         }
         if self.child.is_some() {
+            let servers = self.children();
             self.signal(libc::SIGTERM);
             if self.wait(STOP_TIMEOUT).is_err() {
                 self.signal(libc::SIGKILL);
                 let _ = self.wait(STOP_TIMEOUT);
+            }
+            // Servers die with their supervisor; one that did not would hold the mounts.
+            let start = Instant::now();
+            while servers.iter().any(|&pid| process_alive(pid)) && start.elapsed() < STOP_TIMEOUT {
+                sleep(POLL);
+            }
+            for &pid in servers.iter().filter(|&&pid| process_alive(pid)) {
+                eprintln!("lazyd: the server {pid} outlived its supervisor; killing it");
+                // SAFETY: kill(2) of a server left behind by its supervisor.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
             }
         }
         for m in &self.mounts {

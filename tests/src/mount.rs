@@ -110,6 +110,16 @@ pub fn require_root() {
 
 /// Panics, naming what is missing, unless this process is root and `/dev/fuse` is a usable
 /// character device. Call it first in every test that mounts.
+/// Panics unless `runtime` is on PATH.
+pub fn require_runtime(runtime: &str) {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(runtime).is_file()));
+    assert!(
+        found,
+        "{runtime} is not on PATH: apt-get install -y crun runc (scripts/setup.sh does)"
+    );
+}
+
 pub fn require_root_and_fuse() {
     require_root();
     use std::os::unix::fs::FileTypeExt;

@@ -21,16 +21,16 @@ use lazy_tests::agent::lazyd_path;
 use lazy_tests::mount::{lazyctl_path, mountpoint, require_root_and_fuse};
 use lazy_tests::random_files::RandomFiles;
 
-/// The service manager's end of the notification socket.
+/// The service manager's end of the notification socket, and its descriptor store.
 struct Manager {
     socket: UnixDatagram,
     path: PathBuf,
+    store: std::cell::RefCell<BTreeMap<String, OwnedFd>>,
 }
 
-/// One notification: its `KEY=VALUE` lines and descriptors.
+/// One notification: its `KEY=VALUE` lines (its descriptors go to the store).
 struct Notification {
     fields: BTreeMap<String, String>,
-    fds: Vec<OwnedFd>,
 }
 
 impl Manager {
@@ -40,7 +40,11 @@ impl Manager {
         socket
             .set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();
-        Manager { socket, path }
+        Manager {
+            socket,
+            path,
+            store: Default::default(),
+        }
     }
 
     fn receive(&self) -> Option<Notification> {
@@ -65,16 +69,32 @@ impl Manager {
             }
         }
         let len = msg.bytes;
-        let fields = String::from_utf8_lossy(&buf[..len])
+        let fields: BTreeMap<String, String> = String::from_utf8_lossy(&buf[..len])
             .lines()
             .filter_map(|l| l.split_once('='))
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        Some(Notification { fields, fds })
+        // What the service manager does with its store.
+        let is = |key: &str| fields.get(key).map(String::as_str) == Some("1");
+        if let Some(name) = fields.get("FDNAME") {
+            if is("FDSTORE") {
+                assert_eq!(fds.len(), 1, "FDSTORE of {name} with {} fds", fds.len());
+                let fd = fds.into_iter().next().expect("one descriptor");
+                self.store.borrow_mut().insert(name.clone(), fd);
+            } else if is("FDSTOREREMOVE") {
+                self.store.borrow_mut().remove(name);
+            }
+        }
+        Some(Notification { fields })
     }
 
-    /// Waits for a notification with `key=value`, handing every earlier one to `seen`.
-    fn wait_for(&self, key: &str, value: &str, mut seen: impl FnMut(Notification)) -> Notification {
+    /// The names in the store.
+    fn names(&self) -> Vec<String> {
+        self.store.borrow().keys().cloned().collect()
+    }
+
+    /// Waits for a notification with `key=value` (every earlier one still updates the store).
+    fn wait_for(&self, key: &str, value: &str) -> Notification {
         let start = Instant::now();
         loop {
             assert!(
@@ -85,16 +105,16 @@ impl Manager {
             if n.fields.get(key).map(String::as_str) == Some(value) {
                 return n;
             }
-            seen(n);
         }
     }
 }
 
-/// Starts lazyd as systemd would: with the notification socket, `$FDSTORE`, and `fds` as
-/// descriptors 3.. named by `LISTEN_FDNAMES`, `LISTEN_PID` being lazyd's own pid.
-fn start(root: &Path, manager: &Manager, fds: &[(String, OwnedFd)]) -> Child {
-    let names: Vec<&str> = fds.iter().map(|(n, _)| n.as_str()).collect();
-    let raw: Vec<RawFd> = fds.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+/// Starts lazyd as systemd would: with the notification socket, `$FDSTORE`, and the store's
+/// descriptors as 3.. named by `LISTEN_FDNAMES`, `LISTEN_PID` being lazyd's own pid.
+fn start(root: &Path, manager: &Manager) -> Child {
+    let store = manager.store.borrow();
+    let names: Vec<&str> = store.keys().map(String::as_str).collect();
+    let raw: Vec<RawFd> = store.values().map(|fd| fd.as_raw_fd()).collect();
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -113,9 +133,9 @@ fn start(root: &Path, manager: &Manager, fds: &[(String, OwnedFd)]) -> Child {
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log);
-    if !fds.is_empty() {
+    if !raw.is_empty() {
         command
-            .env("LISTEN_FDS", fds.len().to_string())
+            .env("LISTEN_FDS", raw.len().to_string())
             .env("LISTEN_FDNAMES", names.join(":"));
     }
     // SAFETY: only dup2 and fcntl, which are async-signal-safe, run between fork and exec.
@@ -212,9 +232,11 @@ fn mounts_survive_a_kill_through_systemds_descriptor_store() {
     )
     .unwrap();
     let manager = Manager::new(work.path());
-    let mut lazyd = start(&root, &manager, &[]);
-    manager.wait_for("READY", "1", |_| {});
+    let mut lazyd = start(&root, &manager);
+    manager.wait_for("READY", "1");
     assert_eq!(status(&root)["holder"], "systemd");
+    // The control socket is stored too: connections made during a restart wait in its queue.
+    assert_eq!(manager.names(), ["lazyd-api"]);
 
     let mnt = mountpoint(work.path(), "mnt");
     ctl(
@@ -225,12 +247,9 @@ fn mounts_survive_a_kill_through_systemds_descriptor_store() {
             mnt.to_str().unwrap(),
         ],
     );
-    let stored = manager.wait_for("FDSTORE", "1", |_| {});
+    let stored = manager.wait_for("FDSTORE", "1");
     let name = stored.fields["FDNAME"].clone();
     assert!(name.starts_with("lazyd-mount-"), "{name}");
-    assert_eq!(stored.fds.len(), 1, "one descriptor per mount");
-    let mut held: Vec<(String, OwnedFd)> =
-        vec![(name.clone(), stored.fds.into_iter().next().unwrap())];
 
     // Held open across the restarts: the kernel keeps asking with the inode number (and file
     // handle) the first lazyd gave it, which must mean the same file to the next ones.
@@ -244,8 +263,8 @@ fn mounts_survive_a_kill_through_systemds_descriptor_store() {
         lazyd.kill().unwrap();
         lazyd.wait().unwrap();
         let before = counters[0].load(Ordering::Relaxed);
-        lazyd = start(&root, &manager, &held);
-        manager.wait_for("READY", "1", |_| {});
+        lazyd = start(&root, &manager);
+        manager.wait_for("READY", "1");
         std::thread::sleep(Duration::from_millis(700));
         assert!(
             counters[0].load(Ordering::Relaxed) > before,
@@ -279,10 +298,13 @@ fn mounts_survive_a_kill_through_systemds_descriptor_store() {
     // A gentle stop: the mount is unmounted and its descriptor dropped from the store.
     // SAFETY: kill has no memory effects.
     unsafe { libc::kill(lazyd.id() as libc::pid_t, libc::SIGUSR1) };
-    manager.wait_for("X_LAZYD_EXIT", "1", |_| {});
-    let removed = manager.wait_for("FDSTOREREMOVE", "1", |_| {});
-    assert_eq!(removed.fields["FDNAME"], name);
+    manager.wait_for("X_LAZYD_EXIT", "1");
     assert!(lazyd.wait().unwrap().success());
+    while manager.receive().is_some() {}
+    assert!(
+        manager.names().is_empty(),
+        "left in the store: {:?}",
+        manager.names()
+    );
     assert!(!lazy_tests::mount::is_fuse_mounted(&mnt).unwrap());
-    held.clear();
 }

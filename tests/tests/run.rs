@@ -16,12 +16,12 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use lazy_tests::agent::Lazyd;
 use lazy_tests::debian;
-use lazy_tests::mount::{lazyctl_path, mounts_at, parse_mountinfo, require_root_and_fuse};
+use lazy_tests::mount::{mounts_at, parse_mountinfo, require_root_and_fuse};
 use lazy_tests::registry::LocalRegistry;
 use serde_json::Value;
 
@@ -41,16 +41,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 /// nothing is left after each run; `the_lower_lingers_...` checks the lingering).
 const AGENT_CONFIG: &str = "[profile]\nrecord = false\n[mount]\nlower_linger = \"0s\"\n";
 
-/// Panics unless `runtime` is on PATH.
-fn require_runtime(runtime: &str) {
-    let found = std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(runtime).is_file()));
-    assert!(
-        found,
-        "{runtime} is not on PATH: apt-get install -y crun runc (scripts/setup.sh does)"
-    );
-}
-
 /// A registry holding the Debian + python3 image and its lazy version; returns the lazy image's
 /// reference.
 fn python_image_in_registry() -> (LocalRegistry, String) {
@@ -62,22 +52,8 @@ fn python_image_in_registry() -> (LocalRegistry, String) {
     (registry, lazy)
 }
 
-/// `lazyctl --socket S run --runtime RUNTIME FLAGS... IMAGE -- CMD...` as a command (stdin
-/// null, stdout and stderr captured).
 fn run_command(agent: &Lazyd, runtime: &str, flags: &[&str], image: &str, cmd: &[&str]) -> Command {
-    let mut command = Command::new(lazyctl_path());
-    command
-        .arg("--socket")
-        .arg(agent.socket())
-        .args(["run", "--runtime", runtime])
-        .args(flags)
-        .arg(image)
-        .arg("--")
-        .args(cmd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    command
+    lazy_tests::agent::run_command(&agent.socket(), runtime, flags, image, cmd)
 }
 
 /// Runs a container to its end.
@@ -190,7 +166,7 @@ fn assert_nothing_left(agent: &Lazyd) {
 
 fn crun_or_runc_runs_python_propagates_exit_codes_and_keeps_image_permissions(runtime: &str) {
     require_root_and_fuse();
-    require_runtime(runtime);
+    lazy_tests::mount::require_runtime(runtime);
     let _serial = serial();
     let (_registry, image) = python_image_in_registry();
     let agent = Lazyd::start(AGENT_CONFIG).unwrap();
@@ -441,7 +417,7 @@ const WRITES: &str = "echo new > /root/new.txt && echo changed > /etc/debian_ver
 fn container_writes_land_in_its_upper_layer_not_in_the_lower_or_the_cache() {
     require_root_and_fuse();
     let runtime = "crun";
-    require_runtime(runtime);
+    lazy_tests::mount::require_runtime(runtime);
     let _serial = serial();
     let (_registry, image) = python_image_in_registry();
     let agent = Lazyd::start(AGENT_CONFIG).unwrap();
@@ -618,7 +594,7 @@ fn overlapping_script(name: &str) -> String {
 fn three_containers_of_one_image_share_one_lower_mount_and_one_cache() {
     require_root_and_fuse();
     let runtime = "crun";
-    require_runtime(runtime);
+    lazy_tests::mount::require_runtime(runtime);
     let _serial = serial();
     let (_registry, image) = python_image_in_registry();
 
@@ -817,7 +793,7 @@ fn mount_rootfs_prepares_a_writable_overlay_and_umount_removes_it() {
 #[test]
 fn the_lower_lingers_after_its_last_container_serves_the_next_one_and_then_goes() {
     require_root_and_fuse();
-    require_runtime("runc");
+    lazy_tests::mount::require_runtime("runc");
     let _serial = serial();
     let (_registry, image) = python_image_in_registry();
     let agent =

@@ -35,6 +35,9 @@ impl ClientError {
     }
 }
 
+/// How long a call waits for lazyd to listen again on its socket.
+const RESTART_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A connection-per-call client of one agent socket.
 pub struct AgentClient {
     socket: PathBuf,
@@ -138,13 +141,7 @@ impl AgentClient {
         path: &str,
         body: Bytes,
     ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
-        let stream =
-            UnixStream::connect(&self.socket)
-                .await
-                .map_err(|source| ClientError::Unreachable {
-                    socket: self.socket.clone(),
-                    source,
-                })?;
+        let stream = self.connect().await?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| self.protocol(e))?;
@@ -160,6 +157,30 @@ impl AgentClient {
             .send_request(request)
             .await
             .map_err(|e| self.protocol(e))
+    }
+
+    /// Connects to the socket. A socket nobody listens on (ECONNREFUSED) is lazyd between two
+    /// processes (a restart, a crash its supervisor is recovering from, an upgrade): tried
+    /// again for up to [`RESTART_WAIT`].
+    async fn connect(&self) -> Result<UnixStream, ClientError> {
+        let deadline = tokio::time::Instant::now() + RESTART_WAIT;
+        loop {
+            match UnixStream::connect(&self.socket).await {
+                Ok(stream) => return Ok(stream),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(source) => {
+                    return Err(ClientError::Unreachable {
+                        socket: self.socket.clone(),
+                        source,
+                    })
+                }
+            }
+        }
     }
 
     fn decode<T: DeserializeOwned>(&self, bytes: &[u8]) -> Result<T, ClientError> {

@@ -47,6 +47,9 @@ struct Args {
 /// success that still calls for a restart (packaging/systemd/lazyd.service).
 const HANDOVER_EXIT: i32 = 75;
 
+/// How long a handing-over lazyd lets its API requests finish.
+const API_HANDOVER_WAIT: Duration = Duration::from_secs(2);
+
 /// How often a stopping agent retries unmounting mounts that are in use.
 const DRAIN_RETRY: Duration = Duration::from_secs(1);
 
@@ -146,20 +149,19 @@ fn run(config: AgentConfig) -> Result<()> {
 
 async fn serve(
     agent: Arc<Agent>,
-    fds: std::collections::HashMap<String, std::os::fd::OwnedFd>,
+    mut fds: std::collections::HashMap<String, std::os::fd::OwnedFd>,
 ) -> Result<()> {
     let config = agent.config().clone();
+    let inherited = fds.remove(handover::API_SOCKET);
     // First the mounts a predecessor handed over: their readers are waiting.
     agent.adopt(fds).await;
-    let listener = server::bind_socket(&config.socket)
-        .await
-        .with_context(|| format!("binding the control socket {}", config.socket.display()))?;
-    let api = axum::serve(listener, server::router(agent.clone()));
-    tokio::spawn(async move {
-        if let Err(e) = api.await {
-            warn!("control API stopped: {e}");
-        }
-    });
+    let listener = control_socket(&agent, inherited).await?;
+    let api_stop = Arc::new(tokio::sync::Notify::new());
+    let api = tokio::spawn(server::serve_until(
+        listener,
+        server::router(agent.clone()),
+        api_stop.clone(),
+    ));
     if let Some(addr) = config.metrics_listen {
         let tcp = tokio::net::TcpListener::bind(addr)
             .await
@@ -191,8 +193,15 @@ async fn serve(
     };
     notify(&[sd_notify::NotifyState::Stopping]);
     if !drain {
-        // Lets the answer to an upgrade request reach its client.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The API stops taking connections (clients retry until the next lazyd listens) and
+        // finishes the requests it has, such as the upgrade request's answer; the mounts are
+        // served meanwhile, so this wait costs their readers nothing.
+        api_stop.notify_one();
+        if tokio::time::timeout(API_HANDOVER_WAIT, api).await.is_err() {
+            warn!(
+                "API requests still running after {API_HANDOVER_WAIT:?}; their clients get errors"
+            );
+        }
         agent.hand_over();
         // Exits without running destructors: nothing may unmount, and the threads serving
         // requests stop where they are (the kernel resends what they had not answered).
@@ -226,11 +235,57 @@ async fn serve(
             _ = usr1.recv() => { force(&agent).await; break; }
         }
     }
+    agent.holder().remove(handover::API_SOCKET);
     if let Err(e) = std::fs::remove_file(&config.socket) {
         warn!("cannot remove the socket {}: {e}", config.socket.display());
     }
     info!("stopped");
     Ok(())
+}
+
+/// The control socket: the listening socket a predecessor handed over when it is still at the
+/// configured path (connections made during the restart wait in its queue), else a new one.
+/// It is handed to the holder in turn, so that the next lazyd listens on the same socket.
+async fn control_socket(
+    agent: &Arc<Agent>,
+    inherited: Option<std::os::fd::OwnedFd>,
+) -> Result<tokio::net::UnixListener> {
+    let path = &agent.config().socket;
+    let kept = inherited
+        .map(std::os::unix::net::UnixListener::from)
+        .filter(|l| {
+            let same = l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| p == path))
+                .unwrap_or(false);
+            if !same {
+                warn!(socket = %path.display(), "the handed-over control socket is not at the configured path; binding a new one");
+            }
+            same && path.exists()
+        });
+    let listener = match kept {
+        Some(listener) => {
+            listener
+                .set_nonblocking(true)
+                .context("using the handed-over control socket")?;
+            tokio::net::UnixListener::from_std(listener)
+                .context("using the handed-over control socket")?
+        }
+        None => server::bind_socket(path)
+            .await
+            .with_context(|| format!("binding the control socket {}", path.display()))?,
+    };
+    if let Err(e) = agent
+        .holder()
+        .store(handover::API_SOCKET, std::os::fd::AsFd::as_fd(&listener))
+    {
+        warn!(
+            "cannot hand the control socket to the {} holder: {e}",
+            agent.holder().name()
+        );
+    }
+    Ok(listener)
 }
 
 async fn force(agent: &Arc<Agent>) {
