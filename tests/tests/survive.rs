@@ -721,6 +721,18 @@ fn dead_mounts_are_detached_at_start_and_the_paths_mount_again() {
         let version = std::fs::read_to_string(mnt.join("etc/debian_version")).unwrap();
         assert!(version.starts_with("12."), "{version}");
     }
+    // A container's root filesystem too: an overlay over a lower mount of lazyd's.
+    let rootfs = canonical(&mountpoint(work.path(), "rootfs"));
+    first.ctl_ok([
+        "mount",
+        "--rootfs",
+        "--name",
+        "kept",
+        lazy.as_str(),
+        rootfs.to_str().unwrap(),
+    ]);
+    std::fs::write(rootfs.join("root/written"), "by the container\n").unwrap();
+    let upper = root.join("state/containers/kept/upper");
     first.kill().unwrap();
     for mnt in &mnts {
         assert!(
@@ -778,7 +790,36 @@ fn dead_mounts_are_detached_at_start_and_the_paths_mount_again() {
         .unwrap()
         .to_string();
     println!("the new lazyd said: {line}");
-    assert!(second.status()["mounts"].as_array().unwrap().is_empty());
+    // The container's overlay lost its lower: detached too, its writes kept in its upper dir.
+    let overlays: Vec<String> =
+        parse_mountinfo(&std::fs::read_to_string("/proc/self/mountinfo").unwrap())
+            .into_iter()
+            .filter(|m| m.mount_point == rootfs)
+            .map(|m| m.fs_type)
+            .collect();
+    assert!(
+        overlays.is_empty(),
+        "{} still has {overlays:?}",
+        rootfs.display()
+    );
+    let said = second.log()[logged..]
+        .lines()
+        .any(|l| l.contains("detached") && l.contains("container kept"));
+    assert!(
+        said,
+        "no log line for the container's overlay:\n{}",
+        &second.log()[logged..]
+    );
+    assert_eq!(
+        std::fs::read_to_string(upper.join("root/written")).unwrap(),
+        "by the container\n"
+    );
+    let status = second.status();
+    assert!(status["mounts"].as_array().unwrap().is_empty(), "{status}");
+    assert!(
+        status["containers"].as_array().unwrap().is_empty(),
+        "{status}"
+    );
 
     // The paths mount again and read right.
     for mnt in &mnts {
