@@ -282,9 +282,9 @@ pub struct Agent {
     next_idle: AtomicU64,
     /// Who keeps the mounts' descriptors across restarts.
     holder: Holder,
-    /// The next mount id (`handover::fd_name`).
+    /// The next mount id (`handover::fd_name`); from the mount table ([`Agent::adopt`]).
     next_mount: AtomicU64,
-    /// Times an agent took over the mounts of the one before (the mount table's count).
+    /// Times an agent took over the mounts of the one before; from the mount table.
     restarts: AtomicU64,
     /// Serialises writes of `STATE/mounts.json`.
     table_lock: Mutex<()>,
@@ -337,7 +337,6 @@ impl Agent {
             .map_err(AgentError::io("starting the fetcher"))?;
         let streams = Streams::new(fetcher.clone(), config.streams());
         let images = load_images(&config.state_dir.join(IMAGES_FILE));
-        let table = MountTable::load(&config.state_dir);
         let background_limit =
             (config.background.bandwidth > 0).then(|| RateLimit::new(config.background.bandwidth));
         Ok(Arc::new(Agent {
@@ -361,8 +360,8 @@ impl Agent {
             idle_lowers: Mutex::new(HashMap::new()),
             next_idle: AtomicU64::new(0),
             holder,
-            next_mount: AtomicU64::new(table.next_id),
-            restarts: AtomicU64::new(table.restarts),
+            next_mount: AtomicU64::new(0),
+            restarts: AtomicU64::new(0),
             table_lock: Mutex::new(()),
             upgrade: tokio::sync::Notify::new(),
         }))
@@ -479,12 +478,14 @@ impl Agent {
         mountpoint: &Path,
         how: Serve,
     ) -> Result<Arc<LiveMount>, AgentError> {
-        let (allow_other, suid) = match &how {
-            Serve::New { allow_other, suid } => (*allow_other, *suid),
-            Serve::Adopt(kept, _) => (kept.allow_other, kept.suid),
+        let (allow_other, suid, kept, connection) = match how {
+            Serve::New { allow_other, suid } => (allow_other, suid, None, None),
+            Serve::Adopt(kept, connection) => {
+                (kept.allow_other, kept.suid, Some(kept), Some(connection))
+            }
         };
         // A mount served again records nothing: its start was recorded before.
-        let recorder = (self.config.profile.record && matches!(how, Serve::New { .. }))
+        let recorder = (self.config.profile.record && kept.is_none())
             .then(|| Recorder::new(self.config.profile.window));
         let cfg = MountConfig {
             fs_name: format!("lazyimg:{image}"),
@@ -502,10 +503,6 @@ impl Agent {
         });
         let streams = self.streams.clone();
         let speculate = self.config.fetch.speculate;
-        let (kept, connection) = match how {
-            Serve::New { .. } => (None, None),
-            Serve::Adopt(kept, connection) => (Some(kept), Some(connection)),
-        };
         let mounted = {
             let mountpoint = mountpoint.to_path_buf();
             let recorder = recorder.clone();
@@ -1664,7 +1661,10 @@ impl Agent {
     /// container overlay over one. Descriptors no mount claims are closed.
     pub async fn adopt(self: &Arc<Self>, mut fds: HashMap<String, OwnedFd>) {
         let table = MountTable::load(&self.config.state_dir);
+        self.next_mount.store(table.next_id, Ordering::Relaxed);
         let handed = !fds.is_empty();
+        let restarts = table.restarts + u64::from(handed);
+        self.restarts.store(restarts, Ordering::Relaxed);
         let mut served = 0;
         for kept in table.mounts {
             let path = kept.mountpoint.clone();
@@ -1716,9 +1716,6 @@ impl Agent {
             } else if overlay {
                 detach_dead(&rootfs, &format!("the root filesystem of container {name} lost its lower mount; its writes stay in {}", kept.info.upper.display()));
             }
-        }
-        if handed {
-            self.restarts.fetch_add(1, Ordering::Relaxed);
         }
         self.save_table();
         if handed || served > 0 {
@@ -2069,7 +2066,5 @@ fn unix_now_f64() -> f64 {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    unix_now_f64() as u64
 }

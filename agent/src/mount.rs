@@ -505,17 +505,9 @@ pub fn is_mount_point(path: &Path) -> bool {
 /// Unmounts the filesystem at `path`: `umount2(2)` as root, else `fusermount3 -u`. With
 /// `lazy`, detaches it even while files are open (MNT_DETACH).
 pub fn unmount(path: &Path, lazy: bool) -> std::io::Result<()> {
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    let flags = if lazy { libc::MNT_DETACH } else { 0 };
-    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
-    let rc = unsafe { libc::umount2(c.as_ptr(), flags) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = std::io::Error::last_os_error();
-    if err.raw_os_error() != Some(libc::EPERM) {
-        return Err(err);
+    match fusefs::fuse::umount(path, lazy) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+        done => return done,
     }
     warn!("umount2 not permitted, trying fusermount3");
     let mut cmd = std::process::Command::new("fusermount3");

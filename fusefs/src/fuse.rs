@@ -632,7 +632,7 @@ pub fn mount_kept(
         Ok(s) => s,
         Err(e) => {
             // The connection is dead without its INIT answered; take the mount down.
-            let _ = detach(mountpoint);
+            let _ = umount(mountpoint, true);
             return Err(e);
         }
     };
@@ -702,9 +702,6 @@ fn mount_fuse(fd: &OwnedFd, mountpoint: &Path, cfg: &MountConfig) -> std::io::Re
     if !cfg.suid {
         flags |= libc::MS_NOSUID;
     }
-    let c = |s: &[u8]| {
-        CString::new(s).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
-    };
     let (source, target) = (
         c(cfg.fs_name.as_bytes())?,
         c(mountpoint.as_os_str().as_bytes())?,
@@ -727,11 +724,17 @@ fn mount_fuse(fd: &OwnedFd, mountpoint: &Path, cfg: &MountConfig) -> std::io::Re
     }
 }
 
-fn detach(mountpoint: &Path) -> std::io::Result<()> {
-    let target = CString::new(mountpoint.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+/// `bytes` as a C string for a system call; a NUL inside is invalid input.
+fn c(bytes: &[u8]) -> std::io::Result<CString> {
+    CString::new(bytes).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+}
+
+/// umount2(2) of `mountpoint`; with `lazy`, detached even while in use (`MNT_DETACH`).
+pub fn umount(mountpoint: &Path, lazy: bool) -> std::io::Result<()> {
+    let target = c(mountpoint.as_os_str().as_bytes())?;
+    let flags = if lazy { libc::MNT_DETACH } else { 0 };
     // SAFETY: `target` is a NUL-terminated path that outlives the call.
-    if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } == 0 {
+    if unsafe { libc::umount2(target.as_ptr(), flags) } == 0 {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())

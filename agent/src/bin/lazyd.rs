@@ -264,18 +264,19 @@ async fn control_socket(
             }
             same && path.exists()
         });
-    let listener = match kept {
-        Some(listener) => {
-            listener
-                .set_nonblocking(true)
-                .context("using the handed-over control socket")?;
-            tokio::net::UnixListener::from_std(listener)
-                .context("using the handed-over control socket")?
-        }
-        None => server::bind_socket(path)
-            .await
-            .with_context(|| format!("binding the control socket {}", path.display()))?,
-    };
+    if let Some(listener) = kept {
+        // The holder keeps it already.
+        listener
+            .set_nonblocking(true)
+            .context("using the handed-over control socket")?;
+        return tokio::net::UnixListener::from_std(listener)
+            .context("using the handed-over control socket");
+    }
+    let listener = server::bind_socket(path)
+        .await
+        .with_context(|| format!("binding the control socket {}", path.display()))?;
+    // A handed-over socket at another path is replaced, not kept beside this one.
+    agent.holder().remove(handover::API_SOCKET);
     if let Err(e) = agent
         .holder()
         .store(handover::API_SOCKET, std::os::fd::AsFd::as_fd(&listener))
