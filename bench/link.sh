@@ -30,7 +30,7 @@ require_tools() {
 build_and_trap() {
     log "building lazyctl, lazyd and the bench tools (release)"
     cargo build --release -q -p tools --bin lazyctl
-    cargo build --release -q -p agent --bin lazyd
+    cargo build --release -q -p lazyd --bin lazyd
     cargo build --release -q -p lazy-tests --example bench_tools
     local target=${CARGO_TARGET_DIR:-target}
     LAZYCTL=$(realpath "$target/release/lazyctl")

@@ -1792,7 +1792,7 @@ impl Agent {
         let target = match &binary {
             Some(path) => {
                 let path = absolute(path)?;
-                crate::supervisor::upgrade_target(&path).map_err(AgentError::BadRequest)?;
+                handover::upgrade_target(&path).map_err(AgentError::BadRequest)?;
                 path.display().to_string()
             }
             None => String::new(),

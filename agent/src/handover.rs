@@ -203,6 +203,16 @@ impl MountTable {
     }
 }
 
+/// Checks that `binary` is an executable file, before the server is stopped for it.
+pub fn upgrade_target(binary: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::metadata(binary) {
+        Ok(md) if md.is_file() && md.permissions().mode() & 0o111 != 0 => Ok(()),
+        Ok(_) => Err(format!("{} is not an executable file", binary.display())),
+        Err(e) => Err(format!("{}: {e}", binary.display())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,5 @@
 //! The agent side of lazy images: where image bytes come from, how mounts are run, and the
-//! `lazyd` host agent that owns them.
+//! `Agent` the `lazyd` binary (the `lazyd` crate) serves.
 //!
 //! - `blobstore`: the `BlobStore` trait remote and local blob stores implement.
 //! - `registry`: an OCI distribution API client (pulls, pushes, referrers) and
@@ -23,8 +23,6 @@
 //! - `daemon`: the `Agent` lazyd runs: mounts, warms, profiles, gc.
 //! - `handover`: mounts that outlive lazyd: the fd holder (systemd or the supervisor) and the
 //!   mount table its successor serves them again from.
-//! - `supervisor`: the parent that holds the mounts' descriptors and restarts lazyd without
-//!   systemd.
 //! - `api`, `server`: the control API's messages and its HTTP server on the unix socket.
 
 pub mod api;
@@ -46,7 +44,6 @@ pub mod s3;
 pub mod server;
 pub mod store;
 pub mod stream;
-pub mod supervisor;
 
 /// Creates `dir` and its missing parents and makes it its owner's alone (mode 0700, also when
 /// it already existed with another): lazyd's state and cache directories hold what other local

@@ -46,11 +46,15 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .with_state(agent)
 }
 
-/// Only `GET /metrics`, for a TCP listener.
-pub fn metrics_router(agent: Arc<Agent>) -> Router {
-    Router::new()
+/// Serves only `GET /metrics` on a TCP listener, until the listener fails.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    agent: Arc<Agent>,
+) -> std::io::Result<()> {
+    let router = Router::new()
         .route("/metrics", get(metrics))
-        .with_state(agent)
+        .with_state(agent);
+    axum::serve(listener, router).await
 }
 
 /// Binds the control socket at `path`, creating its directory. A socket file left by a
@@ -78,11 +82,7 @@ pub async fn bind_socket(path: &Path) -> std::io::Result<UnixListener> {
 /// accepted but whose request has not arrived yet is served, not closed: a client that connected
 /// while lazyd hands over gets its answer. Connections not yet accepted stay queued on the
 /// listening socket, which the next lazyd inherits.
-pub async fn serve_until(
-    listener: tokio::net::UnixListener,
-    router: Router,
-    stop: Arc<tokio::sync::Notify>,
-) {
+pub async fn serve_until(listener: UnixListener, router: Router, stop: Arc<tokio::sync::Notify>) {
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let stream = tokio::select! {

@@ -2,7 +2,7 @@
 //! directory, a config file written from the test, and logs in a file that is shown when the
 //! agent fails to start or a test panics while it runs.
 //!
-//! The binary is `$LAZYD` or `lazyd` beside `lazyctl` (`cargo build -p agent --bin lazyd`).
+//! The binary is `$LAZYD` or `lazyd` beside `lazyctl` (`cargo build -p lazyd --bin lazyd`).
 //! Dropping a [`Lazyd`] stops it with SIGTERM (which unmounts its mounts), then SIGKILL and
 //! `umount -l` for anything left, so a failing test leaves no mount behind.
 //!
@@ -46,7 +46,7 @@ pub fn lazyd_path() -> PathBuf {
     let path = lazyctl_path().with_file_name("lazyd");
     assert!(
         path.is_file(),
-        "lazyd not found at {}: build it with `cargo build -p agent --bin lazyd` or set LAZYD",
+        "lazyd not found at {}: build it with `cargo build -p lazyd --bin lazyd` or set LAZYD",
         path.display()
     );
     path

@@ -2,7 +2,7 @@
 //! and serves the control API on a unix socket (docs/API.md) for `lazyctl`.
 //!
 //! Started by hand or from a container's entrypoint, `lazyd` is a small supervisor
-//! (`agent::supervisor`) that runs the serving lazyd as its child and keeps the mounts' FUSE
+//! (`supervisor.rs`) that runs the serving lazyd as its child and keeps the mounts' FUSE
 //! descriptors, so mounts survive the server's crashes, restarts and upgrades. Under systemd
 //! with a descriptor store (packaging/systemd/lazyd.service) it serves directly and systemd
 //! keeps the descriptors. docs/OPERATIONS.md says what each signal does.
@@ -13,6 +13,8 @@
 //! container's rootfs) until they are released, then exits; a second signal detaches the
 //! remaining mounts at once (their users then get errors).
 
+mod supervisor;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -21,7 +23,7 @@ use std::time::Duration;
 use agent::config::{AgentConfig, DEFAULT_CONFIG};
 use agent::daemon::Agent;
 use agent::handover::{self, Holder};
-use agent::{server, supervisor};
+use agent::server;
 use anyhow::{Context, Result};
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
@@ -166,7 +168,7 @@ async fn serve(
         let tcp = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the metrics listener {addr}"))?;
-        let metrics = axum::serve(tcp, server::metrics_router(agent.clone()));
+        let metrics = server::serve_metrics(tcp, agent.clone());
         tokio::spawn(async move {
             if let Err(e) = metrics.await {
                 warn!("metrics listener stopped: {e}");
@@ -298,7 +300,7 @@ async fn force(agent: &Arc<Agent>) {
 }
 
 /// Tells systemd (Type=notify) about the agent's state; a no-op outside systemd.
-fn notify(state: &[sd_notify::NotifyState]) {
+fn notify(state: &[sd_notify::NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(false, state) {
         warn!("cannot notify systemd: {e}");
     }

@@ -33,7 +33,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, UnixAddr};
 use tracing::{error, info, warn};
 
-use crate::handover::{self, SUPERVISOR_ENV};
+use agent::handover::{self, upgrade_target, SUPERVISOR_ENV};
 
 /// The supervisor's notification socket, in the state directory (0700).
 pub const SOCKET_FILE: &str = "supervisor.sock";
@@ -69,7 +69,7 @@ enum Ending {
 /// Runs lazyd as supervisor of a serving child: `binary` with `args`, state in `state_dir`.
 /// Returns the exit code of the last child when lazyd stops.
 pub fn run(binary: &Path, args: &[OsString], state_dir: &Path) -> anyhow::Result<i32> {
-    crate::create_private_dir(state_dir)?;
+    agent::create_private_dir(state_dir)?;
     let socket_path = state_dir.join(SOCKET_FILE);
     if UnixDatagram::unbound()?.connect(&socket_path).is_ok() {
         anyhow::bail!(
@@ -329,16 +329,6 @@ fn handle(
     ready
 }
 
-/// Checks that `binary` is an executable file, before the server is stopped for it.
-pub fn upgrade_target(binary: &Path) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    match std::fs::metadata(binary) {
-        Ok(md) if md.is_file() && md.permissions().mode() & 0o111 != 0 => Ok(()),
-        Ok(_) => Err(format!("{} is not an executable file", binary.display())),
-        Err(e) => Err(format!("{}: {e}", binary.display())),
-    }
-}
-
 /// Names as `LISTEN_FDNAMES` can carry them (no ':' separators), at most 255 bytes.
 fn valid_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 255 && name.bytes().all(|b| b.is_ascii_graphic() && b != b':')
@@ -412,6 +402,7 @@ fn place_fds(fds: &[RawFd]) -> std::io::Result<()> {
         if unsafe { libc::dup2(copy, 3 + i as RawFd) } < 0 {
             return Err(std::io::Error::last_os_error());
         }
+        // SAFETY: `copy` is a descriptor this function duplicated and nothing else owns.
         unsafe { libc::close(copy) };
     }
     Ok(())
