@@ -1007,7 +1007,7 @@ mod tests {
         /// The chunk refs of file `name`, in file order.
         fn chunks(&self, name: &str) -> Vec<ChunkRef> {
             let f = &self.files[name];
-            fusefs::OpenFile::new(&self.reader, f.0, f.1.len() as u64)
+            OpenFile::new(&self.reader, f.0, f.1.len() as u64)
                 .chunks(0..u64::MAX)
                 .unwrap()
                 .into_iter()

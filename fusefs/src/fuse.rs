@@ -50,7 +50,9 @@ use crate::reader::{Attr, FileKind, ImageReader};
 const TTL: Duration = Duration::from_secs(24 * 60 * 60);
 /// Requests the kernel may keep in flight; the default (12) starves parallel readers.
 const MAX_BACKGROUND: u16 = 128;
-/// Kernel read-ahead per file: one default chunk, so sequential readers ask for whole chunks.
+/// Kernel read-ahead a connection starts with: one default chunk, so sequential readers ask for
+/// whole chunks. lazyd then sets each mount's own through its bdi (`agent::mount`: 4 MiB, 1 MiB
+/// for streamed model files), which overrides this.
 const MAX_READAHEAD: u32 = 1 << 20;
 
 /// How to mount an image.
@@ -691,8 +693,9 @@ fn mount_fuse(fd: &OwnedFd, mountpoint: &Path, cfg: &MountConfig) -> std::io::Re
     let mut data = format!(
         "fd={},rootmode=40000,user_id={},group_id={},default_permissions",
         fd.as_raw_fd(),
-        // SAFETY: getuid and getgid cannot fail.
+        // SAFETY: getuid and getgid have no preconditions and cannot fail.
         unsafe { libc::getuid() },
+        // SAFETY: as above.
         unsafe { libc::getgid() }
     );
     if cfg.allow_other {

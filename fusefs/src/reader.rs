@@ -685,7 +685,7 @@ impl ImageReader {
 
     /// Updates the file's stream state for a read of `start..end`; returns the range to hint,
     /// if the read is sequential and the window reaches past what was hinted before.
-    fn read_ahead_range(&self, ino: u64, start: u64, end: u64) -> Option<std::ops::Range<u64>> {
+    fn read_ahead_range(&self, ino: u64, start: u64, end: u64) -> Option<Range<u64>> {
         let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
         if streams.len() >= MAX_STREAMS && !streams.contains_key(&ino) {
             streams.clear();
@@ -716,7 +716,7 @@ impl ImageReader {
 
     /// Passes the chunks holding `range` of file `ino` to the source's read-ahead, and records
     /// that the file is hinted up to the end of the last of them, so no chunk is hinted twice.
-    fn hint(&self, ino: u64, range: std::ops::Range<u64>) {
+    fn hint(&self, ino: u64, range: Range<u64>) {
         let len = u32::try_from(range.end - range.start).unwrap_or(u32::MAX);
         let Ok((_, pieces)) = self.plan_read(ino, range.start, len) else {
             return;

@@ -400,7 +400,7 @@ fn reset(stream: &TcpStream) -> Result<()> {
             libc::SOL_SOCKET,
             libc::SO_LINGER,
             std::ptr::from_ref(&linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            size_of::<libc::linger>() as libc::socklen_t,
         )
     };
     if rc != 0 {

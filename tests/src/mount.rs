@@ -108,8 +108,6 @@ pub fn require_root() {
     );
 }
 
-/// Panics, naming what is missing, unless this process is root and `/dev/fuse` is a usable
-/// character device. Call it first in every test that mounts.
 /// Panics unless `runtime` is on PATH.
 pub fn require_runtime(runtime: &str) {
     let found = std::env::var_os("PATH")
@@ -120,6 +118,8 @@ pub fn require_runtime(runtime: &str) {
     );
 }
 
+/// Panics, naming what is missing, unless this process is root and `/dev/fuse` is a usable
+/// character device. Call it first in every test that mounts.
 pub fn require_root_and_fuse() {
     require_root();
     use std::os::unix::fs::FileTypeExt;

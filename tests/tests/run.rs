@@ -843,13 +843,13 @@ fn the_lower_lingers_after_its_last_container_serves_the_next_one_and_then_goes(
         lookups(&status) - looked_up
     );
     // Then, with no container for the linger, it goes.
-    let start = std::time::Instant::now();
+    let start = Instant::now();
     while !array(&agent.status(), "mounts").is_empty() {
         assert!(
-            start.elapsed() < std::time::Duration::from_secs(20),
+            start.elapsed() < Duration::from_secs(20),
             "the lower did not go after its linger"
         );
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(100));
     }
     assert!(agent.log().contains("unmounting a lower no container used"));
     assert_nothing_left(&agent);

@@ -160,7 +160,7 @@ enum Command {
         /// The new lazyd binary. Default: the path lazyd was started from (where a package
         /// upgrade puts the new version).
         #[arg(long)]
-        binary: Option<std::path::PathBuf>,
+        binary: Option<PathBuf>,
     },
     /// Show lazyd's mounts, warms, cache and fetch counters.
     Status {

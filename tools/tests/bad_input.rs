@@ -46,7 +46,7 @@ fn file<'a>(name: &'a str, data: &'a [u8]) -> Raw<'a> {
     }
 }
 
-fn raw_tar(entries: &[Raw]) -> Vec<u8> {
+fn raw_tar(entries: &[Raw<'_>]) -> Vec<u8> {
     let mut out = Vec::new();
     for e in entries {
         let mut h = tar::Header::new_old();

@@ -276,7 +276,7 @@ mod tests {
         })
         .await;
         let client = server.client(None);
-        let read = |repo: &'static str, range: std::ops::Range<u64>| {
+        let read = |repo: &'static str, range: Range<u64>| {
             let store = RegistryBlobStore::new(client.clone(), repo).unwrap();
             let digest = digest.clone();
             async move { store.read_range(&digest, range).await.unwrap_err() }

@@ -618,7 +618,7 @@ mod tests {
 
     #[test]
     fn link_and_query_helpers() {
-        let mut headers = reqwest::header::HeaderMap::new();
+        let mut headers = HeaderMap::new();
         headers.insert(
             reqwest::header::LINK,
             r#"<https://other/x>; rel="prev", </v2/r/referrers/d?last=b>; rel="next""#
