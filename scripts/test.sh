@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite (as root: the end-to-end tests mount FUSE filesystems, chroot into them
 # and run umoci/debootstrap). Tiers, all run here:
-#   unit + property tests        cargo test (every crate)
+#   unit + property tests        cargo test (every crate), with the system-tests feature
 #   end-to-end tests             tests/tests/*.rs (real mounts, real images, reference unpacks)
 #   lint                         cargo fmt --check, cargo clippy -D warnings
 #   fuzz (brief)                 scripts/fuzz.sh FUZZ_SECONDS (default 60; 0 skips): index_open for that long, the other targets briefly
@@ -18,11 +18,14 @@ fi
 echo "test.sh: disk free at start: $(df -h --output=avail . | tail -1)"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# system-tests: the unit tests that need root, the local servers or system tools run too. The
+# binaries are built with the same features, so the test build reuses them.
+features=agent/system-tests,tools/system-tests,lazy-tests/system-tests
 # The end-to-end tests run the lazyctl and lazyd binaries of this build.
-cargo build --workspace --bins
+cargo build --workspace --bins --features "$features"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --workspace -- --test-threads=2 2>&1 | tee "$log"
+cargo test --workspace --features "$features" -- --test-threads=2 2>&1 | tee "$log"
 
 FUZZ_SECONDS=${FUZZ_SECONDS:-60}
 if [ "$FUZZ_SECONDS" -gt 0 ]; then

@@ -363,6 +363,10 @@ mod tests {
 
     /// Slow the first time (debootstrap downloads ~40 MB and installs); cached afterwards.
     #[test]
+    #[cfg_attr(
+        not(feature = "system-tests"),
+        ignore = "needs root and debootstrap (scripts/setup.sh installs it)"
+    )]
     fn debian_fixture_builds_and_unpacks() {
         crate::mount::require_root();
         let start = Instant::now();
@@ -425,6 +429,10 @@ mod tests {
 
     /// Slow the first time (debootstrap downloads and installs python3); cached afterwards.
     #[test]
+    #[cfg_attr(
+        not(feature = "system-tests"),
+        ignore = "needs root and debootstrap (scripts/setup.sh installs it)"
+    )]
     fn python_fixture_builds_and_runs_python3_in_a_chroot() {
         crate::mount::require_root();
         let start = Instant::now();

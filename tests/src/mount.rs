@@ -691,6 +691,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "system-tests"),
+        ignore = "needs root: mounts FUSE or a tmpfs"
+    )]
     fn mounted_guard_waits_for_the_mount_and_unmounts_on_drop() {
         require_root_and_fuse();
         require_bindfs();

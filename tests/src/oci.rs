@@ -1589,6 +1589,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "system-tests"),
+        ignore = "needs root, skopeo and umoci (scripts/setup.sh installs them)"
+    )]
     fn layouts_have_tagged_manifests_valid_digests_and_shared_blobs() {
         let dir = tempfile::tempdir().unwrap();
         let layout = dir.path().join("layout");
@@ -1687,6 +1691,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "system-tests"),
+        ignore = "needs root, skopeo and umoci (scripts/setup.sh installs them)"
+    )]
     fn docker_and_oci_archives_carry_the_same_image_through_skopeo() {
         crate::mount::require_root();
         let dir = tempfile::tempdir().unwrap();

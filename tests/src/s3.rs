@@ -409,6 +409,10 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg_attr(
+        not(feature = "system-tests"),
+        ignore = "needs moto_server (scripts/setup.sh installs it)"
+    )]
     fn moto_starts_creates_buckets_and_restarts_on_the_same_port() {
         let mut moto = MotoServer::start();
         let port = moto.port();

@@ -459,6 +459,10 @@ mod tests {
     /// 4 GiB, about 2.5 minutes in the debug profile); later runs reuse the cached image and
     /// reference unpack and take about one.
     #[test]
+    #[cfg_attr(
+        not(feature = "system-tests"),
+        ignore = "needs root, skopeo and umoci (scripts/setup.sh installs them)"
+    )]
     fn every_entry_type_image_unpacks_reproducibly_and_as_described() {
         crate::mount::require_root();
         let image = every_entry_type_image_cached().unwrap();
@@ -683,6 +687,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "system-tests"),
+        ignore = "needs root, skopeo and umoci (scripts/setup.sh installs them)"
+    )]
     fn gnu_sparse_image_extracts_with_gnu_tar_to_its_expected_tree() {
         crate::mount::require_root();
         let dir = tempfile::tempdir().unwrap();
@@ -718,6 +726,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "system-tests"),
+        ignore = "needs root, skopeo and umoci (scripts/setup.sh installs them)"
+    )]
     fn cached_image_is_built_once_and_reopened() {
         let first = every_entry_type_image_cached().unwrap();
         let second = every_entry_type_image_cached().unwrap();

@@ -790,6 +790,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "system-tests"),
+        ignore = "needs root: mounts FUSE or a tmpfs"
+    )]
     fn two_equal_trees_have_no_differences() {
         crate::mount::require_root();
         let (_dir, a, b) = pair();
@@ -810,6 +814,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "system-tests"),
+        ignore = "needs root: mounts FUSE or a tmpfs"
+    )]
     fn every_kind_of_difference_is_reported() {
         crate::mount::require_root();
         type Mutation = fn(&Path);
@@ -982,6 +990,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "system-tests"),
+        ignore = "needs root: mounts FUSE or a tmpfs"
+    )]
     fn root_mtime_is_compared_only_on_request() {
         crate::mount::require_root();
         let (_dir, a, b) = pair();

@@ -348,6 +348,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "system-tests"),
+        ignore = "needs containers-common (/usr/share/containers/seccomp.json)"
+    )]
     fn the_installed_default_profile_denies_what_the_capabilities_do_not_cover() {
         // containers-common is installed by scripts/setup.sh; this reads the real file. Its
         // profile (podman's, derived from docker's) denies the calls no capability guards and

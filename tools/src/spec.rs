@@ -1034,6 +1034,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "system-tests"),
+        ignore = "needs containers-common (/usr/share/containers/seccomp.json)"
+    )]
     fn network_namespace_unless_host_and_seccomp_when_given() {
         let root = rootfs(PASSWD_TEXT, GROUP_TEXT);
         let namespaces = |req: &RunRequest| -> Vec<String> {
