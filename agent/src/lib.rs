@@ -11,6 +11,7 @@
 //! - `remote`: image locations (dir:, docker://, s3://) and opening images there.
 //! - `push`: copying a lazy image to a registry, S3 or another store.
 //! - `cache`: the on-disk compressed chunk cache shared by all mounts (segments, LRU, crc checks).
+//! - `decoded`: the decoded-chunk LRU, bounded in bytes, that `fetcher` and `local` keep.
 //! - `fetcher`: the `ChunkSource` of remote mounts: caches, single-flight, priorities (demand,
 //!   read-ahead, background), retries, warm.
 //! - `local`: a `ChunkSource` over a local store's blobs, with a decoded-chunk LRU.
@@ -30,6 +31,7 @@ pub mod blobstore;
 pub mod cache;
 pub mod config;
 pub mod daemon;
+mod decoded;
 pub mod external;
 pub mod fetcher;
 pub mod handover;

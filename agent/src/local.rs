@@ -1,19 +1,18 @@
 //! A `ChunkSource` over data blobs in a local store: reads a chunk's stored bytes with one
 //! positioned read, verifies and decodes them (`fusefs::chunk::decode_chunk`), and keeps
-//! recently decoded chunks in a small in-memory LRU keyed by chunk digest.
+//! recently decoded chunks in the decoded-chunk LRU (`decoded`), keyed by chunk digest.
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::num::NonZeroUsize;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use fusefs::chunk::decode_chunk;
 use fusefs::{ChunkRef, ChunkSource, Index, SourceError};
-use lru::LruCache;
 use tracing::error;
 
+use crate::decoded::DecodedLru;
 use crate::store::{LocalStore, StoreError};
 
 /// Default budget of the decoded-chunk LRU: 64 default-size chunks.
@@ -45,7 +44,7 @@ impl SourceStats {
 /// Serves chunks from the blob files of a local store.
 pub struct LocalChunkSource {
     blobs: HashMap<String, File>,
-    decoded: Mutex<LruCache<[u8; 32], Arc<Vec<u8>>>>,
+    decoded: Mutex<DecodedLru>,
     pub stats: SourceStats,
 }
 
@@ -67,19 +66,20 @@ impl LocalChunkSource {
             })?;
             blobs.insert(digest, file);
         }
-        let entries = (memory_budget / index.chunk_size().max(1) as usize).max(4);
+        // `memory_budget` bytes, and never under four chunks: at the default 1 MiB chunk size
+        // that is the bound the LRU had when it counted entries (`memory_budget / chunk_size`
+        // chunks, at least 4), now in bytes.
+        let budget = memory_budget.max(4 * index.chunk_size() as usize);
         Ok(LocalChunkSource {
             blobs,
-            decoded: Mutex::new(LruCache::new(
-                NonZeroUsize::new(entries).unwrap_or(NonZeroUsize::MIN),
-            )),
+            decoded: Mutex::new(DecodedLru::new(budget)),
             stats: SourceStats::default(),
         })
     }
 
     /// The decoded-chunk LRU. A panic elsewhere while holding the lock cannot leave it
     /// inconsistent (entries are whole `Arc`s), so a poisoned lock is simply taken over.
-    fn lru(&self) -> std::sync::MutexGuard<'_, LruCache<[u8; 32], Arc<Vec<u8>>>> {
+    fn lru(&self) -> std::sync::MutexGuard<'_, DecodedLru> {
         self.decoded
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -140,7 +140,7 @@ impl ChunkSource for LocalChunkSource {
     }
 
     fn chunk_in_memory(&self, chunk: &ChunkRef) -> Option<Arc<Vec<u8>>> {
-        let hit = self.lru().get(&chunk.record.digest)?.clone();
+        let hit = self.lru().get(&chunk.record.digest)?;
         self.stats.chunk_reads.fetch_add(1, Ordering::Relaxed);
         self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
         Some(hit)

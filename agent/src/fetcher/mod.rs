@@ -2,8 +2,10 @@
 //! fills the caches ahead of readers (read-ahead, tensor streams, hot-chunk profiles,
 //! speculation, the whole image, warm).
 //!
-//! A chunk read tries, in order: the decoded-chunk LRU in memory ([`memory`]), the compressed
-//! chunk cache on disk (`cache`), and the chunk's backend (`BlobStore`). Disk hits and fetches
+//! A chunk read tries, in order: the decoded-chunk LRU in memory (`decoded`: chunks readers
+//! read; chunks fetched ahead of readers go to the disk cache only, so a warm or a prefetch does
+//! not flush what readers use), the compressed chunk cache on disk (`cache`), and the chunk's
+//! backend (`BlobStore`). Disk hits and fetches
 //! both go through one table of *flights* keyed by chunk digest: any number of readers,
 //! read-aheads and warms of one chunk cause one decode or one fetch, and a reader that finds its
 //! chunk on its way (queued, in flight, being decoded) waits for that instead of starting
@@ -37,7 +39,6 @@
 //! runtime's blocking pool, speculative decodes on a thread of the fetcher's own.
 
 mod decode;
-mod memory;
 mod queue;
 mod rate;
 mod request;
@@ -56,9 +57,9 @@ use tracing::{debug, error, warn};
 
 use crate::blobstore::{BlobError, BlobStore};
 use crate::cache::ChunkCache;
+use crate::decoded::DecodedLru;
 use crate::metrics::{BackendMetrics, ChunkMetrics, Counter, MetricsSnapshot, StreamMetrics};
 use decode::DecodeAhead;
-use memory::MemoryCache;
 use queue::{Limits, Next, Queue, Queued};
 use warm::WarmFailure;
 
@@ -297,7 +298,7 @@ struct Shared {
     limits: Limits,
     handle: tokio::runtime::Handle,
     cache: Option<Arc<ChunkCache>>,
-    memory: Mutex<MemoryCache>,
+    memory: Mutex<DecodedLru>,
     flights: Mutex<HashMap<[u8; 32], Arc<Flight>>>,
     backends: Mutex<Vec<Arc<Backend>>>,
     metrics: ChunkMetrics,
@@ -325,7 +326,7 @@ impl Fetcher {
             .is_some()
             .then(|| Arc::new(DecodeAhead::new(config.memory_budget / 2)));
         let shared = Arc::new(Shared {
-            memory: Mutex::new(MemoryCache::new(config.memory_budget)),
+            memory: Mutex::new(DecodedLru::new(config.memory_budget)),
             limits: config.limits(),
             config,
             handle: runtime,

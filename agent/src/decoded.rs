@@ -1,46 +1,48 @@
-//! The decoded-chunk LRU: chunks readers asked for, decoded, bounded in bytes. A hit is an `Arc`
-//! clone; what it saves is the disk cache's read, crc32 and zstd decode of a chunk that several
-//! reads share (small files packed into one chunk, 128 KiB reads of a 1 MiB chunk). Chunks
-//! fetched ahead of readers go to the disk cache only, so a warm or a prefetch does not flush
-//! what readers use.
+//! The decoded-chunk LRU: chunks readers asked for, decoded, bounded in bytes (chunk sizes
+//! differ from image to image, and a file's last chunk is short). A hit is an `Arc` clone; what
+//! it saves is a chunk's read, checks and decode when several reads share it (small files
+//! packed into one chunk, 128 KiB reads of a 1 MiB chunk). Both chunk sources keep one behind a
+//! lock of their own and count their own hits: the fetcher (remote mounts, beside the disk
+//! cache) and `local::LocalChunkSource` (local stores). The `lru` crate keeps the order; this
+//! adds the byte budget.
 
 use std::sync::Arc;
 
 use lru::LruCache;
 
 /// The LRU and its budget in bytes.
-pub(super) struct MemoryCache {
+pub(crate) struct DecodedLru {
     lru: LruCache<[u8; 32], Arc<Vec<u8>>>,
     bytes: usize,
     budget: usize,
 }
 
-impl MemoryCache {
-    pub(super) fn new(budget: usize) -> MemoryCache {
-        MemoryCache {
+impl DecodedLru {
+    pub(crate) fn new(budget: usize) -> DecodedLru {
+        DecodedLru {
             lru: LruCache::unbounded(),
             bytes: 0,
             budget,
         }
     }
 
-    pub(super) fn get(&mut self, digest: &[u8; 32]) -> Option<Arc<Vec<u8>>> {
+    pub(crate) fn get(&mut self, digest: &[u8; 32]) -> Option<Arc<Vec<u8>>> {
         self.lru.get(digest).cloned()
     }
 
     /// Whether the chunk is held, without making it recent.
-    pub(super) fn contains(&self, digest: &[u8; 32]) -> bool {
+    pub(crate) fn contains(&self, digest: &[u8; 32]) -> bool {
         self.lru.contains(digest)
     }
 
     #[cfg(test)]
-    pub(super) fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.lru.is_empty()
     }
 
     /// Keeps `data`, evicting the least recently used chunks beyond the budget (the newest
     /// chunk stays even when it alone is over it); returns the digests evicted.
-    pub(super) fn put(&mut self, digest: [u8; 32], data: Arc<Vec<u8>>) -> Vec<[u8; 32]> {
+    pub(crate) fn put(&mut self, digest: [u8; 32], data: Arc<Vec<u8>>) -> Vec<[u8; 32]> {
         self.bytes += data.len();
         if let Some(old) = self.lru.put(digest, data) {
             self.bytes -= old.len();
@@ -65,7 +67,7 @@ mod tests {
 
     #[test]
     fn keeps_the_most_recent_chunks_within_the_budget() {
-        let mut m = MemoryCache::new(250);
+        let mut m = DecodedLru::new(250);
         m.put([1; 32], Arc::new(vec![0; 100]));
         m.put([2; 32], Arc::new(vec![0; 100]));
         assert!(m.get(&[1; 32]).is_some(), "1 is now the most recent");
