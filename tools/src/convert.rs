@@ -512,7 +512,7 @@ mod tests {
     fn stored_at(reader: &ImageReader, tree: &Tree, path: &str, off: u64) -> u64 {
         let ino = tree[path].0.ino;
         let (_, pieces) = reader.plan_read(ino, off, 1).unwrap();
-        let chunk = reader.chunk_ref(pieces[0].1.chunk).unwrap();
+        let chunk = reader.index().chunk_ref(pieces[0].1.chunk).unwrap();
         chunk.record.comp_off
     }
 
