@@ -26,7 +26,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use fusefs::chunk::hex;
 use fusefs::format::{
     DirentRecord, ExtentRecord, Section, MAX_CHUNK_SIZE, PATH_MAX, S_IFDIR, S_IFMT, S_IFREG,
 };
@@ -286,7 +285,7 @@ impl Profile {
         };
         let blob_digests: Vec<String> = blobs
             .iter()
-            .map(|b| format!("sha256:{}", hex(&b.sha256)))
+            .map(|b| format!("sha256:{}", hex::encode(b.sha256)))
             .collect();
         let mut by_digest: HashMap<[u8; 32], u32> = HashMap::with_capacity(index.chunk_count());
         for i in 0..index.chunk_count() as u32 {
@@ -442,7 +441,7 @@ impl Recorder {
             let (Some(place), Ok(record)) = (places.get(c), index.chunk(*c)) else {
                 continue;
             };
-            let chunk = hex(&record.digest);
+            let chunk = hex::encode(record.digest);
             // Two table entries of one digest (an image need not dedup) are one chunk.
             if !chunks.insert(chunk.clone()) {
                 continue;
@@ -1220,7 +1219,7 @@ mod tests {
         let ranks: Vec<f64> = p.entries.iter().map(|e| e.rank).collect();
         assert_eq!(ranks, [0.0, 0.25, 0.75]);
         for (e, c) in p.entries.iter().zip([4, 3, 1]) {
-            assert_eq!(e.chunk, hex(&index.chunk(c).unwrap().digest));
+            assert_eq!(e.chunk, hex::encode(index.chunk(c).unwrap().digest));
         }
         assert_eq!(Profile::from_bytes(&p.to_bytes()).unwrap(), p);
 
@@ -1229,7 +1228,7 @@ mod tests {
         applied.entries.insert(1, entry(0xee, 0.1));
         let refs = applied.chunks(&index);
         assert_eq!(refs.iter().map(|c| c.index).collect::<Vec<_>>(), [4, 3, 1]);
-        let blob = format!("sha256:{}", hex(&index.blobs().unwrap()[0].sha256));
+        let blob = format!("sha256:{}", hex::encode(index.blobs().unwrap()[0].sha256));
         assert!(refs.iter().all(|c| c.blob_digest == blob));
         let stored: u64 = [4, 3, 1]
             .iter()

@@ -2,33 +2,15 @@
 //! decoded alone, and carries two checks: crc32 of the stored bytes (cheap; every read from
 //! disk) and blake3 of the decoded bytes (its identity; checked after every decode).
 //!
-//! `ChunkSource` is the boundary the filesystem reads data through: the agent implements it
-//! over local stores, caches and remote backends.
+//! A pure codec over a chunk record and its bytes: `lazyctl convert` encodes with it, every
+//! source decodes with it; it reads nothing and knows no source (`source` has the
+//! `ChunkSource` boundary).
 
-use std::sync::Arc;
-
-use crate::error::{ChunkError, SourceError};
+use crate::error::ChunkError;
 use crate::format::{ChunkRecord, CHUNK_UNCOMPRESSED};
 
 /// Default zstd level: level 3 is zstd's own default, a good ratio at ~300+ MB/s per core.
 pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
-
-/// A chunk as the reader needs it: the record plus the OCI digest of its blob.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChunkRef {
-    /// Index into the image's chunk table (stable for an image).
-    pub index: u32,
-    pub record: ChunkRecord,
-    /// `sha256:<hex>` of the blob the chunk is stored in.
-    pub blob_digest: String,
-}
-
-impl ChunkRef {
-    /// Hex blake3 of the decoded chunk: the cache key and the name used in logs.
-    pub fn digest_hex(&self) -> String {
-        hex(&self.record.digest)
-    }
-}
 
 /// The result of encoding one chunk: the bytes to store and the record fields describing them.
 #[derive(Debug, Clone)]
@@ -63,7 +45,7 @@ pub fn encode_chunk(raw: &[u8], level: i32) -> std::io::Result<EncodedChunk> {
 pub fn check_stored(record: &ChunkRecord, stored: &[u8]) -> Result<(), ChunkError> {
     if stored.len() != record.comp_len as usize {
         return Err(ChunkError::Length {
-            digest: hex(&record.digest),
+            digest: hex::encode(record.digest),
             actual: stored.len(),
             expected: record.comp_len as usize,
         });
@@ -71,7 +53,7 @@ pub fn check_stored(record: &ChunkRecord, stored: &[u8]) -> Result<(), ChunkErro
     let crc = crc32fast::hash(stored);
     if crc != record.crc32 {
         return Err(ChunkError::Crc {
-            digest: hex(&record.digest),
+            digest: hex::encode(record.digest),
             expected: record.crc32,
             actual: crc,
         });
@@ -153,7 +135,7 @@ fn check_lengths_and_crc(
         check_stored(record, stored)
     } else if stored.len() != record.comp_len as usize {
         Err(ChunkError::Length {
-            digest: hex(&record.digest),
+            digest: hex::encode(record.digest),
             actual: stored.len(),
             expected: record.comp_len as usize,
         })
@@ -167,7 +149,7 @@ fn check_digest(record: &ChunkRecord, raw: &[u8], checks: Checks) -> Result<(), 
         let digest = blake3::hash(raw);
         if digest.as_bytes() != &record.digest {
             return Err(ChunkError::Digest {
-                digest: hex(&record.digest),
+                digest: hex::encode(record.digest),
                 actual: digest.to_hex().to_string(),
             });
         }
@@ -189,7 +171,7 @@ fn decompress(record: &ChunkRecord, stored: &[u8]) -> Result<Vec<u8>, ChunkError
         return Ok(stored.to_vec());
     }
     let failed = |reason: String| ChunkError::Decompress {
-        digest: hex(&record.digest),
+        digest: hex::encode(record.digest),
         reason,
     };
     let raw_len = record.raw_len as usize;
@@ -211,68 +193,6 @@ fn decompress(record: &ChunkRecord, stored: &[u8]) -> Result<Vec<u8>, ChunkError
         return Err(failed(format!("{} bytes, expected {raw_len}", raw.len())));
     }
     Ok(raw)
-}
-
-/// Where `ImageReader` gets decoded chunk bytes from. Implementations must return only bytes
-/// that passed `decode_chunk` (or an equivalent check) and may block: the FUSE adapter calls
-/// them from worker threads, never from the session loop.
-pub trait ChunkSource: Send + Sync {
-    fn chunk(&self, chunk: &ChunkRef) -> Result<Arc<Vec<u8>>, SourceError>;
-
-    /// The chunk, when the source holds it decoded in memory: what `chunk` would return, with
-    /// the same side effects (counters, recordings), but never blocking nor reading a disk;
-    /// `None` otherwise (the default). The filesystem answers a read whose chunk is held on
-    /// the session thread, without handing it to a read worker.
-    fn chunk_in_memory(&self, _chunk: &ChunkRef) -> Option<Arc<Vec<u8>>> {
-        None
-    }
-
-    /// A hint that `chunks` will probably be read soon (a file is being read sequentially).
-    /// Must not block. Sources with slow backends start fetching them at low priority; local
-    /// sources ignore it.
-    fn read_ahead(&self, _chunks: &[ChunkRef]) {}
-
-    /// A guess that `chunks` may be read soon, made from the image's layout (the rest of a file
-    /// or of a directory just touched). Must not block. Sources with slow backends fetch them
-    /// when the link has room, and decode cached ones ahead while a core is free; local sources
-    /// ignore it.
-    fn speculate(&self, _chunks: &[ChunkRef]) {}
-
-    /// Which files' opens this source wants to hear of ([`ChunkSource::file_opened`] and
-    /// [`ChunkSource::file_released`]), as a test of a file's name; `None` (the default): no
-    /// file's. A mount whose source wants no file of its image lets the kernel open and close
-    /// every file without asking (see `fuse`), which saves two round trips per open.
-    fn opens_wanted(&self) -> Option<fn(&[u8]) -> bool> {
-        None
-    }
-
-    /// A regular file that [`ChunkSource::opens_wanted`] names was opened and had no other
-    /// open handle. Must not block (it runs on the FUSE session thread): a source that wants
-    /// to read the file hands `file` to a thread of its own.
-    fn file_opened(&self, _file: crate::reader::OpenFile) {}
-
-    /// The last open handle of file `ino` was released (or the filesystem is going away).
-    /// Must not block for long: it runs on the FUSE session thread.
-    fn file_released(&self, _ino: u64) {}
-
-    /// A reader reads `range` of a file that [`ChunkSource::opens_wanted`] names, before its
-    /// chunks are asked for. Must not block (it may run on the FUSE session thread). Returns
-    /// whether the source reads this file ahead of the reader itself; when not (the default),
-    /// the filesystem hints a sequential reader's next chunks ([`ChunkSource::read_ahead`]).
-    fn watched_read(&self, _ino: u64, _range: std::ops::Range<u64>) -> bool {
-        false
-    }
-}
-
-/// Lower-case hex of a byte string.
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[(b >> 4) as usize] as char);
-        s.push(DIGITS[(b & 15) as usize] as char);
-    }
-    s
 }
 
 #[cfg(test)]

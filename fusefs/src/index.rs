@@ -6,6 +6,9 @@
 //! sections, sorted and unique directory names, a tree of directories with no cycles, extents
 //! inside their files and chunks). After that, accessors still use checked slicing: a bug in
 //! validation turns into an error, never an out-of-bounds read.
+//!
+//! Chunks leave the index as [`ChunkRef`]s (a chunk record with its blob's digest), which is
+//! how the source, the speculator and the reader name them.
 
 use std::fs::File;
 use std::path::Path;
@@ -34,6 +37,26 @@ pub struct Index {
     bytes: IndexBytes,
     header: Header,
     counts: [usize; 7],
+    /// `sha256:<hex>` of every blob of the blob table, in table order: each [`ChunkRef`]
+    /// carries its blob's, so they are spelled out once, when the index is opened.
+    blob_digests: Vec<String>,
+}
+
+/// A chunk as the reader needs it: the record plus the OCI digest of its blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkRef {
+    /// Index into the image's chunk table (stable for an image).
+    pub index: u32,
+    pub record: ChunkRecord,
+    /// `sha256:<hex>` of the blob the chunk is stored in.
+    pub blob_digest: String,
+}
+
+impl ChunkRef {
+    /// Hex blake3 of the decoded chunk: the cache key and the name used in logs.
+    pub fn digest_hex(&self) -> String {
+        hex::encode(self.record.digest)
+    }
 }
 
 /// Inode numbers are 1-based; the root directory is inode 1 (FUSE's `FUSE_ROOT_ID`).
@@ -197,12 +220,18 @@ impl Index {
             }
             counts[section as usize] = count as usize;
         }
-        let index = Index {
+        let mut index = Index {
             bytes,
             header,
             counts,
+            blob_digests: Vec::new(),
         };
         index.validate_records()?;
+        index.blob_digests = index
+            .blobs()?
+            .iter()
+            .map(|b| format!("sha256:{}", hex::encode(b.sha256)))
+            .collect();
         Ok(index)
     }
 
@@ -474,30 +503,29 @@ impl Index {
     }
 
     /// The `sha256:<hex>` digests of the blob table, in table order.
-    pub fn blob_digests(&self) -> Result<Vec<String>, IndexError> {
-        Ok(self
-            .blobs()?
-            .iter()
-            .map(|b| format!("sha256:{}", crate::chunk::hex(&b.sha256)))
-            .collect())
+    pub fn blob_digests(&self) -> &[String] {
+        &self.blob_digests
+    }
+
+    /// Chunk `i` with the digest of its blob.
+    pub fn chunk_ref(&self, i: u32) -> Result<ChunkRef, IndexError> {
+        let record = self.chunk(i)?;
+        let blob_digest = self
+            .blob_digests
+            .get(record.blob as usize)
+            .cloned()
+            .ok_or_else(|| IndexError::Corrupt(format!("chunk {i} names missing blob")))?;
+        Ok(ChunkRef {
+            index: i,
+            record,
+            blob_digest,
+        })
     }
 
     /// Every chunk of the image with its blob's digest, in table order (what a warm fetches).
-    pub fn chunk_refs(&self) -> Result<Vec<crate::ChunkRef>, IndexError> {
-        let blobs = self.blob_digests()?;
+    pub fn chunk_refs(&self) -> Result<Vec<ChunkRef>, IndexError> {
         (0..self.chunk_count() as u32)
-            .map(|i| {
-                let record = self.chunk(i)?;
-                let blob_digest = blobs
-                    .get(record.blob as usize)
-                    .cloned()
-                    .ok_or_else(|| IndexError::Corrupt(format!("chunk {i} names missing blob")))?;
-                Ok(crate::ChunkRef {
-                    index: i,
-                    record,
-                    blob_digest,
-                })
-            })
+            .map(|i| self.chunk_ref(i))
             .collect()
     }
 

@@ -6,10 +6,10 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
-use crate::chunk::{ChunkRef, ChunkSource};
 use crate::error::{FsError, IndexError};
 use crate::format::*;
-use crate::index::{Index, ROOT_INO};
+use crate::index::{ChunkRef, Index, ROOT_INO};
+use crate::source::{ChunkSource, ImageFiles, OpenFile};
 use crate::speculate::Speculator;
 
 /// File types as the filesystem reports them.
@@ -83,7 +83,6 @@ type XattrPair<'a> = (&'a [u8], &'a [u8]);
 pub struct ImageReader {
     index: Arc<Index>,
     source: Arc<dyn ChunkSource>,
-    blob_digests: Vec<String>,
     total_blocks: u64,
     /// File bytes returned by `read` (what the kernel read, its read-ahead included).
     bytes_served: AtomicU64,
@@ -101,17 +100,6 @@ pub struct ImageReader {
     speculation: Option<Speculator>,
 }
 
-/// A regular file that was just opened, as [`ChunkSource::file_opened`] gets it: enough to
-/// find its name, its chunks and its bytes from another thread. It holds the reader weakly, so
-/// a source that keeps it does not keep the filesystem alive; once the reader is gone every
-/// method fails.
-#[derive(Clone)]
-pub struct OpenFile {
-    pub ino: u64,
-    pub size: u64,
-    reader: Weak<ImageReader>,
-}
-
 /// Directory entries scanned to find an opened file's name: a directory larger than this
 /// (rare; a million files) leaves the file unnamed, so the cost of a name is bounded.
 const MAX_NAME_SCAN: u32 = 1 << 20;
@@ -119,45 +107,8 @@ const MAX_NAME_SCAN: u32 = 1 << 20;
 impl OpenFile {
     /// A handle on file `ino` of `reader`, as the filesystem passes it to its source.
     pub fn new(reader: &Arc<ImageReader>, ino: u64, size: u64) -> OpenFile {
-        OpenFile {
-            ino,
-            size,
-            reader: Arc::downgrade(reader),
-        }
-    }
-
-    fn reader(&self) -> Result<Arc<ImageReader>, FsError> {
-        self.reader.upgrade().ok_or(FsError::NotFound)
-    }
-
-    /// The file's name in the directory that holds it (for a file with several names, one of
-    /// them); `None` when the reader is gone or the directory is too large to scan. Costs a
-    /// scan of that directory: call it off the session thread.
-    pub fn name(&self) -> Option<Vec<u8>> {
-        let reader = self.reader().ok()?;
-        let rec = reader.inode(self.ino).ok()?;
-        let dir = reader.dir(rec.parent as u64).ok()?;
-        (0..dir.data_count.min(MAX_NAME_SCAN)).find_map(|i| {
-            let (d, name) = reader.dirent(&dir, i).ok()?;
-            (d.ino as u64 == self.ino).then(|| name.to_vec())
-        })
-    }
-
-    /// The chunks holding bytes `range` of the file, in file order, each with the file range
-    /// it serves there (clamped to `range`); a chunk serving two adjacent pieces is listed once.
-    pub fn chunks(&self, range: Range<u64>) -> Result<Vec<(Range<u64>, ChunkRef)>, FsError> {
-        self.reader()?.file_chunks(self.ino, range)
-    }
-
-    /// Bytes `offset..offset + size` of the file (clamped to its size), read from `source`
-    /// rather than the filesystem's own source, so the read is not seen as the reader's.
-    pub fn read(
-        &self,
-        source: &dyn ChunkSource,
-        offset: u64,
-        size: u32,
-    ) -> Result<Vec<u8>, FsError> {
-        self.reader()?.read_from(source, self.ino, offset, size)
+        let reader: Weak<ImageReader> = Arc::downgrade(reader);
+        OpenFile::opened_in(reader, ino, size)
     }
 }
 
@@ -186,7 +137,6 @@ struct Stream {
 
 impl ImageReader {
     pub fn new(index: Arc<Index>, source: Arc<dyn ChunkSource>) -> Result<ImageReader, IndexError> {
-        let blob_digests = index.blob_digests()?;
         let total_blocks = (0..index.chunk_count() as u32)
             .map(|i| index.chunk(i).map(|c| c.raw_len as u64))
             .sum::<Result<u64, _>>()?
@@ -198,7 +148,6 @@ impl ImageReader {
         Ok(ImageReader {
             index,
             source,
-            blob_digests,
             total_blocks,
             bytes_served: AtomicU64::new(0),
             streams: Mutex::new(HashMap::new()),
@@ -215,11 +164,7 @@ impl ImageReader {
     /// thread cannot be started.
     pub fn with_speculation(mut self, on: bool) -> std::io::Result<ImageReader> {
         self.speculation = match on {
-            true => Some(Speculator::start(
-                self.index.clone(),
-                self.blob_digests.clone(),
-                self.source.clone(),
-            )?),
+            true => Some(Speculator::start(self.index.clone(), self.source.clone())?),
             false => None,
         };
         Ok(self)
@@ -313,11 +258,6 @@ impl ImageReader {
 
     pub fn index(&self) -> &Arc<Index> {
         &self.index
-    }
-
-    /// The chunk with table index `i`, with its blob digest.
-    pub fn chunk_ref(&self, i: u32) -> Result<ChunkRef, IndexError> {
-        chunk_ref(&self.index, &self.blob_digests, i)
     }
 
     fn inode(&self, ino: u64) -> Result<InodeRecord, FsError> {
@@ -598,7 +538,7 @@ impl ImageReader {
         let held = match pieces.as_slice() {
             [] => None,
             [(_, piece)] => {
-                let chunk = self.chunk_ref(piece.chunk).ok()?;
+                let chunk = self.index.chunk_ref(piece.chunk).ok()?;
                 Some(self.source.chunk_in_memory(&chunk)?)
             }
             _ => return None,
@@ -618,18 +558,6 @@ impl ImageReader {
         Some(Ok(out))
     }
 
-    /// Reads up to `size` bytes at `offset` of file `ino` through `source`, without read-ahead.
-    fn read_from(
-        &self,
-        source: &dyn ChunkSource,
-        ino: u64,
-        offset: u64,
-        size: u32,
-    ) -> Result<Vec<u8>, FsError> {
-        let (len, pieces) = self.plan_read(ino, offset, size)?;
-        self.copy_pieces(source, len, pieces)
-    }
-
     /// The `len` bytes that `pieces` (from `plan_read`) describe, read through `source`.
     fn copy_pieces(
         &self,
@@ -639,41 +567,13 @@ impl ImageReader {
     ) -> Result<Vec<u8>, FsError> {
         let mut out = vec![0u8; len];
         for (at, piece) in pieces {
-            let chunk = self.chunk_ref(piece.chunk)?;
+            let chunk = self.index.chunk_ref(piece.chunk)?;
             let data = source.chunk(&chunk)?;
             let from = piece.chunk_off as usize;
             let src = data
                 .get(from..from + piece.len as usize)
                 .ok_or_else(|| IndexError::Corrupt(format!("chunk {} is short", piece.chunk)))?;
             out[at..at + piece.len as usize].copy_from_slice(src);
-        }
-        Ok(out)
-    }
-
-    /// The chunks holding bytes `range` of file `ino`, in file order, each with the file range
-    /// it serves (clamped to `range` and the file size); consecutive pieces of one chunk merge.
-    pub fn file_chunks(
-        &self,
-        ino: u64,
-        range: Range<u64>,
-    ) -> Result<Vec<(Range<u64>, ChunkRef)>, FsError> {
-        let mut out: Vec<(Range<u64>, ChunkRef)> = Vec::new();
-        let mut at = range.start;
-        while at < range.end {
-            // plan_read takes a u32 size: walk big ranges in 1 GiB steps.
-            let step = (range.end - at).min(1 << 30) as u32;
-            let (len, pieces) = self.plan_read(ino, at, step)?;
-            if len == 0 {
-                break;
-            }
-            for (_, piece) in pieces {
-                let piece_range = piece.file_off..piece.file_off + piece.len as u64;
-                match out.last_mut() {
-                    Some((r, c)) if c.index == piece.chunk => r.end = piece_range.end,
-                    _ => out.push((piece_range, self.chunk_ref(piece.chunk)?)),
-                }
-            }
-            at += len as u64;
         }
         Ok(out)
     }
@@ -727,7 +627,7 @@ impl ImageReader {
             if chunks.last().is_some_and(|c| c.index == piece.chunk) {
                 continue;
             }
-            match self.chunk_ref(piece.chunk) {
+            match self.index.chunk_ref(piece.chunk) {
                 Ok(c) => {
                     // The file offset where this chunk's data ends.
                     covered = piece.file_off
@@ -765,6 +665,58 @@ impl ImageReader {
     }
 }
 
+/// What an [`OpenFile`] of this reader reads through.
+impl ImageFiles for ImageReader {
+    fn file_name(&self, ino: u64) -> Option<Vec<u8>> {
+        let rec = self.inode(ino).ok()?;
+        let dir = self.dir(rec.parent as u64).ok()?;
+        (0..dir.data_count.min(MAX_NAME_SCAN)).find_map(|i| {
+            let (d, name) = self.dirent(&dir, i).ok()?;
+            (d.ino as u64 == ino).then(|| name.to_vec())
+        })
+    }
+
+    /// The chunks holding bytes `range` of file `ino`, in file order, each with the file range
+    /// it serves (clamped to `range` and the file size); consecutive pieces of one chunk merge.
+    fn file_chunks(
+        &self,
+        ino: u64,
+        range: Range<u64>,
+    ) -> Result<Vec<(Range<u64>, ChunkRef)>, FsError> {
+        let mut out: Vec<(Range<u64>, ChunkRef)> = Vec::new();
+        let mut at = range.start;
+        while at < range.end {
+            // plan_read takes a u32 size: walk big ranges in 1 GiB steps.
+            let step = (range.end - at).min(1 << 30) as u32;
+            let (len, pieces) = self.plan_read(ino, at, step)?;
+            if len == 0 {
+                break;
+            }
+            for (_, piece) in pieces {
+                let piece_range = piece.file_off..piece.file_off + piece.len as u64;
+                match out.last_mut() {
+                    Some((r, c)) if c.index == piece.chunk => r.end = piece_range.end,
+                    _ => out.push((piece_range, self.index.chunk_ref(piece.chunk)?)),
+                }
+            }
+            at += len as u64;
+        }
+        Ok(out)
+    }
+
+    /// Reads up to `size` bytes at `offset` of file `ino` through `source`, without read-ahead.
+    fn read_from(
+        &self,
+        source: &dyn ChunkSource,
+        ino: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<Vec<u8>, FsError> {
+        let (len, pieces) = self.plan_read(ino, offset, size)?;
+        self.copy_pieces(source, len, pieces)
+    }
+}
+
 /// The regular files of `index` with a name `wanted` accepts (any of a file's names, for a
 /// file with several). One pass over every directory entry.
 fn files_named(index: &Index, wanted: fn(&[u8]) -> bool) -> Result<HashSet<u64>, IndexError> {
@@ -785,22 +737,4 @@ fn files_named(index: &Index, wanted: fn(&[u8]) -> bool) -> Result<HashSet<u64>,
         }
     }
     Ok(files)
-}
-
-/// Chunk `i` of `index`, with the digest of its blob (`blob_digests`, in the index's order).
-pub(crate) fn chunk_ref(
-    index: &Index,
-    blob_digests: &[String],
-    i: u32,
-) -> Result<ChunkRef, IndexError> {
-    let record = index.chunk(i)?;
-    let blob_digest = blob_digests
-        .get(record.blob as usize)
-        .cloned()
-        .ok_or_else(|| IndexError::Corrupt(format!("chunk {i} names missing blob")))?;
-    Ok(ChunkRef {
-        index: i,
-        record,
-        blob_digest,
-    })
 }

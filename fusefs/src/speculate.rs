@@ -27,10 +27,10 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 
-use crate::chunk::{ChunkRef, ChunkSource};
 use crate::error::IndexError;
 use crate::format::*;
-use crate::index::Index;
+use crate::index::{ChunkRef, Index};
+use crate::source::ChunkSource;
 
 /// A directory whose files (all of its subtree) hold at most this many bytes is hinted whole
 /// when [`SUBTREE_AFTER_FILES`] of its files have been read: a package. Larger ones are
@@ -76,16 +76,12 @@ impl Speculator {
     /// Starts the planner thread of an image read through `source`.
     pub(crate) fn start(
         index: Arc<Index>,
-        blob_digests: Vec<String>,
         source: Arc<dyn ChunkSource>,
     ) -> std::io::Result<Speculator> {
         let words = (index.inode_count() / 64 + 1) as usize;
         let inodes = index.inode_count() as usize + 1;
         let (tx, rx) = sync_channel(PENDING_TOUCHES);
-        let planner = Arc::new(Planner {
-            index,
-            blob_digests,
-        });
+        let planner = Arc::new(Planner { index });
         {
             let planner = planner.clone();
             let source = source.clone();
@@ -148,7 +144,6 @@ fn first(bits: &[AtomicU64], ino: u64) -> bool {
 /// index is cut short, never a panic.
 struct Planner {
     index: Arc<Index>,
-    blob_digests: Vec<String>,
 }
 
 impl Planner {
@@ -272,10 +267,6 @@ impl Planner {
         }
         Ok(rec)
     }
-
-    fn chunk_ref(&self, i: u32) -> Result<ChunkRef, IndexError> {
-        crate::reader::chunk_ref(&self.index, &self.blob_digests, i)
-    }
 }
 
 /// Chunks in the order first added, each once.
@@ -288,7 +279,7 @@ struct Plan {
 impl Plan {
     fn add(&mut self, planner: &Planner, chunk: u32) -> Result<(), IndexError> {
         if self.seen.insert(chunk) {
-            self.chunks.push(planner.chunk_ref(chunk)?);
+            self.chunks.push(planner.index.chunk_ref(chunk)?);
         }
         Ok(())
     }

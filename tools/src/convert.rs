@@ -29,12 +29,13 @@ use tracing::info;
 
 use crate::compression::Compression;
 use crate::error::ConvertError;
+use crate::image::{self, Expected, SourceLayer};
 use crate::layer::{apply_tar, decompress, open_blob, HashingReader};
 use crate::layout::HotLayout;
 use crate::packer::{ChunkTable, FinishedBlob, LayerPacker};
 use crate::progress::Progress;
 use crate::reference::{SourceRef, StoreRef};
-use crate::source::{self, Expected, SourceLayer};
+use crate::source;
 use crate::tree::Tree;
 
 /// Knobs of a conversion.
@@ -404,7 +405,7 @@ fn commit(
 
 /// The image config of a directory source: a minimal OCI config for this host's platform.
 fn directory_config() -> Vec<u8> {
-    let (os, arch) = source::host_platform();
+    let (os, arch) = image::host_platform();
     serde_json::to_vec(&serde_json::json!({
         "architecture": arch,
         "os": os,
@@ -512,7 +513,7 @@ mod tests {
     fn stored_at(reader: &ImageReader, tree: &Tree, path: &str, off: u64) -> u64 {
         let ino = tree[path].0.ino;
         let (_, pieces) = reader.plan_read(ino, off, 1).unwrap();
-        let chunk = reader.chunk_ref(pieces[0].1.chunk).unwrap();
+        let chunk = reader.index().chunk_ref(pieces[0].1.chunk).unwrap();
         chunk.record.comp_off
     }
 

@@ -1,7 +1,10 @@
 //! `lazyctl`'s library: converting images and directories to the lazy format.
 //!
 //! - `reference`: source and store references (skopeo-style transports).
-//! - `source`, `pull`: resolving a source to a config and layer blobs on disk.
+//! - `image`: what a source resolves to (config and layer blobs on disk), the platform picked
+//!   from a multi-platform image, typed OCI manifests; shared by `source` and `pull`.
+//! - `source`, `pull`: resolving a source to a config and layer blobs on disk (`source`
+//!   dispatches, `pull` downloads from registries).
 //! - `layer`: decompressing and applying one layer's tar stream.
 //! - `dirsource`: reading a plain directory.
 //! - `s3source`: the objects under an S3 prefix as plain files, packed or indexed in place.
@@ -24,6 +27,7 @@ pub mod convert;
 pub mod ctl;
 pub mod dirsource;
 pub mod error;
+pub mod image;
 pub mod layer;
 pub mod layout;
 pub mod packer;

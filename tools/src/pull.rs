@@ -2,14 +2,14 @@
 //! a scratch directory (each blob checked against its digest while it streams to disk), then
 //! convert from there like a local image.
 
-use serde_json::Value;
+use oci_spec::image::ImageIndex;
 
 use agent::registry::{
     docker_config_credentials, ClientOptions, ImageRef, Reference, RegistryClient,
 };
 
 use crate::error::ConvertError;
-use crate::source::{pick_platform, Expected, SourceImage, SourceLayer};
+use crate::image::{parse_manifest, pick_platform, Expected, SourceImage, SourceLayer};
 
 fn err(e: impl std::fmt::Display) -> ConvertError {
     ConvertError::Source(e.to_string())
@@ -40,40 +40,25 @@ async fn pull_async(image: ImageRef) -> Result<SourceImage, ConvertError> {
         .await
         .map_err(err)?;
     if manifest.is_index() {
-        let index: Value = serde_json::from_slice(&manifest.bytes).map_err(err)?;
+        let index: ImageIndex = serde_json::from_slice(&manifest.bytes).map_err(err)?;
         let digest = pick_platform(&index)?;
         manifest = client
             .get_manifest(repo, &Reference::Digest(digest))
             .await
             .map_err(err)?;
     }
-    let m: Value = serde_json::from_slice(&manifest.bytes).map_err(|e| {
-        err(format!(
-            "manifest {} is not valid JSON: {e}",
-            manifest.digest
-        ))
-    })?;
+    let m = parse_manifest(&manifest.bytes, &manifest.digest)?;
     let scratch = tempfile::tempdir().map_err(ConvertError::io("creating a download directory"))?;
-    let config_digest = m
-        .pointer("/config/digest")
-        .and_then(Value::as_str)
-        .ok_or_else(|| err(format!("manifest {} has no config", manifest.digest)))?;
     let config_path = scratch.path().join("config.json");
     client
-        .get_blob_to_file(repo, config_digest, &config_path)
+        .get_blob_to_file(repo, m.config().digest().as_ref(), &config_path)
         .await
         .map_err(err)?;
     let config = std::fs::read(&config_path).map_err(ConvertError::io("reading the config"))?;
-    let descriptors = m
-        .get("layers")
-        .and_then(Value::as_array)
-        .ok_or_else(|| err(format!("manifest {} has no layers", manifest.digest)))?;
+    let descriptors = m.layers();
     let mut layers = Vec::with_capacity(descriptors.len());
     for (i, d) in descriptors.iter().enumerate() {
-        let digest = d
-            .get("digest")
-            .and_then(Value::as_str)
-            .ok_or_else(|| err("layer descriptor has no digest"))?;
+        let digest = d.digest().as_ref();
         let path = scratch.path().join(format!("layer-{i}"));
         tracing::info!(layer = digest, "downloading");
         let size = client

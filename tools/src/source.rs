@@ -1,45 +1,26 @@
 //! Resolving a source reference to an image config and an ordered list of layer blobs on
 //! local disk: OCI layouts are read in place; archives are unpacked to a temporary directory
-//! first; registry images are downloaded (each blob checked against its digest).
+//! first; registry images are downloaded (`pull`, each blob checked against its digest).
+//! What they resolve to (`SourceImage`) and the manifest reading they share are in `image`.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use oci_spec::image::{
+    Descriptor, ImageConfiguration, ImageIndex, ImageManifest, ANNOTATION_REF_NAME,
+};
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::error::ConvertError;
+use crate::image::{parse_manifest, pick_platform, Expected, SourceImage, SourceLayer};
 use crate::reference::SourceRef;
-
-/// What the converter checks a layer blob against.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Expected {
-    /// Digest of the blob as stored (OCI layouts, registries).
-    Blob(String),
-    /// Digest of the uncompressed tar (docker-archive, whose layers are named by diff_id).
-    Uncompressed(String),
-}
-
-#[derive(Debug, Clone)]
-pub struct SourceLayer {
-    pub path: PathBuf,
-    pub expected: Expected,
-    pub size: u64,
-}
-
-/// A source image ready to convert.
-pub struct SourceImage {
-    /// The image config JSON, passed through to the lazy image.
-    pub config: Vec<u8>,
-    pub layers: Vec<SourceLayer>,
-    /// Keeps unpacked archives or downloads alive until conversion ends.
-    pub _scratch: Option<tempfile::TempDir>,
-}
 
 fn err(msg: String) -> ConvertError {
     ConvertError::Source(msg)
 }
 
-fn read_json(path: &Path) -> Result<Value, ConvertError> {
+fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, ConvertError> {
     let bytes = fs::read(path).map_err(ConvertError::io(format!("reading {}", path.display())))?;
     serde_json::from_slice(&bytes)
         .map_err(|e| err(format!("{} is not valid JSON: {e}", path.display())))
@@ -76,56 +57,30 @@ fn str_field<'a>(v: &'a Value, key: &str, what: &str) -> Result<&'a str, Convert
         .ok_or_else(|| err(format!("{what} has no {key:?}")))
 }
 
-/// The platform this converter picks from multi-platform images.
-pub fn host_platform() -> (&'static str, &'static str) {
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    };
-    ("linux", arch)
-}
-
-/// Picks the manifest for this host from an image index.
-pub fn pick_platform(index: &Value) -> Result<String, ConvertError> {
-    let (os, arch) = host_platform();
-    let manifests = index
-        .get("manifests")
-        .and_then(Value::as_array)
-        .ok_or_else(|| err("image index has no manifests".into()))?;
-    manifests
-        .iter()
-        .find(|m| {
-            m.get("platform").is_some_and(|p| {
-                p.get("os").and_then(Value::as_str) == Some(os)
-                    && p.get("architecture").and_then(Value::as_str) == Some(arch)
-            })
-        })
-        .and_then(|m| m.get("digest").and_then(Value::as_str))
-        .map(str::to_string)
-        .ok_or_else(|| err(format!("image index has no manifest for {os}/{arch}")))
-}
-
-fn is_index(v: &Value) -> bool {
-    v.get("manifests").is_some()
+/// The image manifest of blob `digest` of `layout`, which `index.json` names: an image
+/// manifest, or an image index of per-platform manifests, whose entry for this host is read
+/// instead. Told apart by whether the JSON has `manifests` (not by the media type its
+/// descriptor claims), then read as the oci-spec type.
+fn read_manifest(layout: &Path, digest: &str) -> Result<ImageManifest, ConvertError> {
+    let not_json = |e: serde_json::Error| err(format!("manifest {digest} is not valid JSON: {e}"));
+    let value: Value = serde_json::from_slice(&read_verified(layout, digest)?).map_err(not_json)?;
+    if value.get("manifests").is_none() {
+        return serde_json::from_value(value).map_err(not_json);
+    }
+    let index: ImageIndex = serde_json::from_value(value).map_err(not_json)?;
+    let digest = pick_platform(&index)?;
+    parse_manifest(&read_verified(layout, &digest)?, &digest)
 }
 
 /// Opens an image from an OCI image layout directory.
 pub fn open_oci(layout: &Path, tag: Option<&str>) -> Result<SourceImage, ConvertError> {
-    let index = read_json(&layout.join("index.json"))?;
-    let manifests = index
-        .get("manifests")
-        .and_then(Value::as_array)
-        .ok_or_else(|| {
-            err(format!(
-                "{}/index.json lists no manifests",
-                layout.display()
-            ))
-        })?;
-    let ref_name = |m: &Value| {
-        m.pointer("/annotations/org.opencontainers.image.ref.name")
-            .and_then(Value::as_str)
-            .map(str::to_string)
+    let index: ImageIndex = read_json(&layout.join("index.json"))?;
+    let manifests = index.manifests();
+    let ref_name = |m: &Descriptor| {
+        m.annotations()
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_REF_NAME))
+            .cloned()
     };
     let chosen = match tag {
         Some(t) => manifests.iter().find(|m| ref_name(m).as_deref() == Some(t)),
@@ -143,30 +98,17 @@ pub fn open_oci(layout: &Path, tag: Option<&str>) -> Result<SourceImage, Convert
             tags.join(", ")
         ))
     })?;
-    let mut digest = str_field(chosen, "digest", "index.json entry")?.to_string();
-    let mut manifest: Value = serde_json::from_slice(&read_verified(layout, &digest)?)
-        .map_err(|e| err(format!("manifest {digest} is not valid JSON: {e}")))?;
-    if is_index(&manifest) {
-        digest = pick_platform(&manifest)?;
-        manifest = serde_json::from_slice(&read_verified(layout, &digest)?)
-            .map_err(|e| err(format!("manifest {digest} is not valid JSON: {e}")))?;
-    }
-    let config_digest = manifest
-        .pointer("/config/digest")
-        .and_then(Value::as_str)
-        .ok_or_else(|| err(format!("manifest {digest} has no config")))?;
-    let config = read_verified(layout, config_digest)?;
+    let manifest = read_manifest(layout, chosen.digest().as_ref())?;
+    let config = read_verified(layout, manifest.config().digest().as_ref())?;
     let layers = manifest
-        .get("layers")
-        .and_then(Value::as_array)
-        .ok_or_else(|| err(format!("manifest {digest} has no layers")))?
+        .layers()
         .iter()
         .map(|l| {
-            let d = str_field(l, "digest", "layer descriptor")?;
+            let d = l.digest().as_ref();
             Ok(SourceLayer {
                 path: blob_path(layout, d)?,
                 expected: Expected::Blob(d.to_string()),
-                size: l.get("size").and_then(Value::as_u64).unwrap_or(0),
+                size: l.size(),
             })
         })
         .collect::<Result<Vec<_>, ConvertError>>()?;
@@ -205,7 +147,9 @@ pub fn open_oci_archive(path: &Path) -> Result<SourceImage, ConvertError> {
 pub fn open_docker_archive(path: &Path) -> Result<SourceImage, ConvertError> {
     let scratch = unpack_archive(path)?;
     let root = scratch.path();
-    let manifest = read_json(&root.join("manifest.json"))?;
+    // docker save's own manifest.json ([{Config, RepoTags, Layers}]), which oci-spec has no type
+    // for: read as plain JSON, each field checked with a message naming it.
+    let manifest: Value = read_json(&root.join("manifest.json"))?;
     let entry = manifest
         .as_array()
         .and_then(|a| a.first())
@@ -224,17 +168,9 @@ pub fn open_docker_archive(path: &Path) -> Result<SourceImage, ConvertError> {
         "reading {}",
         config_path.display()
     )))?;
-    let config_json: Value = serde_json::from_slice(&config)
+    let config_json: ImageConfiguration = serde_json::from_slice(&config)
         .map_err(|e| err(format!("docker-archive config is not valid JSON: {e}")))?;
-    let diff_ids: Vec<String> = config_json
-        .pointer("/rootfs/diff_ids")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
+    let diff_ids = config_json.rootfs().diff_ids().clone();
     let layer_paths = entry
         .get("Layers")
         .and_then(Value::as_array)
