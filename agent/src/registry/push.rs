@@ -27,11 +27,12 @@ use reqwest::{Method, Response, StatusCode, Url};
 use tokio::io::{AsyncRead, ReadBuf};
 use tracing::debug;
 
-use super::{
-    header_str, lock, sha256_digest, status_error, transport, validate_digest, validate_repository,
-    Access, Call, ContentKind, Payload, Reference, RegistryClient, RegistryError, Target,
-    MAX_MANIFEST_BYTES,
+use super::client::{
+    header_str, lock, sha256_digest, status_error, transport, Access, Call, Payload,
+    RegistryClient, Target, MAX_MANIFEST_BYTES,
 };
+use super::error::{ContentKind, Reference, RegistryError};
+use super::reference::{validate_digest, validate_repository};
 
 /// Size of each piece of an upload body: large enough that reads and frames are few, small
 /// enough that progress is seen several times a second on a slow link.
@@ -461,9 +462,12 @@ impl http_body::Body for UploadBody {
 
 #[cfg(test)]
 mod tests {
+    use super::super::client::sha256_digest;
     use super::super::test_support::*;
     use super::super::*;
-    use std::sync::Arc;
+    use sha2::{Digest as _, Sha256};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn puts_to_uploads(server: &FakeServer) -> Vec<SeenRequest> {
