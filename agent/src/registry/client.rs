@@ -4,9 +4,10 @@
 //! against its digest, length and size cap (the rules are in the `registry` module docs).
 //!
 //! Uses `error.rs` for its errors, `reference.rs` to check every name before it goes into a
-//! URL, and `auth.rs` for challenges, tokens and credentials. `push.rs` and `referrers.rs` add
-//! methods to [`RegistryClient`] on top of the plumbing here ([`Call`], [`Access`],
-//! [`RegistryClient::request`], `status_error`); `blob_store.rs` wraps a client as a blob store.
+//! URL, `auth.rs` for challenges, tokens and credentials, and `upload.rs` for request bodies.
+//! `push.rs` and `referrers.rs` add methods to [`RegistryClient`] on top of the plumbing here
+//! ([`Call`], [`Access`], [`RegistryClient::request`], `status_error`); `blob_store.rs` wraps a
+//! client as a blob store.
 
 use std::fmt;
 use std::ops::Range;
@@ -30,13 +31,14 @@ use super::auth::{
     credentials_may_go_to, from_json_object, parse_token_response, pick_challenge, AuthState,
     CachedToken, Challenge, Credentials, MAX_TOKEN_RESPONSE_BYTES,
 };
-use super::error::{registry_error_detail, ContentKind, Reference, RegistryError};
+use super::error::{registry_error_detail, transport, ContentKind, Reference, RegistryError};
 use super::reference::{
     is_loopback_registry, normalize_registry, split_host_port, valid_registry, validate_digest,
     validate_repository,
 };
+use super::upload::{send_watched, StallLimits, UploadBody};
 use super::{
-    push, MEDIA_TYPE_DOCKER_MANIFEST, MEDIA_TYPE_DOCKER_MANIFEST_LIST, MEDIA_TYPE_OCI_INDEX,
+    MEDIA_TYPE_DOCKER_MANIFEST, MEDIA_TYPE_DOCKER_MANIFEST_LIST, MEDIA_TYPE_OCI_INDEX,
     MEDIA_TYPE_OCI_MANIFEST,
 };
 use crate::blobstore::parse_retry_after;
@@ -844,8 +846,8 @@ impl RegistryClient {
         let shown = shown.to_string();
         let body = match &call.payload {
             Payload::Empty => None,
-            Payload::Bytes(bytes) => Some(push::UploadBody::from_bytes(bytes.clone())),
-            Payload::File(path) => Some(push::UploadBody::open(path).await?),
+            Payload::Bytes(bytes) => Some(UploadBody::from_bytes(bytes.clone())),
+            Payload::File(path) => Some(UploadBody::open(path).await?),
         };
         let http = match body {
             None => &self.inner.http,
@@ -864,11 +866,11 @@ impl RegistryClient {
                 let request = request
                     .header(CONTENT_LENGTH, body.len())
                     .body(reqwest::Body::wrap(body));
-                let limits = push::StallLimits {
+                let limits = StallLimits {
                     connect: self.inner.connect_timeout,
                     idle: self.inner.read_timeout,
                 };
-                push::send_watched(request, progress, limits, &shown).await?
+                send_watched(request, progress, limits, &shown).await?
             }
         };
         Ok((resp, shown))
@@ -943,22 +945,6 @@ async fn blob_status_error(repo: &str, digest: &str, url: &str, resp: Response) 
             digest: digest.to_string(),
         },
         _ => status_error(repo, url, resp).await,
-    }
-}
-
-pub(super) fn transport(url: &str) -> impl FnOnce(reqwest::Error) -> RegistryError + '_ {
-    move |mut source| {
-        // reqwest names the URL it was at, which after a redirect may be a presigned storage
-        // URL whose query is a credential. The path is enough to tell what failed.
-        if let Some(at) = source.url_mut() {
-            if at.query().is_some() {
-                at.set_query(Some("redacted"));
-            }
-        }
-        RegistryError::Transport {
-            url: url.to_string(),
-            source,
-        }
     }
 }
 
@@ -1044,7 +1030,6 @@ pub(super) fn sha256_digest(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::super::auth::{credentials_from_config, parse_www_authenticate};
-    use super::super::error::error_chain;
     use super::super::reference::ImageRef;
     use super::super::test_support::*;
     use super::*;
@@ -1650,29 +1635,6 @@ mod tests {
         assert!(
             matches!(err, RegistryError::InvalidReference { .. }),
             "{err}"
-        );
-    }
-
-    #[tokio::test]
-    async fn transport_errors_keep_their_cause_and_hide_signed_queries() {
-        let port = free_port();
-        let url = format!("http://127.0.0.1:{port}/bucket/blob?X-Amz-Signature=s3cr3t");
-        let source = reqwest::Client::new().get(&url).send().await.unwrap_err();
-        assert!(
-            source.to_string().contains("s3cr3t"),
-            "reqwest names the url: {source}"
-        );
-        let err = transport("the registry url")(source);
-        let chain = error_chain(&err);
-        assert!(!chain.contains("s3cr3t"), "{chain}");
-        assert!(
-            chain.starts_with("request to the registry url failed: "),
-            "{chain}"
-        );
-        assert!(chain.contains("/bucket/blob"), "{chain}");
-        assert!(
-            chain.contains("Connection refused"),
-            "the cause is kept: {chain}"
         );
     }
 

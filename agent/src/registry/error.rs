@@ -6,8 +6,9 @@
 //! `Reference` is defined here rather than in `reference.rs` because two variants carry one,
 //! while `reference.rs` returns these errors when it validates one: defining it here keeps this
 //! module at the bottom of `registry`, using nothing else of it. Also here: [`error_chain`],
-//! which prints an error with its causes, and `registry_error_detail`, which reads the `errors`
-//! of a registry's JSON error body. Turning a response into an error (`status_error`) is
+//! which prints an error with its causes, `transport`, which wraps a reqwest error without the
+//! signed query of the URL it names, and `registry_error_detail`, which reads the `errors` of a
+//! registry's JSON error body. Turning a response into an error (`status_error`) is
 //! `client.rs`'s, since it reads the response.
 
 use std::fmt;
@@ -223,6 +224,22 @@ impl fmt::Display for Reference {
     }
 }
 
+pub(super) fn transport(url: &str) -> impl FnOnce(reqwest::Error) -> RegistryError + '_ {
+    move |mut source| {
+        // reqwest names the URL it was at, which after a redirect may be a presigned storage
+        // URL whose query is a credential. The path is enough to tell what failed.
+        if let Some(at) = source.url_mut() {
+            if at.query().is_some() {
+                at.set_query(Some("redacted"));
+            }
+        }
+        RegistryError::Transport {
+            url: url.to_string(),
+            source,
+        }
+    }
+}
+
 /// `CODE: message` from a registry error body (`{"errors":[{"code":..,"message":..}]}`), or "".
 pub(super) fn registry_error_detail(body: &[u8]) -> String {
     #[derive(Deserialize)]
@@ -249,7 +266,7 @@ pub(super) fn registry_error_detail(body: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_support::tag;
+    use super::super::test_support::{free_port, tag};
     use super::*;
 
     const DIGEST_A: &str =
@@ -327,5 +344,28 @@ mod tests {
             reason: "no Location".into()
         }
         .is_permanent());
+    }
+
+    #[tokio::test]
+    async fn transport_errors_keep_their_cause_and_hide_signed_queries() {
+        let port = free_port();
+        let url = format!("http://127.0.0.1:{port}/bucket/blob?X-Amz-Signature=s3cr3t");
+        let source = reqwest::Client::new().get(&url).send().await.unwrap_err();
+        assert!(
+            source.to_string().contains("s3cr3t"),
+            "reqwest names the url: {source}"
+        );
+        let err = transport("the registry url")(source);
+        let chain = error_chain(&err);
+        assert!(!chain.contains("s3cr3t"), "{chain}");
+        assert!(
+            chain.starts_with("request to the registry url failed: "),
+            "{chain}"
+        );
+        assert!(chain.contains("/bucket/blob"), "{chain}");
+        assert!(
+            chain.contains("Connection refused"),
+            "the cause is kept: {chain}"
+        );
     }
 }

@@ -40,13 +40,16 @@
 //!
 //! - `error.rs`: [`RegistryError`] and what its variants carry ([`ContentKind`], and
 //!   [`Reference`], which is here so that the errors need nothing above them), [`error_chain`],
-//!   and reading a registry's JSON error body.
+//!   turning a reqwest error into one without a signed URL in it, and reading a registry's JSON
+//!   error body.
 //! - `reference.rs`: [`ImageRef`] and the grammar of repositories, tags, digests and registry
 //!   hosts, Docker Hub's aliases, and which hosts are loopback.
 //! - `auth.rs`: `WWW-Authenticate` challenges, token replies and the token cache, and
 //!   [`Credentials`], with the ones `docker login` stored ([`docker_config_credentials`]).
+//! - `upload.rs`: request bodies for uploads, streamed from bytes or a file, and the watchdog
+//!   that fails an upload whose body stops moving.
 //! - `client.rs`: [`RegistryClient`] and its options, the request plumbing (scheme choice, auth
-//!   round trips, redirects, timeouts) and the pulls: manifests, blobs and ranges.
+//!   round trips, redirects, timeouts, upload bodies) and the pulls: manifests, blobs and ranges.
 //! - `push.rs` and `referrers.rs` add pushes and referrers to [`RegistryClient`] over
 //!   `client.rs`'s plumbing; `blob_store.rs` is [`RegistryBlobStore`], the client as a
 //!   [`crate::blobstore::BlobStore`].
@@ -66,6 +69,7 @@ mod reference;
 mod referrers;
 #[cfg(test)]
 mod test_support;
+mod upload;
 
 pub use auth::{docker_config_credentials, Credentials};
 pub use blob_store::RegistryBlobStore;
