@@ -11,7 +11,9 @@ use std::ops::Range;
 
 use async_trait::async_trait;
 
-use super::{error_chain, validate_repository, RegistryClient, RegistryError};
+use super::client::RegistryClient;
+use super::error::{error_chain, RegistryError};
+use super::reference::validate_repository;
 use crate::blobstore::{BlobError, BlobStore};
 
 /// Blobs of repository `repo` on the registry `client` talks to.
@@ -161,6 +163,7 @@ fn blob_error(store: &RegistryBlobStore, digest: &str, err: RegistryError) -> Bl
 
 #[cfg(test)]
 mod tests {
+    use super::super::client::{lock, sha256_digest};
     use super::super::test_support::*;
     use super::super::*;
     use crate::blobstore::{BlobError, BlobStore};

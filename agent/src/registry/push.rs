@@ -5,41 +5,27 @@
 //! with the registry's upload state in its query) receives `PUT ...&digest=sha256:...` with the
 //! whole blob as the body. The registry hashes what it received and refuses a mismatch; its
 //! `Docker-Content-Digest` answer is checked as well. The body is streamed from the file in
-//! [`UPLOAD_FRAME`] pieces, never held in memory, and a monolithic `PUT` is what docker-registry,
+//! [`UPLOAD_FRAME`](super::upload::UPLOAD_FRAME) pieces, never held in memory, and a monolithic `PUT` is what docker-registry,
 //! and every registry in use, accept at any size (tested here with a 100+ MiB blob against the
 //! Debian `docker-registry`), so chunked `PATCH` uploads are not implemented.
 //!
 //! Tokens for pushes are asked for with scope `repository:REPO:pull,push`, for every request of
 //! the push, so one push needs one token. Uploads are watched for stalls rather than bounded by
-//! reqwest's read timeout (see [`send_watched`]).
+//! reqwest's read timeout (see [`send_watched`](super::upload::send_watched)).
 
-use std::io;
 use std::path::Path;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{ready, Context, Poll};
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body::{Frame, SizeHint};
 use reqwest::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
-use reqwest::{Method, Response, StatusCode, Url};
-use tokio::io::{AsyncRead, ReadBuf};
+use reqwest::{Method, StatusCode, Url};
 use tracing::debug;
 
-use super::{
-    header_str, lock, sha256_digest, status_error, transport, validate_digest, validate_repository,
-    Access, Call, ContentKind, Payload, Reference, RegistryClient, RegistryError, Target,
+use super::client::{
+    header_str, sha256_digest, status_error, Access, Call, Payload, RegistryClient, Target,
     MAX_MANIFEST_BYTES,
 };
-
-/// Size of each piece of an upload body: large enough that reads and frames are few, small
-/// enough that progress is seen several times a second on a slow link.
-const UPLOAD_FRAME: usize = 256 << 10;
-/// How long the registry may take to answer once it has the whole body: it hashes, verifies and
-/// moves the blob into place first, which on an S3-backed registry is a server-side copy that
-/// grows with the blob.
-const COMMIT_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+use super::error::{ContentKind, Reference, RegistryError};
+use super::reference::{validate_digest, validate_repository};
 
 /// What [`RegistryClient::push_blob_file`] and [`RegistryClient::push_blob_bytes`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,201 +255,15 @@ fn check_content_digest(
     }
 }
 
-/// How long an upload may go without progress.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct StallLimits {
-    /// Before the first byte goes out (the connection is still being made).
-    pub(super) connect: Duration,
-    /// Between pieces of the body.
-    pub(super) idle: Duration,
-}
-
-/// When an upload body last moved, shared between the body and [`send_watched`].
-#[derive(Debug)]
-pub(super) struct UploadProgress {
-    state: Mutex<ProgressState>,
-}
-
-#[derive(Debug)]
-struct ProgressState {
-    last: Instant,
-    sent: u64,
-    done: bool,
-}
-
-impl UploadProgress {
-    fn new() -> Arc<Self> {
-        Arc::new(UploadProgress {
-            state: Mutex::new(ProgressState {
-                last: Instant::now(),
-                sent: 0,
-                done: false,
-            }),
-        })
-    }
-
-    fn advance(&self, bytes: usize, done: bool) {
-        let mut state = lock(&self.state);
-        state.last = Instant::now();
-        state.sent += bytes as u64;
-        state.done = done;
-    }
-
-    /// How long since the body last moved, and how long it may stay so.
-    fn idle(&self, limits: StallLimits) -> (Duration, Duration) {
-        let state = lock(&self.state);
-        let limit = if state.done {
-            COMMIT_TIMEOUT.max(limits.idle)
-        } else if state.sent == 0 {
-            limits.connect + limits.idle
-        } else {
-            limits.idle
-        };
-        (state.last.elapsed(), limit)
-    }
-}
-
-/// Sends a request whose body is an upload, and fails it with [`RegistryError::Stalled`] when
-/// the body stops moving.
-///
-/// reqwest's read timeout cannot do this: it is one timer from the start of the request to the
-/// response headers, so it would cut off every upload that takes longer than the timeout,
-/// however fast its bytes move. The upload client has none; instead the body records each piece
-/// that hyper takes from it (hyper takes the next only once the socket has room, so a server
-/// that stops reading stops the pieces), and this watchdog fails the request when none has gone
-/// for `limits.idle`. Once the whole body is out, the registry gets [`COMMIT_TIMEOUT`] to answer.
-pub(super) async fn send_watched(
-    request: reqwest::RequestBuilder,
-    progress: Arc<UploadProgress>,
-    limits: StallLimits,
-    url: &str,
-) -> Result<Response, RegistryError> {
-    let watchdog = async {
-        loop {
-            let (idle, limit) = progress.idle(limits);
-            if idle >= limit {
-                return idle;
-            }
-            tokio::time::sleep(limit - idle).await;
-        }
-    };
-    tokio::select! {
-        sent = request.send() => sent.map_err(transport(url)),
-        idle = watchdog => Err(RegistryError::Stalled {
-            url: url.to_string(),
-            after: idle,
-        }),
-    }
-}
-
-/// An upload body: bytes, or a file read [`UPLOAD_FRAME`] at a time, with its exact length (so
-/// it goes out with `Content-Length`) and progress recorded for [`send_watched`].
-pub(super) struct UploadBody {
-    source: Source,
-    len: u64,
-    remaining: u64,
-    /// The buffer the next file read fills; handed to hyper as the frame, so never copied.
-    read_buf: Option<Vec<u8>>,
-    progress: Arc<UploadProgress>,
-}
-
-enum Source {
-    Bytes(Bytes),
-    File(tokio::fs::File),
-}
-
-impl UploadBody {
-    pub(super) fn from_bytes(bytes: Bytes) -> Self {
-        let len = bytes.len() as u64;
-        UploadBody {
-            source: Source::Bytes(bytes),
-            len,
-            remaining: len,
-            read_buf: None,
-            progress: UploadProgress::new(),
-        }
-    }
-
-    /// Opens `path`; the body is as long as the file is now.
-    pub(super) async fn open(path: &Path) -> Result<Self, RegistryError> {
-        let read_error = |source| RegistryError::ReadFile {
-            path: path.to_path_buf(),
-            source,
-        };
-        let file = tokio::fs::File::open(path).await.map_err(read_error)?;
-        let len = file.metadata().await.map_err(read_error)?.len();
-        Ok(UploadBody {
-            source: Source::File(file),
-            len,
-            remaining: len,
-            read_buf: None,
-            progress: UploadProgress::new(),
-        })
-    }
-
-    pub(super) fn len(&self) -> u64 {
-        self.len
-    }
-
-    pub(super) fn progress(&self) -> Arc<UploadProgress> {
-        self.progress.clone()
-    }
-}
-
-impl http_body::Body for UploadBody {
-    type Data = Bytes;
-    type Error = io::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        let this = self.get_mut();
-        if this.remaining == 0 {
-            return Poll::Ready(None);
-        }
-        // At most UPLOAD_FRAME, so the cast cannot truncate.
-        let want = this.remaining.min(UPLOAD_FRAME as u64) as usize;
-        let piece = match &mut this.source {
-            Source::Bytes(bytes) => bytes.split_to(want.min(bytes.len())),
-            Source::File(file) => {
-                let buf = this.read_buf.get_or_insert_with(|| vec![0; UPLOAD_FRAME]);
-                let mut read = ReadBuf::new(&mut buf[..want]);
-                ready!(Pin::new(file).poll_read(cx, &mut read))?;
-                let n = read.filled().len();
-                let mut buf = this.read_buf.take().unwrap_or_default();
-                buf.truncate(n);
-                Bytes::from(buf)
-            }
-        };
-        if piece.is_empty() {
-            return Poll::Ready(Some(Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!(
-                    "upload source ended {} bytes short of its {} bytes",
-                    this.remaining, this.len
-                ),
-            ))));
-        }
-        this.remaining -= piece.len() as u64;
-        this.progress.advance(piece.len(), this.remaining == 0);
-        Poll::Ready(Some(Ok(Frame::data(piece))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.remaining == 0
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.remaining)
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::client::sha256_digest;
     use super::super::test_support::*;
+    use super::super::upload::UPLOAD_FRAME;
     use super::super::*;
-    use std::sync::Arc;
+    use sha2::{Digest as _, Sha256};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn puts_to_uploads(server: &FakeServer) -> Vec<SeenRequest> {
@@ -538,7 +338,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("blob");
         // Several upload frames and a short last one.
-        let blob = noise(3 * super::UPLOAD_FRAME + 17, 2);
+        let blob = noise(3 * UPLOAD_FRAME + 17, 2);
         std::fs::write(&path, &blob).unwrap();
         let digest = sha256_digest(&blob);
 
@@ -622,7 +422,7 @@ mod tests {
         let client = server.client(None);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("blob");
-        let blob = noise(2 * super::UPLOAD_FRAME + 5, 3);
+        let blob = noise(2 * UPLOAD_FRAME + 5, 3);
         std::fs::write(&path, &blob).unwrap();
         let digest = sha256_digest(&blob);
 

@@ -21,10 +21,13 @@ use reqwest::{Method, StatusCode, Url};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
-use super::{
-    read_capped, sha256_digest, status_error, validate_digest, validate_repository, Access, Call,
-    Reference, RegistryClient, RegistryError, Target, MAX_MANIFEST_BYTES, MEDIA_TYPE_OCI_INDEX,
+use super::client::{
+    read_capped, sha256_digest, status_error, Access, Call, RegistryClient, Target,
+    MAX_MANIFEST_BYTES,
 };
+use super::error::{Reference, RegistryError};
+use super::reference::{validate_digest, validate_repository};
+use super::MEDIA_TYPE_OCI_INDEX;
 
 /// Pages of a referrers list followed at most; at the registries' usual page sizes this is
 /// thousands of referrers, and it bounds a server that links pages in a loop.
@@ -328,6 +331,7 @@ fn query_escape(value: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::client::sha256_digest;
     use super::super::test_support::*;
     use super::super::*;
     use super::{next_link, query_escape, referrers_tag};

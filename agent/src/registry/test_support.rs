@@ -12,6 +12,9 @@ use std::time::Duration;
 use reqwest::Url;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use base64::Engine as _;
+
+use super::client::sha256_digest;
 use super::*;
 
 pub(super) fn tag(t: &str) -> Reference {
