@@ -167,6 +167,7 @@ mod tests {
     use super::super::test_support::*;
     use super::super::*;
     use crate::blobstore::{BlobError, BlobStore};
+    use std::ops::Range;
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
     use tokio::io::AsyncWriteExt;

@@ -335,6 +335,7 @@ mod tests {
     use super::super::test_support::*;
     use super::super::*;
     use super::{next_link, query_escape, referrers_tag};
+    use reqwest::header::HeaderMap;
     use std::sync::Arc;
 
     const LAZY: &str = "application/vnd.lazyimg.image.v1";
