@@ -120,22 +120,21 @@ fn recorded(
     }
 }
 
-/// Opens image `tag` of the store at `store_path` and mounts it at `mountpoint`; with
-/// `recorder`, first accesses of chunks are recorded for a profile.
+/// Mounts `image`, opened (`remote::open_image`) from the local store at `store_path` and read
+/// there in place (`OpenedImage::is_local`), at `mountpoint`; with `recorder`, first accesses of
+/// chunks are recorded for a profile. The standalone `lazyctl mount`.
 pub fn mount_local(
     store_path: &Path,
-    tag: &str,
+    image: &OpenedImage,
     mountpoint: &Path,
     cfg: &MountConfig,
     recorder: Option<&Arc<Recorder>>,
 ) -> Result<MountedImage, MountError> {
     let started = Instant::now();
     check_mountpoint(mountpoint)?;
-    let store = LocalStore::open(store_path)?;
-    let image = store.open_image(tag)?;
     let how = (started, Attach::Standalone);
     local_mount(
-        &store,
+        &LocalStore::open(store_path)?,
         &image.index,
         &image.manifest_digest,
         mountpoint,
