@@ -21,7 +21,8 @@
 //! - `mount`: opening an image and running a FUSE mount of it until it is unmounted.
 //! - `metrics`: fetch and cache counters, as JSON and Prometheus text.
 //! - `config`: lazyd's TOML configuration.
-//! - `daemon`: the `Agent` lazyd runs: mounts, warms, profiles, gc.
+//! - `daemon`: the `Agent` lazyd runs, one file per part of its state: mounts, containers,
+//!   warms, profiles, known images and gc, the hand-over.
 //! - `handover`: mounts that outlive lazyd: the fd holder (systemd or the supervisor) and the
 //!   mount table its successor serves them again from.
 //! - `api`, `server`: the control API's messages and its HTTP server on the unix socket.

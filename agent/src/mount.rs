@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use fusefs::fuse::{Connection, MountConfig};
+use fusefs::fuse::{Connection, MountConfig, Session};
 use fusefs::{ChunkSource, ImageReader};
 use thiserror::Error;
 use tracing::{info, warn};
@@ -73,8 +73,8 @@ impl MountSource {
 
 /// How a mount reaches the kernel.
 pub enum Attach<'a> {
-    /// `fuser` mounts it (fusermount3 for a user); it ends with the process. The standalone
-    /// `lazyctl mount`.
+    /// `fusefs::fuse::mount` mounts it (fusermount3 for a user); it ends with the process. The
+    /// standalone `lazyctl mount`.
     Standalone,
     /// mount(2) here, keeping the connection so that a successor can serve it (lazyd).
     Kept,
@@ -84,7 +84,7 @@ pub enum Attach<'a> {
 
 /// A live mount of one image.
 pub struct MountedImage {
-    session: fuser::BackgroundSession,
+    session: Session,
     /// The connection, for the fd holder (`Attach::Kept`).
     pub connection: Option<Connection>,
     /// An adopted mount whose unanswered requests the kernel was asked to resend.
@@ -105,7 +105,7 @@ impl MountedImage {
 
     /// Whether the session has ended (the filesystem was unmounted, by anyone).
     pub fn is_finished(&self) -> bool {
-        self.session.guard.is_finished()
+        self.session.is_finished()
     }
 }
 
@@ -120,22 +120,21 @@ fn recorded(
     }
 }
 
-/// Opens image `tag` of the store at `store_path` and mounts it at `mountpoint`; with
-/// `recorder`, first accesses of chunks are recorded for a profile.
+/// Mounts `image`, opened (`remote::open_image`) from the local store at `store_path` and read
+/// there in place (`OpenedImage::is_local`), at `mountpoint`; with `recorder`, first accesses of
+/// chunks are recorded for a profile. The standalone `lazyctl mount`.
 pub fn mount_local(
     store_path: &Path,
-    tag: &str,
+    image: &OpenedImage,
     mountpoint: &Path,
     cfg: &MountConfig,
     recorder: Option<&Arc<Recorder>>,
 ) -> Result<MountedImage, MountError> {
     let started = Instant::now();
     check_mountpoint(mountpoint)?;
-    let store = LocalStore::open(store_path)?;
-    let image = store.open_image(tag)?;
     let how = (started, Attach::Standalone);
     local_mount(
-        &store,
+        &LocalStore::open(store_path)?,
         &image.index,
         &image.manifest_digest,
         mountpoint,

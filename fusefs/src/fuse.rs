@@ -554,6 +554,22 @@ fn session_config(cfg: &MountConfig, clone_fd: bool) -> Config {
     config
 }
 
+/// A running FUSE session: the background threads serving one mount. It ends when the file
+/// system is unmounted, by anyone; dropping it first unmounts a file system [`mount`] made.
+pub struct Session(fuser::BackgroundSession);
+
+impl Session {
+    /// Blocks until the session ends (the file system was unmounted).
+    pub fn join(self) -> std::io::Result<()> {
+        self.0.join()
+    }
+
+    /// Whether the session has ended.
+    pub fn is_finished(&self) -> bool {
+        self.0.guard.is_finished()
+    }
+}
+
 /// Mounts `reader` at `mountpoint` read-only and serves it from background threads until the
 /// returned session is dropped or unmounted. The mount ends with the process: lazyd mounts
 /// with [`mount_kept`] instead.
@@ -561,11 +577,11 @@ pub fn mount(
     reader: Arc<ImageReader>,
     mountpoint: &Path,
     cfg: &MountConfig,
-) -> std::io::Result<fuser::BackgroundSession> {
+) -> std::io::Result<Session> {
     let mut config = session_config(cfg, true);
     config.mount_options = mount_options(cfg);
     let fs = LazyFs::new(reader, cfg.read_workers, cfg.stats.clone())?;
-    fuser::spawn_mount(fs, mountpoint, &config)
+    fuser::spawn_mount(fs, mountpoint, &config).map(Session)
 }
 
 /// `FUSE_NOTIFY_RESEND` (Linux 6.9): the kernel queues again every request that was read
@@ -584,7 +600,7 @@ pub struct Connection {
 
 /// A mount served by this process whose connection can be handed to a successor.
 pub struct KeptSession {
-    pub session: fuser::BackgroundSession,
+    pub session: Session,
     pub connection: Connection,
 }
 
@@ -640,7 +656,7 @@ pub fn mount_kept(
     };
     let proto = session.proto_version().map_or((0, 0), |v| (v.0, v.1));
     Ok(KeptSession {
-        session: session.spawn()?,
+        session: Session(session.spawn()?),
         connection: Connection { fd: kept, proto },
     })
 }
@@ -653,7 +669,7 @@ pub fn serve_adopted(
     reader: Arc<ImageReader>,
     connection: &Connection,
     cfg: &MountConfig,
-) -> std::io::Result<(fuser::BackgroundSession, bool)> {
+) -> std::io::Result<(Session, bool)> {
     let resend = kernel_resends();
     let fs = LazyFs::new(reader, cfg.read_workers, cfg.stats.clone())?;
     let (major, minor) = connection.proto;
@@ -669,7 +685,7 @@ pub fn serve_adopted(
     if resend {
         notify_resend(connection.fd.as_fd())?;
     }
-    Ok((session, resend))
+    Ok((Session(session), resend))
 }
 
 /// Writes `FUSE_NOTIFY_RESEND` to a connection.

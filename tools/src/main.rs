@@ -514,41 +514,43 @@ fn mount(
         read_workers,
         ..fusefs::fuse::MountConfig::default()
     };
+    // The mount's requests, if it reads through the fetcher, run on this runtime until the
+    // mount ends.
+    let runtime = tools::remote::runtime()?;
+    let new_fetcher = || {
+        tools::remote::fetcher(
+            &cache.cache_dir,
+            cache.cache_size,
+            agent::fetcher::FetcherConfig {
+                request_timeout: seconds(remote.request_timeout)?,
+                read_timeout: seconds(cache.read_timeout)?,
+                concurrency: cache.concurrency.max(1),
+                ..agent::fetcher::FetcherConfig::default()
+            },
+            runtime.handle().clone(),
+        )
+    };
+    // Opening a remote image keeps its manifest and index in the cache directory, which the
+    // fetcher makes first.
+    let fetcher = match &location {
+        ImageLocation::Dir { .. } => None,
+        _ => Some(new_fetcher()?),
+    };
+    let opened = runtime
+        .block_on(agent::remote::open_image(
+            &location,
+            &remote.options()?,
+            Some(&cache.cache_dir),
+        ))
+        .with_context(|| format!("opening {location}"))?;
     // A local store's image is read in place, unless it names blobs kept elsewhere (an image
     // converted with --reference): those go through the fetcher and the cache like S3 images.
-    let local = match &location {
-        ImageLocation::Dir { path, tag } => !agent::store::LocalStore::open(path)?
-            .manifest(tag)?
-            .1
-            .has_external_blobs(),
-        _ => false,
-    };
-    let mut runtime = None;
-    let mounted = match &location {
-        ImageLocation::Dir { path, tag } if local => {
-            agent::mount::mount_local(path, tag, mountpoint, &cfg, None)?
+    let mounted = match &opened.location {
+        ImageLocation::Dir { path, .. } if opened.is_local() => {
+            agent::mount::mount_local(path, &opened, mountpoint, &cfg, None)?
         }
         _ => {
-            // The mount's requests run on this runtime until the mount ends.
-            let runtime = runtime.insert(tools::remote::runtime()?);
-            let fetcher = tools::remote::fetcher(
-                &cache.cache_dir,
-                cache.cache_size,
-                agent::fetcher::FetcherConfig {
-                    request_timeout: seconds(remote.request_timeout)?,
-                    read_timeout: seconds(cache.read_timeout)?,
-                    concurrency: cache.concurrency.max(1),
-                    ..agent::fetcher::FetcherConfig::default()
-                },
-                runtime.handle().clone(),
-            )?;
-            let opened = runtime
-                .block_on(agent::remote::open_image(
-                    &location,
-                    &remote.options()?,
-                    Some(&cache.cache_dir),
-                ))
-                .with_context(|| format!("opening {location}"))?;
+            let fetcher = fetcher.map_or_else(new_fetcher, Ok)?;
             agent::mount::mount_remote(&opened, &fetcher, mountpoint, &cfg, None)?
         }
     };
