@@ -671,6 +671,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "system-tests"),
+        ignore = "needs root: mounts FUSE or a tmpfs"
+    )]
     fn entry_larger_than_the_free_disk_is_refused_not_retried_forever() {
         // Regression: a write that failed with ENOSPC in a fresh, otherwise empty segment used
         // to evict that segment, start another, fail again, and loop for ever.
@@ -690,6 +694,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "system-tests"),
+        ignore = "needs root: mounts FUSE or a tmpfs"
+    )]
     fn full_disk_gives_no_space_and_never_wrong_bytes() {
         // A real full disk needs root to mount a small tmpfs; the test fails without it.
         lazy_tests::mount::require_root();

@@ -1657,6 +1657,10 @@ mod tests {
     }
 
     #[tokio::test]
+    #[cfg_attr(
+        not(feature = "system-tests"),
+        ignore = "needs docker-registry (scripts/setup.sh installs it)"
+    )]
     async fn pulls_manifest_and_blobs_from_docker_registry() {
         let (registry, image) = registry_with_image();
         let image_ref =
@@ -1723,6 +1727,10 @@ mod tests {
     }
 
     #[tokio::test]
+    #[cfg_attr(
+        not(feature = "system-tests"),
+        ignore = "needs docker-registry (scripts/setup.sh installs it)"
+    )]
     async fn missing_tag_blob_and_repository_are_permanent_errors() {
         let (registry, image) = registry_with_image();
         let client = RegistryClient::new(&registry.host(), ClientOptions::default()).unwrap();
@@ -1768,6 +1776,10 @@ mod tests {
     }
 
     #[tokio::test]
+    #[cfg_attr(
+        not(feature = "system-tests"),
+        ignore = "needs docker-registry (scripts/setup.sh installs it)"
+    )]
     async fn corrupted_blob_in_registry_storage_is_rejected_and_removed() {
         let (registry, image) = registry_with_image();
         let digest = sha256_digest(&image.layer);

@@ -769,6 +769,10 @@ mod tests {
     /// no referrers API): blobs small and large, the source manifest, the lazy manifest with
     /// the source as its `subject`, the referrers tag, and reads back through the blob store.
     #[tokio::test]
+    #[cfg_attr(
+        not(feature = "system-tests"),
+        ignore = "needs docker-registry (scripts/setup.sh installs it)"
+    )]
     async fn pushes_a_lazy_image_with_a_subject_to_docker_registry() {
         use crate::blobstore::{BlobError, BlobStore};
         use fusefs::manifest::{self as lazy, Descriptor, LazyManifest};
