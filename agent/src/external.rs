@@ -7,8 +7,8 @@
 //! has such blobs: reads of those digests become range GETs of the object (one S3 client per
 //! bucket, endpoint and credentials from the AWS environment as for `s3://` images), everything
 //! else goes to the image's own store. Each GET checks the object's ETag against the one
-//! recorded at indexing, so a replaced object is refused with a message saying it changed since
-//! it was indexed, and a deleted one is reported as gone; the fetcher's blake3 check of every
+//! recorded at indexing, so a replaced object is refused as [`BlobError::Changed`], and a
+//! deleted one is reported as [`BlobError::Deleted`]; the fetcher's blake3 check of every
 //! chunk stays the last word (it also catches a store that keeps the ETag of changed bytes).
 //! Both are permanent errors: the read fails with EIO and the fetcher logs why.
 //!
@@ -24,7 +24,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use fusefs::manifest::{LazyManifest, ANNOTATION_ETAG};
 
-use crate::blobstore::{too_large, BlobError, BlobStore};
+use crate::blobstore::{too_large, BackendId, BlobError, BlobStore};
 use crate::remote::{s3_store, ImageLocation, RemoteError, RemoteOptions};
 use crate::s3::{S3Location, S3Store};
 
@@ -144,13 +144,13 @@ struct Route {
 pub struct RoutedBlobStore {
     own: Arc<dyn BlobStore>,
     routes: HashMap<String, Route>,
-    name: String,
+    id: BackendId,
 }
 
 impl RoutedBlobStore {
     fn new(own: Arc<dyn BlobStore>, routes: HashMap<String, Route>) -> RoutedBlobStore {
         let buckets: BTreeSet<&str> = routes.values().map(|r| r.object.bucket.as_str()).collect();
-        // The fetcher shares one backend between stores of the same name: the name must tell
+        // The fetcher shares one backend between stores of the same identity: it must tell
         // this set of routes from another image's at the same location (a re-conversion).
         let mut set: Vec<(&String, &str, Option<&str>)> = routes
             .iter()
@@ -158,21 +158,15 @@ impl RoutedBlobStore {
             .collect();
         set.sort();
         let fingerprint = crate::store::sha256_digest(format!("{set:?}").as_bytes());
-        let name = format!(
-            "{} + {} referenced object(s) in {} [{}]",
-            own.describe(),
+        let id = BackendId::routed(
+            own.id(),
+            buckets.into_iter().map(str::to_string).collect(),
             routes.len(),
-            buckets
-                .iter()
-                .map(|b| format!("s3://{b}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            &fingerprint[7..19]
+            fingerprint[7..19].to_string(),
         );
-        RoutedBlobStore { own, routes, name }
+        RoutedBlobStore { own, routes, id }
     }
 
-    /// Rewrites an S3 error about a referenced object so that it says what happened to it.
     /// Refuses a range past the end of the object (its size as indexed).
     fn check_range(
         &self,
@@ -182,7 +176,7 @@ impl RoutedBlobStore {
     ) -> Result<(), BlobError> {
         if range.end > route.object.size {
             return Err(BlobError::Invalid {
-                store: self.name.clone(),
+                store: self.id.clone(),
                 digest: digest.to_string(),
                 reason: format!(
                     "range {}..{} is outside {}'s {} bytes",
@@ -193,28 +187,20 @@ impl RoutedBlobStore {
         Ok(())
     }
 
+    /// An S3 error about a referenced object, as this store's: a missing object was deleted
+    /// since the image was indexed, a changed one is named with this store.
     fn explain(&self, digest: &str, object: &ExternalObject, e: BlobError) -> BlobError {
         match e {
-            BlobError::NotFound { .. } => BlobError::Invalid {
-                store: self.name.clone(),
+            BlobError::NotFound { .. } => BlobError::Deleted {
+                store: self.id.clone(),
                 digest: digest.to_string(),
-                reason: format!(
-                    "referenced object {} is gone (404): it was deleted since the image was \
-                     indexed; restore it or re-run lazyctl convert --reference",
-                    object.url
-                ),
+                object: object.url.clone(),
             },
-            BlobError::Invalid { reason, .. }
-                if reason.contains("changed since it was indexed") =>
-            {
-                BlobError::Invalid {
-                    store: self.name.clone(),
-                    digest: digest.to_string(),
-                    reason: format!(
-                        "referenced object {reason}; re-run lazyctl convert --reference"
-                    ),
-                }
-            }
+            BlobError::Changed { change, .. } => BlobError::Changed {
+                store: self.id.clone(),
+                digest: digest.to_string(),
+                change,
+            },
             other => other,
         }
     }
@@ -222,12 +208,8 @@ impl RoutedBlobStore {
 
 #[async_trait]
 impl BlobStore for RoutedBlobStore {
-    fn kind(&self) -> &'static str {
-        self.own.kind()
-    }
-
-    fn describe(&self) -> String {
-        self.name.clone()
+    fn id(&self) -> BackendId {
+        self.id.clone()
     }
 
     async fn read_range(&self, digest: &str, range: Range<u64>) -> Result<Vec<u8>, BlobError> {
@@ -275,7 +257,7 @@ impl BlobStore for RoutedBlobStore {
             return self.own.read_blob(digest, max_size).await;
         };
         if route.object.size > max_size {
-            return Err(too_large(&self.name, digest, route.object.size, max_size));
+            return Err(too_large(&self.id, digest, route.object.size, max_size));
         }
         self.read_range(digest, 0..route.object.size).await
     }
@@ -415,20 +397,19 @@ mod tests {
         let r2 = route_external(own.clone(), &m2, &models_image(), &opts)
             .await
             .unwrap();
+        assert_eq!(r1.id().kind(), "memory");
         assert!(r1
-            .describe()
+            .id()
+            .to_string()
             .starts_with("memory + 1 referenced object(s) in s3://models ["));
-        assert_ne!(
-            r1.describe(),
-            r2.describe(),
-            "another set of objects, another backend"
-        );
+        assert_ne!(r1.id(), r2.id(), "another set of objects, another backend");
+        assert_ne!(r1.id().to_string(), r2.id().to_string());
         assert_eq!(
-            r1.describe(),
+            r1.id(),
             route_external(own.clone(), &m1, &models_image(), &opts)
                 .await
                 .unwrap()
-                .describe()
+                .id()
         );
         assert_eq!(r1.read_range(&digest, 0..3).await.unwrap(), b"own");
         // A range past the object's indexed size is refused before any request.

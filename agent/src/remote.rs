@@ -408,7 +408,7 @@ pub async fn read_config(
     }
     if desc.size > MAX_CONFIG_BYTES {
         return Err(BlobError::Invalid {
-            store: store.describe(),
+            store: store.id(),
             digest: desc.digest.clone(),
             reason: format!(
                 "config of {} bytes is over the {MAX_CONFIG_BYTES}-byte limit",
