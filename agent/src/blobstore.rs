@@ -11,9 +11,14 @@
 //! a local OCI layout directory ([`DirBlobStore`]), an in-memory map for unit tests
 //! ([`MemoryBlobStore`]) and a fault-injecting wrapper for tests ([`FaultyBlobStore`]).
 //!
+//! Each store names its backend with a typed [`BackendId`] (the fetcher's per-backend queues,
+//! limits and metrics are keyed by it; logs show its `Display` form) and says with each
+//! [`BlobError`]'s [`BlobErrorKind`] whether a retry can help.
+//!
 //! Stores apply their own connect and read timeouts; the fetcher bounds each request as a whole.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
@@ -24,21 +29,154 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
+/// Which backend a store reads from: the fetcher keeps one queue, one set of limits and one
+/// metrics label per identity (two images in one registry repository share them), and logs and
+/// errors name the backend by its [`Display`](fmt::Display) form. Two identities that differ
+/// print differently, so the metrics label stays unique. Cheap to clone (every error carries
+/// one).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BackendId(Arc<Backend>);
+
+/// The parts of a [`BackendId`].
+#[derive(Debug, PartialEq, Eq, Hash)]
+enum Backend {
+    Registry {
+        registry: String,
+        repository: String,
+    },
+    S3 {
+        bucket: String,
+        prefix: String,
+    },
+    Dir(PathBuf),
+    Memory(&'static str),
+    Routed {
+        own: BackendId,
+        buckets: Vec<String>,
+        objects: usize,
+        fingerprint: String,
+    },
+}
+
+impl BackendId {
+    /// A repository of an OCI registry: `registry HOST/REPO`.
+    pub fn registry(registry: &str, repository: &str) -> BackendId {
+        BackendId(Arc::new(Backend::Registry {
+            registry: registry.to_string(),
+            repository: repository.to_string(),
+        }))
+    }
+
+    /// A bucket and key prefix (empty for the bucket's root): `s3://BUCKET/PREFIX`. The
+    /// endpoint is not part of it: every S3 store of one agent takes its endpoint from the
+    /// same AWS environment.
+    pub fn s3(bucket: &str, prefix: &str) -> BackendId {
+        BackendId(Arc::new(Backend::S3 {
+            bucket: bucket.to_string(),
+            prefix: prefix.to_string(),
+        }))
+    }
+
+    /// A local OCI image layout: `dir PATH`.
+    pub fn dir(root: &Path) -> BackendId {
+        BackendId(Arc::new(Backend::Dir(root.to_path_buf())))
+    }
+
+    /// An in-memory store or another test double, by its name: `memory`.
+    pub fn memory(name: &'static str) -> BackendId {
+        BackendId(Arc::new(Backend::Memory(name)))
+    }
+
+    /// An image's own store `own` plus `objects` S3 objects in `buckets` that its blobs
+    /// indexed in place are read from (`external::RoutedBlobStore`):
+    /// `OWN + N referenced object(s) in s3://B [FINGERPRINT]`. `fingerprint` is a digest of the
+    /// routes (blob, object url, ETag), so that another set of objects at the same location (a
+    /// re-conversion) is another backend.
+    pub fn routed(
+        own: BackendId,
+        buckets: Vec<String>,
+        objects: usize,
+        fingerprint: String,
+    ) -> BackendId {
+        BackendId(Arc::new(Backend::Routed {
+            own,
+            buckets,
+            objects,
+            fingerprint,
+        }))
+    }
+
+    /// The backend kind, used as the metrics label: `registry`, `s3`, `dir`, `memory`; a routed
+    /// store is of its own store's kind.
+    pub fn kind(&self) -> &'static str {
+        match &*self.0 {
+            Backend::Registry { .. } => "registry",
+            Backend::S3 { .. } => "s3",
+            Backend::Dir(_) => "dir",
+            Backend::Memory(_) => "memory",
+            Backend::Routed { own, .. } => own.kind(),
+        }
+    }
+}
+
+impl fmt::Display for BackendId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &*self.0 {
+            Backend::Registry {
+                registry,
+                repository,
+            } => write!(f, "registry {registry}/{repository}"),
+            Backend::S3 { bucket, prefix } if prefix.is_empty() => write!(f, "s3://{bucket}"),
+            Backend::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+            Backend::Dir(root) => write!(f, "dir {}", root.display()),
+            Backend::Memory(name) => f.write_str(name),
+            Backend::Routed {
+                own,
+                buckets,
+                objects,
+                fingerprint,
+            } => {
+                write!(f, "{own} + {objects} referenced object(s) in ")?;
+                for (i, bucket) in buckets.iter().enumerate() {
+                    let sep = if i == 0 { "" } else { ", " };
+                    write!(f, "{sep}s3://{bucket}")?;
+                }
+                write!(f, " [{fingerprint}]")
+            }
+        }
+    }
+}
+
+/// What a [`BlobError`] means for whoever asked: the fetcher retries only `Transient` errors,
+/// and an object indexed in place that is `Changed` or `Gone` needs the image re-indexed (or
+/// the object restored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobErrorKind {
+    /// The object changed under us: its ETag is not the one it had when it was indexed.
+    Changed,
+    /// The blob or its object is not there (not found, deleted).
+    Gone,
+    /// Any other error a retry cannot help: denied, a bad request, a malformed answer.
+    Permanent,
+    /// A retry may help: the store is down, slow, or asked to be asked again later.
+    Transient,
+}
+
 /// Errors from a blob store. Each one names the store and, where there is one, the blob.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BlobError {
     #[error("{store}: blob {digest} not found")]
-    NotFound { store: String, digest: String },
+    NotFound { store: BackendId, digest: String },
     #[error("{store}: access to blob {digest} denied: {reason}")]
     Denied {
-        store: String,
+        store: BackendId,
         digest: String,
         reason: String,
     },
     /// A request that cannot succeed as asked: bad digest, range past the end, malformed reply.
     #[error("{store}: blob {digest}: {reason}")]
     Invalid {
-        store: String,
+        store: BackendId,
         digest: String,
         reason: String,
     },
@@ -46,36 +184,72 @@ pub enum BlobError {
     /// reset, 5xx, 429, a body that ended early.
     #[error("{store}: blob {digest}: {reason}")]
     Unavailable {
-        store: String,
+        store: BackendId,
         digest: String,
         reason: String,
     },
     #[error("{store}: blob {digest}: no answer within {after:?}")]
     Timeout {
-        store: String,
+        store: BackendId,
         digest: String,
         after: Duration,
     },
     /// The store asked to be asked again later: a 429 or 503 with a `Retry-After`.
     #[error("{store}: blob {digest}: {reason}; asked to retry after {retry_after:?}")]
     Throttled {
-        store: String,
+        store: BackendId,
         digest: String,
         reason: String,
         retry_after: Duration,
     },
+    /// The object a blob was indexed in place from (`lazyctl convert --reference`) was
+    /// replaced since: its ETag is another.
+    #[error("{store}: blob {digest}: referenced object {} changed since it was indexed: the object's ETag is now {}, it was {} when the image was indexed; re-run lazyctl convert --reference", .change.object, .change.etag, .change.indexed_etag)]
+    Changed {
+        store: BackendId,
+        digest: String,
+        change: Box<ObjectChange>,
+    },
+    /// The object a blob was indexed in place from was deleted since.
+    #[error("{store}: blob {digest}: referenced object {object} is gone (404): it was deleted since the image was indexed; restore it or re-run lazyctl convert --reference")]
+    Deleted {
+        store: BackendId,
+        digest: String,
+        /// The object's url, `s3://BUCKET/KEY`.
+        object: String,
+    },
+}
+
+/// How an object indexed in place differs from what was indexed (boxed in
+/// [`BlobError::Changed`], which would otherwise make every `BlobError` larger).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectChange {
+    /// The object's url, `s3://BUCKET/KEY`.
+    pub object: String,
+    /// Its ETag now.
+    pub etag: String,
+    /// Its ETag when the image was indexed.
+    pub indexed_etag: String,
 }
 
 impl BlobError {
-    /// True when retrying the same request cannot help.
-    pub fn is_permanent(&self) -> bool {
+    /// What the error means for whoever asked (see [`BlobErrorKind`]).
+    pub fn kind(&self) -> BlobErrorKind {
         match self {
-            BlobError::NotFound { .. } | BlobError::Denied { .. } | BlobError::Invalid { .. } => {
-                true
-            }
+            BlobError::Changed { .. } => BlobErrorKind::Changed,
+            BlobError::NotFound { .. } | BlobError::Deleted { .. } => BlobErrorKind::Gone,
+            BlobError::Denied { .. } | BlobError::Invalid { .. } => BlobErrorKind::Permanent,
             BlobError::Unavailable { .. }
             | BlobError::Timeout { .. }
-            | BlobError::Throttled { .. } => false,
+            | BlobError::Throttled { .. } => BlobErrorKind::Transient,
+        }
+    }
+
+    /// True when retrying the same request cannot help.
+    pub fn is_permanent(&self) -> bool {
+        match self.kind() {
+            BlobErrorKind::Changed | BlobErrorKind::Gone | BlobErrorKind::Permanent => true,
+            BlobErrorKind::Transient => false,
         }
     }
 
@@ -87,7 +261,9 @@ impl BlobError {
             | BlobError::Denied { .. }
             | BlobError::Invalid { .. }
             | BlobError::Unavailable { .. }
-            | BlobError::Timeout { .. } => None,
+            | BlobError::Timeout { .. }
+            | BlobError::Changed { .. }
+            | BlobError::Deleted { .. } => None,
         }
     }
 }
@@ -107,12 +283,9 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 /// tasks at once.
 #[async_trait]
 pub trait BlobStore: Send + Sync + 'static {
-    /// The backend kind, used as the metrics label: `registry`, `s3`, `dir`, `memory`.
-    fn kind(&self) -> &'static str;
-
-    /// Where the store is, for logs and errors: `registry 127.0.0.1:5000/debian`,
-    /// `s3://bucket/prefix`, `dir /var/lib/images`.
-    fn describe(&self) -> String;
+    /// Which backend the store reads from: the fetcher's per-backend state, logs, errors and
+    /// metrics name it by this.
+    fn id(&self) -> BackendId;
 
     /// Bytes `range` of blob `digest` (`sha256:<hex>`): exactly `range.end - range.start` bytes
     /// or an error. A short body is [`BlobError::Unavailable`], never a short `Ok`.
@@ -139,7 +312,7 @@ pub trait BlobStore: Send + Sync + 'static {
 }
 
 /// Checks that `digest` is `sha256:` and 64 lowercase hex digits, so it is safe in a path or URL.
-pub fn check_digest<'a>(store: &str, digest: &'a str) -> Result<&'a str, BlobError> {
+pub fn check_digest<'a>(store: &BackendId, digest: &'a str) -> Result<&'a str, BlobError> {
     match digest.strip_prefix("sha256:") {
         Some(hex)
             if hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) =>
@@ -147,7 +320,7 @@ pub fn check_digest<'a>(store: &str, digest: &'a str) -> Result<&'a str, BlobErr
             Ok(hex)
         }
         _ => Err(BlobError::Invalid {
-            store: store.to_string(),
+            store: store.clone(),
             digest: digest.to_string(),
             reason: "not a sha256 digest".into(),
         }),
@@ -168,12 +341,12 @@ impl DirBlobStore {
     }
 
     fn path(&self, digest: &str) -> Result<PathBuf, BlobError> {
-        let hex = check_digest(&self.describe(), digest)?;
+        let hex = check_digest(&self.id(), digest)?;
         Ok(self.root.join("blobs/sha256").join(hex))
     }
 
     fn io_error(&self, digest: &str, e: std::io::Error) -> BlobError {
-        let store = self.describe();
+        let store = self.id();
         let digest = digest.to_string();
         match e.kind() {
             std::io::ErrorKind::NotFound => BlobError::NotFound { store, digest },
@@ -193,12 +366,8 @@ impl DirBlobStore {
 
 #[async_trait]
 impl BlobStore for DirBlobStore {
-    fn kind(&self) -> &'static str {
-        "dir"
-    }
-
-    fn describe(&self) -> String {
-        format!("dir {}", self.root.display())
+    fn id(&self) -> BackendId {
+        BackendId::dir(&self.root)
     }
 
     async fn read_range(&self, digest: &str, range: Range<u64>) -> Result<Vec<u8>, BlobError> {
@@ -213,7 +382,7 @@ impl BlobStore for DirBlobStore {
                 .len();
             if range.end > len || range.start > range.end {
                 return Err(BlobError::Invalid {
-                    store: this.describe(),
+                    store: this.id(),
                     digest,
                     reason: format!(
                         "range {}..{} is outside the blob's {len} bytes",
@@ -228,7 +397,7 @@ impl BlobStore for DirBlobStore {
         })
         .await
         .map_err(|e| BlobError::Unavailable {
-            store: self.describe(),
+            store: self.id(),
             digest: String::new(),
             reason: format!("read task failed: {e}"),
         })?
@@ -241,7 +410,7 @@ impl BlobStore for DirBlobStore {
             .map_err(|e| self.io_error(digest, e))?
             .len();
         if len > max_size {
-            return Err(too_large(&self.describe(), digest, len, max_size));
+            return Err(too_large(&self.id(), digest, len, max_size));
         }
         tokio::fs::read(&path)
             .await
@@ -249,9 +418,9 @@ impl BlobStore for DirBlobStore {
     }
 }
 
-pub(crate) fn too_large(store: &str, digest: &str, len: u64, max: u64) -> BlobError {
+pub(crate) fn too_large(store: &BackendId, digest: &str, len: u64, max: u64) -> BlobError {
     BlobError::Invalid {
-        store: store.to_string(),
+        store: store.clone(),
         digest: digest.to_string(),
         reason: format!("{len} bytes is over the {max}-byte limit"),
     }
@@ -293,7 +462,7 @@ impl MemoryBlobStore {
             .get(digest)
             .cloned()
             .ok_or_else(|| BlobError::NotFound {
-                store: self.describe(),
+                store: self.id(),
                 digest: digest.to_string(),
             })
     }
@@ -301,19 +470,15 @@ impl MemoryBlobStore {
 
 #[async_trait]
 impl BlobStore for MemoryBlobStore {
-    fn kind(&self) -> &'static str {
-        "memory"
-    }
-
-    fn describe(&self) -> String {
-        "memory".into()
+    fn id(&self) -> BackendId {
+        BackendId::memory("memory")
     }
 
     async fn read_range(&self, digest: &str, range: Range<u64>) -> Result<Vec<u8>, BlobError> {
         let blob = self.get(digest)?;
         if range.start > range.end || range.end > blob.len() as u64 {
             return Err(BlobError::Invalid {
-                store: self.describe(),
+                store: self.id(),
                 digest: digest.to_string(),
                 reason: format!(
                     "range {}..{} is outside the blob's {} bytes",
@@ -329,12 +494,7 @@ impl BlobStore for MemoryBlobStore {
     async fn read_blob(&self, digest: &str, max_size: u64) -> Result<Vec<u8>, BlobError> {
         let blob = self.get(digest)?;
         if blob.len() as u64 > max_size {
-            return Err(too_large(
-                &self.describe(),
-                digest,
-                blob.len() as u64,
-                max_size,
-            ));
+            return Err(too_large(&self.id(), digest, blob.len() as u64, max_size));
         }
         Ok(blob.to_vec())
     }
@@ -399,7 +559,7 @@ impl FaultyBlobStore {
         }
         if faults.down || faults.fail_next > 0 {
             let (store, digest, reason) = (
-                self.describe(),
+                self.id(),
                 digest.to_string(),
                 "injected failure".to_string(),
             );
@@ -431,12 +591,8 @@ fn corrupt(bytes: &mut [u8], start: u64, offset: Option<u64>) {
 
 #[async_trait]
 impl BlobStore for FaultyBlobStore {
-    fn kind(&self) -> &'static str {
-        self.inner.kind()
-    }
-
-    fn describe(&self) -> String {
-        self.inner.describe()
+    fn id(&self) -> BackendId {
+        self.inner.id()
     }
 
     async fn read_range(&self, digest: &str, range: Range<u64>) -> Result<Vec<u8>, BlobError> {
@@ -569,6 +725,94 @@ mod tests {
             assert_eq!(err.retry_after(), Some(Duration::from_secs(2)), "{err}");
             assert_eq!(store.requests(), 7);
         });
+    }
+
+    #[test]
+    fn backend_ids_print_for_logs_and_tell_backends_apart() {
+        let registry = BackendId::registry("127.0.0.1:5000", "debian");
+        assert_eq!(registry.to_string(), "registry 127.0.0.1:5000/debian");
+        assert_eq!(registry.kind(), "registry");
+        assert_eq!(BackendId::s3("lazy", "").to_string(), "s3://lazy");
+        assert_eq!(
+            BackendId::s3("lazy", "img/v1").to_string(),
+            "s3://lazy/img/v1"
+        );
+        assert_eq!(
+            BackendId::dir(Path::new("/var/lib/images")).to_string(),
+            "dir /var/lib/images"
+        );
+        let routed = |fingerprint: &str| {
+            BackendId::routed(
+                registry.clone(),
+                vec!["a".into(), "b".into()],
+                3,
+                fingerprint.into(),
+            )
+        };
+        assert_eq!(
+            routed("0123456789ab").to_string(),
+            "registry 127.0.0.1:5000/debian + 3 referenced object(s) in s3://a, s3://b \
+             [0123456789ab]"
+        );
+        assert_eq!(routed("0123456789ab").kind(), "registry");
+        let ids: std::collections::HashSet<BackendId> = [
+            BackendId::registry("127.0.0.1:5000", "debian"),
+            registry.clone(),
+            BackendId::s3("lazy", ""),
+            BackendId::s3("lazy", "img"),
+            routed("0123456789ab"),
+            routed("0123456789ab"),
+            routed("ba9876543210"),
+        ]
+        .into();
+        assert_eq!(ids.len(), 5);
+    }
+
+    #[test]
+    fn error_kinds_say_what_a_retry_can_do() {
+        let store = BackendId::memory("memory");
+        let digest = "sha256:00".to_string();
+        let changed = BlobError::Changed {
+            store: store.clone(),
+            digest: digest.clone(),
+            change: Box::new(ObjectChange {
+                object: "s3://models/a.bin".into(),
+                etag: "\"e2\"".into(),
+                indexed_etag: "\"e1\"".into(),
+            }),
+        };
+        assert_eq!(
+            changed.to_string(),
+            "memory: blob sha256:00: referenced object s3://models/a.bin changed since it was \
+             indexed: the object's ETag is now \"e2\", it was \"e1\" when the image was indexed; \
+             re-run lazyctl convert --reference"
+        );
+        let deleted = BlobError::Deleted {
+            store: store.clone(),
+            digest: digest.clone(),
+            object: "s3://models/a.bin".into(),
+        };
+        let not_found = BlobError::NotFound {
+            store: store.clone(),
+            digest: digest.clone(),
+        };
+        let down = BlobError::Unavailable {
+            store,
+            digest,
+            reason: "connection refused".into(),
+        };
+        let kinds = [&changed, &deleted, &not_found, &down].map(BlobError::kind);
+        assert_eq!(
+            kinds,
+            [
+                BlobErrorKind::Changed,
+                BlobErrorKind::Gone,
+                BlobErrorKind::Gone,
+                BlobErrorKind::Transient
+            ]
+        );
+        assert!(changed.is_permanent() && deleted.is_permanent() && not_found.is_permanent());
+        assert!(!down.is_permanent());
     }
 
     #[test]

@@ -3,17 +3,21 @@
 //! (`s3://BUCKET/KEY`, media type `MEDIA_TYPE_BLOB_EXTERNAL`), with the object's ETag and size
 //! as annotations. Such a blob's chunks are byte ranges of the object, stored uncompressed.
 //!
-//! [`route_external`] wraps an opened image's store in a [`RoutedBlobStore`] when its manifest
-//! has such blobs: reads of those digests become range GETs of the object (one S3 client per
-//! bucket, endpoint and credentials from the AWS environment as for `s3://` images), everything
-//! else goes to the image's own store. Each GET checks the object's ETag against the one
-//! recorded at indexing, so a replaced object is refused with a message saying it changed since
-//! it was indexed, and a deleted one is reported as gone; the fetcher's blake3 check of every
-//! chunk stays the last word (it also catches a store that keeps the ETag of changed bytes).
-//! Both are permanent errors: the read fails with EIO and the fetcher logs why.
+//! This module owns the rules and the reads: which blobs are external ([`external_objects`]:
+//! only `s3://` urls are accepted, any other url is an error when the image is opened), which
+//! buckets an image may name ([`check_buckets`]), and [`RoutedBlobStore`], which reads those
+//! digests as range GETs of their objects and everything else from the image's own store.
+//! Opening an image (`remote::open_image`) applies the rules and builds the S3 clients (one per
+//! bucket, endpoint and credentials from the AWS environment as for `s3://` images); this module
+//! knows only blob stores and S3 stores.
 //!
-//! Only `s3://` urls are accepted; any other url is an error when the image is opened. The
-//! objects are read with the agent's own AWS credentials, so an image may name only its own
+//! Each GET checks the object's ETag against the one recorded at indexing, so a replaced
+//! object is refused as [`BlobError::Changed`], and a deleted one is reported as
+//! [`BlobError::Deleted`]; the fetcher's blake3 check of every chunk stays the last word (it
+//! also catches a store that keeps the ETag of changed bytes). Both are permanent errors: the
+//! read fails with EIO and the fetcher logs why.
+//!
+//! The objects are read with the agent's own AWS credentials, so an image may name only its own
 //! bucket (an `s3://` image's) and the buckets `RemoteOptions::external_buckets` lists: an image
 //! from a registry cannot point the agent's credentials at any bucket it likes.
 
@@ -23,10 +27,33 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use fusefs::manifest::{LazyManifest, ANNOTATION_ETAG};
+use thiserror::Error;
 
-use crate::blobstore::{too_large, BlobError, BlobStore};
-use crate::remote::{s3_store, ImageLocation, RemoteError, RemoteOptions};
+use crate::blobstore::{too_large, BackendId, BlobError, BlobStore};
 use crate::s3::{S3Location, S3Store};
+
+/// An image whose external blobs cannot be read. Permanent: the image must be converted again
+/// or the agent configured otherwise.
+#[derive(Debug, Error)]
+pub enum ExternalError {
+    #[error("blob {blob} of {image} is stored at {url}, which lazyd cannot fetch (only s3:// urls); re-run lazyctl convert --reference with an s3:// source")]
+    UnfetchableBlob {
+        blob: String,
+        image: String,
+        url: String,
+    },
+    #[error("{image} names blobs in bucket {bucket}, which this agent may not read for it; if you trust the image, add the bucket to fetch.external_buckets")]
+    Bucket { image: String, bucket: String },
+}
+
+impl ExternalError {
+    /// Whether trying again cannot help: always, the image or the configuration must change.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            ExternalError::UnfetchableBlob { .. } | ExternalError::Bucket { .. } => true,
+        }
+    }
+}
 
 /// Where one external blob is: its object and what it was when indexed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,14 +83,14 @@ pub fn parse_s3_url(url: &str) -> Option<(S3Location, String)> {
 pub fn external_objects(
     manifest: &LazyManifest,
     image: &str,
-) -> Result<HashMap<String, ExternalObject>, RemoteError> {
+) -> Result<HashMap<String, ExternalObject>, ExternalError> {
     let mut objects = HashMap::new();
     for d in manifest.blobs() {
         let Some(url) = d.external_url() else {
             continue;
         };
         let Some((location, key)) = parse_s3_url(url) else {
-            return Err(RemoteError::UnfetchableBlob {
+            return Err(ExternalError::UnfetchableBlob {
                 blob: d.digest.clone(),
                 image: image.to_string(),
                 url: url.to_string(),
@@ -87,70 +114,44 @@ pub fn external_objects(
     Ok(objects)
 }
 
-/// `own` if `manifest` has no external blobs, else a [`RoutedBlobStore`] over it. The image
-/// at `location` may name only its own bucket and those `opts` allows.
-pub async fn route_external(
-    own: Arc<dyn BlobStore>,
-    manifest: &LazyManifest,
-    location: &ImageLocation,
-    opts: &RemoteOptions,
-) -> Result<Arc<dyn BlobStore>, RemoteError> {
-    let image = location.to_string();
-    let objects = external_objects(manifest, &image)?;
-    if objects.is_empty() {
-        return Ok(own);
-    }
-    let own_bucket = match location {
-        ImageLocation::S3(l) => Some(l.bucket()),
-        _ => None,
-    };
+/// Refuses `objects` of the image `image` unless each is in `own_bucket` (an `s3://` image's
+/// bucket) or a bucket `allowed` lists (`"*"`: any).
+pub fn check_buckets(
+    objects: &HashMap<String, ExternalObject>,
+    image: &str,
+    own_bucket: Option<&str>,
+    allowed: &[String],
+) -> Result<(), ExternalError> {
     let allowed = |bucket: &str| {
-        own_bucket == Some(bucket)
-            || opts
-                .external_buckets
-                .iter()
-                .any(|b| b == "*" || b == bucket)
+        own_bucket == Some(bucket) || allowed.iter().any(|b| b == "*" || b == bucket)
     };
-    if let Some(object) = objects.values().find(|o| !allowed(&o.bucket)) {
-        return Err(RemoteError::ExternalBucket {
-            image,
+    match objects.values().find(|o| !allowed(&o.bucket)) {
+        Some(object) => Err(ExternalError::Bucket {
+            image: image.to_string(),
             bucket: object.bucket.clone(),
-        });
+        }),
+        None => Ok(()),
     }
-    let mut clients: HashMap<String, S3Store> = HashMap::new();
-    let mut routes = HashMap::new();
-    for (digest, object) in objects {
-        let store = match clients.get(&object.bucket) {
-            Some(store) => store.clone(),
-            None => {
-                let location = S3Location::parse(&format!("s3://{}", object.bucket))?;
-                // One attempt per request: the fetcher retries with its own policy.
-                let store = s3_store(&location, opts, 1).await?;
-                clients.insert(object.bucket.clone(), store.clone());
-                store
-            }
-        };
-        routes.insert(digest, Route { store, object });
-    }
-    Ok(Arc::new(RoutedBlobStore::new(own, routes)))
 }
 
-struct Route {
-    store: S3Store,
-    object: ExternalObject,
+/// One external blob: the S3 store its object's bucket is read through, and the object.
+pub(crate) struct Route {
+    pub(crate) store: S3Store,
+    pub(crate) object: ExternalObject,
 }
 
 /// An image's own store plus the S3 objects its external blobs are (see the module docs).
 pub struct RoutedBlobStore {
     own: Arc<dyn BlobStore>,
     routes: HashMap<String, Route>,
-    name: String,
+    id: BackendId,
 }
 
 impl RoutedBlobStore {
-    fn new(own: Arc<dyn BlobStore>, routes: HashMap<String, Route>) -> RoutedBlobStore {
+    /// Reads the blobs `routes` has (by digest) from their objects, the others from `own`.
+    pub(crate) fn new(own: Arc<dyn BlobStore>, routes: HashMap<String, Route>) -> RoutedBlobStore {
         let buckets: BTreeSet<&str> = routes.values().map(|r| r.object.bucket.as_str()).collect();
-        // The fetcher shares one backend between stores of the same name: the name must tell
+        // The fetcher shares one backend between stores of the same identity: it must tell
         // this set of routes from another image's at the same location (a re-conversion).
         let mut set: Vec<(&String, &str, Option<&str>)> = routes
             .iter()
@@ -158,21 +159,15 @@ impl RoutedBlobStore {
             .collect();
         set.sort();
         let fingerprint = crate::store::sha256_digest(format!("{set:?}").as_bytes());
-        let name = format!(
-            "{} + {} referenced object(s) in {} [{}]",
-            own.describe(),
+        let id = BackendId::routed(
+            own.id(),
+            buckets.into_iter().map(str::to_string).collect(),
             routes.len(),
-            buckets
-                .iter()
-                .map(|b| format!("s3://{b}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            &fingerprint[7..19]
+            fingerprint[7..19].to_string(),
         );
-        RoutedBlobStore { own, routes, name }
+        RoutedBlobStore { own, routes, id }
     }
 
-    /// Rewrites an S3 error about a referenced object so that it says what happened to it.
     /// Refuses a range past the end of the object (its size as indexed).
     fn check_range(
         &self,
@@ -182,7 +177,7 @@ impl RoutedBlobStore {
     ) -> Result<(), BlobError> {
         if range.end > route.object.size {
             return Err(BlobError::Invalid {
-                store: self.name.clone(),
+                store: self.id.clone(),
                 digest: digest.to_string(),
                 reason: format!(
                     "range {}..{} is outside {}'s {} bytes",
@@ -193,28 +188,20 @@ impl RoutedBlobStore {
         Ok(())
     }
 
+    /// An S3 error about a referenced object, as this store's: a missing object was deleted
+    /// since the image was indexed, a changed one is named with this store.
     fn explain(&self, digest: &str, object: &ExternalObject, e: BlobError) -> BlobError {
         match e {
-            BlobError::NotFound { .. } => BlobError::Invalid {
-                store: self.name.clone(),
+            BlobError::NotFound { .. } => BlobError::Deleted {
+                store: self.id.clone(),
                 digest: digest.to_string(),
-                reason: format!(
-                    "referenced object {} is gone (404): it was deleted since the image was \
-                     indexed; restore it or re-run lazyctl convert --reference",
-                    object.url
-                ),
+                object: object.url.clone(),
             },
-            BlobError::Invalid { reason, .. }
-                if reason.contains("changed since it was indexed") =>
-            {
-                BlobError::Invalid {
-                    store: self.name.clone(),
-                    digest: digest.to_string(),
-                    reason: format!(
-                        "referenced object {reason}; re-run lazyctl convert --reference"
-                    ),
-                }
-            }
+            BlobError::Changed { change, .. } => BlobError::Changed {
+                store: self.id.clone(),
+                digest: digest.to_string(),
+                change,
+            },
             other => other,
         }
     }
@@ -222,12 +209,8 @@ impl RoutedBlobStore {
 
 #[async_trait]
 impl BlobStore for RoutedBlobStore {
-    fn kind(&self) -> &'static str {
-        self.own.kind()
-    }
-
-    fn describe(&self) -> String {
-        self.name.clone()
+    fn id(&self) -> BackendId {
+        self.id.clone()
     }
 
     async fn read_range(&self, digest: &str, range: Range<u64>) -> Result<Vec<u8>, BlobError> {
@@ -275,7 +258,7 @@ impl BlobStore for RoutedBlobStore {
             return self.own.read_blob(digest, max_size).await;
         };
         if route.object.size > max_size {
-            return Err(too_large(&self.name, digest, route.object.size, max_size));
+            return Err(too_large(&self.id, digest, route.object.size, max_size));
         }
         self.read_range(digest, 0..route.object.size).await
     }
@@ -292,6 +275,7 @@ mod tests {
 
     use super::*;
     use crate::blobstore::MemoryBlobStore;
+    use crate::s3::S3Options;
 
     fn desc(media_type: &str, c: char, url: Option<&str>) -> Descriptor {
         Descriptor {
@@ -351,22 +335,26 @@ mod tests {
         assert!(e.is_permanent());
     }
 
-    /// An image in the bucket its tests' blobs are in.
-    fn models_image() -> ImageLocation {
-        ImageLocation::parse("s3://models/lazy/llm").unwrap()
+    /// A routed store over `own` for the external blobs of `m`, as opening the image builds it.
+    async fn routed(own: Arc<dyn BlobStore>, m: &LazyManifest) -> RoutedBlobStore {
+        let mut routes = HashMap::new();
+        for (digest, object) in external_objects(m, "s3://models/lazy/llm").unwrap() {
+            let location = S3Location::parse(&format!("s3://{}", object.bucket)).unwrap();
+            let opts = S3Options {
+                region: Some("us-east-1".into()),
+                ..S3Options::default()
+            };
+            let store = S3Store::connect(location, &opts).await.unwrap();
+            routes.insert(digest, Route { store, object });
+        }
+        RoutedBlobStore::new(own, routes)
     }
 
-    #[tokio::test]
-    async fn images_name_only_their_own_bucket_and_the_allowed_ones() {
-        let own: Arc<dyn BlobStore> = Arc::new(MemoryBlobStore::new());
-        let m = manifest(&["s3://models/a.bin"]);
-        let registry = ImageLocation::parse("127.0.0.1:5000/app:v1").unwrap();
-        let elsewhere = ImageLocation::parse("s3://other/lazy").unwrap();
-        for location in [&registry, &elsewhere] {
-            let e = route_external(own.clone(), &m, location, &RemoteOptions::default())
-                .await
-                .err()
-                .expect("refused");
+    #[test]
+    fn only_the_images_own_bucket_and_the_allowed_ones_pass() {
+        let objects = external_objects(&manifest(&["s3://models/a.bin"]), "img").unwrap();
+        for own in [None, Some("other")] {
+            let e = check_buckets(&objects, "img", own, &[]).unwrap_err();
             let text = e.to_string();
             assert!(
                 text.contains("bucket models") && text.contains("fetch.external_buckets"),
@@ -375,31 +363,9 @@ mod tests {
             assert!(e.is_permanent());
         }
         for allowed in [vec!["models".to_string()], vec!["*".to_string()]] {
-            let opts = RemoteOptions {
-                external_buckets: allowed,
-                ..RemoteOptions::default()
-            };
-            route_external(own.clone(), &m, &registry, &opts)
-                .await
-                .unwrap();
+            check_buckets(&objects, "img", None, &allowed).unwrap();
         }
-        route_external(own, &m, &models_image(), &RemoteOptions::default())
-            .await
-            .unwrap();
-    }
-
-    #[tokio::test]
-    async fn images_without_external_blobs_keep_their_store() {
-        let own: Arc<dyn BlobStore> = Arc::new(MemoryBlobStore::new());
-        let routed = route_external(
-            own.clone(),
-            &manifest(&[]),
-            &models_image(),
-            &RemoteOptions::default(),
-        )
-        .await
-        .unwrap();
-        assert!(Arc::ptr_eq(&own, &routed));
+        check_buckets(&objects, "img", Some("models"), &[]).unwrap();
     }
 
     #[tokio::test]
@@ -408,28 +374,16 @@ mod tests {
         let digest = own.insert(b"own bytes".to_vec());
         let m1 = manifest(&["s3://models/a.bin"]);
         let m2 = manifest(&["s3://models/b.bin"]);
-        let opts = RemoteOptions::default();
-        let r1 = route_external(own.clone(), &m1, &models_image(), &opts)
-            .await
-            .unwrap();
-        let r2 = route_external(own.clone(), &m2, &models_image(), &opts)
-            .await
-            .unwrap();
+        let r1 = routed(own.clone(), &m1).await;
+        let r2 = routed(own.clone(), &m2).await;
+        assert_eq!(r1.id().kind(), "memory");
         assert!(r1
-            .describe()
+            .id()
+            .to_string()
             .starts_with("memory + 1 referenced object(s) in s3://models ["));
-        assert_ne!(
-            r1.describe(),
-            r2.describe(),
-            "another set of objects, another backend"
-        );
-        assert_eq!(
-            r1.describe(),
-            route_external(own.clone(), &m1, &models_image(), &opts)
-                .await
-                .unwrap()
-                .describe()
-        );
+        assert_ne!(r1.id(), r2.id(), "another set of objects, another backend");
+        assert_ne!(r1.id().to_string(), r2.id().to_string());
+        assert_eq!(r1.id(), routed(own.clone(), &m1).await.id());
         assert_eq!(r1.read_range(&digest, 0..3).await.unwrap(), b"own");
         // A range past the object's indexed size is refused before any request.
         let external = format!("sha256:{}", "c".repeat(64));

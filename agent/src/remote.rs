@@ -12,7 +12,12 @@
 //! `application/vnd.lazyimg.image.v1`). A reference may name it directly (`REPO:TAG-lazy`) or
 //! name the source image, in which case the lazy image is found through the referrers API (or
 //! its tag-schema fallback, `sha256-<hex>`) and then, failing that, at the tag `TAG-lazy`.
+//!
+//! An image whose manifest names blobs stored elsewhere (`lazyctl convert --reference`) gets its
+//! store wrapped in an `external::RoutedBlobStore` here, after `external`'s rules and with S3
+//! clients built from [`RemoteOptions`]: `external` knows blob and S3 stores, not locations.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,7 +28,7 @@ use thiserror::Error;
 use tracing::{debug, info, warn};
 
 use crate::blobstore::{BlobError, BlobStore, DirBlobStore};
-use crate::external::route_external;
+use crate::external::{check_buckets, external_objects, ExternalError, Route, RoutedBlobStore};
 use crate::registry::{
     docker_config_credentials, ClientOptions, ImageRef, Reference, RegistryBlobStore,
     RegistryClient, RegistryError,
@@ -84,14 +89,8 @@ pub enum RemoteError {
         #[source]
         source: std::io::Error,
     },
-    #[error("blob {blob} of {image} is stored at {url}, which lazyd cannot fetch (only s3:// urls); re-run lazyctl convert --reference with an s3:// source")]
-    UnfetchableBlob {
-        blob: String,
-        image: String,
-        url: String,
-    },
-    #[error("{image} names blobs in bucket {bucket}, which this agent may not read for it; if you trust the image, add the bucket to fetch.external_buckets")]
-    ExternalBucket { image: String, bucket: String },
+    #[error(transparent)]
+    External(#[from] ExternalError),
 }
 
 impl RemoteError {
@@ -103,14 +102,13 @@ impl RemoteError {
             RemoteError::S3(e) => e.is_permanent(),
             RemoteError::Blob(e) => e.is_permanent(),
             RemoteError::Store(e) => e.is_permanent(),
+            RemoteError::External(e) => e.is_permanent(),
             RemoteError::BadLocation { .. }
             | RemoteError::Manifest { .. }
             | RemoteError::Index(_)
             | RemoteError::NoLazyImage { .. }
             | RemoteError::IndexDigest { .. }
             | RemoteError::ConfigDigest { .. }
-            | RemoteError::UnfetchableBlob { .. }
-            | RemoteError::ExternalBucket { .. }
             | RemoteError::Io { .. } => true,
         }
     }
@@ -370,6 +368,43 @@ async fn open_manifest(
     })
 }
 
+/// `own` if `manifest` has no external blobs, else a [`RoutedBlobStore`] over it (see
+/// `crate::external`). The image at `location` may name only its own bucket and those `opts`
+/// allows.
+async fn route_external(
+    own: Arc<dyn BlobStore>,
+    manifest: &LazyManifest,
+    location: &ImageLocation,
+    opts: &RemoteOptions,
+) -> Result<Arc<dyn BlobStore>, RemoteError> {
+    let image = location.to_string();
+    let objects = external_objects(manifest, &image)?;
+    if objects.is_empty() {
+        return Ok(own);
+    }
+    let own_bucket = match location {
+        ImageLocation::S3(l) => Some(l.bucket()),
+        _ => None,
+    };
+    check_buckets(&objects, &image, own_bucket, &opts.external_buckets)?;
+    let mut clients: HashMap<String, S3Store> = HashMap::new();
+    let mut routes = HashMap::new();
+    for (digest, object) in objects {
+        let store = match clients.get(&object.bucket) {
+            Some(store) => store.clone(),
+            None => {
+                let location = S3Location::parse(&format!("s3://{}", object.bucket))?;
+                // One attempt per request: the fetcher retries with its own policy.
+                let store = s3_store(&location, opts, 1).await?;
+                clients.insert(object.bucket.clone(), store.clone());
+                store
+            }
+        };
+        routes.insert(digest, Route { store, object });
+    }
+    Ok(Arc::new(RoutedBlobStore::new(own, routes)))
+}
+
 /// Inside a cache directory: the chunk cache's segments.
 pub const CHUNK_DIR: &str = "chunks";
 /// Inside a cache directory: indexes by digest.
@@ -408,7 +443,7 @@ pub async fn read_config(
     }
     if desc.size > MAX_CONFIG_BYTES {
         return Err(BlobError::Invalid {
-            store: store.describe(),
+            store: store.id(),
             digest: desc.digest.clone(),
             reason: format!(
                 "config of {} bytes is over the {MAX_CONFIG_BYTES}-byte limit",
@@ -569,9 +604,14 @@ async fn load_index(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use crate::blobstore::MemoryBlobStore;
-    use fusefs::manifest::{Descriptor, MEDIA_TYPE_OCI_CONFIG};
+    use fusefs::manifest::{
+        Descriptor, ANNOTATION_ETAG, MEDIA_TYPE_BLOB, MEDIA_TYPE_BLOB_EXTERNAL, MEDIA_TYPE_INDEX,
+        MEDIA_TYPE_OCI_CONFIG,
+    };
 
     fn desc(digest: &str, size: u64) -> Descriptor {
         Descriptor {
@@ -669,5 +709,95 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("limit"), "{e}");
         assert_eq!(store.requests(), 0);
+    }
+
+    /// A descriptor of a 100-byte blob named by `c`, stored at `url` when there is one.
+    fn external_desc(media_type: &str, c: char, url: Option<&str>) -> Descriptor {
+        Descriptor {
+            media_type: media_type.into(),
+            digest: format!("sha256:{}", c.to_string().repeat(64)),
+            size: 100,
+            urls: url.map(|u| vec![u.to_string()]),
+            annotations: url.map(|_| BTreeMap::from([(ANNOTATION_ETAG.into(), "\"e1\"".into())])),
+        }
+    }
+
+    /// A manifest with one blob of its own and external blobs at `urls`.
+    fn external_manifest(urls: &[&str]) -> LazyManifest {
+        let chars = ['c', 'd', 'e', 'f'];
+        let mut blobs = vec![external_desc(MEDIA_TYPE_BLOB, '1', None)];
+        for (url, c) in urls.iter().zip(chars) {
+            blobs.push(external_desc(MEDIA_TYPE_BLOB_EXTERNAL, c, Some(url)));
+        }
+        LazyManifest::new(
+            external_desc(MEDIA_TYPE_OCI_CONFIG, 'a', None),
+            external_desc(MEDIA_TYPE_INDEX, 'b', None),
+            blobs,
+        )
+    }
+
+    /// An image in the bucket its tests' blobs are in.
+    fn models_image() -> ImageLocation {
+        ImageLocation::parse("s3://models/lazy/llm").unwrap()
+    }
+
+    #[tokio::test]
+    async fn images_name_only_their_own_bucket_and_the_allowed_ones() {
+        let own: Arc<dyn BlobStore> = Arc::new(MemoryBlobStore::new());
+        let m = external_manifest(&["s3://models/a.bin"]);
+        let elsewhere = ImageLocation::parse("s3://other/lazy").unwrap();
+        for location in [&registry(), &elsewhere] {
+            let e = route_external(own.clone(), &m, location, &RemoteOptions::default())
+                .await
+                .err()
+                .expect("refused");
+            let text = e.to_string();
+            assert!(
+                text.contains("bucket models") && text.contains("fetch.external_buckets"),
+                "{text}"
+            );
+            assert!(e.is_permanent());
+        }
+        for allowed in [vec!["models".to_string()], vec!["*".to_string()]] {
+            let opts = RemoteOptions {
+                external_buckets: allowed,
+                ..RemoteOptions::default()
+            };
+            route_external(own.clone(), &m, &registry(), &opts)
+                .await
+                .unwrap();
+        }
+        route_external(own, &m, &models_image(), &RemoteOptions::default())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn images_without_external_blobs_keep_their_store() {
+        let own: Arc<dyn BlobStore> = Arc::new(MemoryBlobStore::new());
+        let routed = route_external(
+            own.clone(),
+            &external_manifest(&[]),
+            &models_image(),
+            &RemoteOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert!(Arc::ptr_eq(&own, &routed));
+    }
+
+    #[tokio::test]
+    async fn images_with_external_blobs_get_a_routed_store() {
+        let own = Arc::new(MemoryBlobStore::new());
+        let digest = own.insert(b"own bytes".to_vec());
+        let m = external_manifest(&["s3://models/a.bin"]);
+        let routed = route_external(own, &m, &models_image(), &RemoteOptions::default())
+            .await
+            .unwrap();
+        assert!(routed
+            .id()
+            .to_string()
+            .starts_with("memory + 1 referenced object(s) in s3://models ["));
+        assert_eq!(routed.read_range(&digest, 0..3).await.unwrap(), b"own");
     }
 }

@@ -27,9 +27,10 @@
 //! `max_attempts` times; the fetcher passes 1 because it runs its own retries.
 //!
 //! **Errors.** Reads return [`BlobError`]: a missing object is `NotFound`, 403 `Denied`, a range
-//! past the end `Invalid`, a timeout `Timeout`, and connection failures, 5xx and throttling
-//! `Unavailable`. Writes and the other calls return [`S3Error`], with the same classes. Every
-//! message names the bucket and key and carries the SDK error's whole `source()` chain
+//! past the end `Invalid`, a timeout `Timeout`, connection failures, 5xx and throttling
+//! `Unavailable` (`Throttled` with a `Retry-After`), and an object whose ETag is not the one the
+//! caller expected `Changed`. Writes and the other calls return [`S3Error`], with the same
+//! classes. Every message names the bucket and key and carries the SDK error's whole `source()` chain
 //! ("dispatch failure: io error: ...: Connection refused"), not just "dispatch failure".
 
 use std::fmt;
@@ -54,7 +55,9 @@ use aws_types::service_config::ServiceConfigKey;
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
-use crate::blobstore::{check_digest, parse_retry_after, too_large, BlobError, BlobStore};
+use crate::blobstore::{
+    check_digest, parse_retry_after, too_large, BackendId, BlobError, BlobStore, ObjectChange,
+};
 
 /// Region used when neither the options, the environment nor a profile names one.
 const DEFAULT_REGION: &str = "us-east-1";
@@ -192,8 +195,13 @@ impl S3Location {
 
     /// `<prefix>/blobs/sha256/<hex>` for a `sha256:<hex>` digest.
     pub fn blob_key(&self, digest: &str) -> Result<String, BlobError> {
-        let hex = check_digest(&self.to_string(), digest)?;
+        let hex = check_digest(&self.id(), digest)?;
         Ok(self.key(&format!("blobs/sha256/{hex}")))
+    }
+
+    /// The backend this location is, for the fetcher, logs and errors.
+    pub fn id(&self) -> BackendId {
+        BackendId::s3(&self.bucket, &self.prefix)
     }
 
     /// `<prefix>/manifest.json`.
@@ -777,7 +785,7 @@ impl S3Store {
 
     /// Bytes `range` of object `key` (bucket-relative), read as blob `digest` (for errors).
     /// With `etag`, an answer from an object whose ETag differs (it was replaced) is refused
-    /// as [`BlobError::Invalid`] saying so; a missing object is [`BlobError::NotFound`].
+    /// as [`BlobError::Changed`]; a missing object is [`BlobError::NotFound`].
     pub async fn read_object_range(
         &self,
         digest: &str,
@@ -805,7 +813,7 @@ impl S3Store {
     ) -> Result<(), BlobError> {
         if range.start > range.end {
             return Err(BlobError::Invalid {
-                store: self.describe(),
+                store: self.id(),
                 digest: digest.to_string(),
                 reason: format!("range {}..{} is reversed", range.start, range.end),
             });
@@ -816,7 +824,7 @@ impl S3Store {
         self.get_range_to(key, range, etag, sink)
             .await
             .map_err(|failure| {
-                failure.into_blob_error(self.describe(), digest, &self.location.object_url(key))
+                failure.into_blob_error(self.id(), digest, &self.location.object_url(key))
             })
     }
 
@@ -860,7 +868,6 @@ impl S3Store {
             })
     }
 
-    /// GETs exactly bytes `range` of object `key`.
     /// GETs exactly bytes `range` of object `key`, passing the body to `sink` piece by piece
     /// as it arrives; with `etag`, refuses (as [`Failure::Changed`]) an answer from an object
     /// whose ETag is another: the object was replaced since the ETag was read. Succeeds only
@@ -887,9 +894,10 @@ impl S3Store {
         if let Some(expected) = etag {
             let actual = response.e_tag().unwrap_or("");
             if unquote(actual) != unquote(expected) {
-                return Err(Failure::Changed(format!(
-                    "the object's ETag is now {actual}, it was {expected} when the image was indexed"
-                )));
+                return Err(Failure::Changed {
+                    etag: actual.to_string(),
+                    indexed_etag: expected.to_string(),
+                });
             }
         }
         let outside = |total: u64| {
@@ -1046,12 +1054,8 @@ impl S3Store {
 
 #[async_trait]
 impl BlobStore for S3Store {
-    fn kind(&self) -> &'static str {
-        "s3"
-    }
-
-    fn describe(&self) -> String {
-        self.location.to_string()
+    fn id(&self) -> BackendId {
+        self.location.id()
     }
 
     async fn read_range(&self, digest: &str, range: Range<u64>) -> Result<Vec<u8>, BlobError> {
@@ -1073,7 +1077,7 @@ impl BlobStore for S3Store {
     async fn read_blob(&self, digest: &str, max_size: u64) -> Result<Vec<u8>, BlobError> {
         let key = self.location.blob_key(digest)?;
         self.get_whole(&key, max_size).await.map_err(|failure| {
-            failure.into_blob_error(self.describe(), digest, &self.location.object_url(&key))
+            failure.into_blob_error(self.id(), digest, &self.location.object_url(&key))
         })
     }
 }
@@ -1096,15 +1100,18 @@ enum Failure {
     TooLong {
         limit: u64,
     },
-    /// The object is not the one the caller expects (its ETag changed).
-    Changed(String),
+    /// The object is not the one the caller expects: its ETag is `etag`, not `indexed_etag`.
+    Changed {
+        etag: String,
+        indexed_etag: String,
+    },
     /// A 429 or 503 asking to be asked again after this long (`Retry-After`).
     Throttled(String, Duration),
 }
 
 impl Failure {
     /// As a [`BlobError`] of blob `digest`, stored at `url`.
-    fn into_blob_error(self, store: String, digest: &str, url: &str) -> BlobError {
+    fn into_blob_error(self, store: BackendId, digest: &str, url: &str) -> BlobError {
         let digest = digest.to_string();
         match self {
             Failure::NotFound => BlobError::NotFound { store, digest },
@@ -1140,10 +1147,14 @@ impl Failure {
                 digest,
                 reason: format!("body is longer than {limit} bytes"),
             },
-            Failure::Changed(reason) => BlobError::Invalid {
+            Failure::Changed { etag, indexed_etag } => BlobError::Changed {
                 store,
                 digest,
-                reason: format!("{url} changed since it was indexed: {reason}"),
+                change: Box::new(ObjectChange {
+                    object: url.to_string(),
+                    etag,
+                    indexed_etag,
+                }),
             },
         }
     }
@@ -1165,9 +1176,12 @@ impl Failure {
                 url,
                 reason: format!("body is longer than {limit} bytes"),
             },
-            Failure::Changed(reason) => S3Error::Invalid {
+            Failure::Changed { etag, indexed_etag } => S3Error::Invalid {
                 url,
-                reason: format!("changed: {reason}"),
+                reason: format!(
+                    "changed: the object's ETag is now {etag}, it was {indexed_etag} when the \
+                     image was indexed"
+                ),
             },
         }
     }
@@ -1434,6 +1448,7 @@ mod tests {
             e.to_string().contains("changed since it was indexed"),
             "{e}"
         );
+        assert!(matches!(e, BlobError::Changed { .. }), "{e}");
         moto.delete_object("lazy-list", "m/b/c");
         let e = store
             .read_object_range(&digest, "m/b/c", 2..4, etag.as_deref())

@@ -910,7 +910,9 @@ mod tests {
     use fusefs::writer::{IndexWriter, NodeSpec};
     use fusefs::{ImageReader, Index};
 
-    use crate::blobstore::{BlobError, BlobStore, Faults, FaultyBlobStore, MemoryBlobStore};
+    use crate::blobstore::{
+        BackendId, BlobError, BlobStore, Faults, FaultyBlobStore, MemoryBlobStore,
+    };
     use crate::fetcher::FetcherConfig;
 
     /// Chunk size of the test images: small, so a file has many chunks.
@@ -924,11 +926,8 @@ mod tests {
 
     #[async_trait]
     impl BlobStore for Log {
-        fn kind(&self) -> &'static str {
-            "memory"
-        }
-        fn describe(&self) -> String {
-            "log".into()
+        fn id(&self) -> BackendId {
+            BackendId::memory("log")
         }
         async fn read_range(&self, digest: &str, range: Range<u64>) -> Result<Vec<u8>, BlobError> {
             lock(&self.ranges).push(range.clone());

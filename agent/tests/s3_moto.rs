@@ -58,8 +58,11 @@ async fn put_bytes_then_read_range_returns_exactly_the_asked_bytes() {
     let (_moto, store) = store_on_moto("images/debian").await;
     let blob = pseudo_random_bytes(1, 300_000);
     let digest = put_blob(&store, &blob).await;
-    assert_eq!(store.kind(), "s3");
-    assert_eq!(store.describe(), format!("s3://{BUCKET}/images/debian"));
+    assert_eq!(store.id().kind(), "s3");
+    assert_eq!(
+        store.id().to_string(),
+        format!("s3://{BUCKET}/images/debian")
+    );
     let len = blob.len() as u64;
     for range in [
         0..1,

@@ -44,7 +44,9 @@ pub enum ChunkError {
     Digest { digest: String, actual: String },
 }
 
-/// Why a chunk source could not deliver a chunk.
+/// Why a chunk source could not deliver a chunk: its verdict, after whatever retries the source
+/// makes (the agent's fetcher retries a backend's transient errors itself). Every one is EIO to
+/// the reader, and the next read of the chunk asks the source afresh.
 #[derive(Debug, Error, Clone)]
 pub enum SourceError {
     #[error(transparent)]
@@ -53,17 +55,6 @@ pub enum SourceError {
     Blob { blob: String, reason: String },
     #[error("timed out after {0:?} waiting for chunk data")]
     Timeout(std::time::Duration),
-}
-
-impl SourceError {
-    /// Whether retrying the same request can help.
-    pub fn is_permanent(&self) -> bool {
-        match self {
-            SourceError::Chunk(_) => false,
-            SourceError::Blob { .. } => false,
-            SourceError::Timeout(_) => false,
-        }
-    }
 }
 
 /// The outcome of a filesystem operation that did not succeed.

@@ -55,7 +55,7 @@ use fusefs::chunk::{check_stored, decode_chunk, decode_owned, Checks};
 use fusefs::{ChunkError, ChunkRef, ChunkSource, SourceError};
 use tracing::{debug, error, warn};
 
-use crate::blobstore::{BlobError, BlobStore};
+use crate::blobstore::{BackendId, BlobError, BlobStore};
 use crate::cache::ChunkCache;
 use crate::decoded::DecodedLru;
 use crate::metrics::{BackendMetrics, ChunkMetrics, Counter, MetricsSnapshot, StreamMetrics};
@@ -158,10 +158,10 @@ impl FetcherConfig {
     }
 }
 
-/// One blob store as the fetcher sees it: the store, its queue and its metrics.
+/// One blob store as the fetcher sees it: the store, its identity, its queue and its metrics.
 pub struct Backend {
     store: Arc<dyn BlobStore>,
-    name: String,
+    id: BackendId,
     queue: Mutex<Queue<Job>>,
     pub metrics: BackendMetrics,
 }
@@ -169,7 +169,7 @@ pub struct Backend {
 impl Backend {
     pub fn new(store: Arc<dyn BlobStore>) -> Arc<Backend> {
         Arc::new(Backend {
-            name: store.describe(),
+            id: store.id(),
             store,
             queue: Mutex::new(Queue::default()),
             metrics: BackendMetrics::default(),
@@ -372,12 +372,13 @@ impl Fetcher {
         &self.shared.stream_metrics
     }
 
-    /// Registers a backend, reusing the one already registered for the same store location so
-    /// that two images on one registry share its concurrency limit and metrics.
+    /// Registers a backend, reusing the one already registered for the same backend identity
+    /// (`BlobStore::id`) so that two images on one registry share its concurrency limit and
+    /// metrics.
     pub fn backend(&self, store: Arc<dyn BlobStore>) -> Arc<Backend> {
         let mut backends = lock(&self.shared.backends);
-        let name = store.describe();
-        if let Some(b) = backends.iter().find(|b| b.name == name) {
+        let id = store.id();
+        if let Some(b) = backends.iter().find(|b| b.id == id) {
             return b.clone();
         }
         let backend = Backend::new(store);
@@ -482,7 +483,7 @@ impl Fetcher {
             streams: shared.stream_metrics.snapshot(),
             backends: lock(&shared.backends)
                 .iter()
-                .map(|b| b.metrics.snapshot(b.store.kind(), &b.name))
+                .map(|b| b.metrics.snapshot(b.id.kind(), &b.id.to_string()))
                 .collect(),
             cache: shared.cache.as_ref().map(|c| c.stats()),
             fuse: Default::default(),
@@ -910,7 +911,7 @@ impl Shared {
                     error!(
                         chunk = %chunk.digest_hex(),
                         blob = %chunk.blob_digest,
-                        backend = %backend.name,
+                        backend = %backend.id,
                         "chunk not served: no data from the backend within {:?}",
                         self.config.read_timeout
                     );
@@ -1024,7 +1025,7 @@ impl Shared {
         };
         if let Err((first, e)) = outcome {
             error!(
-                backend = %backend.name,
+                backend = %backend.id,
                 chunks = spans.len() - first,
                 "chunk not served: {e}"
             );
@@ -1034,7 +1035,7 @@ impl Shared {
         }
         drop(tx);
         if let Err(e) = completer.await {
-            error!(backend = %backend.name, "chunk verification task failed: {e}");
+            error!(backend = %backend.id, "chunk verification task failed: {e}");
         }
     }
 
@@ -1130,7 +1131,7 @@ impl Shared {
     fn refuse_fetched(&self, backend: &Backend, job: &Job, e: ChunkError) {
         self.metrics.digest_mismatches.inc();
         error!(
-            backend = %backend.name,
+            backend = %backend.id,
             blob = %job.chunk.blob_digest,
             offset = job.chunk.record.comp_off,
             "chunk not served: fetched bytes fail verification: {e}"

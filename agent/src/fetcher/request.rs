@@ -67,7 +67,7 @@ pub(super) async fn fetch_spans(
         let err = match outcome {
             Ok(Ok(())) if received == want => return Ok(()),
             Ok(Ok(())) => BlobError::Unavailable {
-                store: backend.name.clone(),
+                store: backend.id.clone(),
                 digest: blob.to_string(),
                 reason: format!("got {received} of {want} bytes"),
             },
@@ -75,7 +75,7 @@ pub(super) async fn fetch_spans(
             Err(_) => {
                 backend.metrics.timeouts.inc();
                 BlobError::Timeout {
-                    store: backend.name.clone(),
+                    store: backend.id.clone(),
                     digest: blob.to_string(),
                     after: config.request_timeout,
                 }
@@ -90,7 +90,7 @@ pub(super) async fn fetch_spans(
         }
         let delay = retry_delay(config, attempt, &err);
         debug!(
-            backend = %backend.name,
+            backend = %backend.id,
             blob,
             attempt,
             "range {}..{} failed after {received} bytes, retrying the rest in {delay:?}: {err}",
@@ -121,6 +121,7 @@ fn retry_delay(config: &FetcherConfig, attempt: u32, err: &BlobError) -> Duratio
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blobstore::BackendId;
 
     #[test]
     fn backoff_doubles() {
@@ -137,7 +138,7 @@ mod tests {
             ..FetcherConfig::default()
         };
         let throttled = |secs| BlobError::Throttled {
-            store: "s".into(),
+            store: BackendId::memory("s"),
             digest: "d".into(),
             reason: "http 429".into(),
             retry_after: Duration::from_secs(secs),
@@ -156,7 +157,7 @@ mod tests {
             Duration::from_millis(400)
         );
         let down = BlobError::Unavailable {
-            store: "s".into(),
+            store: BackendId::memory("s"),
             digest: "d".into(),
             reason: "http 503".into(),
         };

@@ -84,11 +84,8 @@ impl Recording {
 
 #[async_trait]
 impl BlobStore for Recording {
-    fn kind(&self) -> &'static str {
-        "memory"
-    }
-    fn describe(&self) -> String {
-        "recording".into()
+    fn id(&self) -> BackendId {
+        BackendId::memory("recording")
     }
     async fn read_range(&self, digest: &str, range: Range<u64>) -> Result<Vec<u8>, BlobError> {
         {
@@ -972,11 +969,8 @@ struct Trickle {
 
 #[async_trait]
 impl BlobStore for Trickle {
-    fn kind(&self) -> &'static str {
-        "memory"
-    }
-    fn describe(&self) -> String {
-        "trickle".into()
+    fn id(&self) -> BackendId {
+        BackendId::memory("trickle")
     }
     async fn read_range(&self, digest: &str, range: Range<u64>) -> Result<Vec<u8>, BlobError> {
         self.inner.read_range(digest, range).await
@@ -993,7 +987,7 @@ impl BlobStore for Trickle {
         for (i, piece) in bytes.chunks(4096).enumerate() {
             if cut.is_some_and(|cut| (i * 4096) as u64 >= cut) {
                 return Err(BlobError::Unavailable {
-                    store: "trickle".into(),
+                    store: BackendId::memory("trickle"),
                     digest: digest.to_string(),
                     reason: "connection reset".into(),
                 });

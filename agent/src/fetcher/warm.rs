@@ -270,7 +270,7 @@ impl Fetcher {
             });
         }
         debug!(
-            backend = %backend.name,
+            backend = %backend.id,
             chunks = p.fetched_chunks,
             bytes = p.fetched_bytes,
             cached = p.cached_chunks,
@@ -290,7 +290,7 @@ impl Fetcher {
     ) -> WarmError {
         let digests: HashSet<[u8; 32]> = waiting.keys().copied().collect();
         let dropped = self.shared.drop_queued(backend, &digests, priority);
-        debug!(backend = %backend.name, dropped, "warm cancelled");
+        debug!(backend = %backend.id, dropped, "warm cancelled");
         WarmError::Cancelled
     }
 }

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use super::client::RegistryClient;
 use super::error::{error_chain, RegistryError};
 use super::reference::validate_repository;
-use crate::blobstore::{BlobError, BlobStore};
+use crate::blobstore::{BackendId, BlobError, BlobStore};
 
 /// Blobs of repository `repo` on the registry `client` talks to.
 #[derive(Debug, Clone)]
@@ -44,12 +44,8 @@ impl RegistryBlobStore {
 
 #[async_trait]
 impl BlobStore for RegistryBlobStore {
-    fn kind(&self) -> &'static str {
-        "registry"
-    }
-
-    fn describe(&self) -> String {
-        format!("registry {}/{}", self.client.registry(), self.repo)
+    fn id(&self) -> BackendId {
+        BackendId::registry(self.client.registry(), &self.repo)
     }
 
     async fn read_range(&self, digest: &str, range: Range<u64>) -> Result<Vec<u8>, BlobError> {
@@ -89,7 +85,7 @@ impl BlobStore for RegistryBlobStore {
 /// - everything else by [`RegistryError::is_permanent`]: [`BlobError::Invalid`] when a retry
 ///   cannot help, [`BlobError::Unavailable`] when it may.
 fn blob_error(store: &RegistryBlobStore, digest: &str, err: RegistryError) -> BlobError {
-    let name = store.describe();
+    let name = store.id();
     let digest = digest.to_string();
     let reason = error_chain(&err);
     let inner = &store.client.inner;
@@ -196,9 +192,9 @@ mod tests {
         let digest = sha256_digest(&data);
         let server = FakeServer::start(blob_handler(data.clone())).await;
         let store = store(server.client(None));
-        assert_eq!(store.kind(), "registry");
+        assert_eq!(store.id().kind(), "registry");
         assert_eq!(
-            store.describe(),
+            store.id().to_string(),
             format!("registry {}/test/img", server.host())
         );
 
