@@ -314,11 +314,7 @@ pub trait BlobStore: Send + Sync + 'static {
 /// Checks that `digest` is `sha256:` and 64 lowercase hex digits, so it is safe in a path or URL.
 pub fn check_digest<'a>(store: &BackendId, digest: &'a str) -> Result<&'a str, BlobError> {
     match digest.strip_prefix("sha256:") {
-        Some(hex)
-            if hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) =>
-        {
-            Ok(hex)
-        }
+        Some(hex) if fusefs::manifest::is_sha256_digest(digest) => Ok(hex),
         _ => Err(BlobError::Invalid {
             store: store.clone(),
             digest: digest.to_string(),

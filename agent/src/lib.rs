@@ -33,6 +33,7 @@ pub mod cache;
 pub mod config;
 pub mod daemon;
 mod decoded;
+pub mod error;
 pub mod external;
 pub mod fetcher;
 pub mod handover;
@@ -47,6 +48,7 @@ pub mod s3;
 pub mod server;
 pub mod store;
 pub mod stream;
+mod sync;
 
 /// Creates `dir` and its missing parents and makes it its owner's alone (mode 0700, also when
 /// it already existed with another): lazyd's state and cache directories hold what other local

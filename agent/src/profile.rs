@@ -280,13 +280,6 @@ impl Profile {
     /// The profile's chunks that `index` has, in profile order, each once; entries whose digest
     /// the image does not have are skipped.
     pub fn chunks(&self, index: &Index) -> Vec<ChunkRef> {
-        let Ok(blobs) = index.blobs() else {
-            return Vec::new();
-        };
-        let blob_digests: Vec<String> = blobs
-            .iter()
-            .map(|b| format!("sha256:{}", hex::encode(b.sha256)))
-            .collect();
         let mut by_digest: HashMap<[u8; 32], u32> = HashMap::with_capacity(index.chunk_count());
         for i in 0..index.chunk_count() as u32 {
             if let Ok(record) = index.chunk(i) {
@@ -302,16 +295,11 @@ impl Profile {
             let Some(&i) = by_digest.get(&digest) else {
                 continue;
             };
-            let Ok(record) = index.chunk(i) else { continue };
-            let Some(blob_digest) = blob_digests.get(record.blob as usize) else {
+            let Ok(chunk) = index.chunk_ref(i) else {
                 continue;
             };
             if taken.insert(i) {
-                out.push(ChunkRef {
-                    index: i,
-                    record,
-                    blob_digest: blob_digest.clone(),
-                });
+                out.push(chunk);
             }
         }
         out
@@ -1276,6 +1264,10 @@ mod tests {
 
     /// Against the real Debian `docker-registry` (no referrers API: the tag-schema fallback).
     #[tokio::test]
+    #[cfg_attr(
+        not(feature = "system-tests"),
+        ignore = "needs docker-registry (scripts/setup.sh installs it)"
+    )]
     async fn registry_keeps_profiles_as_referrers_of_the_lazy_image_newest_first() {
         use crate::push::push_image;
         use crate::registry::{referrers_tag, ClientOptions};
@@ -1345,6 +1337,10 @@ mod tests {
 
     /// Against moto (`PREFIX/profile.json`).
     #[tokio::test]
+    #[cfg_attr(
+        not(feature = "system-tests"),
+        ignore = "needs moto_server (scripts/setup.sh installs it)"
+    )]
     async fn s3_keeps_the_profile_under_the_image_prefix() {
         use crate::s3::{S3Location, S3Options};
         use lazy_tests::s3::{MotoServer, ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY};

@@ -58,6 +58,7 @@ use tracing::{debug, warn};
 use crate::blobstore::{
     check_digest, parse_retry_after, too_large, BackendId, BlobError, BlobStore, ObjectChange,
 };
+use crate::error::error_chain;
 
 /// Region used when neither the options, the environment nor a profile names one.
 const DEFAULT_REGION: &str = "us-east-1";
@@ -1187,24 +1188,6 @@ impl Failure {
     }
 }
 
-/// `err` and each of its sources, joined with `: ` (what `DisplayErrorContext` shows, without
-/// its trailing debug dump), skipping a source that repeats its parent's text.
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut last = text.clone();
-    let mut source = err.source();
-    while let Some(e) = source {
-        let message = e.to_string();
-        if !last.contains(&message) {
-            text.push_str(": ");
-            text.push_str(&message);
-        }
-        last = message;
-        source = e.source();
-    }
-    text
-}
-
 /// The first error of type `T` in `err`'s source chain.
 fn find_source<'a, T: std::error::Error + 'static>(
     err: &'a (dyn std::error::Error + 'static),
@@ -1405,6 +1388,10 @@ mod tests {
     /// A listing reads every page; a range GET with the ETag recorded at listing refuses the
     /// object once it is replaced, and a deleted one is not found.
     #[tokio::test]
+    #[cfg_attr(
+        not(feature = "system-tests"),
+        ignore = "needs moto_server (scripts/setup.sh installs it)"
+    )]
     async fn listing_follows_every_page_and_ranges_check_the_etag() {
         let moto = lazy_tests::s3::MotoServer::start();
         moto.create_bucket("lazy-list");
@@ -1461,6 +1448,10 @@ mod tests {
     /// started with, as when it shrinks during a push) fails the upload, and the multipart
     /// upload is aborted rather than left behind holding the parts already sent.
     #[tokio::test]
+    #[cfg_attr(
+        not(feature = "system-tests"),
+        ignore = "needs moto_server (scripts/setup.sh installs it)"
+    )]
     async fn failed_multipart_upload_is_aborted() {
         let moto = lazy_tests::s3::MotoServer::start();
         moto.create_bucket("lazy-abort");

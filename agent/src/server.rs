@@ -158,7 +158,7 @@ impl IntoResponse for ApiError {
             | AgentError::Cache(_)
             | AgentError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        let error = crate::registry::error_chain(&self.0);
+        let error = crate::error::error_chain(&self.0);
         (status, Json(ErrorBody { error })).into_response()
     }
 }

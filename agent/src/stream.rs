@@ -50,7 +50,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Instant;
 
 use fusefs::safetensors::{header_len, parse_header, TensorRange, LEN_PREFIX};
@@ -58,6 +58,7 @@ use fusefs::{ChunkRef, ChunkSource, OpenFile, SourceError};
 use tracing::{debug, info, warn};
 
 use crate::fetcher::{Backend, Done, Fetcher};
+use crate::sync::lock;
 
 /// Files that have a stream (and its thread) at once, in the whole agent.
 pub const MAX_STREAM_FILES: usize = 64;
@@ -408,11 +409,6 @@ impl StreamState {
             self.at = 0;
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Guarded values change in single statements; a panic elsewhere cannot leave one torn.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl FileStream {

@@ -13,11 +13,12 @@ use std::sync::{Arc, Mutex};
 use tracing::{info, warn};
 
 use super::mounts::Serve;
-use super::{absolute, lock, Agent, AgentError};
+use super::{absolute, Agent, AgentError};
 use crate::api::{RootfsInfo, RootfsRemoved, RootfsRequest, UmountRequest};
 use crate::handover::KeptContainer;
 use crate::mount::{self, MountError};
 use crate::remote;
+use crate::sync::lock;
 
 /// The containers' root filesystems of the agent.
 #[derive(Default)]

@@ -16,11 +16,12 @@ use tracing::{error, info, warn};
 
 use super::containers::Container;
 use super::mounts::Serve;
-use super::{absolute, lock, Agent, AgentError};
+use super::{absolute, Agent, AgentError};
+use crate::error::error_chain;
 use crate::handover::{self, Holder, KeptMount, MountTable};
 use crate::mount;
-use crate::registry::error_chain;
 use crate::remote::{self, ImageLocation};
+use crate::sync::lock;
 
 /// What the agent keeps for its successor, besides the mounts themselves.
 pub(super) struct HandOver {

@@ -8,9 +8,10 @@ use std::sync::Mutex;
 
 use tracing::{error, warn};
 
-use super::{lock, unix_now};
+use super::unix_now;
 use crate::api::KnownImage;
 use crate::remote::{ImageLocation, OpenedImage};
+use crate::sync::lock;
 
 /// The images the agent has opened, in the state directory.
 const IMAGES_FILE: &str = "images.json";

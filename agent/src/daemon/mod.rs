@@ -78,7 +78,7 @@ mod warm;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use fusefs::ops::OpStats;
@@ -88,14 +88,15 @@ use tracing::{error, warn};
 use crate::api::{Status, UmountRequest};
 use crate::cache::{CacheConfig, CacheError, ChunkCache};
 use crate::config::AgentConfig;
+use crate::error::error_chain;
 use crate::fetcher::{Fetcher, RateLimit, WarmError};
 use crate::handover::Holder;
 use crate::metrics::MetricsSnapshot;
 use crate::mount::MountError;
 use crate::profile::ProfileError;
-use crate::registry::error_chain;
 use crate::remote::{self, ImageLocation, OpenedImage, RemoteError, RemoteOptions};
 use crate::stream::Streams;
+use crate::sync::lock;
 
 use containers::Containers;
 use handover::HandOver;
@@ -191,12 +192,6 @@ pub struct Agent {
     warms: Warms,
     images: KnownImages,
     handover: HandOver,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every guarded value is replaced or updated in single statements; a panic elsewhere cannot
-    // leave one torn.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// How long a starting agent waits for the cache's lock, which a predecessor that is exiting

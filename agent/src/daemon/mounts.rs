@@ -20,13 +20,14 @@ use std::time::Duration;
 use fusefs::fuse::{Connection, MountConfig};
 use tracing::{info, warn};
 
-use super::{absolute, lock, unix_now_f64, Agent, AgentError};
+use super::{absolute, unix_now_f64, Agent, AgentError};
 use crate::api::{MountInfo, MountProfile, MountRequest, RecordRequest, UmountRequest};
 use crate::fetcher::Backend;
 use crate::handover::{self, KeptMount};
 use crate::mount::{self, Attach, MountedImage};
 use crate::profile::Recorder;
 use crate::remote::OpenedImage;
+use crate::sync::lock;
 
 /// The mounts the agent serves.
 #[derive(Default)]

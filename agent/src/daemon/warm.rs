@@ -15,12 +15,13 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use super::mounts::LiveMount;
-use super::{lock, Agent, AgentError};
+use super::{Agent, AgentError};
 use crate::api::{WarmEvent, WarmInfo, WarmRequest};
 use crate::config::WholeImage;
 use crate::fetcher::{Backend, Priority, WarmError, WarmOptions, WarmProgress};
 use crate::profile::{self, Profile};
 use crate::remote::{ImageLocation, OpenedImage};
+use crate::sync::lock;
 
 /// The warms in progress.
 #[derive(Default)]

@@ -18,7 +18,7 @@ use std::sync::{Condvar, Mutex};
 
 use fusefs::ChunkRef;
 
-use super::lock;
+use crate::sync::lock;
 
 /// Guesses kept waiting; older ones are dropped (newer guesses are better).
 const MAX_GUESSES: usize = 64;

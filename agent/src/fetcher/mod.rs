@@ -48,7 +48,7 @@ use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use fusefs::chunk::{check_stored, decode_chunk, decode_owned, Checks};
@@ -59,6 +59,7 @@ use crate::blobstore::{BackendId, BlobError, BlobStore};
 use crate::cache::ChunkCache;
 use crate::decoded::DecodedLru;
 use crate::metrics::{BackendMetrics, ChunkMetrics, Counter, MetricsSnapshot, StreamMetrics};
+use crate::sync::lock;
 use decode::DecodeAhead;
 use queue::{Limits, Next, Queue, Queued};
 use warm::WarmFailure;
@@ -276,12 +277,6 @@ impl Flight {
             done: Condvar::new(),
         })
     }
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every guarded structure here is updated in single assignments or whole-entry inserts, so a
-    // panic elsewhere cannot leave it torn.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Chunks remembered as fetched or decoded ahead of readers, for the counters of how much of it

@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::lock;
+use crate::sync::lock;
 
 /// Bucket capacity, in seconds of the rate. A quarter second lets a few requests go out
 /// together after a pause (so timers fire a few times a second, not once per request) while the

@@ -696,6 +696,10 @@ fn warm_fails_when_the_cache_cannot_keep_the_chunks() {
 /// Regression: a warm onto a cache whose disk is smaller than its budget reported success
 /// although the cache, evicting to make room on the full disk, kept only its last chunks.
 #[test]
+#[cfg_attr(
+    not(feature = "system-tests"),
+    ignore = "needs root: mounts FUSE or a tmpfs"
+)]
 fn warm_onto_a_disk_smaller_than_the_budget_fails_naming_what_was_kept() {
     lazy_tests::mount::require_root();
     let dir = tempfile::tempdir().unwrap();

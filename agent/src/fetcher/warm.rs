@@ -20,7 +20,8 @@ use fusefs::ChunkRef;
 use serde::{Deserialize, Serialize};
 use tracing::debug;
 
-use super::{lock, stored_len, Backend, Fetcher, Priority, RateLimit};
+use super::{stored_len, Backend, Fetcher, Priority, RateLimit};
+use crate::sync::lock;
 
 /// Default [`WarmOptions::window_bytes`]: four times what the background requests of a default
 /// fetcher carry at once (4 requests of 8 MiB), so the queue does not run dry between a

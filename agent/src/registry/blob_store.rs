@@ -12,9 +12,10 @@ use std::ops::Range;
 use async_trait::async_trait;
 
 use super::client::RegistryClient;
-use super::error::{error_chain, RegistryError};
+use super::error::RegistryError;
 use super::reference::validate_repository;
 use crate::blobstore::{BackendId, BlobError, BlobStore};
+use crate::error::error_chain;
 
 /// Blobs of repository `repo` on the registry `client` talks to.
 #[derive(Debug, Clone)]
@@ -159,10 +160,11 @@ fn blob_error(store: &RegistryBlobStore, digest: &str, err: RegistryError) -> Bl
 
 #[cfg(test)]
 mod tests {
-    use super::super::client::{lock, sha256_digest};
     use super::super::test_support::*;
     use super::super::*;
     use crate::blobstore::{BlobError, BlobStore};
+    use crate::store::sha256_digest;
+    use crate::sync::lock;
     use std::ops::Range;
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};

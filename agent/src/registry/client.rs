@@ -12,7 +12,7 @@
 use std::fmt;
 use std::ops::Range;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
@@ -42,6 +42,8 @@ use super::{
     MEDIA_TYPE_OCI_MANIFEST,
 };
 use crate::blobstore::parse_retry_after;
+use crate::store::sha256_digest;
+use crate::sync::lock;
 
 /// Manifests are a few KiB; containerd refuses anything over 4 MiB, and so do we, so that a
 /// hostile or confused server cannot make us buffer an unbounded body.
@@ -146,11 +148,6 @@ impl Scheme {
             Scheme::Http => "http",
         }
     }
-}
-
-pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The guarded state is only ever replaced whole, so a panic elsewhere cannot leave it torn.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// What a request needs to be allowed to do, which decides the token scope it asks for.
@@ -1021,10 +1018,6 @@ pub(super) fn manifest_media_type(
             "unsupported media type {media_type:?}; expected an OCI or Docker v2 manifest or index"
         ))
     }
-}
-
-pub(super) fn sha256_digest(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
 #[cfg(test)]

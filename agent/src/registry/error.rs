@@ -160,23 +160,6 @@ impl RegistryError {
     }
 }
 
-/// The error and every cause under it, joined with `: `. reqwest keeps the useful part ("tcp
-/// connect error: Connection refused") in `source()`, which `Display` alone does not show.
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        // Some errors repeat their cause in their own message; say it once.
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = cause.source();
-    }
-    out
-}
-
 /// What a [`RegistryError::DigestMismatch`] was about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ContentKind {
@@ -268,6 +251,7 @@ pub(super) fn registry_error_detail(body: &[u8]) -> String {
 mod tests {
     use super::super::test_support::{free_port, tag};
     use super::*;
+    use crate::error::error_chain;
 
     const DIGEST_A: &str =
         "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";

@@ -74,7 +74,7 @@ mod upload;
 pub use auth::{docker_config_credentials, Credentials};
 pub use blob_store::RegistryBlobStore;
 pub use client::{ClientOptions, Manifest, RegistryClient};
-pub use error::{error_chain, ContentKind, Reference, RegistryError};
+pub use error::{ContentKind, Reference, RegistryError};
 pub use push::{PushedBlob, PushedManifest};
 pub use reference::ImageRef;
 pub use referrers::{referrers_tag, Referrer};

@@ -21,11 +21,11 @@ use reqwest::{Method, StatusCode, Url};
 use tracing::debug;
 
 use super::client::{
-    header_str, sha256_digest, status_error, Access, Call, Payload, RegistryClient, Target,
-    MAX_MANIFEST_BYTES,
+    header_str, status_error, Access, Call, Payload, RegistryClient, Target, MAX_MANIFEST_BYTES,
 };
 use super::error::{ContentKind, Reference, RegistryError};
 use super::reference::{validate_digest, validate_repository};
+use crate::store::sha256_digest;
 
 /// What [`RegistryClient::push_blob_file`] and [`RegistryClient::push_blob_bytes`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,10 +257,10 @@ fn check_content_digest(
 
 #[cfg(test)]
 mod tests {
-    use super::super::client::sha256_digest;
     use super::super::test_support::*;
     use super::super::upload::UPLOAD_FRAME;
     use super::super::*;
+    use crate::store::sha256_digest;
     use sha2::{Digest as _, Sha256};
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};

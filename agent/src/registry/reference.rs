@@ -147,10 +147,7 @@ impl fmt::Display for ImageRef {
 }
 
 pub(super) fn validate_digest(digest: &str) -> Result<(), RegistryError> {
-    let ok = digest.strip_prefix("sha256:").is_some_and(|hex| {
-        hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-    });
-    if ok {
+    if fusefs::manifest::is_sha256_digest(digest) {
         Ok(())
     } else {
         Err(RegistryError::InvalidDigest {

@@ -22,12 +22,12 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
 use super::client::{
-    read_capped, sha256_digest, status_error, Access, Call, RegistryClient, Target,
-    MAX_MANIFEST_BYTES,
+    read_capped, status_error, Access, Call, RegistryClient, Target, MAX_MANIFEST_BYTES,
 };
 use super::error::{Reference, RegistryError};
 use super::reference::{validate_digest, validate_repository};
 use super::MEDIA_TYPE_OCI_INDEX;
+use crate::store::sha256_digest;
 
 /// Pages of a referrers list followed at most; at the registries' usual page sizes this is
 /// thousands of referrers, and it bounds a server that links pages in a loop.
@@ -331,10 +331,10 @@ fn query_escape(value: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::client::sha256_digest;
     use super::super::test_support::*;
     use super::super::*;
     use super::{next_link, query_escape, referrers_tag};
+    use crate::store::sha256_digest;
     use reqwest::header::HeaderMap;
     use std::sync::Arc;
 

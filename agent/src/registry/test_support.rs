@@ -14,8 +14,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use base64::Engine as _;
 
-use super::client::sha256_digest;
 use super::*;
+use crate::store::sha256_digest;
 
 pub(super) fn tag(t: &str) -> Reference {
     Reference::Tag(t.to_string())

@@ -9,7 +9,7 @@
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,7 @@ use reqwest::Response;
 use tokio::io::{AsyncRead, ReadBuf};
 
 use super::error::{transport, RegistryError};
+use crate::sync::lock;
 
 /// Size of each piece of an upload body: large enough that reads and frames are few, small
 /// enough that progress is seen several times a second on a slow link.
@@ -216,9 +217,4 @@ impl http_body::Body for UploadBody {
     fn size_hint(&self) -> SizeHint {
         SizeHint::with_exact(self.remaining)
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Nothing panics while holding it, so the progress cannot be left torn.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
