@@ -450,28 +450,7 @@ mod tests {
     async fn redirect_to_storage_keeps_range_and_drops_authorization() {
         let data = noise(300_000, 12);
         let digest = sha256_digest(&data);
-        let stored = data.clone();
-        let storage = FakeServer::start(move |_| {
-            Arc::new(move |req: &SeenRequest| range_reply(req, &stored))
-        })
-        .await;
-        let storage_base = format!("http://{}", storage.host());
-        let blob_path = format!("/v2/test/img/blobs/{digest}");
-        let registry = FakeServer::start(move |base| {
-            Arc::new(move |req: &SeenRequest| match req.path_only() {
-                "/token" => Reply::new(200, r#"{"token":"secret-token"}"#),
-                p if p == blob_path
-                    && req.header("authorization") == Some("Bearer secret-token") =>
-                {
-                    Reply::new(307, "").header(
-                        "Location",
-                        format!("{storage_base}/bucket/blob?X-Amz-Signature=s3cr3t"),
-                    )
-                }
-                _ => bearer_challenge(&base, "test/img"),
-            })
-        })
-        .await;
+        let (storage, registry) = registry_redirecting_to_storage(&data, "blob", "s3cr3t").await;
         let store = store(registry.client(None));
         let ranges = [0..4096, 4096..131_072, 299_000..300_000];
         for range in ranges.clone() {

@@ -1334,28 +1334,7 @@ mod tests {
     async fn blob_redirect_to_storage_drops_authorization() {
         let data = noise(100_000, 7);
         let digest = sha256_digest(&data);
-        let storage_data = data.clone();
-        let storage = FakeServer::start(move |_| {
-            Arc::new(move |req: &SeenRequest| range_reply(req, &storage_data))
-        })
-        .await;
-        let storage_base = format!("http://{}", storage.host());
-        let blob_path = format!("/v2/test/img/blobs/{digest}");
-        let registry = FakeServer::start(move |base| {
-            Arc::new(move |req: &SeenRequest| match req.path_only() {
-                "/token" => Reply::new(200, r#"{"token":"secret-token"}"#),
-                p if p == blob_path
-                    && req.header("authorization") == Some("Bearer secret-token") =>
-                {
-                    Reply::new(307, "").header(
-                        "Location",
-                        format!("{storage_base}/bucket/data?X-Amz-Signature=abc"),
-                    )
-                }
-                _ => bearer_challenge(&base, "test/img"),
-            })
-        })
-        .await;
+        let (storage, registry) = registry_redirecting_to_storage(&data, "data", "abc").await;
         let client = registry.client(None);
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("blob");

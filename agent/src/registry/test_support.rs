@@ -276,6 +276,38 @@ pub(super) fn bearer_challenge(base: &str, repo: &str) -> Reply {
     )
 }
 
+/// A storage server holding `data`, and a registry in front of it that answers a GET of
+/// `data`'s blob in `test/img` carrying its bearer token with a 307 to
+/// `STORAGE/bucket/{object}?X-Amz-Signature={signature}`, as registries backed by S3 do.
+/// Returns (storage, registry); both serve until dropped.
+pub(super) async fn registry_redirecting_to_storage(
+    data: &[u8],
+    object: &'static str,
+    signature: &'static str,
+) -> (FakeServer, FakeServer) {
+    let digest = sha256_digest(data);
+    let stored = data.to_vec();
+    let storage =
+        FakeServer::start(move |_| Arc::new(move |req: &SeenRequest| range_reply(req, &stored)))
+            .await;
+    let storage_base = format!("http://{}", storage.host());
+    let blob_path = format!("/v2/test/img/blobs/{digest}");
+    let registry = FakeServer::start(move |base| {
+        Arc::new(move |req: &SeenRequest| match req.path_only() {
+            "/token" => Reply::new(200, r#"{"token":"secret-token"}"#),
+            p if p == blob_path && req.header("authorization") == Some("Bearer secret-token") => {
+                Reply::new(307, "").header(
+                    "Location",
+                    format!("{storage_base}/bucket/{object}?X-Amz-Signature={signature}"),
+                )
+            }
+            _ => bearer_challenge(&base, "test/img"),
+        })
+    })
+    .await;
+    (storage, registry)
+}
+
 /// Deterministic bytes that do not compress, so gzip layers are as large as their content.
 pub(super) fn noise(len: usize, seed: u64) -> Vec<u8> {
     let mut state = seed | 1;
