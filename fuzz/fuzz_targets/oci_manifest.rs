@@ -2,7 +2,7 @@
 //! stores other people can write: the lazy image manifest (`LazyManifest::parse`), the registry
 //! client's media type of a manifest and its referrers lists (`agent::registry`), the referrer
 //! entry of a manifest about to be pushed (`Referrer::of_manifest`), and the converter's choice
-//! of a platform in an image index (`tools::source::pick_platform`).
+//! of a platform in an image index (`tools::image::pick_platform`).
 //!
 //! Checks: an accepted lazy manifest keeps every rule `parse` states and parses back equal from
 //! its `to_json`; an accepted media type is one of the four the client handles, and only a JSON
@@ -21,7 +21,8 @@ use fusefs::manifest::{
 };
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use tools::source::{host_platform, pick_platform};
+use oci_spec::image::ImageIndex;
+use tools::image::{host_platform, pick_platform};
 
 const SUPPORTED: [&str; 4] = [
     MEDIA_TYPE_OCI_INDEX,
@@ -92,7 +93,10 @@ fn platform(data: &[u8]) {
     let Ok(index) = serde_json::from_slice::<Value>(data) else {
         return;
     };
-    let Ok(digest) = pick_platform(&index) else {
+    let Ok(typed) = serde_json::from_slice::<ImageIndex>(data) else {
+        return;
+    };
+    let Ok(digest) = pick_platform(&typed) else {
         return;
     };
     let (os, arch) = host_platform();
