@@ -264,19 +264,17 @@ impl BlobStore for RoutedBlobStore {
     }
 }
 
+/// Manifests with external blobs, for the tests of this module and of `remote`.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use std::collections::BTreeMap;
 
     use fusefs::manifest::{
-        Descriptor, MEDIA_TYPE_BLOB, MEDIA_TYPE_BLOB_EXTERNAL, MEDIA_TYPE_INDEX,
-        MEDIA_TYPE_OCI_CONFIG,
+        Descriptor, LazyManifest, ANNOTATION_ETAG, MEDIA_TYPE_BLOB, MEDIA_TYPE_BLOB_EXTERNAL,
+        MEDIA_TYPE_INDEX, MEDIA_TYPE_OCI_CONFIG,
     };
 
-    use super::*;
-    use crate::blobstore::MemoryBlobStore;
-    use crate::s3::S3Options;
-
+    /// A descriptor of a 100-byte blob named by `c`, stored at `url` when there is one.
     fn desc(media_type: &str, c: char, url: Option<&str>) -> Descriptor {
         Descriptor {
             media_type: media_type.into(),
@@ -287,7 +285,8 @@ mod tests {
         }
     }
 
-    fn manifest(urls: &[&str]) -> LazyManifest {
+    /// A manifest with one blob of its own and external blobs at `urls`.
+    pub(crate) fn external_manifest(urls: &[&str]) -> LazyManifest {
         let chars = ['c', 'd', 'e', 'f'];
         let mut blobs = vec![desc(MEDIA_TYPE_BLOB, '1', None)];
         for (url, c) in urls.iter().zip(chars) {
@@ -299,6 +298,15 @@ mod tests {
             blobs,
         )
     }
+}
+
+#[cfg(test)]
+mod tests {
+
+    use super::testing::external_manifest;
+    use super::*;
+    use crate::blobstore::MemoryBlobStore;
+    use crate::s3::S3Options;
 
     #[test]
     fn s3_urls_are_split_into_bucket_and_key() {
@@ -314,16 +322,22 @@ mod tests {
 
     #[test]
     fn external_blobs_are_found_with_their_etag_and_other_urls_refused() {
-        let objects =
-            external_objects(&manifest(&["s3://models/a.bin", "s3://other/b.bin"]), "img").unwrap();
+        let objects = external_objects(
+            &external_manifest(&["s3://models/a.bin", "s3://other/b.bin"]),
+            "img",
+        )
+        .unwrap();
         assert_eq!(objects.len(), 2);
         let a = &objects[&format!("sha256:{}", "c".repeat(64))];
         assert_eq!((a.bucket.as_str(), a.key.as_str()), ("models", "a.bin"));
         assert_eq!(a.etag.as_deref(), Some("\"e1\""));
         assert_eq!(a.size, 100);
 
-        let e = external_objects(&manifest(&["https://example.com/a.bin"]), "s3://lazy/img")
-            .unwrap_err();
+        let e = external_objects(
+            &external_manifest(&["https://example.com/a.bin"]),
+            "s3://lazy/img",
+        )
+        .unwrap_err();
         let text = e.to_string();
         assert!(
             text.contains(&format!("sha256:{}", "c".repeat(64)))
@@ -352,7 +366,7 @@ mod tests {
 
     #[test]
     fn only_the_images_own_bucket_and_the_allowed_ones_pass() {
-        let objects = external_objects(&manifest(&["s3://models/a.bin"]), "img").unwrap();
+        let objects = external_objects(&external_manifest(&["s3://models/a.bin"]), "img").unwrap();
         for own in [None, Some("other")] {
             let e = check_buckets(&objects, "img", own, &[]).unwrap_err();
             let text = e.to_string();
@@ -372,8 +386,8 @@ mod tests {
     async fn routed_store_names_its_routes_and_reads_own_blobs_from_its_store() {
         let own = Arc::new(MemoryBlobStore::new());
         let digest = own.insert(b"own bytes".to_vec());
-        let m1 = manifest(&["s3://models/a.bin"]);
-        let m2 = manifest(&["s3://models/b.bin"]);
+        let m1 = external_manifest(&["s3://models/a.bin"]);
+        let m2 = external_manifest(&["s3://models/b.bin"]);
         let r1 = routed(own.clone(), &m1).await;
         let r2 = routed(own.clone(), &m2).await;
         assert_eq!(r1.id().kind(), "memory");

@@ -604,14 +604,11 @@ async fn load_index(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
 
     use super::*;
     use crate::blobstore::MemoryBlobStore;
-    use fusefs::manifest::{
-        Descriptor, ANNOTATION_ETAG, MEDIA_TYPE_BLOB, MEDIA_TYPE_BLOB_EXTERNAL, MEDIA_TYPE_INDEX,
-        MEDIA_TYPE_OCI_CONFIG,
-    };
+    use crate::external::testing::external_manifest;
+    use fusefs::manifest::{Descriptor, MEDIA_TYPE_OCI_CONFIG};
 
     fn desc(digest: &str, size: u64) -> Descriptor {
         Descriptor {
@@ -709,31 +706,6 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("limit"), "{e}");
         assert_eq!(store.requests(), 0);
-    }
-
-    /// A descriptor of a 100-byte blob named by `c`, stored at `url` when there is one.
-    fn external_desc(media_type: &str, c: char, url: Option<&str>) -> Descriptor {
-        Descriptor {
-            media_type: media_type.into(),
-            digest: format!("sha256:{}", c.to_string().repeat(64)),
-            size: 100,
-            urls: url.map(|u| vec![u.to_string()]),
-            annotations: url.map(|_| BTreeMap::from([(ANNOTATION_ETAG.into(), "\"e1\"".into())])),
-        }
-    }
-
-    /// A manifest with one blob of its own and external blobs at `urls`.
-    fn external_manifest(urls: &[&str]) -> LazyManifest {
-        let chars = ['c', 'd', 'e', 'f'];
-        let mut blobs = vec![external_desc(MEDIA_TYPE_BLOB, '1', None)];
-        for (url, c) in urls.iter().zip(chars) {
-            blobs.push(external_desc(MEDIA_TYPE_BLOB_EXTERNAL, c, Some(url)));
-        }
-        LazyManifest::new(
-            external_desc(MEDIA_TYPE_OCI_CONFIG, 'a', None),
-            external_desc(MEDIA_TYPE_INDEX, 'b', None),
-            blobs,
-        )
     }
 
     /// An image in the bucket its tests' blobs are in.
