@@ -245,7 +245,11 @@ fn remote_mount(
     let fetch_guesses = fetch.fetch_guesses();
     let source = Arc::new(streams.source(fetch, backend));
     let index = image.index.clone();
-    let reader = ImageReader::new(index, recorded(source, recorder))?
+    let mut reader = ImageReader::new(index, recorded(source.clone(), recorder))?;
+    if let Some(observer) = source.observer() {
+        reader = reader.with_observer(observer)?;
+    }
+    let reader = reader
         .with_read_ahead_max(streams.config().read_ahead)
         .with_speculation(speculate)
         .map_err(|source| MountError::Mount {

@@ -541,18 +541,6 @@ impl ChunkSource for RecordingSource {
     fn speculate(&self, chunks: &[ChunkRef]) {
         self.inner.speculate(chunks)
     }
-
-    fn opens_wanted(&self) -> Option<fn(&[u8]) -> bool> {
-        self.inner.opens_wanted()
-    }
-
-    fn file_opened(&self, file: fusefs::OpenFile) {
-        self.inner.file_opened(file)
-    }
-
-    fn file_released(&self, ino: u64) {
-        self.inner.file_released(ino)
-    }
 }
 
 // ---------------------------------------------------------------- storage

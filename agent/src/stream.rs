@@ -4,9 +4,9 @@
 //! a loader that reads every tensor (through `read` or mmap page faults) finds them fetched or
 //! in flight instead of waiting a round trip per read.
 //!
-//! [`StreamSource`] wraps a mount's [`ChunkSource`]; `ImageReader` tells it of each regular
-//! file's first open and last release, and of every read of such a file
-//! (`ChunkSource::watched_read`). The open goes to a thread of the mount, which resolves the
+//! [`StreamSource`] wraps a mount's [`ChunkSource`] and is the mount's [`OpenObserver`]:
+//! `ImageReader` tells it of each safetensors file's first open and last release, and of every
+//! read of such a file (`OpenObserver::read`). The open goes to a thread of the mount, which resolves the
 //! file's name and, for a safetensors file, starts a stream on a thread of its own:
 //!
 //! - **Header**: the 8-byte length and the JSON are read through the inner source (demand
@@ -54,7 +54,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Instant;
 
 use fusefs::safetensors::{header_len, parse_header, TensorRange, LEN_PREFIX};
-use fusefs::{ChunkRef, ChunkSource, OpenFile, SourceError};
+use fusefs::{ChunkRef, ChunkSource, OpenFile, OpenObserver, SourceError};
 use tracing::{debug, info, warn};
 
 use crate::fetcher::{Backend, Done, Fetcher};
@@ -252,7 +252,8 @@ impl Streams {
     }
 }
 
-/// A mount's [`ChunkSource`] with streams of its safetensors files; see the module docs.
+/// A mount's [`ChunkSource`] with streams of its safetensors files, and the observer of their
+/// opens ([`StreamSource::observer`]); see the module docs.
 pub struct StreamSource {
     mount: Arc<MountStreams>,
     /// Opens for the mount's stream thread; `None` when it could not be started.
@@ -540,17 +541,25 @@ impl ChunkSource for StreamSource {
     fn speculate(&self, chunks: &[ChunkRef]) {
         self.mount.inner.speculate(chunks)
     }
+}
 
-    fn opens_wanted(&self) -> Option<fn(&[u8]) -> bool> {
-        (self.opens.is_some() && self.mount.hub.config.safetensors).then_some(is_safetensors)
+impl StreamSource {
+    /// The observer of the mount's opens (itself), for `ImageReader::with_observer`; `None`
+    /// when no file is streamed (`stream.safetensors` off, or the mount's stream thread could
+    /// not be started).
+    pub fn observer(self: &Arc<Self>) -> Option<Arc<dyn OpenObserver>> {
+        let streams = self.opens.is_some() && self.mount.hub.config.safetensors;
+        streams.then(|| self.clone() as Arc<dyn OpenObserver>)
+    }
+}
+
+impl OpenObserver for StreamSource {
+    fn watches(&self, name: &[u8]) -> bool {
+        is_safetensors(name)
     }
 
-    fn file_opened(&self, file: OpenFile) {
-        self.mount.inner.file_opened(file.clone());
+    fn opened(&self, file: OpenFile) {
         let Some(opens) = &self.opens else { return };
-        if !self.mount.hub.config.safetensors {
-            return;
-        }
         let stream = Arc::new(FileStream {
             ino: file.ino,
             state: Mutex::new(StreamState::default()),
@@ -561,8 +570,7 @@ impl ChunkSource for StreamSource {
         let _ = opens.send((file, stream));
     }
 
-    fn file_released(&self, ino: u64) {
-        self.mount.inner.file_released(ino);
+    fn released(&self, ino: u64) {
         let stream = lock(&self.mount.files).remove(&ino);
         if let Some(stream) = stream {
             stream.stop(&self.mount.hub.fetcher, &self.mount.backend);
@@ -571,13 +579,13 @@ impl ChunkSource for StreamSource {
 
     /// A read of a streamed file: the rest of the tensor it lands in is fetched at once, at
     /// demand priority, and the stream goes on from there in the reader's order.
-    fn watched_read(&self, ino: u64, range: std::ops::Range<u64>) -> bool {
+    fn read(&self, ino: u64, range: std::ops::Range<u64>) -> bool {
         let stream = lock(&self.mount.files).get(&ino).cloned();
         let Some(stream) = stream else {
-            return self.mount.inner.watched_read(ino, range);
+            return false;
         };
-        let Some(touch) = stream.reader_at(range.clone(), self.mount.hub.config.first_bytes) else {
-            return self.mount.inner.watched_read(ino, range);
+        let Some(touch) = stream.reader_at(range, self.mount.hub.config.first_bytes) else {
+            return false;
         };
         let (fetcher, backend) = (&self.mount.hub.fetcher, &self.mount.backend);
         if !touch.first.is_empty() {
@@ -1073,7 +1081,11 @@ mod tests {
         let backend = fetcher.backend(log.clone());
         let streams = Streams::new(fetcher.clone(), streams);
         let source = Arc::new(streams.source(Arc::new(fetcher.source(backend.clone())), backend));
-        let reader = Arc::new(ImageReader::new(index, source.clone()).unwrap());
+        let observer = source.observer().expect("streams of safetensors files");
+        let reader = ImageReader::new(index, source.clone())
+            .and_then(|reader| reader.with_observer(observer))
+            .unwrap();
+        let reader = Arc::new(reader);
         let files = layout
             .into_iter()
             .zip(inos)

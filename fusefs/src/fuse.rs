@@ -10,7 +10,7 @@
 //! - entries, attributes and pages are cached for a day (images are immutable), and so are
 //!   *missing* names: a lookup that finds nothing is answered with a negative entry (node id 0
 //!   with a TTL), so the next stat of that name never leaves the kernel;
-//! - `open` and `opendir` answer `ENOSYS` unless the source wants to hear of some file's opens
+//! - `open` and `opendir` answer `ENOSYS` unless an observer watches some file's opens
 //!   (`ImageReader::watches_opens`: a model image's safetensors files are streamed when
 //!   opened). The kernel then takes every later open as succeeding with `FOPEN_KEEP_CACHE`
 //!   (and `FOPEN_CACHE_DIR` for directories) without asking, and sends no release for them
@@ -269,7 +269,7 @@ impl Filesystem for LazyFs {
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         match self.reader.open(ino.0, write) {
             Ok(()) => {
-                // Tells the source of a watched file's first open (it must not block).
+                // Tells the observer of a watched file's first open (it must not block).
                 self.reader.opened(ino.0);
                 reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
             }

@@ -4,8 +4,9 @@
 //! - `index`: validating reader of an index (mmap or bytes); `ChunkRef`, a chunk as it names it.
 //! - `writer`: builds an index from a tree, chunks and blobs.
 //! - `chunk`: chunk encoding and checks (zstd, crc32, blake3); a pure codec.
-//! - `source`: the `ChunkSource` trait data is read through, and `OpenFile`, the handle its
-//!   open hooks get.
+//! - `source`: the `ChunkSource` trait data is read through.
+//! - `opens`: the `OpenObserver` trait, which hears of the opens, releases and reads of the
+//!   files it watches, and `OpenFile`, the handle it gets.
 //! - `speculate`: guesses from the image's layout of what a reader reads next.
 //! - `reader`: `ImageReader`, POSIX semantics over an index; testable without FUSE.
 //! - `fuse`: the thin `fuser` adapter and `mount`.
@@ -13,8 +14,8 @@
 //! - `manifest`: the OCI manifest that names an image's index and blobs.
 //! - `safetensors`: the header of a safetensors file, parsed as untrusted input.
 //!
-//! Inside the crate dependencies point one way: `format` <- `index` <- `source` <- `speculate`
-//! <- `reader` <- `fuse`; the codec (`chunk`) and the `writer` need only `format`.
+//! Inside the crate dependencies point one way: `format` <- `index` <- `source` <- `opens`,
+//! `speculate` <- `reader` <- `fuse`; the codec (`chunk`) and the `writer` need only `format`.
 
 pub mod chunk;
 pub mod error;
@@ -22,6 +23,7 @@ pub mod format;
 pub mod fuse;
 pub mod index;
 pub mod manifest;
+pub mod opens;
 pub mod ops;
 pub mod reader;
 pub mod safetensors;
@@ -31,5 +33,6 @@ pub mod writer;
 
 pub use error::{ChunkError, FsError, IndexError, SourceError};
 pub use index::{ChunkRef, Index};
+pub use opens::{OpenFile, OpenObserver};
 pub use reader::ImageReader;
-pub use source::{ChunkSource, OpenFile};
+pub use source::ChunkSource;

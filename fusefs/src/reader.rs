@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use crate::error::{FsError, IndexError};
 use crate::format::*;
 use crate::index::{ChunkRef, Index, ROOT_INO};
-use crate::source::{ChunkSource, ImageFiles, OpenFile};
+use crate::opens::{ImageFiles, OpenFile, OpenObserver};
+use crate::source::ChunkSource;
 use crate::speculate::Speculator;
 
 /// File types as the filesystem reports them.
@@ -90,11 +91,14 @@ pub struct ImageReader {
     streams: Mutex<HashMap<u64, Stream>>,
     /// Largest read-ahead window (see [`READ_AHEAD_MAX`]).
     read_ahead_max: u64,
-    /// Open handles per watched file, so the source hears of a file's first open and last
+    /// Open handles per watched file, so the observer hears of a file's first open and last
     /// release only.
     open_files: Mutex<HashMap<u64, u32>>,
-    /// The regular files whose opens the source wants to hear of
-    /// ([`ChunkSource::opens_wanted`]), found by name when the reader is made.
+    /// Who hears of the opens, releases and reads of the watched files
+    /// ([`ImageReader::with_observer`]).
+    observer: Option<Arc<dyn OpenObserver>>,
+    /// The regular files the observer watches ([`OpenObserver::watches`]), found by name when
+    /// it is given.
     watched: HashSet<u64>,
     /// Guesses from the layout of what is read next ([`ImageReader::with_speculation`]).
     speculation: Option<Speculator>,
@@ -141,10 +145,6 @@ impl ImageReader {
             .map(|i| index.chunk(i).map(|c| c.raw_len as u64))
             .sum::<Result<u64, _>>()?
             .div_ceil(4096);
-        let watched = match source.opens_wanted() {
-            Some(wanted) => files_named(&index, wanted)?,
-            None => HashSet::new(),
-        };
         Ok(ImageReader {
             index,
             source,
@@ -153,9 +153,21 @@ impl ImageReader {
             streams: Mutex::new(HashMap::new()),
             read_ahead_max: READ_AHEAD_MAX,
             open_files: Mutex::new(HashMap::new()),
-            watched,
+            observer: None,
+            watched: HashSet::new(),
             speculation: None,
         })
+    }
+
+    /// With `observer`, which hears of the opens, releases and reads of the files it watches
+    /// (found by name here, a walk of the image's directories).
+    pub fn with_observer(
+        mut self,
+        observer: Arc<dyn OpenObserver>,
+    ) -> Result<ImageReader, IndexError> {
+        self.watched = files_named(&self.index, |name| observer.watches(name))?;
+        self.observer = Some(observer);
+        Ok(self)
     }
 
     /// With `on`, the first read of each file (and of a second file of each directory) hint
@@ -175,7 +187,7 @@ impl ImageReader {
         self.index.count(Section::Xattrs) > 0
     }
 
-    /// Whether the source wants to hear of the opens of any file of this image. When not,
+    /// Whether an observer watches the opens of any file of this image. When not,
     /// the filesystem lets the kernel open and close files without asking.
     pub fn watches_opens(&self) -> bool {
         !self.watched.is_empty()
@@ -188,9 +200,12 @@ impl ImageReader {
         self
     }
 
-    /// Notes an open handle of `ino`; a watched file's first one is passed on to the source
-    /// (`ChunkSource::file_opened`). Call it after a successful [`ImageReader::open`].
+    /// Notes an open handle of `ino`; a watched file's first one is passed on to the observer
+    /// (`OpenObserver::opened`). Call it after a successful [`ImageReader::open`].
     pub fn opened(self: &Arc<Self>, ino: u64) {
+        let Some(observer) = &self.observer else {
+            return;
+        };
         if !self.watched.contains(&ino) {
             return;
         }
@@ -205,12 +220,12 @@ impl ImageReader {
             *n == 1
         };
         if first {
-            self.source.file_opened(OpenFile::new(self, ino, rec.size));
+            observer.opened(OpenFile::new(self, ino, rec.size));
         }
     }
 
-    /// Notes that a handle of `ino` was released; the source hears of the last one
-    /// (`ChunkSource::file_released`).
+    /// Notes that a handle of `ino` was released; the observer hears of the last one
+    /// (`OpenObserver::released`).
     pub fn released(&self, ino: u64) {
         let last = {
             let mut open = self
@@ -229,12 +244,13 @@ impl ImageReader {
                 None => false,
             }
         };
-        if last {
-            self.source.file_released(ino);
+        if let (true, Some(observer)) = (last, &self.observer) {
+            observer.released(ino);
         }
     }
 
-    /// Releases every file still open (the filesystem is going away): the source hears of each.
+    /// Releases every file still open (the filesystem is going away): the observer hears of
+    /// each.
     pub fn release_all(&self) {
         let open: Vec<u64> = self
             .open_files
@@ -243,8 +259,10 @@ impl ImageReader {
             .drain()
             .map(|(ino, _)| ino)
             .collect();
-        for ino in open {
-            self.source.file_released(ino);
+        if let Some(observer) = &self.observer {
+            for ino in open {
+                observer.released(ino);
+            }
         }
     }
 
@@ -503,16 +521,18 @@ impl ImageReader {
         Ok(out)
     }
 
-    /// What a read of `start..end` of `ino` tells the source before its chunks are read: a
-    /// watched file's read goes to the source ([`ChunkSource::watched_read`]), which reads such
-    /// a file ahead its own way (a tensor stream, in the reader's order) when it can; guesses
+    /// What a read of `start..end` of `ino` tells the observer and the source before its chunks
+    /// are read: a watched file's read goes to the observer ([`OpenObserver::read`]), which
+    /// reads such a file ahead its own way (a tensor stream, in the reader's order) when it can; guesses
     /// from the layout would only compete with that for the link. Any other file's read feeds
-    /// the speculator, and a sequential reader's read-ahead is hinted unless the source reads
+    /// the speculator, and a sequential reader's read-ahead is hinted unless the observer reads
     /// the file ahead itself.
     fn before_read(&self, ino: u64, start: u64, end: u64) {
         let watched = self.watched.contains(&ino);
-        if watched && self.source.watched_read(ino, start..end) {
-            return;
+        if let (true, Some(observer)) = (watched, &self.observer) {
+            if observer.read(ino, start..end) {
+                return;
+            }
         }
         if let Some(ahead) = self.read_ahead_range(ino, start, end) {
             self.hint(ino, ahead);
@@ -719,7 +739,7 @@ impl ImageFiles for ImageReader {
 
 /// The regular files of `index` with a name `wanted` accepts (any of a file's names, for a
 /// file with several). One pass over every directory entry.
-fn files_named(index: &Index, wanted: fn(&[u8]) -> bool) -> Result<HashSet<u64>, IndexError> {
+fn files_named(index: &Index, wanted: impl Fn(&[u8]) -> bool) -> Result<HashSet<u64>, IndexError> {
     let mut files = HashSet::new();
     for ino in ROOT_INO..=index.inode_count() {
         let dir = index.inode(ino)?;

@@ -3,27 +3,29 @@
 //! exactly, whatever the chunk size, packing of small files, holes and read alignment.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use fusefs::chunk::{decode_chunk, encode_chunk};
 use fusefs::format::*;
 use fusefs::reader::FileKind;
 use fusefs::writer::{IndexWriter, NodeSpec};
-use fusefs::{ChunkRef, ChunkSource, ImageReader, Index, OpenFile, SourceError};
+use fusefs::{ChunkRef, ChunkSource, ImageReader, Index, OpenFile, OpenObserver, SourceError};
 use proptest::prelude::*;
 
 /// One in-memory blob; chunks are decoded with the real checks. Records read-ahead hints,
-/// guesses and the chunks it was asked for; watches the opens of `*.safetensors` files; holds
-/// the chunks of `in_memory` "in memory".
+/// guesses and the chunks it was asked for; as an observer, watches the opens and reads of
+/// `*.safetensors` files; holds the chunks of `in_memory` "in memory".
 struct MemSource {
     blob: Vec<u8>,
     hints: Mutex<Vec<u32>>,
     guesses: Mutex<Vec<u32>>,
     asked: Mutex<Vec<u32>>,
     in_memory: Mutex<std::collections::HashSet<u32>>,
-    /// Files opened (with the name they resolve to) and released, in order.
+    /// Files opened (with the name they resolve to), released and read, in order.
     opened: Mutex<Vec<(OpenFile, Option<Vec<u8>>)>>,
     released: Mutex<Vec<u64>>,
+    read: Mutex<Vec<(u64, Range<u64>)>>,
 }
 
 impl MemSource {
@@ -60,19 +62,33 @@ impl ChunkSource for MemSource {
             .unwrap()
             .extend(chunks.iter().map(|c| c.index));
     }
+}
 
-    fn opens_wanted(&self) -> Option<fn(&[u8]) -> bool> {
-        Some(|name| name.ends_with(b".safetensors"))
+impl OpenObserver for MemSource {
+    fn watches(&self, name: &[u8]) -> bool {
+        name.ends_with(b".safetensors")
     }
 
-    fn file_opened(&self, file: OpenFile) {
+    fn opened(&self, file: OpenFile) {
         let name = file.name();
         self.opened.lock().unwrap().push((file, name));
     }
 
-    fn file_released(&self, ino: u64) {
+    fn released(&self, ino: u64) {
         self.released.lock().unwrap().push(ino);
     }
+
+    fn read(&self, ino: u64, range: Range<u64>) -> bool {
+        self.read.lock().unwrap().push((ino, range));
+        false
+    }
+}
+
+/// A reader of `index` over `source`, which also observes its opens.
+fn observed(index: Arc<Index>, source: Arc<MemSource>) -> ImageReader {
+    ImageReader::new(index, source.clone())
+        .and_then(|reader| reader.with_observer(source))
+        .unwrap()
 }
 
 /// Packs files the way the converter does: small files share chunks, large files start a
@@ -300,8 +316,9 @@ fn build(chunk_size: usize, entries: Vec<Entry>) -> Built {
         in_memory: Mutex::new(Default::default()),
         opened: Mutex::new(Vec::new()),
         released: Mutex::new(Vec::new()),
+        read: Mutex::new(Vec::new()),
     });
-    let reader = ImageReader::new(index, source.clone()).unwrap();
+    let reader = observed(index, source.clone());
     Built {
         reader,
         source,
@@ -524,7 +541,7 @@ fn the_source_hears_of_first_opens_and_last_releases_with_name_chunks_and_bytes(
         ..file_entry(1, b"pipe", vec![])
     });
     let b = build(chunk, entries);
-    let reader = Arc::new(ImageReader::new(b.reader.index().clone(), b.source.clone()).unwrap());
+    let reader = Arc::new(observed(b.reader.index().clone(), b.source.clone()));
     let d1 = reader.lookup(1, b"d1").unwrap().ino;
     let ino = reader.lookup(d1, b"model.safetensors").unwrap().ino;
     let pipe = reader.lookup(d1, b"pipe").unwrap().ino;
@@ -573,7 +590,8 @@ fn the_source_hears_of_first_opens_and_last_releases_with_name_chunks_and_bytes(
     assert!(file.name().is_none());
 }
 
-/// A source that wants to hear of no file's opens.
+/// A source that wraps another (as the agent's profile recorder does) and forwards chunks
+/// only.
 struct Plain(Arc<MemSource>);
 
 impl ChunkSource for Plain {
@@ -583,14 +601,12 @@ impl ChunkSource for Plain {
 }
 
 #[test]
-fn only_files_the_source_watches_make_opens_reach_it() {
+fn only_the_files_an_observer_watches_reach_it_whatever_wraps_the_source() {
     let b = build(1 << 12, vec![file_entry(1, b"plain", vec![1; 100])]);
     assert!(
         !b.reader.watches_opens(),
         "no safetensors file: the kernel may open files alone"
     );
-    let plain = ImageReader::new(b.reader.index().clone(), Arc::new(Plain(b.source.clone())));
-    assert!(!plain.unwrap().watches_opens());
     let b = build(
         1 << 12,
         vec![
@@ -599,16 +615,29 @@ fn only_files_the_source_watches_make_opens_reach_it() {
         ],
     );
     assert!(b.reader.watches_opens());
-    let reader = Arc::new(ImageReader::new(b.reader.index().clone(), b.source.clone()).unwrap());
+    let unobserved = ImageReader::new(b.reader.index().clone(), b.source.clone()).unwrap();
+    assert!(!unobserved.watches_opens(), "a reader with no observer");
+    // The observer is given beside a source that wraps its own: it hears of everything.
+    let reader = ImageReader::new(b.reader.index().clone(), Arc::new(Plain(b.source.clone())))
+        .and_then(|reader| reader.with_observer(b.source.clone()))
+        .unwrap();
+    let reader = Arc::new(reader);
     let d1 = reader.lookup(1, b"d1").unwrap().ino;
     let d2 = reader.lookup(d1, b"d2").unwrap().ino;
-    reader.opened(reader.lookup(d1, b"plain").unwrap().ino);
+    let plain = reader.lookup(d1, b"plain").unwrap().ino;
+    let watched = reader.lookup(d2, b"w.safetensors").unwrap().ino;
+    reader.opened(plain);
+    assert_eq!(reader.read(plain, 0, 100).unwrap(), vec![1; 100]);
     assert!(
-        b.source.opened.lock().unwrap().is_empty(),
-        "an unwatched file's open"
+        b.source.opened.lock().unwrap().is_empty() && b.source.read.lock().unwrap().is_empty(),
+        "an unwatched file's open and read"
     );
-    reader.opened(reader.lookup(d2, b"w.safetensors").unwrap().ino);
+    reader.opened(watched);
+    assert_eq!(reader.read(watched, 10, 50).unwrap(), vec![2; 50]);
+    reader.released(watched);
     assert_eq!(b.source.opened.lock().unwrap().len(), 1);
+    assert_eq!(*b.source.read.lock().unwrap(), vec![(watched, 10..60)]);
+    assert_eq!(*b.source.released.lock().unwrap(), vec![watched]);
 }
 
 #[test]
@@ -730,15 +759,14 @@ fn first_touches_guess_a_package_a_file_read_and_nothing_twice() {
 }
 
 #[test]
-fn a_watched_file_read_guesses_nothing_its_source_streams_it() {
+fn a_watched_file_read_guesses_nothing_its_observer_streams_it() {
     let chunk = 1 << 12;
     let weights: Vec<u8> = (0..20 * chunk).map(|i| (i * 13 % 251) as u8 | 1).collect();
     let b = build(
         chunk,
         vec![file_entry(2, b"model.safetensors", weights.clone())],
     );
-    let reader = ImageReader::new(b.reader.index().clone(), b.source.clone())
-        .unwrap()
+    let reader = observed(b.reader.index().clone(), b.source.clone())
         .with_speculation(true)
         .unwrap();
     let d1 = reader.lookup(1, b"d1").unwrap().ino;

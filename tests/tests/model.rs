@@ -113,6 +113,12 @@ fn model_converted_both_ways_reads_bit_exact_through_streaming_mounts() {
         counter(&status, "/metrics/streams/started") >= SPEC.shards as u64,
         "every shard opened should have been streamed: {status}"
     );
+    // The default config records a profile: the recorder wraps the mount's chunk source, and
+    // the streams still hear of the reads that start them.
+    assert!(
+        counter(&status, "/metrics/streams/bytes") > 0,
+        "the shards' streams fetched nothing: {status}"
+    );
     let fetched = backend_bytes(&status);
     assert!(
         fetched < model.total_bytes + model.total_bytes / 20,
@@ -138,7 +144,12 @@ fn model_converted_both_ways_reads_bit_exact_through_streaming_mounts() {
     let read = model::check_tensors(shard, &mnt.join(shard.file_name().unwrap()), &half);
     // Closed: the stream stops. Let requests in flight land, then nothing more may come.
     std::thread::sleep(Duration::from_secs(2));
-    let after_close = backend_bytes(&agent.status());
+    let status = agent.status();
+    let after_close = backend_bytes(&status);
+    assert!(
+        counter(&status, "/metrics/streams/bytes") > 0,
+        "the half-read shard was not streamed, so its bound says nothing: {status}"
+    );
     let bound = half.last().unwrap().range.end + MAX_AHEAD + (16 << 20);
     assert!(
         after_close <= bound,
