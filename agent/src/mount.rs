@@ -122,15 +122,16 @@ fn recorded(
 
 /// Mounts `image`, opened (`remote::open_image`) from the local store at `store_path` and read
 /// there in place (`OpenedImage::is_local`), at `mountpoint`; with `recorder`, first accesses of
-/// chunks are recorded for a profile. The standalone `lazyctl mount`.
+/// chunks are recorded for a profile. The standalone `lazyctl mount`, which began to open the
+/// image at `started`: its `mounted in` line counts from there.
 pub fn mount_local(
     store_path: &Path,
     image: &OpenedImage,
     mountpoint: &Path,
     cfg: &MountConfig,
     recorder: Option<&Arc<Recorder>>,
+    started: Instant,
 ) -> Result<MountedImage, MountError> {
-    let started = Instant::now();
     check_mountpoint(mountpoint)?;
     let how = (started, Attach::Standalone);
     local_mount(

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use agent::config::{parse_size, DEFAULT_SOCKET};
 use agent::remote::ImageLocation;
@@ -536,6 +537,8 @@ fn mount(
         ImageLocation::Dir { .. } => None,
         _ => Some(new_fetcher()?),
     };
+    // A local store's `mounted in` counts the open too (the index's digest check is most of it).
+    let started = Instant::now();
     let opened = runtime
         .block_on(agent::remote::open_image(
             &location,
@@ -547,7 +550,7 @@ fn mount(
     // converted with --reference): those go through the fetcher and the cache like S3 images.
     let mounted = match &opened.location {
         ImageLocation::Dir { path, .. } if opened.is_local() => {
-            agent::mount::mount_local(path, &opened, mountpoint, &cfg, None)?
+            agent::mount::mount_local(path, &opened, mountpoint, &cfg, None, started)?
         }
         _ => {
             let fetcher = fetcher.map_or_else(new_fetcher, Ok)?;
