@@ -118,13 +118,17 @@ stop_agent() {
 }
 ctl() { "$LAZYCTL" --socket "$AGENT_ROOT/sock" "$@"; }
 
-# start_mem_sampler: samples the agent's memory (/proc/$AGENT_PID/status) every 50 ms until
-# stop_mem_sampler, which sets PEAK_ANON_MB, PEAK_RSS_MB and PEAK_FILE_MB: the peaks of RssAnon
-# (what lazyd allocated), VmRSS and RssFile (mapped files) in MiB, each peak on its own.
+# start_mem_sampler: samples the memory of lazyd's serving process (the status's `pid`, not
+# $AGENT_PID, its supervisor) every 50 ms until stop_mem_sampler, which sets PEAK_ANON_MB,
+# PEAK_RSS_MB and PEAK_FILE_MB: the peaks of RssAnon (what lazyd allocated), VmRSS and RssFile
+# (mapped files) in MiB, each peak on its own.
 start_mem_sampler() {
+    local server
+    server=$(ctl status --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["pid"])') ||
+        die "no server pid in lazyd's status"
     MEM_PEAKS=$AGENT_ROOT/mem-peaks
     rm -f "$MEM_PEAKS"
-    python3 - "$AGENT_PID" "$MEM_PEAKS" <<'PY' &
+    python3 - "$server" "$MEM_PEAKS" <<'PY' &
 import signal, sys, time
 pid, out = sys.argv[1], sys.argv[2]
 peak = {"RssAnon": 0, "VmRSS": 0, "RssFile": 0}

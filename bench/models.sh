@@ -40,7 +40,7 @@
 #   w. `lazyctl warm s3://$BUCKET/lazy/model`: throughput against the link rate
 #   Every lazyd starts with an empty cache. After the first run of b, o, r and x the mounted
 #   model is checked against the source file by file and tensor by tensor (bench_tools
-#   compare-model). During every lazy case a sampler reads /proc/PID/status of lazyd every
+#   compare-model). During every lazy case a sampler reads /proc/PID/status of lazyd's server every
 #   50 ms: the table gives the peaks (over the runs) of RssAnon (what lazyd allocated) and of
 #   VmRSS, with RssFile (mapped files) beside it.
 #
