@@ -124,8 +124,7 @@ ctl() { "$LAZYCTL" --socket "$AGENT_ROOT/sock" "$@"; }
 # (mapped files) in MiB, each peak on its own.
 start_mem_sampler() {
     local server
-    server=$(ctl status --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["pid"])') ||
-        die "no server pid in lazyd's status"
+    server=$(status_field "s['pid']") || die "no server pid in lazyd's status"
     MEM_PEAKS=$AGENT_ROOT/mem-peaks
     rm -f "$MEM_PEAKS"
     python3 - "$server" "$MEM_PEAKS" <<'PY' &

@@ -6,8 +6,8 @@
 //!
 //! [`StreamSource`] wraps a mount's [`ChunkSource`] and is the mount's [`OpenObserver`]:
 //! `ImageReader` tells it of each safetensors file's first open and last release, and of every
-//! read of such a file (`OpenObserver::read`). The open goes to a thread of the mount, which resolves the
-//! file's name and, for a safetensors file, starts a stream on a thread of its own:
+//! read of such a file (`OpenObserver::read`). The open goes to a thread of the mount, which
+//! resolves the file's name and, for a safetensors file, starts a stream on a thread of its own:
 //!
 //! - **Header**: the 8-byte length and the JSON are read through the inner source (demand
 //!   priority) and checked as untrusted input (`fusefs::safetensors`). A refused header is a

@@ -94,14 +94,18 @@ pub struct ImageReader {
     /// Open handles per watched file, so the observer hears of a file's first open and last
     /// release only.
     open_files: Mutex<HashMap<u64, u32>>,
-    /// Who hears of the opens, releases and reads of the watched files
+    /// Who hears of the opens, releases and reads of which files
     /// ([`ImageReader::with_observer`]).
-    observer: Option<Arc<dyn OpenObserver>>,
-    /// The regular files the observer watches ([`OpenObserver::watches`]), found by name when
-    /// it is given.
-    watched: HashSet<u64>,
+    watching: Option<Watching>,
     /// Guesses from the layout of what is read next ([`ImageReader::with_speculation`]).
     speculation: Option<Speculator>,
+}
+
+/// An observer of a reader's opens and the regular files it watches
+/// ([`OpenObserver::watches`]), found by name when it is given.
+struct Watching {
+    observer: Arc<dyn OpenObserver>,
+    files: HashSet<u64>,
 }
 
 /// Directory entries scanned to find an opened file's name: a directory larger than this
@@ -153,8 +157,7 @@ impl ImageReader {
             streams: Mutex::new(HashMap::new()),
             read_ahead_max: READ_AHEAD_MAX,
             open_files: Mutex::new(HashMap::new()),
-            observer: None,
-            watched: HashSet::new(),
+            watching: None,
             speculation: None,
         })
     }
@@ -165,9 +168,15 @@ impl ImageReader {
         mut self,
         observer: Arc<dyn OpenObserver>,
     ) -> Result<ImageReader, IndexError> {
-        self.watched = files_named(&self.index, |name| observer.watches(name))?;
-        self.observer = Some(observer);
+        let files = files_named(&self.index, |name| observer.watches(name))?;
+        self.watching = Some(Watching { observer, files });
         Ok(self)
+    }
+
+    /// The observer, when it watches file `ino`.
+    fn observer_of(&self, ino: u64) -> Option<&Arc<dyn OpenObserver>> {
+        let watching = self.watching.as_ref()?;
+        watching.files.contains(&ino).then_some(&watching.observer)
     }
 
     /// With `on`, the first read of each file (and of a second file of each directory) hint
@@ -190,7 +199,7 @@ impl ImageReader {
     /// Whether an observer watches the opens of any file of this image. When not,
     /// the filesystem lets the kernel open and close files without asking.
     pub fn watches_opens(&self) -> bool {
-        !self.watched.is_empty()
+        self.watching.as_ref().is_some_and(|w| !w.files.is_empty())
     }
 
     /// Lets a sequential reader's read-ahead window grow to `bytes` (at least the starting
@@ -203,12 +212,9 @@ impl ImageReader {
     /// Notes an open handle of `ino`; a watched file's first one is passed on to the observer
     /// (`OpenObserver::opened`). Call it after a successful [`ImageReader::open`].
     pub fn opened(self: &Arc<Self>, ino: u64) {
-        let Some(observer) = &self.observer else {
+        let Some(observer) = self.observer_of(ino) else {
             return;
         };
-        if !self.watched.contains(&ino) {
-            return;
-        }
         let Ok(rec) = self.inode(ino) else { return };
         let first = {
             let mut open = self
@@ -244,7 +250,7 @@ impl ImageReader {
                 None => false,
             }
         };
-        if let (true, Some(observer)) = (last, &self.observer) {
+        if let (true, Some(observer)) = (last, self.observer_of(ino)) {
             observer.released(ino);
         }
     }
@@ -259,9 +265,9 @@ impl ImageReader {
             .drain()
             .map(|(ino, _)| ino)
             .collect();
-        if let Some(observer) = &self.observer {
+        if let Some(watching) = &self.watching {
             for ino in open {
-                observer.released(ino);
+                watching.observer.released(ino);
             }
         }
     }
@@ -523,21 +529,19 @@ impl ImageReader {
 
     /// What a read of `start..end` of `ino` tells the observer and the source before its chunks
     /// are read: a watched file's read goes to the observer ([`OpenObserver::read`]), which
-    /// reads such a file ahead its own way (a tensor stream, in the reader's order) when it can; guesses
-    /// from the layout would only compete with that for the link. Any other file's read feeds
-    /// the speculator, and a sequential reader's read-ahead is hinted unless the observer reads
-    /// the file ahead itself.
+    /// reads such a file ahead its own way (a tensor stream, in the reader's order) when it
+    /// can; guesses from the layout would only compete with that for the link. Any other
+    /// file's read feeds the speculator, and a sequential reader's read-ahead is hinted unless
+    /// the observer reads the file ahead itself.
     fn before_read(&self, ino: u64, start: u64, end: u64) {
-        let watched = self.watched.contains(&ino);
-        if let (true, Some(observer)) = (watched, &self.observer) {
-            if observer.read(ino, start..end) {
-                return;
-            }
+        let observer = self.observer_of(ino);
+        if observer.is_some_and(|o| o.read(ino, start..end)) {
+            return;
         }
         if let Some(ahead) = self.read_ahead_range(ino, start, end) {
             self.hint(ino, ahead);
         }
-        if let (Some(spec), false) = (&self.speculation, watched) {
+        if let (Some(spec), None) = (&self.speculation, observer) {
             spec.file_read(ino, start, end);
         }
     }
