@@ -26,10 +26,12 @@
 //! - `handover`: mounts that outlive lazyd: the fd holder (systemd or the supervisor) and the
 //!   mount table its successor serves them again from.
 //! - `api`, `server`: the control API's messages and its HTTP server on the unix socket.
+//! - `client`: an async client of that API (lazyctl's, and a snapshotter's).
 
 pub mod api;
 pub mod blobstore;
 pub mod cache;
+pub mod client;
 pub mod config;
 pub mod daemon;
 mod decoded;

@@ -90,7 +90,7 @@ pub fn umount(client: &AgentClient, mountpoint: &Path, lazy: bool) -> Result<()>
             tracing::debug!("{e}; unmounting directly");
             direct_unmount(&mountpoint, lazy)
         }
-        Err(e) if e.is_not_mounted() => direct_unmount(&mountpoint, lazy),
+        Err(e) if e.is_not_found() => direct_unmount(&mountpoint, lazy),
         Err(e) => Err(e.into()),
     }
 }
