@@ -1,10 +1,11 @@
 //! The control API's messages: HTTP/1.1 with JSON bodies on lazyd's unix socket, shared by the
-//! server (`daemon::serve`) and `lazyctl`'s client so the two cannot drift. docs/API.md
-//! describes every route with examples.
+//! server (`daemon::serve`) and the client (`client`, lazyctl's) so the two cannot drift.
+//! docs/API.md describes every route with examples.
 //!
 //! Errors are a JSON body `{"error": "..."}` with a status that says whose fault it was: 400 a
-//! bad request, 404 no such mount or container, 409 a conflict (mountpoint in use or busy, name
-//! taken), 502 the backend failed, 503 the agent is shutting down, 500 anything else.
+//! bad request, 404 no such mount, container or lower holder, 409 a conflict (mountpoint in use
+//! or busy, name taken), 502 the backend failed, 503 the agent is shutting down, 504 the image
+//! did not open in time, 500 anything else.
 
 use std::path::PathBuf;
 
@@ -157,6 +158,9 @@ pub struct Status {
     /// Containers' root filesystems (`POST /v1/rootfs`); their shared lowers are in `mounts`.
     #[serde(default)]
     pub containers: Vec<RootfsInfo>,
+    /// Holders of shared lowers (`POST /v1/lower`); the lowers mounted now are in `mounts`.
+    #[serde(default)]
+    pub lower_holders: Vec<LowerInfo>,
     pub images: Vec<KnownImage>,
     pub metrics: MetricsSnapshot,
 }
@@ -268,10 +272,62 @@ pub struct RootfsRemoved {
     pub kept_upper: Option<PathBuf>,
 }
 
-/// `POST /v1/image/config` -> the image's OCI config JSON (serde_json::Value), verbatim.
+/// `POST /v1/image/config` -> the image's OCI config JSON (serde_json::Value), verbatim;
+/// `POST /v1/image/resolve` -> [`ResolvedImage`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ImageRequest {
     pub image: String,
+}
+
+/// The answer to `POST /v1/image/resolve`: the lazy image a reference names now, and a
+/// reference that names that image for good.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ResolvedImage {
+    /// As asked.
+    pub image: String,
+    /// The lazy image's manifest digest.
+    pub manifest_digest: String,
+    /// Opens this very lazy image later, even after its tag moves: `HOST/REPO@sha256:...` of
+    /// the lazy manifest for a registry image; the location as given for `dir:` and `s3://`.
+    pub pinned: String,
+    /// The image config's `rootfs.diff_ids`, lowest layer first (a lazy image's config is its
+    /// source image's).
+    pub diff_ids: Vec<String>,
+}
+
+/// `POST /v1/lower`: the image's shared read-only lower mount, for a holder that mounts its
+/// own overlay over it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LowerRequest {
+    pub image: String,
+    /// Who holds the lower; unique per agent, named like a container.
+    pub holder: String,
+}
+
+/// A holder of a shared lower, as `POST /v1/lower` and `status` report it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LowerInfo {
+    pub holder: String,
+    /// As first asked by the holder.
+    pub image: String,
+    pub manifest_digest: String,
+    /// The shared read-only lazy mount, `STATE/lower/<hex of the manifest digest>`.
+    pub lower: PathBuf,
+}
+
+/// `POST /v1/lower/release`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LowerReleaseRequest {
+    pub holder: String,
+    /// When it was the lower's last user: detach the lower even while in use, at once.
+    #[serde(default)]
+    pub lazy: bool,
+}
+
+/// The answer to `POST /v1/lower/release`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LowerReleased {
+    pub holder: String,
 }
 
 /// Body of every error response.

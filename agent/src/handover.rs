@@ -16,7 +16,7 @@ use fusefs::manifest::LazyManifest;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-use crate::api::RootfsInfo;
+use crate::api::{LowerInfo, RootfsInfo};
 
 /// The mount table, in the state directory.
 pub const TABLE_FILE: &str = "mounts.json";
@@ -169,6 +169,10 @@ pub struct MountTable {
     pub restarts: u64,
     pub mounts: Vec<KeptMount>,
     pub containers: Vec<KeptContainer>,
+    /// Holders of shared lowers (`POST /v1/lower`), kept whether or not their lower is mounted:
+    /// a holder's next request mounts it again.
+    #[serde(default)]
+    pub lower_holders: Vec<LowerInfo>,
 }
 
 impl MountTable {
@@ -249,11 +253,31 @@ mod tests {
                 restarts: 2,
             }],
             containers: vec![],
+            lower_holders: vec![LowerInfo {
+                holder: "snap-1".into(),
+                image: "docker://r/x:1".into(),
+                manifest_digest: "sha256:00".into(),
+                lower: "/var/lib/lazyd/lower/00".into(),
+            }],
         };
         table.save(dir.path()).unwrap();
         assert_eq!(MountTable::load(dir.path()), table);
         std::fs::write(dir.path().join(TABLE_FILE), b"{ torn").unwrap();
         assert_eq!(MountTable::load(dir.path()), MountTable::default());
         assert!(dir.path().join("mounts.json.bad").exists());
+    }
+
+    #[test]
+    fn a_table_written_before_lower_holders_loads_with_none() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(TABLE_FILE),
+            br#"{"next_id": 4, "restarts": 1, "mounts": [], "containers": []}"#,
+        )
+        .unwrap();
+        let table = MountTable::load(dir.path());
+        assert_eq!((table.next_id, table.restarts), (4, 1));
+        assert!(table.lower_holders.is_empty());
+        assert!(!dir.path().join("mounts.json.bad").exists());
     }
 }

@@ -44,6 +44,7 @@ pub const FUSE_REQUESTS: &str = "lazy_fuse_requests_total";
 pub const FUSE_SECONDS: &str = "lazy_fuse_request_seconds_total";
 pub const MOUNTS: &str = "lazyd_mounts";
 pub const WARMS: &str = "lazyd_warms_running";
+pub const LOWER_HOLDERS: &str = "lazyd_lower_holders";
 pub const UPTIME: &str = "lazyd_uptime_seconds";
 
 /// Upper bounds of the latency histogram's buckets, in seconds: loopback (sub-millisecond)

@@ -21,8 +21,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 
 use crate::api::{
-    ErrorBody, GcRequest, ImageRequest, MountRequest, ProfileRequest, RecordRequest,
-    RootfsRemoveRequest, RootfsRequest, UmountRequest, WarmEvent, WarmRequest,
+    ErrorBody, GcRequest, ImageRequest, LowerReleaseRequest, LowerRequest, MountRequest,
+    ProfileRequest, RecordRequest, RootfsRemoveRequest, RootfsRequest, UmountRequest, WarmEvent,
+    WarmRequest,
 };
 use crate::daemon::{Agent, AgentError};
 use crate::mount::MountError;
@@ -41,6 +42,9 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/rootfs", post(rootfs))
         .route("/v1/rootfs/remove", post(rootfs_remove))
         .route("/v1/image/config", post(image_config))
+        .route("/v1/image/resolve", post(image_resolve))
+        .route("/v1/lower", post(lower))
+        .route("/v1/lower/release", post(lower_release))
         .route("/v1/upgrade", post(upgrade))
         .route("/metrics", get(metrics))
         .with_state(agent)
@@ -127,7 +131,9 @@ impl IntoResponse for ApiError {
         let backend = self.0.is_backend();
         let status = match &self.0 {
             AgentError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            AgentError::NotMounted(_) | AgentError::NoContainer(_) => StatusCode::NOT_FOUND,
+            AgentError::NotMounted(_) | AgentError::NoContainer(_) | AgentError::NoHolder(_) => {
+                StatusCode::NOT_FOUND
+            }
             AgentError::Conflict(_) | AgentError::Busy { .. } | AgentError::LowerInUse { .. } => {
                 StatusCode::CONFLICT
             }
@@ -238,6 +244,27 @@ async fn image_config(
 ) -> Result<Response> {
     let bytes = agent.image_config(&req.image).await?;
     Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response())
+}
+
+async fn image_resolve(
+    State(agent): State<Arc<Agent>>,
+    Json(req): Json<ImageRequest>,
+) -> Result<Json<crate::api::ResolvedImage>> {
+    Ok(Json(agent.resolve_image(&req.image).await?))
+}
+
+async fn lower(
+    State(agent): State<Arc<Agent>>,
+    Json(req): Json<LowerRequest>,
+) -> Result<Json<crate::api::LowerInfo>> {
+    Ok(Json(agent.hold_lower(req).await?))
+}
+
+async fn lower_release(
+    State(agent): State<Arc<Agent>>,
+    Json(req): Json<LowerReleaseRequest>,
+) -> Result<Json<crate::api::LowerReleased>> {
+    Ok(Json(agent.release_held_lower(req).await?))
 }
 
 async fn upgrade(

@@ -206,6 +206,12 @@ pub fn status(client: &AgentClient, json: bool) -> Result<()> {
             );
         }
     }
+    if !status.lower_holders.is_empty() {
+        println!("lower holders: {}", status.lower_holders.len());
+        for h in &status.lower_holders {
+            println!("  {}  {}  lower {}", h.holder, h.image, h.lower.display());
+        }
+    }
     for w in &status.warms {
         println!(
             "warming {}{}: {} of {} fetched",

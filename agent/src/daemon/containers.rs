@@ -1,9 +1,17 @@
-//! Containers' root filesystems (`POST /v1/rootfs`): [`Containers`] holds them by name, the
-//! lock that serialises creating and removing them, and the lowers lingering after their last
-//! container. An image is mounted once per manifest digest as a shared read-only lower
-//! (`STATE/lower/<hex>`, a mount of `mounts`, served and unmounted through it) and each
-//! container gets an overlay of its own upper and work dirs (`STATE/containers/NAME`) over it.
-//! Also the image's OCI config, which a container's bundle is made from.
+//! Containers' root filesystems (`POST /v1/rootfs`) and the shared lowers under them:
+//! [`Containers`] holds the containers by name, the lowers' holders by name, the lock that
+//! serialises creating and removing them, and the lowers lingering after their last user. An
+//! image is mounted once per manifest digest as a shared read-only lower (`STATE/lower/<hex>`,
+//! a mount of `mounts`, served and unmounted through it) and each container gets an overlay of
+//! its own upper and work dirs (`STATE/containers/NAME`) over it.
+//!
+//! A *holder* (`POST /v1/lower`) uses a lower without an overlay of lazyd's: a containerd
+//! snapshotter mounts its own overlay over it. Holders count as the lower's users like
+//! containers do, and are kept in the mount table whether or not their lower survived a
+//! restart: a holder's next request mounts its lower again.
+//!
+//! Also the image's OCI config, which a container's bundle is made from, and the resolution of
+//! an image reference to a pinned one with its layers' diff_ids.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -14,10 +22,14 @@ use tracing::{info, warn};
 
 use super::mounts::Serve;
 use super::{absolute, Agent, AgentError};
-use crate::api::{RootfsInfo, RootfsRemoved, RootfsRequest, UmountRequest};
+use crate::api::{
+    LowerInfo, LowerReleaseRequest, LowerReleased, LowerRequest, ResolvedImage, RootfsInfo,
+    RootfsRemoved, RootfsRequest, UmountRequest,
+};
 use crate::handover::KeptContainer;
 use crate::mount::{self, MountError};
-use crate::remote;
+use crate::registry::{ImageRef, Reference};
+use crate::remote::{self, ImageLocation, OpenedImage};
 use crate::sync::lock;
 
 /// The containers' root filesystems of the agent.
@@ -25,11 +37,13 @@ use crate::sync::lock;
 pub(super) struct Containers {
     /// By name.
     by_name: Mutex<BTreeMap<String, Container>>,
-    /// Held while a container is created or removed (and a lower unmounted by request), so
+    /// The lowers' holders, by name.
+    holders: Mutex<BTreeMap<String, LowerInfo>>,
+    /// Held while a container or holder comes or goes (and a lower is unmounted by request), so
     /// lower mounts and their references change one at a time.
     ops: tokio::sync::Mutex<()>,
-    /// Lowers whose last container is gone, each with the number of its idle spell: the timer
-    /// that unmounts a lingering lower acts only if no container came (and went) since.
+    /// Lowers whose last user is gone, each with the number of its idle spell: the timer that
+    /// unmounts a lingering lower acts only if no user came (and went) since.
     idle_lowers: Mutex<HashMap<PathBuf, u64>>,
     next_idle: AtomicU64,
 }
@@ -48,18 +62,41 @@ impl Containers {
             .map(|c| c.info.name.clone())
     }
 
-    /// The containers whose overlays use the lower mount at `lower`.
-    pub(super) fn lower_users(&self, lower: &Path) -> Vec<String> {
-        lock(&self.by_name)
+    /// The containers whose overlays use the lower mount at `lower`, and its holders.
+    pub(super) fn lower_users(&self, lower: &Path) -> LowerUsers {
+        let containers = lock(&self.by_name)
             .values()
             .filter(|c| c.info.lower == lower)
             .map(|c| c.info.name.clone())
-            .collect()
+            .collect();
+        let holders = lock(&self.holders)
+            .values()
+            .filter(|h| h.lower == lower)
+            .map(|h| h.holder.clone())
+            .collect();
+        LowerUsers {
+            containers,
+            holders,
+        }
     }
 
     /// Restores a container a predecessor handed over.
     pub(super) fn insert(&self, name: String, container: Container) {
         lock(&self.by_name).insert(name, container);
+    }
+
+    /// Restores a holder a predecessor handed over.
+    pub(super) fn insert_holder(&self, info: LowerInfo) {
+        lock(&self.holders).insert(info.holder.clone(), info);
+    }
+
+    /// The lowers' holders, by name.
+    pub(super) fn holders(&self) -> Vec<LowerInfo> {
+        lock(&self.holders).values().cloned().collect()
+    }
+
+    pub(super) fn holder_count(&self) -> usize {
+        lock(&self.holders).len()
     }
 
     pub(super) fn len(&self) -> usize {
@@ -90,6 +127,33 @@ impl Containers {
                 own_target: c.own_target,
             })
             .collect()
+    }
+}
+
+/// Who uses a shared lower: containers (by name) and holders (by name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LowerUsers {
+    pub containers: Vec<String>,
+    pub holders: Vec<String>,
+}
+
+impl LowerUsers {
+    pub(super) fn is_empty(&self) -> bool {
+        self.containers.is_empty() && self.holders.is_empty()
+    }
+}
+
+impl std::fmt::Display for LowerUsers {
+    /// `container(s) a, b and holder(s) c`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if !self.containers.is_empty() {
+            parts.push(format!("container(s) {}", self.containers.join(", ")));
+        }
+        if !self.holders.is_empty() {
+            parts.push(format!("holder(s) {}", self.holders.join(", ")));
+        }
+        f.write_str(&parts.join(" and "))
     }
 }
 
@@ -179,25 +243,7 @@ impl Agent {
             });
         }
         let manifest_digest = opened.manifest_digest.clone();
-        let hex = manifest_digest
-            .strip_prefix("sha256:")
-            .unwrap_or(&manifest_digest);
-        let lower = self.lower_root().join(hex);
-        lock(&self.containers.idle_lowers).remove(&lower);
-        if self.mounts.contains(&lower) {
-            self.images.touch(&manifest_digest);
-        } else {
-            crate::create_private_dir(&self.lower_root())
-                .and_then(|()| std::fs::create_dir_all(&lower))
-                .map_err(AgentError::io(format!("creating {}", lower.display())))?;
-            // Containers run as any user: the lower must let them all through (root mounts it).
-            // Their setuid binaries work through their overlays, whatever the lower says.
-            let how = Serve::New {
-                allow_other: true,
-                suid: false,
-            };
-            self.serve(&req.image, opened, &lower, how).await?;
-        }
+        let lower = self.mount_lower(&req.image, opened).await?;
         let made = {
             let (dir, lower, target) = (dir.clone(), lower.clone(), target.clone());
             tokio::task::spawn_blocking(move || make_overlay(&dir, &lower, target.as_deref()))
@@ -241,6 +287,106 @@ impl Agent {
         );
         self.save_table();
         Ok(info)
+    }
+
+    /// The path of the shared lower of the image whose manifest digest is `manifest_digest`.
+    fn lower_path(&self, manifest_digest: &str) -> PathBuf {
+        let hex = manifest_digest
+            .strip_prefix("sha256:")
+            .unwrap_or(manifest_digest);
+        self.lower_root().join(hex)
+    }
+
+    /// Mounts `opened` as the shared lower of its manifest digest, unless it is mounted already
+    /// (a lingering lower is kept from then on); returns the lower's path. Called under
+    /// [`Containers::serialise`].
+    async fn mount_lower(
+        self: &Arc<Self>,
+        image: &str,
+        opened: OpenedImage,
+    ) -> Result<PathBuf, AgentError> {
+        let manifest_digest = opened.manifest_digest.clone();
+        let lower = self.lower_path(&manifest_digest);
+        lock(&self.containers.idle_lowers).remove(&lower);
+        if self.mounts.contains(&lower) {
+            self.images.touch(&manifest_digest);
+        } else {
+            crate::create_private_dir(&self.lower_root())
+                .and_then(|()| std::fs::create_dir_all(&lower))
+                .map_err(AgentError::io(format!("creating {}", lower.display())))?;
+            // Containers run as any user: the lower must let them all through (root mounts it).
+            // Their setuid binaries work through their overlays, whatever the lower says.
+            let how = Serve::New {
+                allow_other: true,
+                suid: false,
+            };
+            self.serve(image, opened, &lower, how).await?;
+        }
+        Ok(lower)
+    }
+
+    /// Gives `req.holder` the shared lower of `req.image`, mounting it unless it is mounted
+    /// already, and records the holder as one of its users. The same holder asking again for
+    /// the same image (by manifest digest) gets the same answer, its lower mounted again if it
+    /// was not any more; for another image, a conflict.
+    pub async fn hold_lower(self: &Arc<Self>, req: LowerRequest) -> Result<LowerInfo, AgentError> {
+        self.check_running()?;
+        self.reap();
+        mount::check_container_name(&req.holder).map_err(|e| {
+            AgentError::BadRequest(format!("a lower holder is named like a container: {e}"))
+        })?;
+        // Opened before the lock, as for a container.
+        let opened = self.open(&req.image, true).await?;
+        let _ops = self.containers.serialise().await;
+        self.check_running()?;
+        let held = lock(&self.containers.holders).get(&req.holder).cloned();
+        if let Some(held) = &held {
+            if held.manifest_digest != opened.manifest_digest {
+                return Err(AgentError::Conflict(format!(
+                    "holder {} holds the lower of {} ({}), not of {} ({}); release it first or choose another name",
+                    req.holder, held.image, held.manifest_digest, req.image, opened.manifest_digest
+                )));
+            }
+        }
+        let manifest_digest = opened.manifest_digest.clone();
+        let lower = self.mount_lower(&req.image, opened).await?;
+        if let Some(held) = held {
+            return Ok(held);
+        }
+        let info = LowerInfo {
+            holder: req.holder,
+            image: req.image,
+            manifest_digest,
+            lower,
+        };
+        info!(
+            holder = %info.holder,
+            image = %info.image,
+            lower = %info.lower.display(),
+            "lower held"
+        );
+        self.containers.insert_holder(info.clone());
+        self.save_table();
+        Ok(info)
+    }
+
+    /// Forgets the holder `req.holder`; its lower goes as after a container's removal when no
+    /// one else uses it ([`Agent::release_lower`]).
+    pub async fn release_held_lower(
+        self: &Arc<Self>,
+        req: LowerReleaseRequest,
+    ) -> Result<LowerReleased, AgentError> {
+        let _ops = self.containers.serialise().await;
+        let info = lock(&self.containers.holders)
+            .remove(&req.holder)
+            .ok_or_else(|| AgentError::NoHolder(req.holder.clone()))?;
+        self.save_table();
+        info!(holder = %info.holder, lower = %info.lower.display(), "lower released");
+        self.release_lower(&info.lower, req.lazy).await;
+        self.images.touch(&info.manifest_digest);
+        Ok(LowerReleased {
+            holder: info.holder,
+        })
     }
 
     /// Removes a container's root filesystem: unmounts its overlay (busy: refused), deletes its
@@ -293,8 +439,8 @@ impl Agent {
         })
     }
 
-    /// When no container uses the lower at `lower` any more: ends its recording (the start is
-    /// over) and unmounts it after `mount.lower_linger`, unless a container comes meanwhile
+    /// When no container or holder uses the lower at `lower` any more: ends its recording (the
+    /// start is over) and unmounts it after `mount.lower_linger`, unless a user comes meanwhile
     /// (with `lazy`, or no linger, at once). A busy lower (someone works in it directly) is left
     /// mounted, for a later umount or the agent's stop.
     pub(super) async fn release_lower(self: &Arc<Self>, lower: &Path, lazy: bool) {
@@ -326,7 +472,7 @@ impl Agent {
                 mine && agent.containers.lower_users(&lower).is_empty()
             };
             if still_idle {
-                info!(lower = %lower.display(), "unmounting a lower no container used for {linger:?}");
+                info!(lower = %lower.display(), "unmounting a lower no container or holder used for {linger:?}");
                 agent.unmount_lower(&lower, false).await;
             }
         });
@@ -345,7 +491,7 @@ impl Agent {
             }
             Err(e) => warn!(
                 lower = %lower.display(),
-                "no container uses this lower any more, but it cannot be unmounted yet; left mounted for lazyctl umount or the agent's stop: {e}"
+                "no container or holder uses this lower any more, but it cannot be unmounted yet; left mounted for lazyctl umount or the agent's stop: {e}"
             ),
         }
     }
@@ -353,6 +499,39 @@ impl Agent {
     /// The image's OCI config JSON, verbatim (kept in `CACHE/configs` for remote images).
     pub async fn image_config(&self, image: &str) -> Result<Vec<u8>, AgentError> {
         let opened = self.open(image, false).await?;
+        self.read_config(image, &opened).await
+    }
+
+    /// The lazy image `image` names now: its manifest digest, a reference that opens that very
+    /// image later whatever its tag names by then, and its layers' diff_ids (from its config,
+    /// read as [`Agent::image_config`] reads it).
+    pub async fn resolve_image(&self, image: &str) -> Result<ResolvedImage, AgentError> {
+        let opened = self.open(image, false).await?;
+        let config = self.read_config(image, &opened).await?;
+        let diff_ids = diff_ids(&config).map_err(|reason| {
+            AgentError::BadRequest(format!(
+                "the config of {image} ({}) {reason}; a container image's config lists its layers there",
+                opened.manifest.config.digest
+            ))
+        })?;
+        let pinned = match &opened.location {
+            ImageLocation::Registry(r) => ImageRef {
+                reference: Reference::Digest(opened.manifest_digest.clone()),
+                ..r.clone()
+            }
+            .to_string(),
+            ImageLocation::Dir { .. } | ImageLocation::S3(_) => image.to_string(),
+        };
+        Ok(ResolvedImage {
+            image: image.to_string(),
+            manifest_digest: opened.manifest_digest,
+            pinned,
+            diff_ids,
+        })
+    }
+
+    /// The config blob of the opened `image`, verified and kept in `CACHE/configs`.
+    async fn read_config(&self, image: &str, opened: &OpenedImage) -> Result<Vec<u8>, AgentError> {
         remote::read_config(
             &opened.location,
             &opened.manifest.config,
@@ -365,6 +544,25 @@ impl Agent {
             source,
         })
     }
+}
+
+/// The `rootfs.diff_ids` of an OCI image config, in order; else what is wrong with it.
+fn diff_ids(config: &[u8]) -> Result<Vec<String>, String> {
+    let config: serde_json::Value =
+        serde_json::from_slice(config).map_err(|e| format!("is not JSON: {e}"))?;
+    let Some(ids) = config
+        .pointer("/rootfs/diff_ids")
+        .and_then(|v| v.as_array())
+    else {
+        return Err("has no rootfs.diff_ids".into());
+    };
+    ids.iter()
+        .map(|id| {
+            id.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| format!("has a rootfs.diff_ids entry that is not a string: {id}"))
+        })
+        .collect()
 }
 
 /// A random 12-hex-digit container name.
@@ -468,4 +666,23 @@ fn remove_overlay(
         warn!(dir = %info.dir.display(), "cannot delete the container's directory: {e}");
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_ids_are_read_in_order_and_a_config_without_them_is_refused() {
+        let config = br#"{"os": "linux", "rootfs": {"type": "layers", "diff_ids": ["sha256:aa", "sha256:bb"]}}"#;
+        assert_eq!(diff_ids(config).unwrap(), ["sha256:aa", "sha256:bb"]);
+        assert_eq!(
+            diff_ids(br#"{"os": "linux"}"#).unwrap_err(),
+            "has no rootfs.diff_ids"
+        );
+        assert!(diff_ids(br#"{"rootfs": {"diff_ids": [1]}}"#)
+            .unwrap_err()
+            .contains("not a string"));
+        assert!(diff_ids(b"{ torn").unwrap_err().starts_with("is not JSON"));
+    }
 }

@@ -21,9 +21,13 @@ impl Agent {
         self.reap();
         let now = unix_now();
         let mounted: Vec<Arc<LiveMount>> = self.mounts.all();
+        // A holder's lower may be down (lazyd restarted without its mounts); its image is
+        // wanted all the same.
+        let holders = self.containers.holders();
         let mounted_digests: HashSet<&str> = mounted
             .iter()
             .map(|m| m.opened.manifest_digest.as_str())
+            .chain(holders.iter().map(|h| h.manifest_digest.as_str()))
             .collect();
         let mut forgotten = Vec::new();
         let kept: Vec<KnownImage> = self.images.retain(|img| {

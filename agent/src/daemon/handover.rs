@@ -75,6 +75,7 @@ impl Agent {
             restarts: self.handover.restarts(),
             mounts: self.mounts.kept(),
             containers: self.containers.kept(),
+            lower_holders: self.containers.holders(),
         };
         if let Err(e) = table.save(&self.config.state_dir) {
             error!("cannot write the mount table; a restart of lazyd would lose its mounts: {e}");
@@ -82,7 +83,8 @@ impl Agent {
     }
 
     /// At start: serves again the mounts of the mount table whose FUSE descriptors the holder
-    /// handed back (`fds`, by name), and restores the containers on them. A mount of the table
+    /// handed back (`fds`, by name), and restores the containers on them and the lowers'
+    /// holders. A mount of the table
     /// whose descriptor did not come back (the holder died too, a reboot) is dead: it is
     /// detached, with a log line naming it, so that its path can be mounted again; so is a
     /// container overlay over one. Descriptors no mount claims are closed.
@@ -146,6 +148,10 @@ impl Agent {
                 detach_dead(&rootfs, &format!("the root filesystem of container {name} lost its lower mount; its writes stay in {}", kept.info.upper.display()));
             }
         }
+        // A holder stays whether or not its lower survived: its next request mounts it again.
+        for holder in table.lower_holders {
+            self.containers.insert_holder(holder);
+        }
         self.save_table();
         if handed || served > 0 {
             info!(
@@ -153,7 +159,7 @@ impl Agent {
                 "took over the mounts of the previous lazyd"
             );
         }
-        // Lowers no container uses any more linger and go, as they would have.
+        // Lowers no container or holder uses any more linger and go, as they would have.
         let lowers: Vec<PathBuf> = self
             .mounts
             .paths()

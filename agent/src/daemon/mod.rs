@@ -99,6 +99,7 @@ use crate::stream::Streams;
 use crate::sync::lock;
 
 use containers::Containers;
+pub use containers::LowerUsers;
 use handover::HandOver;
 use images::KnownImages;
 use mounts::Mounts;
@@ -116,11 +117,10 @@ pub enum AgentError {
     Busy { path: PathBuf },
     #[error("no container rootfs named {0:?} (lazyctl status lists them)")]
     NoContainer(String),
-    #[error("{path} is the shared read-only lower of container(s) {}; it is unmounted when the last of them is removed (lazyctl umount ROOTFS)", containers.join(", "))]
-    LowerInUse {
-        path: PathBuf,
-        containers: Vec<String>,
-    },
+    #[error("no lower holder named {0:?} (lower_holders in lazyctl status --json lists them)")]
+    NoHolder(String),
+    #[error("{path} is the shared read-only lower of {users}; it is unmounted when the last of them is gone (lazyctl umount ROOTFS removes a container, POST /v1/lower/release releases a holder)")]
+    LowerInUse { path: PathBuf, users: LowerUsers },
     #[error("lazyd is shutting down")]
     ShuttingDown,
     #[error("cannot open {image}: {source}")]
@@ -340,6 +340,7 @@ impl Agent {
             mounts,
             warms,
             containers: self.containers.infos(),
+            lower_holders: self.containers.holders(),
             images: self.images.list(),
             metrics: self.metrics(),
         }
@@ -358,6 +359,7 @@ impl Agent {
         let mut text = self.metrics().prometheus();
         let mounts = self.mounts.len();
         let warms = self.warms.len();
+        let holders = self.containers.holder_count();
         for (name, help, value) in [
             (
                 crate::metrics::MOUNTS,
@@ -365,6 +367,11 @@ impl Agent {
                 mounts as f64,
             ),
             (crate::metrics::WARMS, "Warms in progress.", warms as f64),
+            (
+                crate::metrics::LOWER_HOLDERS,
+                "Holders of shared lowers (POST /v1/lower).",
+                holders as f64,
+            ),
             (
                 crate::metrics::UPTIME,
                 "Seconds since the agent started.",
@@ -387,7 +394,9 @@ impl Agent {
     /// mountpoints still mounted because they are busy.
     ///
     /// Containers' overlays go first, keeping their upper dirs (a container's writes are not
-    /// thrown away by a restart of the agent); a lower stays while an overlay still uses it.
+    /// thrown away by a restart of the agent); a lower stays while an overlay still uses it. A
+    /// lower only holders use is unmounted like any mount (busy while the holder's overlay is
+    /// on it); the holders stay in the mount table, and their next request mounts it again.
     pub async fn unmount_all(self: &Arc<Self>, force: bool) -> Vec<PathBuf> {
         let containers = self.containers.rootfs_by_name();
         let mut busy = Vec::new();
@@ -407,7 +416,19 @@ impl Agent {
                 mountpoint: mountpoint.clone(),
                 lazy: force,
             };
-            match self.umount(req).await {
+            let held_only = mountpoint.starts_with(self.lower_root())
+                && self
+                    .containers
+                    .lower_users(&mountpoint)
+                    .containers
+                    .is_empty();
+            let unmounted = if held_only {
+                let _ops = self.containers.serialise().await;
+                self.unmount_mount(req).await
+            } else {
+                self.umount(req).await
+            };
+            match unmounted {
                 // A lower of a busy container goes with the container.
                 Ok(()) | Err(AgentError::NotMounted(_)) | Err(AgentError::LowerInUse { .. }) => {}
                 Err(AgentError::Busy { path }) => busy.push(path),

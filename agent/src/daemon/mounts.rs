@@ -6,7 +6,8 @@
 //! table (`handover::save_table`).
 //!
 //! Containers' root filesystems are `containers`': a mount at one is refused, an umount of one
-//! removes its container, and an umount of a shared lower is refused while containers use it.
+//! removes its container, and an umount of a shared lower is refused while containers or
+//! holders use it.
 //! `containers` mounts its lowers through [`Agent::serve`] and unmounts them through
 //! [`Agent::unmount_mount`].
 
@@ -344,7 +345,7 @@ impl Agent {
 
     /// Unmounts; fails with `Busy` while the mount is in use unless `lazy`. On the target of a
     /// container's rootfs it removes that container, keeping nothing (`lazyctl umount` of a
-    /// `lazyctl mount --rootfs`); a shared lower is refused while containers use it.
+    /// `lazyctl mount --rootfs`); a shared lower is refused while containers or holders use it.
     pub async fn umount(self: &Arc<Self>, req: UmountRequest) -> Result<(), AgentError> {
         let mountpoint = absolute(&req.mountpoint)?;
         if let Some(name) = self.containers.at(&mountpoint) {
@@ -353,11 +354,11 @@ impl Agent {
         }
         if mountpoint.starts_with(self.lower_root()) {
             let _ops = self.containers.serialise().await;
-            let containers = self.containers.lower_users(&mountpoint);
-            if !containers.is_empty() {
+            let users = self.containers.lower_users(&mountpoint);
+            if !users.is_empty() {
                 return Err(AgentError::LowerInUse {
                     path: mountpoint,
-                    containers,
+                    users,
                 });
             }
             return self.unmount_mount(req).await;
