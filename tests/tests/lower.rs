@@ -172,7 +172,7 @@ fn holders_share_one_lower_which_goes_with_the_last_and_survives_a_restart() {
     // A second holder shares the mount.
     let b = hold(&agent, "snap-b", &lazy);
     assert_eq!(lower_path(&b), lower);
-    assert_eq!(fuse_mounts_under(&lowers), [lower.clone()]);
+    assert_eq!(fuse_mounts_under(&lowers), std::slice::from_ref(&lower));
     let status = agent.status();
     assert_eq!(holder_names(&status), ["snap-a", "snap-b"]);
     assert_eq!(mount_count(&status), 1, "{}", status["mounts"]);
