@@ -379,8 +379,32 @@ impl Lazyd {
     /// `GET PATH` on the control socket (HTTP/1.0, so the agent closes the connection), as
     /// `curl --unix-socket` would do it. Returns the status code and body.
     pub fn http_get(&self, path: &str) -> Result<(u16, String)> {
+        self.http(&format!("GET {path} HTTP/1.0\r\nHost: lazyd\r\n\r\n"))
+    }
+
+    /// `POST PATH` of the JSON `body` on the control socket, as `curl --unix-socket -d` would
+    /// send it. Returns the status code and the answer's JSON (lazyd's `{"error": ...}` for a
+    /// failure).
+    pub fn http_post(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<(u16, serde_json::Value)> {
+        let body = body.to_string();
+        let (code, answer) = self.http(&format!(
+            "POST {path} HTTP/1.0\r\nHost: lazyd\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        ))?;
+        let json = serde_json::from_str(&answer)
+            .with_context(|| format!("POST {path}: the answer is not JSON: {answer}"))?;
+        Ok((code, json))
+    }
+
+    /// Sends `request` (HTTP/1.0) on the control socket; returns the status code and body.
+    fn http(&self, request: &str) -> Result<(u16, String)> {
         let mut s = UnixStream::connect(self.socket())?;
-        write!(s, "GET {path} HTTP/1.0\r\nHost: lazyd\r\n\r\n")?;
+        s.write_all(request.as_bytes())?;
         let mut text = String::new();
         s.read_to_string(&mut text)?;
         let (head, body) = text

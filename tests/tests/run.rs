@@ -851,6 +851,8 @@ fn the_lower_lingers_after_its_last_container_serves_the_next_one_and_then_goes(
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(agent.log().contains("unmounting a lower no container used"));
+    assert!(agent
+        .log()
+        .contains("unmounting a lower no container or holder used"));
     assert_nothing_left(&agent);
 }

@@ -18,8 +18,10 @@
 //! digest as a shared read-only lower (`STATE/lower/<hex>`, an ordinary mount that records and
 //! prefetches like any other), and each container gets an overlay of its own upper and work
 //! dirs (`STATE/containers/NAME`) over it. The lower is referenced by the containers using it
-//! and unmounted with the last of them. Creating and removing containers is serialised, so a
-//! lower is never mounted twice nor unmounted under a container being created.
+//! and by its *holders* (`POST /v1/lower`: a containerd snapshotter that mounts overlays of its
+//! own over it), and unmounted with the last of them. Creating and removing containers and
+//! holders is serialised, so a lower is never mounted twice nor unmounted under a container or
+//! holder being created.
 //!
 //! State that must survive a restart is small and lives in files: the images the agent has
 //! opened (`STATE/images.json`, used by `gc`), kept manifests and indexes in the cache directory
@@ -39,8 +41,8 @@
 //! - `mounts`: the live mounts and the mountpoints being mounted (`Mounts`); mount,
 //!   serve, umount, reap, record. Serving a mount starts its recording (`profiles`) and its
 //!   prefetch (`warm`).
-//! - `containers`: containers' root filesystems, the lock that serialises their changes and the
-//!   lingering lowers (`Containers`); the overlays and `STATE/lower`,
+//! - `containers`: containers' root filesystems, the lowers' holders, the lock that serialises
+//!   their changes and the lingering lowers (`Containers`); the overlays and `STATE/lower`,
 //!   `STATE/containers`. A lower is a mount of `mounts`, served and unmounted through it.
 //! - `warm`: running warms (`Warms`), and a new mount's prefetch of its hot set or
 //!   whole image, which are warms too.
@@ -65,7 +67,8 @@
 //! containers' (`HandOver`, while the table is written); the mounts', then one mount's own
 //! (`LiveMount::info`, `LiveMount::is_finished`); the lingering lowers', then the containers'.
 //! Only the containers' lock (`Containers::serialise`, a tokio mutex) is held across an
-//! `.await`: creating and removing containers, and unmounting a lower, take their turns.
+//! `.await`: creating and removing containers and holders, and unmounting a lower, take their
+//! turns.
 
 mod containers;
 mod gc;
