@@ -50,7 +50,7 @@ pub mod s3;
 pub mod server;
 pub mod store;
 pub mod stream;
-mod sync;
+pub mod sync;
 
 /// Creates `dir` and its missing parents and makes it its owner's alone (mode 0700, also when
 /// it already existed with another): lazyd's state and cache directories hold what other local

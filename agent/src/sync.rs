@@ -8,6 +8,6 @@
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 /// Locks `m`, recovering the guard if a panic elsewhere poisoned it (see the module note).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }

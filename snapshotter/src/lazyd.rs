@@ -13,6 +13,7 @@ use agent::api::{
     Status,
 };
 use agent::client::{Client, ClientError};
+use agent::sync::lock;
 use tracing::{debug, warn};
 
 /// How long an answer to "is there a lazy version of IMAGE?" is reused: long enough for every
@@ -109,8 +110,4 @@ impl Lazyd {
         let status: Status = self.client.get("/v1/status").await?;
         Ok(status.lower_holders)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

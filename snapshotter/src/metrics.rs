@@ -35,9 +35,7 @@ pub struct Metrics(Mutex<State>);
 
 impl Metrics {
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        agent::sync::lock(&self.0)
     }
 
     /// A finished request of `method`.

@@ -20,9 +20,10 @@
 use std::collections::HashMap;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
+use agent::sync::lock;
 use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
@@ -168,7 +169,7 @@ impl Snapshotter {
     }
 
     fn store(&self) -> MutexGuard<'_, Store> {
-        self.store.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.store)
     }
 
     fn dir(&self, id: u64) -> PathBuf {
