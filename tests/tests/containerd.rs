@@ -383,41 +383,47 @@ fn an_image_without_a_lazy_version_is_unpacked_as_the_overlayfs_snapshotter_does
     let diff_ids: Vec<String> = image.layers.iter().map(|l| l.diff_id.clone()).collect();
     let chain = chain_id(&diff_ids);
     let views = ctr.dir().join("views");
-    let [lazy_view, plain_view] = [SNAPSHOTTER, "overlayfs"].map(|snapshotter| {
-        let key = format!("view-{snapshotter}");
-        let target = views.join(snapshotter);
-        std::fs::create_dir_all(&target).unwrap();
-        ctr.ctr_ok([
-            "snapshots",
-            "--snapshotter",
-            snapshotter,
-            "view",
-            &key,
-            &chain,
-        ]);
-        let mounts = ctr.ctr_ok([
-            "snapshots",
-            "--snapshotter",
-            snapshotter,
-            "mounts",
-            target.to_str().unwrap(),
-            &key,
-        ]);
-        mount_read_only(&mounts, &target);
-        target
-    });
+    let lazy_view = mount_view(ctr, SNAPSHOTTER, "view-lazy", &chain, &views.join("lazy"));
+    let plain_view = mount_view(ctr, "overlayfs", "view-plain", &chain, &views.join("plain"));
     let stats = assert_trees_equal(&plain_view, &lazy_view);
     println!("lazyimg and overlayfs unpacks are equal: {stats}");
-    for (snapshotter, target) in [(SNAPSHOTTER, &lazy_view), ("overlayfs", &plain_view)] {
+    for (snapshotter, key, target) in [
+        (SNAPSHOTTER, "view-lazy", &lazy_view),
+        ("overlayfs", "view-plain", &plain_view),
+    ] {
         umount(target);
-        ctr.ctr_ok([
-            "snapshots",
-            "--snapshotter",
-            snapshotter,
-            "rm",
-            &format!("view-{snapshotter}"),
-        ]);
+        ctr.ctr_ok(["snapshots", "--snapshotter", snapshotter, "rm", key]);
     }
+}
+
+/// A view `key` of the committed snapshot `chain` in `snapshotter`, mounted read-only at
+/// `target` (created) as `ctr snapshots mounts` says; returns `target`.
+fn mount_view(
+    ctr: &Containerd,
+    snapshotter: &str,
+    key: &str,
+    chain: &str,
+    target: &Path,
+) -> PathBuf {
+    std::fs::create_dir_all(target).unwrap();
+    ctr.ctr_ok([
+        "snapshots",
+        "--snapshotter",
+        snapshotter,
+        "view",
+        key,
+        chain,
+    ]);
+    let mounts = ctr.ctr_ok([
+        "snapshots",
+        "--snapshotter",
+        snapshotter,
+        "mounts",
+        target.to_str().unwrap(),
+        key,
+    ]);
+    mount_read_only(&mounts, target);
+    target.to_path_buf()
 }
 
 /// Runs what `ctr snapshots mounts TARGET KEY` printed (`mount -t TYPE SOURCE TARGET -o
