@@ -32,11 +32,17 @@ apt-get update -qq
 # containers with (both tested); iproute2: tc, which the benchmarks shape their link with;
 # golang-github-containers-common: the default seccomp profile `lazyctl run` applies;
 # faketime: libfaketime, which moves lazyd's wall clock in the fault tests (tests/tests/faults.rs);
-# e2fsprogs: mkfs.ext4 for the cache disk those tests turn read-only.
+# e2fsprogs: mkfs.ext4 for the cache disk those tests turn read-only; containerd (containerd,
+# ctr, containerd-shim-runc-v2) and stargz-snapshotter (ctr-remote, whose `image rpull` pulls
+# with the labels a remote snapshotter reads): the containerd tests (tests/tests/containerd.rs)
+# and bench/containerd.sh run a private containerd with lazy-snapshotter as its proxy plugin;
+# protobuf-compiler: protoc, which lazy-snapshotter's build compiles containerd's snapshots API
+# with.
 apt-get install -y -qq --no-install-recommends \
     fuse3 umoci skopeo debootstrap docker-registry attr bindfs ca-certificates \
     curl gcc pkg-config tar gzip zstd python3 python3-venv crun runc iproute2 faketime \
-    e2fsprogs golang-github-containers-common >/dev/null
+    e2fsprogs golang-github-containers-common containerd stargz-snapshotter \
+    protobuf-compiler >/dev/null
 
 # A virtualenv at /opt/lazy-venv, so pip never touches the system Python, with moto[server]: a
 # real S3 API for the S3 tests (lazy_tests::s3 runs its moto_server), and safetensors, numpy and

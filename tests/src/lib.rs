@@ -11,6 +11,8 @@
 //! - [`reference`](mod@reference): the reference unpack (`umoci unpack`) and `skopeo copy`;
 //! - [`tree`]: a full comparison of two directory trees (metadata, xattrs, hardlinks, content);
 //! - [`agent`]: a real `lazyd` with its own socket, cache and state, driven through `lazyctl`;
+//! - [`containerd`](mod@containerd): a private containerd (root, state and sockets of its own)
+//!   driven with `ctr`/`ctr-remote`, and `lazy-snapshotter` as its `lazyimg` proxy plugin;
 //! - [`cri`]: the CRI image service's PullImage and RemoveImage, as a kubelet calls them;
 //! - [`random_files`]: directories of incompressible files from a seed, for images whose
 //!   bytes a test recomputes;
@@ -30,6 +32,7 @@
 //! `skopeo`, `debootstrap` and GNU `tar` tools; missing preconditions fail loudly.
 
 pub mod agent;
+pub mod containerd;
 pub mod cri;
 pub mod debian;
 pub mod fault_proxy;
