@@ -287,10 +287,15 @@ impl Snapshotter {
         check_new(&self.store(), key, parent)
     }
 
-    /// For a layer containerd is about to unpack: answers AlreadyExists when the layer is
-    /// there already (the same chain ID on the same parent, from another namespace or pull) or
-    /// belongs to an image with a lazy version, committing it empty first. Otherwise returns
-    /// and the layer is unpacked.
+    /// For a layer containerd is about to unpack: answers AlreadyExists when the layer can be
+    /// skipped, committing it empty first if it is a lazy image's. Otherwise returns, and the
+    /// layer is unpacked.
+    ///
+    /// containerd then takes *any* committed snapshot labelled with the layer's chain ID on the
+    /// same parent (`List`). A lazy image may take any of them, as every one has the layers'
+    /// tree; an image without a lazy version must never get a lazy layer below an image's top
+    /// (it has no tree of its own). So an unpacked layer is reused only where no lazy snapshot
+    /// of the layer is there to be taken instead.
     async fn skip_layer(
         &self,
         key: &str,
@@ -298,10 +303,12 @@ impl Snapshotter {
         parent: &str,
         labels: &HashMap<String, String>,
     ) -> Result<(), SnapError> {
-        if let Some(name) = self.committed_layer(target, parent) {
+        let there = self.committed_layers(target, parent);
+        if !there.is_empty() && there.iter().all(|(_, lazy)| lazy.is_none()) {
             self.metrics.layer("reused");
             return Err(SnapError::AlreadyExists(format!(
-                "layer {target} exists as snapshot {name}"
+                "layer {target} exists as snapshot {}",
+                there[0].0
             )));
         }
         let Some(image) = labels
@@ -323,6 +330,11 @@ impl Snapshotter {
             warn!(image, target, lazy = %resolved.pinned, "the lazy version of the image has other layers than the image being pulled (was the tag moved?); unpacking the layer");
             return Ok(());
         };
+        let lazy = LazyLayer {
+            image: resolved.pinned.clone(),
+            pulled_as: image.clone(),
+            top: at + 1 == chain.len(),
+        };
         let mut store = self.store();
         let below = match at.checked_sub(1) {
             None => parent.is_empty(),
@@ -340,19 +352,34 @@ impl Snapshotter {
             );
             return Ok(());
         }
-        if let Some(name) = committed_layer(&store, target, parent) {
+        let there = committed_layers(&store, target, parent);
+        if let Some((name, _)) = there.first() {
+            // This image's top may be a lower layer of the image that made the snapshot: it is
+            // now a top, with this image's mount as its tree.
+            let mut changes = Vec::new();
+            for (name, was) in &there {
+                if lazy.top && was.as_ref().is_some_and(|l| !l.top) {
+                    let mut record = get(&store, name)?.clone();
+                    record.lazy = Some(lazy.clone());
+                    record.updated = SystemTime::now();
+                    changes.push((name.clone(), Some(record)));
+                }
+            }
+            if !changes.is_empty() {
+                store.apply(changes)?;
+                info!(
+                    image,
+                    target, "lazy layer is now also the top of this image"
+                );
+            }
+            self.metrics.layer("lazy");
             return Err(SnapError::AlreadyExists(format!(
-                "layer {target} exists as snapshot {name}"
+                "layer {target} of {image} exists as snapshot {name}"
             )));
         }
         check_new(&store, key, parent)?;
         let id = store.take_id();
         let now = SystemTime::now();
-        let lazy = LazyLayer {
-            image: resolved.pinned.clone(),
-            pulled_as: image.clone(),
-            top: at + 1 == chain.len(),
-        };
         let name = format!("lazy/{id}/{target}");
         let record = Record {
             id,
@@ -374,8 +401,8 @@ impl Snapshotter {
         )))
     }
 
-    fn committed_layer(&self, target: &str, parent: &str) -> Option<String> {
-        committed_layer(&self.store(), target, parent)
+    fn committed_layers(&self, target: &str, parent: &str) -> Vec<(String, Option<LazyLayer>)> {
+        committed_layers(&self.store(), target, parent)
     }
 
     /// The mounts of an active snapshot or view (holding its lazy lower in lazyd, which mounts
@@ -663,16 +690,17 @@ fn check_new(store: &Store, key: &str, parent: &str) -> Result<(), SnapError> {
     }
 }
 
-/// The committed snapshot of layer `target` on `parent`, if there is one.
-fn committed_layer(store: &Store, target: &str, parent: &str) -> Option<String> {
+/// The committed snapshots of layer `target` on `parent` (names, and whether each is lazy).
+fn committed_layers(store: &Store, target: &str, parent: &str) -> Vec<(String, Option<LazyLayer>)> {
     store
         .iter()
-        .find(|(_, r)| {
+        .filter(|(_, r)| {
             r.kind == Kind::Committed
                 && r.parent == parent
                 && r.labels.get(SNAPSHOT_REF).map(String::as_str) == Some(target)
         })
-        .map(|(name, _)| name.clone())
+        .map(|(name, r)| (name.clone(), r.lazy.clone()))
+        .collect()
 }
 
 /// Walks the chain from `parent` down: ordinary layers' directories (`fs` of an id), until a
@@ -807,4 +835,86 @@ fn disk_usage(dir: &Path) -> Result<Usage, SnapError> {
         }
     }
     Ok(usage)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_ids_follow_the_image_spec() {
+        let (a, b) = ("sha256:aa".to_string(), "sha256:bb".to_string());
+        let chain = chain_ids(&[a.clone(), b.clone()]);
+        assert_eq!(chain[0], a);
+        let expected = Sha256::digest(format!("{a} {b}").as_bytes());
+        assert_eq!(chain[1], format!("sha256:{}", hex_of(&expected)));
+        assert!(chain_ids(&[]).is_empty());
+    }
+
+    #[test]
+    fn mounts_are_those_of_containerds_overlayfs_snapshotter() {
+        let (fs, work) = (
+            Path::new("/r/snapshots/3/fs"),
+            Path::new("/r/snapshots/3/work"),
+        );
+        assert_eq!(active_mounts(fs, work, &[]), vec![bind(fs, "rw")]);
+        let lowers = [
+            PathBuf::from("/r/snapshots/2/fs"),
+            PathBuf::from("/lazyd/lower/ab"),
+        ];
+        let overlay = &active_mounts(fs, work, &lowers)[0];
+        assert_eq!(overlay.kind, "overlay");
+        assert_eq!(
+            overlay.options[overlay.options.len() - 3..],
+            [
+                "workdir=/r/snapshots/3/work".to_string(),
+                "upperdir=/r/snapshots/3/fs".to_string(),
+                "lowerdir=/r/snapshots/2/fs:/lazyd/lower/ab".to_string(),
+            ]
+        );
+        assert_eq!(view_mounts(fs, &[]), vec![bind(fs, "ro")]);
+        assert_eq!(view_mounts(fs, &lowers[1..]), vec![bind(&lowers[1], "ro")]);
+        let view = &view_mounts(fs, &lowers)[0];
+        assert_eq!(view.kind, "overlay");
+        assert!(!view.options.iter().any(|o| o.starts_with("upperdir")));
+    }
+
+    #[test]
+    fn a_lower_layer_of_a_lazy_image_has_no_tree_to_stack_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("m.redb")).unwrap();
+        let record = |id, parent: &str, lazy: Option<bool>| Record {
+            id,
+            kind: Kind::Committed,
+            parent: parent.into(),
+            labels: HashMap::new(),
+            created: SystemTime::now(),
+            updated: SystemTime::now(),
+            lazy: lazy.map(|top| LazyLayer {
+                image: "r/app@sha256:1".into(),
+                pulled_as: "r/app:v1".into(),
+                top,
+            }),
+            holder: None,
+            usage: Usage::default(),
+        };
+        store
+            .apply(vec![
+                ("l1".into(), Some(record(1, "", Some(false)))),
+                ("l2".into(), Some(record(2, "l1", Some(true)))),
+                ("p3".into(), Some(record(3, "l2", None))),
+            ])
+            .unwrap();
+        let fs = |id| PathBuf::from(format!("/fs/{id}"));
+        let on_top = lowers(&store, "p3", fs).unwrap();
+        assert_eq!(on_top.dirs, vec![PathBuf::from("/fs/3")]);
+        assert_eq!(on_top.lazy.as_deref(), Some("r/app@sha256:1"));
+        let Err(SnapError::FailedPrecondition(e)) = lowers(&store, "l1", fs) else {
+            panic!("stacking on a lazy image's lower layer was not refused");
+        };
+        assert!(
+            e.contains("below the top of the lazy image r/app:v1"),
+            "{e}"
+        );
+    }
 }
