@@ -55,6 +55,8 @@ pub struct ContainerdOptions {
     /// Load the CRI plugin, with [`SNAPSHOTTER`] as its snapshotter and snapshot annotations
     /// on (the labels a remote snapshotter needs); off by default, as it wants CNI and more.
     pub cri: bool,
+    /// Registries (`HOST:PORT`) the CRI plugin reaches over plain HTTP (a mirror entry each).
+    pub plain_http: Vec<String>,
 }
 
 /// The config file of a private containerd whose files all live in `dir`.
@@ -83,6 +85,12 @@ pub fn config_toml(dir: &Path, options: &ContainerdOptions) -> String {
             "\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"{SNAPSHOTTER}\"\n  \
              disable_snapshot_annotations = false\n"
         ));
+        for host in &options.plain_http {
+            text.push_str(&format!(
+                "\n[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{host}\"]\n  \
+                 endpoint = [\"http://{host}\"]\n"
+            ));
+        }
     }
     text
 }
@@ -539,6 +547,7 @@ mod tests {
         let options = ContainerdOptions {
             snapshotter: Some(PathBuf::from("/tmp/s.sock")),
             cri: true,
+            plain_http: vec!["127.0.0.1:5000".into()],
         };
         let full = config_toml(dir, &options);
         assert!(!full.contains("disabled_plugins"));
@@ -546,6 +555,10 @@ mod tests {
             "[proxy_plugins.lazyimg]\n  type = \"snapshot\"\n  address = \"/tmp/s.sock\"\n"
         ));
         assert!(full.contains("snapshotter = \"lazyimg\"\n  disable_snapshot_annotations = false"));
+        assert!(full.contains(
+            "[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"127.0.0.1:5000\"]\n  \
+             endpoint = [\"http://127.0.0.1:5000\"]"
+        ));
     }
 
     #[test]

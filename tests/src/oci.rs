@@ -858,6 +858,8 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
 #[derive(Clone, Debug)]
 pub struct LayoutBuilder {
     tag: String,
+    /// Layers of another image, below `layers`: copied blob for blob.
+    base: Option<LayoutInfo>,
     layers: Vec<Layer>,
     env: Vec<String>,
     cmd: Vec<String>,
@@ -868,10 +870,18 @@ impl LayoutBuilder {
     pub fn new(tag: &str) -> LayoutBuilder {
         LayoutBuilder {
             tag: tag.to_string(),
+            base: None,
             layers: Vec::new(),
             env: vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()],
             cmd: vec!["/bin/sh".into()],
         }
+    }
+
+    /// Puts the layers of `base` (the same blobs, so the same diff IDs and chain IDs) below the
+    /// layers added here: an image built `FROM` it.
+    pub fn on(mut self, base: &LayoutInfo) -> LayoutBuilder {
+        self.base = Some(base.clone());
+        self
     }
 
     /// Adds the next (upper) layer.
@@ -894,6 +904,14 @@ impl LayoutBuilder {
         fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)?;
 
         let mut layers = Vec::with_capacity(self.layers.len());
+        for layer in self.base.iter().flat_map(|b| &b.layers) {
+            let from = self.base.as_ref().map(|b| b.blob_path(&layer.digest));
+            let to = blobs.join(&layer.digest["sha256:".len()..]);
+            if let Some(from) = from.filter(|f| *f != to) {
+                fs::copy(&from, &to).with_context(|| format!("copying {}", from.display()))?;
+            }
+            layers.push(layer.clone());
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             layers.push(write_layer_blob(&blobs, layer).with_context(|| format!("layer {i}"))?);
         }

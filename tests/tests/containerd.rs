@@ -16,6 +16,15 @@
 //!   and lazyd's server replaced, `ctr run` still works;
 //! - remove: once the container and the image are removed, no
 //!   snapshot, no snapshot directory, no lower holder and no lower mount are left.
+//! - Kubernetes: containerd's CRI plugin (`snapshotter = "lazyimg"`,
+//!   `disable_snapshot_annotations = false`) pulls through the snapshotter on a kubelet's
+//!   PullImage with no layer blob sent, the layer carries the CRI image labels, the image runs,
+//!   and RemoveImage frees its snapshots (pods themselves need CNI and a pause image, which this
+//!   machine has not);
+//! - mixing: an image built on all of a lazy image's layers is unpacked over the lazy mount and
+//!   equals the overlayfs snapshotter's tree; an image sharing only a lower layer of a lazy
+//!   image is refused in that namespace with a message naming the lazy image, and unpacked in a
+//!   containerd that has not pulled the lazy image.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -145,11 +154,16 @@ struct LazyStack {
 
 impl LazyStack {
     fn start() -> LazyStack {
+        LazyStack::start_with(ContainerdOptions::default())
+    }
+
+    /// With containerd's `options` (the snapshotter's socket added).
+    fn start_with(options: ContainerdOptions) -> LazyStack {
         let agent = Lazyd::start(AGENT_CONFIG).unwrap();
         let snapshotter = LazySnapshotter::start(&agent.socket()).unwrap();
         let containerd = Containerd::start(&ContainerdOptions {
             snapshotter: Some(snapshotter.socket()),
-            cri: false,
+            ..options
         })
         .unwrap();
         LazyStack {
@@ -590,4 +604,242 @@ fn removing_the_container_and_the_image_frees_every_snapshot_and_the_lower() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn kubernetes_pulls_through_the_cri_plugin_lazily_and_the_image_runs() {
+    require_root_and_fuse();
+    require_runtime("runc");
+    let _serial = serial();
+    let registry = LocalRegistry::start().unwrap();
+    let reference = push_and_convert_python(&registry);
+    let digests: Vec<String> = registry_layers(&reference)
+        .into_iter()
+        .map(|(d, _)| d)
+        .collect();
+    let stack = LazyStack::start_with(ContainerdOptions {
+        cri: true,
+        plain_http: vec![registry.host()],
+        ..ContainerdOptions::default()
+    });
+    let ctr = &stack.containerd;
+    let mark = registry.log().len();
+
+    // What a kubelet asks: PullImage on containerd's socket. The CRI plugin pulls with
+    // snapshotter = lazyimg and disable_snapshot_annotations = false.
+    let t = Instant::now();
+    let id = lazy_tests::cri::pull_image(&ctr.address(), &reference).unwrap();
+    println!(
+        "CRI PullImage {reference}: {id} in {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
+    assert!(id.starts_with("sha256:"), "{id}");
+    let gets = blob_gets(&registry.log()[mark..], &digests);
+    assert!(
+        gets.is_empty(),
+        "the CRI pull downloaded layers:\n{}",
+        gets.join("\n")
+    );
+
+    // The CRI plugin works in the namespace k8s.io (a later --namespace replaces the harness's).
+    let k8s = |args: &[&str]| {
+        let mut all = vec!["--namespace", "k8s.io"];
+        all.extend(args);
+        ctr.ctr_ok(&all)
+    };
+    // The layer reached the snapshotter with the CRI plugin's image labels.
+    let chain = chain_id(&image_diff_ids(&reference));
+    let info = k8s(&["snapshots", "--snapshotter", SNAPSHOTTER, "info", &chain]);
+    assert!(
+        info.contains("containerd.io/snapshot/cri.image-ref") && info.contains(&reference),
+        "{info}"
+    );
+    let id = format!("cri-{}", ctr.namespace());
+    let out = k8s(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        SNAPSHOTTER,
+        &reference,
+        &id,
+        "python3",
+        "-c",
+        PYTHON_SCRIPT,
+    ]);
+    assert_eq!(out, PYTHON_PRINTS);
+    assert!(blob_gets(&registry.log()[mark..], &digests).is_empty());
+
+    // RemoveImage, as the kubelet's image gc does: containerd's collector removes the layer.
+    lazy_tests::cri::remove_image(&ctr.address(), &reference).unwrap();
+    let start = Instant::now();
+    loop {
+        let left = k8s(&["snapshots", "--snapshotter", SNAPSHOTTER, "ls"]);
+        if left.lines().count() <= 1 {
+            break;
+        }
+        assert!(
+            start.elapsed() < RELEASE_TIMEOUT,
+            "snapshots left after RemoveImage:\n{left}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(stack.lower_mounts().is_empty());
+}
+
+/// The diff IDs of `reference`'s config, from `skopeo inspect --config`.
+fn image_diff_ids(reference: &str) -> Vec<String> {
+    let out = std::process::Command::new("skopeo")
+        .args(["inspect", "--config", "--tls-verify=false"])
+        .arg(format!("docker://{reference}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    config["rootfs"]["diff_ids"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no diff_ids in {config}"))
+        .iter()
+        .map(|d| d.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn images_without_a_lazy_version_are_never_built_on_part_of_a_lazy_image() {
+    use lazy_tests::oci::{Compression, Entry, Layer, LayoutBuilder};
+    require_root_and_fuse();
+    require_runtime("runc");
+    let _serial = serial();
+    let registry = LocalRegistry::start().unwrap();
+    let minbase = debian::minbase_image(&debian::default_cache_dir()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout");
+    // lazy: minbase + a layer, converted. from: all of lazy's layers + one more, not
+    // converted. sibling: minbase + another layer, not converted: it shares only lazy's lower
+    // layer.
+    let lazy = LayoutBuilder::new("lazy")
+        .on(&minbase)
+        .layer(
+            Layer::new(Compression::Gzip)
+                .entry(Entry::dir("srv"))
+                .entry(Entry::file("srv/lower", "from the lazy image\n")),
+        )
+        .write(&layout)
+        .unwrap();
+    let from = LayoutBuilder::new("from")
+        .on(&lazy)
+        .layer(
+            // The directories are in the layer, so that both unpacks give them the layer's
+            // times, not the time of the unpack.
+            Layer::new(Compression::Gzip)
+                .entry(Entry::dir("srv"))
+                .entry(Entry::file("srv/upper", "built on it\n"))
+                .entry(Entry::dir("etc"))
+                .entry(Entry::whiteout("etc/debian_version")),
+        )
+        .write(&layout)
+        .unwrap();
+    let sibling = LayoutBuilder::new("sibling")
+        .on(&minbase)
+        .layer(
+            Layer::new(Compression::Gzip)
+                .entry(Entry::dir("srv"))
+                .entry(Entry::file("srv/sibling", "beside it\n")),
+        )
+        .write(&layout)
+        .unwrap();
+    registry.push_and_convert(&lazy, "mix/lazy:v1").unwrap();
+    let host = registry.host();
+    for (image, name) in [(&from, "mix/from:v1"), (&sibling, "mix/sibling:v1")] {
+        skopeo_copy(&image.oci_ref(), &format!("docker://{host}/{name}")).unwrap();
+    }
+    let (lazy_ref, from_ref, sibling_ref) = (
+        format!("{host}/mix/lazy:v1"),
+        format!("{host}/mix/from:v1"),
+        format!("{host}/mix/sibling:v1"),
+    );
+    let stack = LazyStack::start();
+    let ctr = &stack.containerd;
+    stack.rpull(&lazy_ref);
+
+    // Built on the whole lazy image: its own layer is unpacked over lazyd's mount of it.
+    stack.rpull(&from_ref);
+    let script =
+        "cat /srv/lower /srv/upper; test -e /etc/debian_version && echo kept || echo whited out";
+    let out = stack.run(true, &from_ref, "from1", &["sh", "-c", script]);
+    assert_eq!(out, "from the lazy image\nbuilt on it\nwhited out\n");
+    ctr.ctr_ok([
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "overlayfs",
+        &from_ref,
+    ]);
+    let chain = chain_id(
+        &from
+            .layers
+            .iter()
+            .map(|l| l.diff_id.clone())
+            .collect::<Vec<_>>(),
+    );
+    let views = ctr.dir().join("views");
+    let lazy_view = mount_view(ctr, SNAPSHOTTER, "from-lazy", &chain, &views.join("lazy"));
+    let plain_view = mount_view(ctr, "overlayfs", "from-plain", &chain, &views.join("plain"));
+    let stats = assert_trees_equal(&plain_view, &lazy_view);
+    println!("an image built on a lazy one, lazyimg and overlayfs: equal, {stats}");
+    umount(&lazy_view);
+    umount(&plain_view);
+
+    // Sharing only the lazy image's lower layer: containerd reuses that layer from its own
+    // records, and the snapshotter refuses to build on it rather than serve the whole lazy
+    // image below the sibling's layer.
+    let refused = ctr.ctr_remote([
+        "image",
+        "rpull",
+        "--plain-http",
+        "--snapshotter",
+        SNAPSHOTTER,
+        &sibling_ref,
+    ]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success(),
+        "the sibling was pulled onto the lazy image's lower layer"
+    );
+    assert!(
+        stderr.contains("is a layer below the top of the lazy image") && stderr.contains(&lazy_ref),
+        "{stderr}"
+    );
+
+    // A containerd (namespace) that has not pulled the lazy image gets the sibling unpacked,
+    // through the same snapshotter: the lazy layer it holds is not offered to it.
+    let other = Containerd::start(&ContainerdOptions {
+        snapshotter: Some(stack.snapshotter.socket()),
+        ..ContainerdOptions::default()
+    })
+    .unwrap();
+    other.ctr_remote_ok([
+        "image",
+        "rpull",
+        "--plain-http",
+        "--snapshotter",
+        SNAPSHOTTER,
+        &sibling_ref,
+    ]);
+    let out = other.ctr_ok([
+        "run",
+        "--rm",
+        "--snapshotter",
+        SNAPSHOTTER,
+        &sibling_ref,
+        "sib1",
+        "sh",
+        "-c",
+        "cat /srv/sibling; test -e /srv/lower && echo mixed || echo apart",
+    ]);
+    assert_eq!(out, "beside it\napart\n");
 }
