@@ -171,6 +171,24 @@ impl IntoResponse for ApiError {
 
 type Result<T> = std::result::Result<T, ApiError>;
 
+/// Runs a change to the agent's mounts, containers or holders to its end on a task of its own,
+/// whether or not the client waits for the answer. hyper drops a request's future when its
+/// client goes away (a killed snapshotter, a Ctrl-C'd lazyctl); dropped halfway, a mount could
+/// be made in the kernel but never recorded, so never handed over at a restart.
+async fn to_the_end<T, F>(change: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = std::result::Result<T, AgentError>> + Send + 'static,
+{
+    match tokio::spawn(change).await {
+        Ok(result) => Ok(result?),
+        Err(e) => Err(ApiError(AgentError::Io {
+            context: "the request's task".into(),
+            source: std::io::Error::other(e),
+        })),
+    }
+}
+
 async fn status(State(agent): State<Arc<Agent>>) -> Json<crate::api::Status> {
     Json(agent.status())
 }
@@ -183,14 +201,16 @@ async fn mount(
     State(agent): State<Arc<Agent>>,
     Json(req): Json<MountRequest>,
 ) -> Result<Json<crate::api::MountInfo>> {
-    Ok(Json(agent.mount(req).await?))
+    Ok(Json(
+        to_the_end(async move { agent.mount(req).await }).await?,
+    ))
 }
 
 async fn umount(
     State(agent): State<Arc<Agent>>,
     Json(req): Json<UmountRequest>,
 ) -> Result<Json<serde_json::Value>> {
-    agent.umount(req).await?;
+    to_the_end(async move { agent.umount(req).await }).await?;
     Ok(Json(serde_json::json!({})))
 }
 
@@ -198,7 +218,7 @@ async fn gc(
     State(agent): State<Arc<Agent>>,
     Json(req): Json<GcRequest>,
 ) -> Result<Json<crate::api::GcReport>> {
-    Ok(Json(agent.gc(req).await?))
+    Ok(Json(to_the_end(async move { agent.gc(req).await }).await?))
 }
 
 async fn profile_show(
@@ -226,14 +246,18 @@ async fn rootfs(
     State(agent): State<Arc<Agent>>,
     Json(req): Json<RootfsRequest>,
 ) -> Result<Json<crate::api::RootfsInfo>> {
-    Ok(Json(agent.create_rootfs(req).await?))
+    Ok(Json(
+        to_the_end(async move { agent.create_rootfs(req).await }).await?,
+    ))
 }
 
 async fn rootfs_remove(
     State(agent): State<Arc<Agent>>,
     Json(req): Json<RootfsRemoveRequest>,
 ) -> Result<Json<crate::api::RootfsRemoved>> {
-    Ok(Json(agent.remove_rootfs(&req.name, req.keep).await?))
+    Ok(Json(
+        to_the_end(async move { agent.remove_rootfs(&req.name, req.keep).await }).await?,
+    ))
 }
 
 /// The image's config blob as stored: its bytes are what the digest covers, so they are passed
@@ -257,14 +281,18 @@ async fn lower(
     State(agent): State<Arc<Agent>>,
     Json(req): Json<LowerRequest>,
 ) -> Result<Json<crate::api::LowerInfo>> {
-    Ok(Json(agent.hold_lower(req).await?))
+    Ok(Json(
+        to_the_end(async move { agent.hold_lower(req).await }).await?,
+    ))
 }
 
 async fn lower_release(
     State(agent): State<Arc<Agent>>,
     Json(req): Json<LowerReleaseRequest>,
 ) -> Result<Json<crate::api::LowerReleased>> {
-    Ok(Json(agent.release_held_lower(req).await?))
+    Ok(Json(
+        to_the_end(async move { agent.release_held_lower(req).await }).await?,
+    ))
 }
 
 async fn upgrade(

@@ -8,13 +8,19 @@
 //!   a held name is a 409, an umount of a held lower is a 409 naming the holders; releasing one
 //!   holder keeps the lower, releasing the last unmounts it; an unknown holder is a 404;
 //! - holders and their lower survive a restart of lazyd (handed over), and a holder whose lower
-//!   did not survive (lazyd stopped and started again) gets it mounted again on its next ask.
+//!   did not survive (lazyd stopped and started again) gets it mounted again on its next ask;
+//! - a hold whose client goes away before the answer (a snapshotter killed mid-request) is
+//!   carried out all the same, recorded, and its lower handed over at a restart.
 
+use std::io::Write;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use lazy_tests::agent::Lazyd;
 use lazy_tests::mount::{is_fuse_mounted, parse_mountinfo, require_root_and_fuse};
 use lazy_tests::oci::{Compression, Entry, Layer, LayoutBuilder, LayoutInfo};
+use lazy_tests::proxy::DelayProxy;
 use lazy_tests::reference::skopeo_copy;
 use lazy_tests::registry::LocalRegistry;
 use serde_json::{json, Value};
@@ -271,4 +277,52 @@ fn a_holders_lower_is_mounted_again_after_lazyd_stopped_without_handing_it_over(
     );
     release(&agent, "snap-a");
     assert!(!is_fuse_mounted(&lower).unwrap());
+}
+
+#[test]
+fn a_hold_whose_client_leaves_is_carried_out_and_handed_over_at_a_restart() {
+    require_root_and_fuse();
+    let layouts = tempfile::tempdir().unwrap();
+    let registry = LocalRegistry::start().unwrap();
+    let v1 = app_image(layouts.path(), "v1", "one");
+    let lazy = registry.push_and_convert(&v1, "lower/app:v1").unwrap();
+    // Each request to the registry takes 300 ms more, so the hold is still opening the image
+    // (four requests) when its client has long gone.
+    let proxy = DelayProxy::start(&registry.host(), Duration::from_millis(300)).unwrap();
+    let slow = lazy.replace(&registry.host(), &proxy.host());
+    let mut agent = Lazyd::start(AGENT_CONFIG).unwrap();
+    {
+        let mut client = UnixStream::connect(agent.socket()).unwrap();
+        let body = json!({"holder": "gone", "image": slow}).to_string();
+        write!(
+            client,
+            "POST /v1/lower HTTP/1.1\r\nHost: lazyd\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        // Closed here, without reading the answer.
+    }
+    let start = Instant::now();
+    let lower = loop {
+        let status = agent.status();
+        if let Some(held) = status["lower_holders"].as_array().and_then(|h| h.first()) {
+            break lower_path(held);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the hold of a client that left was dropped: {status}\n--- lazyd log ---\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(is_fuse_mounted(&lower).unwrap());
+    // Recorded in the mount table: the next lazyd serves it.
+    agent.restart_server().unwrap();
+    assert_eq!(holder_names(&agent.status()), ["gone"]);
+    assert_eq!(
+        std::fs::read_to_string(lower.join("app/version")).unwrap(),
+        "one\n"
+    );
+    release(&agent, "gone");
 }
