@@ -76,6 +76,11 @@ struct Args {
     /// snapshotters sharing one lazyd need different prefixes.
     #[arg(long, default_value = "snapshotter")]
     holder_prefix: String,
+    /// Mount a lazy image in lazyd as soon as it is pulled, so that its background fetch (and
+    /// profile prefetch) starts with the pull, as a pull downloads an image; `false`: at its
+    /// first container.
+    #[arg(long, env = "LAZY_SNAPSHOTTER_MOUNT_AT_PULL", default_value_t = true, action = clap::ArgAction::Set)]
+    mount_at_pull: bool,
     /// Log filter (tracing's EnvFilter syntax); RUST_LOG, when set, replaces it.
     #[arg(long, default_value = "info")]
     log: String,
@@ -118,8 +123,14 @@ fn main() -> ExitCode {
 async fn serve(args: Args) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let lazyd = lazyd::Lazyd::new(&args.lazyd_socket);
-    let snapshotter = Snapshotter::open(&args.root, lazyd, &args.holder_prefix, metrics.clone())
-        .with_context(|| format!("opening the snapshotter's root {}", args.root.display()))?;
+    let snapshotter = Snapshotter::open(
+        &args.root,
+        lazyd,
+        &args.holder_prefix,
+        args.mount_at_pull,
+        metrics.clone(),
+    )
+    .with_context(|| format!("opening the snapshotter's root {}", args.root.display()))?;
     let listener = listen(&args.address)?;
     if let Some(address) = args.metrics_address {
         let metrics = metrics.clone();

@@ -128,7 +128,10 @@ struct Lowers {
 pub struct Snapshotter {
     root: PathBuf,
     store: Mutex<Store>,
-    lazyd: Lazyd,
+    lazyd: Arc<Lazyd>,
+    /// Whether a lazy image is mounted (and its background fetch begun) as soon as its top
+    /// layer is pulled, rather than at its first container.
+    mount_at_pull: bool,
     /// Holders in lazyd are named `PREFIX-ID`.
     holder_prefix: String,
     metrics: Arc<Metrics>,
@@ -140,6 +143,7 @@ impl Snapshotter {
         root: &Path,
         lazyd: Lazyd,
         holder_prefix: &str,
+        mount_at_pull: bool,
         metrics: Arc<Metrics>,
     ) -> Result<Snapshotter, SnapError> {
         let text = root.to_str().unwrap_or("");
@@ -162,7 +166,8 @@ impl Snapshotter {
         Ok(Snapshotter {
             root: root.to_path_buf(),
             store: Mutex::new(store),
-            lazyd,
+            lazyd: Arc::new(lazyd),
+            mount_at_pull,
             holder_prefix: holder_prefix.to_string(),
             metrics,
         })
@@ -362,15 +367,24 @@ impl Snapshotter {
                     let mut record = get(&store, name)?.clone();
                     record.lazy = Some(lazy.clone());
                     record.updated = SystemTime::now();
+                    record.holder = self.mount_at_pull.then(|| self.holder(record.id));
                     changes.push((name.clone(), Some(record)));
                 }
             }
             if !changes.is_empty() {
+                let held: Vec<String> = changes
+                    .iter()
+                    .filter_map(|(_, r)| r.as_ref()?.holder.clone())
+                    .collect();
                 store.apply(changes)?;
+                self.metrics.set_snapshots(&store);
                 info!(
                     image,
                     target, "lazy layer is now also the top of this image"
                 );
+                for holder in held {
+                    self.mount_in_background(&lazy.image, holder);
+                }
             }
             self.metrics.layer("lazy");
             return Err(SnapError::AlreadyExists(format!(
@@ -381,6 +395,8 @@ impl Snapshotter {
         let id = store.take_id();
         let now = SystemTime::now();
         let name = format!("lazy/{id}/{target}");
+        let holder = (self.mount_at_pull && lazy.top).then(|| self.holder(id));
+        let pinned = lazy.image.clone();
         let record = Record {
             id,
             kind: Kind::Committed,
@@ -389,16 +405,38 @@ impl Snapshotter {
             created: now,
             updated: now,
             lazy: Some(lazy),
-            holder: None,
+            holder: holder.clone(),
             usage: Usage::default(),
         };
         store.apply(vec![(name.clone(), Some(record))])?;
         self.metrics.set_snapshots(&store);
         self.metrics.layer("lazy");
         info!(image, layer = at + 1, of = chain.len(), target, snapshot = %name, "lazy layer: not unpacked");
+        if let Some(holder) = holder {
+            self.mount_in_background(&pinned, holder);
+        }
         Err(SnapError::AlreadyExists(format!(
             "layer {target} of {image} is served lazily (snapshot {name})"
         )))
+    }
+
+    /// Has lazyd mount `image` for the pulled top layer `holder` names, without making the
+    /// pull wait: the image's open, its mount and its background fetch then run while
+    /// containerd finishes the pull and creates a container. A failure only costs that head
+    /// start (the container's Prepare mounts it), so it is logged, not returned.
+    fn mount_in_background(&self, image: &str, holder: String) {
+        let (lazyd, image) = (self.lazyd.clone(), image.to_string());
+        tokio::spawn(async move {
+            match lazyd.hold(&image, &holder).await {
+                Ok(lower) => {
+                    info!(image, holder, lower = %lower.display(), "pulled lazy image mounted")
+                }
+                Err(e) => warn!(
+                    image,
+                    holder, "cannot mount the pulled lazy image ahead of its containers: {e}"
+                ),
+            }
+        });
     }
 
     fn committed_layers(&self, target: &str, parent: &str) -> Vec<(String, Option<LazyLayer>)> {
@@ -877,6 +915,167 @@ mod tests {
         let view = &view_mounts(fs, &lowers)[0];
         assert_eq!(view.kind, "overlay");
         assert!(!view.options.iter().any(|o| o.starts_with("upperdir")));
+    }
+
+    fn snapshotter(root: &Path) -> (Snapshotter, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::default());
+        // No lazyd listens there: these snapshots never ask it anything.
+        let lazyd = Lazyd::new(&root.join("no-lazyd.sock"));
+        let s = Snapshotter::open(&root.join("root"), lazyd, "t", true, metrics.clone()).unwrap();
+        (s, metrics)
+    }
+
+    #[tokio::test]
+    async fn the_snapshot_lifecycle_of_an_image_without_a_lazy_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, metrics) = snapshotter(dir.path());
+        let labels = HashMap::from([(SNAPSHOT_REF.to_string(), "sha256:l1".to_string())]);
+        let mounts = s
+            .create(Kind::Active, "x1", "", labels.clone())
+            .await
+            .unwrap();
+        assert_eq!(
+            (mounts[0].kind.as_str(), &mounts[0].options[0]),
+            ("bind", &"rw".to_string())
+        );
+        std::fs::write(Path::new(&mounts[0].source).join("file"), vec![7u8; 10_000]).unwrap();
+        s.commit("l1", "x1", labels).await.unwrap();
+        assert!(matches!(s.stat("x1"), Err(SnapError::NotFound(_))));
+        let l1 = s.stat("l1").unwrap();
+        assert_eq!((l1.kind, l1.parent.as_str()), (Kind::Committed, ""));
+        let usage = s.usage("l1").await.unwrap();
+        assert!(usage.size >= 10_000 && usage.inodes == 2, "{usage:?}");
+
+        // A layer already there is reused, not unpacked again.
+        let again = HashMap::from([(SNAPSHOT_REF.to_string(), "sha256:l1".to_string())]);
+        let Err(SnapError::AlreadyExists(_)) = s.create(Kind::Active, "x2", "", again).await else {
+            panic!("a committed layer was prepared again");
+        };
+        let mounts = s
+            .create(Kind::Active, "c1", "l1", HashMap::new())
+            .await
+            .unwrap();
+        let options = &mounts[0].options;
+        assert_eq!(mounts[0].kind, "overlay");
+        assert!(
+            options
+                .iter()
+                .any(|o| o.starts_with("lowerdir=") && o.ends_with("/1/fs")),
+            "{options:?}"
+        );
+        let view = s
+            .create(Kind::View, "v1", "l1", HashMap::new())
+            .await
+            .unwrap();
+        assert_eq!(
+            (view[0].kind.as_str(), &view[0].options[0]),
+            ("bind", &"ro".to_string())
+        );
+        assert_eq!(s.mounts("c1").await.unwrap(), mounts);
+        assert!(matches!(
+            s.mounts("l1").await,
+            Err(SnapError::FailedPrecondition(_))
+        ));
+        assert!(matches!(
+            s.create(Kind::Active, "c2", "c1", HashMap::new()).await,
+            Err(SnapError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            s.create(Kind::Active, "c1", "l1", HashMap::new()).await,
+            Err(SnapError::AlreadyExists(_))
+        ));
+
+        // Labels: all at once, or one by path (absent from the info: removed).
+        let mut info = s.stat("c1").unwrap();
+        info.labels = HashMap::from([("a".into(), "1".into()), ("b".into(), "2".into())]);
+        s.update(info.clone(), &[]).unwrap();
+        info.labels = HashMap::from([("c".into(), "3".into())]);
+        let updated = s
+            .update(info, &["labels.c".into(), "labels.a".into()])
+            .unwrap();
+        let mut keys: Vec<_> = updated.labels.keys().cloned().collect();
+        keys.sort();
+        assert_eq!(keys, ["b", "c"]);
+        assert!(matches!(
+            s.update(updated, &["parent".into()]),
+            Err(SnapError::InvalidArgument(_))
+        ));
+        let names = |filters: &[&str]| {
+            let filters: Vec<String> = filters.iter().map(|f| f.to_string()).collect();
+            let mut names: Vec<String> = s
+                .list(&filters)
+                .unwrap()
+                .into_iter()
+                .map(|i| i.name)
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(names(&[]), ["c1", "l1", "v1"]);
+        assert_eq!(names(&["kind==committed"]), ["l1"]);
+        assert_eq!(
+            names(&[r#"labels."containerd.io/snapshot.ref"==sha256:l1,parent=="""#]),
+            ["l1"]
+        );
+        assert_eq!(names(&["labels.b==2", "kind==view"]), ["c1", "v1"]);
+        assert!(metrics
+            .render()
+            .contains("lazy_snapshotter_snapshots{kind=\"active\"} 1"));
+        assert!(metrics
+            .render()
+            .contains("lazy_snapshotter_layers_skipped_total{how=\"reused\"} 1"));
+
+        // Children first; the directories go with their snapshots.
+        assert!(matches!(
+            s.remove("l1").await,
+            Err(SnapError::FailedPrecondition(_))
+        ));
+        for key in ["c1", "v1", "l1"] {
+            s.remove(key).await.unwrap();
+        }
+        assert!(s.list(&[]).unwrap().is_empty());
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("root/snapshots"))
+            .unwrap()
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[tokio::test]
+    async fn snapshots_survive_a_restart_and_cleanup_deletes_what_none_owns() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (s, _) = snapshotter(dir.path());
+            s.create(Kind::Active, "x1", "", HashMap::new())
+                .await
+                .unwrap();
+            s.commit("l1", "x1", HashMap::new()).await.unwrap();
+            s.create(Kind::Active, "c1", "l1", HashMap::new())
+                .await
+                .unwrap();
+        }
+        let orphan = dir.path().join("root/snapshots/99");
+        std::fs::create_dir_all(orphan.join("fs")).unwrap();
+        let (s, metrics) = snapshotter(dir.path());
+        assert_eq!(s.stat("c1").unwrap().parent, "l1");
+        assert!(metrics
+            .render()
+            .contains("lazy_snapshotter_snapshots{kind=\"committed\"} 1"));
+        // The orphan goes; lazyd cannot be asked about holders, which Cleanup then reports.
+        let Err(SnapError::Unavailable(e)) = s.cleanup().await else {
+            panic!("cleanup without lazyd did not say so");
+        };
+        assert!(e.contains("lazyd"), "{e}");
+        assert!(!orphan.exists());
+        assert!(dir.path().join("root/snapshots/1/fs").is_dir());
+        // A new snapshot gets an id no kept one has.
+        let m = s
+            .create(Kind::Active, "c2", "l1", HashMap::new())
+            .await
+            .unwrap();
+        assert!(
+            m[0].options.iter().any(|o| o.contains("/snapshots/3/fs")),
+            "{m:?}"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //!   python3 image and `ctr run` of `python3 -c` print what they should;
 //! - lazy: `ctr-remote image rpull --snapshotter lazyimg` of an image
 //!   converted with `lazyctl convert` makes the registry send no layer blob of the original,
+//!   and leaves the image mounted in lazyd,
 //!   and the container's start fetches well under half the image; `ctr run` prints what it
 //!   should; a container's write lands in a snapshot under the snapshotter's root, not in
 //!   lazyd's lower mount;
@@ -302,6 +303,17 @@ fn lazy_pull_sends_no_layer_blob_and_the_container_writes_to_its_own_snapshot() 
         "the pull downloaded layers of the original image:\n{}",
         gets.join("\n")
     );
+    // The pulled image is mounted in lazyd for its top layer (--mount-at-pull), ahead of any
+    // container.
+    let start = Instant::now();
+    while stack.lower_mounts().is_empty() {
+        assert!(
+            start.elapsed() < RELEASE_TIMEOUT,
+            "the pulled lazy image was not mounted: {}",
+            stack.agent.status()["lower_holders"]
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     let out = stack.run(false, &reference, "c1", &["python3", "-c", PYTHON_SCRIPT]);
     assert_eq!(out, PYTHON_PRINTS);
