@@ -301,7 +301,9 @@ fn a_hold_whose_client_leaves_is_carried_out_and_handed_over_at_a_restart() {
             body.len()
         )
         .unwrap();
-        // Closed here, without reading the answer.
+        // Long enough for lazyd to be handling it (opening the image through the proxy takes
+        // over a second); then closed, without reading the answer.
+        std::thread::sleep(Duration::from_millis(300));
     }
     let start = Instant::now();
     let lower = loop {

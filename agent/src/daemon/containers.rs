@@ -515,11 +515,20 @@ impl Agent {
             ))
         })?;
         let pinned = match &opened.location {
-            ImageLocation::Registry(r) => ImageRef {
-                reference: Reference::Digest(opened.manifest_digest.clone()),
-                ..r.clone()
+            ImageLocation::Registry(r) => {
+                let by_digest = ImageRef {
+                    reference: Reference::Digest(opened.manifest_digest.clone()),
+                    ..r.clone()
+                };
+                // The snapshotter mounts the image by this reference next: the same image,
+                // opened already, within the same `fetch.resolve_ttl`.
+                let as_pinned = OpenedImage {
+                    location: ImageLocation::Registry(by_digest.clone()),
+                    ..opened.clone()
+                };
+                self.remember_opened(&by_digest.to_string(), &as_pinned);
+                by_digest.to_string()
             }
-            .to_string(),
             ImageLocation::Dir { .. } | ImageLocation::S3(_) => image.to_string(),
         };
         Ok(ResolvedImage {

@@ -307,12 +307,7 @@ impl Agent {
                             source,
                         }
                     })?;
-                // A local store is read in place: opening it again costs no round trip.
-                if !ttl.is_zero() && !matches!(location, ImageLocation::Dir { .. }) {
-                    let mut recent = lock(&self.opened);
-                    recent.retain(|_, (_, at)| at.elapsed() < ttl);
-                    recent.insert(image.to_string(), (opened.clone(), Instant::now()));
-                }
+                self.remember_opened(image, &opened);
                 opened
             }
         };
@@ -320,6 +315,18 @@ impl Agent {
             self.images.remember(image, &opened);
         }
         Ok(opened)
+    }
+
+    /// Keeps `opened` as what `image` opens to for `fetch.resolve_ttl`. A local store is read
+    /// in place: opening it again costs no round trip, so it is not kept.
+    fn remember_opened(&self, image: &str, opened: &OpenedImage) {
+        let ttl = self.config.fetch.resolve_ttl;
+        if ttl.is_zero() || matches!(opened.location, ImageLocation::Dir { .. }) {
+            return;
+        }
+        let mut recent = lock(&self.opened);
+        recent.retain(|_, (_, at)| at.elapsed() < ttl);
+        recent.insert(image.to_string(), (opened.clone(), Instant::now()));
     }
 
     pub fn status(self: &Arc<Self>) -> Status {
