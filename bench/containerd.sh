@@ -19,14 +19,19 @@
 #   z. containerd with lazy-snapshotter (proxy plugin `lazyimg`) over a fresh lazyd:
 #      `ctr-remote image rpull --snapshotter lazyimg` + `ctr run --rm --snapshotter lazyimg`
 #   r. `lazyctl run IMAGE -- python3 ...` through a fresh lazyd (bench/containers.sh's case b)
+#   p. z with the image's hot-chunk profile (recorded once beforehand by a lazyd with
+#      profile.push = true, stored beside the image, as profiles are by default): lazyd
+#      prefetches it from the mount on, which lazy-snapshotter makes as the pull ends
+#   q. r with the same profile (bench/containers.sh's case c)
 #   Each containerd is private (its own root, state and sockets under $BENCH_DIR) and runs
 #   containers with runc through containerd-shim-runc-v2; `lazyctl run` uses $RUNTIME (runc by
-#   default, the same runtime). lazyd runs without profiles in z and r.
+#   default, the same runtime). lazyd runs without profiles in z and r, with the pushed one
+#   in p and q.
 #
 # Usage (as root, from the repository root):  sudo bench/containerd.sh
 # Runtime: about 4 minutes for 3 runs of each case, after the release build and the first build
 # of the image (cached in the test fixtures).
-# Environment: BENCH_DIR=/var/tmp/lazy-bench, RATE=1gbit, DELAY_MS=20, RUNS=3, CASES=ozr,
+# Environment: BENCH_DIR=/var/tmp/lazy-bench, RATE=1gbit, DELAY_MS=20, RUNS=3, CASES=ozrpq,
 #   WORKLOAD=heavy|light, PY_SCRIPT (must print a first line starting with "ok"), RUNTIME=runc,
 #   LAZYD_EXTRA (lines added to every lazyd's config)
 set -euo pipefail
@@ -42,16 +47,18 @@ case $WORKLOAD in
     *) die "WORKLOAD must be heavy or light" ;;
 esac
 PY_SCRIPT=${PY_SCRIPT:-$DEFAULT_SCRIPT}
-CASES=${CASES:-ozr}
+CASES=${CASES:-ozrpq}
 LAZYD_EXTRA=${LAZYD_EXTRA:-}
 want() { [[ $CASES == *$1* ]]; }
 require_tools cargo skopeo docker-registry tc curl python3 containerd ctr \
     containerd-shim-runc-v2 runc "$RUNTIME"
-want z && require_tools ctr-remote
+{ want z || want p; } && require_tools ctr-remote
 # The environment of every run, in every case.
 RUN_ENV=(PYTHONDONTWRITEBYTECODE=1 MPLCONFIGDIR=/tmp/mpl)
 # lazyd's config in z and r: no profile recorded or prefetched, so both read on demand only.
 AGENT_CONFIG="[profile]\nrecord = false\nprefetch = false\n$LAZYD_EXTRA"
+# ... in p and q: the profile pushed beside the image is prefetched from the mount on.
+PROFILE_CONFIG="[profile]\nrecord = false\nprefetch = true\n$LAZYD_EXTRA"
 
 W=$BENCH_DIR/containerd
 RUN=$W/run
@@ -214,7 +221,39 @@ lazy_run() {
         --runtime "$RUNTIME" "${env[@]}" "$IMAGE" -- python3 -c "$PY_SCRIPT"
 }
 
-O=() Z=() R=() O_F=() Z_F=() R_F=() O_PULL=() Z_PULL=()
+# --- the profile for p and q: one recorded start, pushed beside the image ---------------------
+HOT="- -"
+if want p || want q; then
+    log "recording the image's profile"
+    start_agent rec "[profile]\nrecord = true\nwindow = \"15s\"\npush = true\n$LAZYD_EXTRA"
+    # The recording ends when the container exits (its lower mount goes) and is pushed then.
+    [[ $(lazy_run "$(now)" rec) ]] || die "the recording start failed"
+    for _ in $(seq 300); do grep -q "pushed the profile" "$AGENT_ROOT/log" && break; sleep 0.1; done
+    grep -q "pushed the profile" "$AGENT_ROOT/log" || die "the profile was not pushed: $(tail -5 "$AGENT_ROOT/log")"
+    HOT=$(ctl profile show --json "$IMAGE" | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["hot_bytes"], len(r["remote"]["entries"]))')
+    stop_agent
+fi
+
+# lazy_pull_run NAME CONFIG: a fresh lazyd (CONFIG), lazy-snapshotter and containerd,
+# `ctr-remote image rpull` + `ctr run --rm`; appends the pull's seconds to PULLS, the time to
+# the first output to TIMES and lazyd's fetched bytes to FETCHED.
+lazy_pull_run() {
+    start_agent "$1" "$2"
+    start_snapshotter "$1-snapshotter"
+    start_containerd "$1-containerd" "$SNAP_SOCK"
+    drop_caches
+    t0=$(now)
+    ctrd_remote image rpull --plain-http --snapshotter lazyimg "$IMAGE" >/dev/null
+    PULLS+=("$(elapsed "$t0")")
+    TIMES+=("$(ctr_run "$t0" lazyimg "$1")")
+    FETCHED+=("$(fetched_bytes)")
+    stop_containerd
+    stop_snapshotter
+    stop_agent
+    unmount_under "$RUN/$1"
+}
+
+O=() Z=() R=() P=() Q=() O_F=() Z_F=() R_F=() P_F=() Q_F=() O_PULL=() Z_PULL=() P_PULL=()
 for run in $(seq "$RUNS"); do
     if want o; then
         log "run $run/$RUNS: o. containerd + overlayfs: ctr image pull + ctr run --rm"
@@ -230,19 +269,9 @@ for run in $(seq "$RUNS"); do
 
     if want z; then
         log "run $run/$RUNS: z. containerd + lazy-snapshotter: ctr-remote image rpull + ctr run --rm"
-        start_agent "z$run" "$AGENT_CONFIG"
-        start_snapshotter "z$run-snapshotter"
-        start_containerd "z$run-containerd" "$SNAP_SOCK"
-        drop_caches
-        t0=$(now)
-        ctrd_remote image rpull --plain-http --snapshotter lazyimg "$IMAGE" >/dev/null
-        Z_PULL+=("$(elapsed "$t0")")
-        Z+=("$(ctr_run "$t0" lazyimg "z$run")")
-        Z_F+=("$(fetched_bytes)")
-        stop_containerd
-        stop_snapshotter
-        stop_agent
-        unmount_under "$RUN/z$run"
+        PULLS=() TIMES=() FETCHED=()
+        lazy_pull_run "z$run" "$AGENT_CONFIG"
+        Z_PULL+=("${PULLS[@]}") Z+=("${TIMES[@]}") Z_F+=("${FETCHED[@]}")
     fi
 
     if want r; then
@@ -251,6 +280,22 @@ for run in $(seq "$RUNS"); do
         drop_caches
         R+=("$(lazy_run "$(now)" "r$run")")
         R_F+=("$(fetched_bytes)")
+        stop_agent
+    fi
+
+    if want p; then
+        log "run $run/$RUNS: p. containerd + lazy-snapshotter, the image's profile"
+        PULLS=() TIMES=() FETCHED=()
+        lazy_pull_run "p$run" "$PROFILE_CONFIG"
+        P_PULL+=("${PULLS[@]}") P+=("${TIMES[@]}") P_F+=("${FETCHED[@]}")
+    fi
+
+    if want q; then
+        log "run $run/$RUNS: q. lazyctl run, the image's profile"
+        start_agent "q$run" "$PROFILE_CONFIG"
+        drop_caches
+        Q+=("$(lazy_run "$(now)" "q$run")")
+        Q_F+=("$(fetched_bytes)")
         stop_agent
     fi
 done
@@ -262,6 +307,8 @@ ratio() { if [[ $1 == - || $2 == - ]]; then echo -; else calc "$1 / $2:.2f"; fi;
 mO=$(med "${O[@]}")
 mZ=$(med "${Z[@]}")
 mR=$(med "${R[@]}")
+mP=$(med "${P[@]}")
+mQ=$(med "${Q[@]}")
 
 cat <<EOF | tee "$W/results.md"
 containerd cold-start benchmark (bench/containerd.sh), $(date -u +%F), $(nproc) cores, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')
@@ -274,8 +321,11 @@ command ($WORKLOAD): python3 -c '$PY_SCRIPT' with ${RUN_ENV[*]}; $(containerd --
 | o. containerd, overlayfs: \`ctr image pull\` + \`ctr run --rm\` | $(med "${O_PULL[@]}") | $mO | $(med "${O_F[@]}") |
 | z. containerd, lazy-snapshotter: \`ctr-remote image rpull\` + \`ctr run --rm\` | $(med "${Z_PULL[@]}") | $mZ | $(med "${Z_F[@]}") |
 | r. \`lazyctl run\` | | $mR | $(med "${R_F[@]}") |
+| p. z with the image's profile | $(med "${P_PULL[@]}") | $mP | $(med "${P_F[@]}") |
+| q. r with the image's profile | | $mQ | $(med "${Q_F[@]}") |
 
 - o/z: $(ratio "$mO" "$mZ") (how many times sooner the lazy snapshotter's container prints than overlayfs's)
 - z/r: $(ratio "$mZ" "$mR") (containerd's path over \`lazyctl run\`'s, both lazy)
-- runs: o ${O[*]} | z ${Z[*]} | r ${R[*]}
+- o/p: $(ratio "$mO" "$mP"), p/q: $(ratio "$mP" "$mQ") (the same with the image's profile: ${HOT% *} bytes in ${HOT#* } chunks, recorded from one start)
+- runs: o ${O[*]} | z ${Z[*]} | r ${R[*]} | p ${P[*]} | q ${Q[*]}
 EOF

@@ -375,6 +375,8 @@ pub fn lazy_snapshotter_path() -> PathBuf {
 pub struct LazySnapshotter {
     child: Option<Child>,
     lazyd_socket: PathBuf,
+    /// Where it serves its Prometheus metrics (`--metrics-address`), the same across restarts.
+    metrics: std::net::SocketAddr,
     dir: tempfile::TempDir,
 }
 
@@ -385,9 +387,11 @@ impl LazySnapshotter {
         let dir = tempfile::Builder::new()
             .prefix("lazy-snapshotter-")
             .tempdir()?;
+        let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let mut snapshotter = LazySnapshotter {
             child: None,
             lazyd_socket: lazyd_socket.to_path_buf(),
+            metrics,
             dir,
         };
         snapshotter.spawn()?;
@@ -408,6 +412,8 @@ impl LazySnapshotter {
             .arg(self.socket())
             .arg("--lazyd-socket")
             .arg(&self.lazyd_socket)
+            .arg("--metrics-address")
+            .arg(self.metrics.to_string())
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -479,6 +485,22 @@ impl LazySnapshotter {
 
     /// Kills it (if running) and starts it again on the same root and socket; returns once
     /// the new one listens.
+    /// Its Prometheus metrics (`GET /metrics`).
+    pub fn metrics(&self) -> Result<String> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(self.metrics)?;
+        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: snapshotter\r\n\r\n")?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text)?;
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .context("no end of headers in the metrics answer")?;
+        if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+            bail!("GET /metrics: {head}");
+        }
+        Ok(body.to_string())
+    }
+
     pub fn restart(&mut self) -> Result<()> {
         self.kill();
         self.spawn()

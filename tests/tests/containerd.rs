@@ -303,6 +303,18 @@ fn lazy_pull_sends_no_layer_blob_and_the_container_writes_to_its_own_snapshot() 
         "the pull downloaded layers of the original image:\n{}",
         gets.join("\n")
     );
+    let metrics = stack.snapshotter.metrics().unwrap();
+    for line in [
+        "lazy_snapshotter_layers_skipped_total{how=\"lazy\"} 1",
+        "lazy_snapshotter_lazy_layers 1",
+        "lazy_snapshotter_snapshots{kind=\"committed\"} 1",
+        "lazy_snapshotter_requests_total{method=\"Prepare\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line} in:\n{metrics}"
+        );
+    }
     // The pulled image is mounted in lazyd for its top layer (--mount-at-pull), ahead of any
     // container.
     let start = Instant::now();
