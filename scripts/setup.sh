@@ -37,12 +37,13 @@ apt-get update -qq
 # with the labels a remote snapshotter reads): the containerd tests (tests/tests/containerd.rs)
 # and bench/containerd.sh run a private containerd with lazy-snapshotter as its proxy plugin;
 # protobuf-compiler: protoc, which lazy-snapshotter's build compiles containerd's snapshots API
-# with.
+# with, and libprotobuf-dev: the well-known types it imports (google/protobuf/empty.proto...),
+# only a recommendation of protobuf-compiler.
 apt-get install -y -qq --no-install-recommends \
     fuse3 umoci skopeo debootstrap docker-registry attr bindfs ca-certificates \
     curl gcc pkg-config tar gzip zstd python3 python3-venv crun runc iproute2 faketime \
     e2fsprogs golang-github-containers-common containerd stargz-snapshotter \
-    protobuf-compiler >/dev/null
+    protobuf-compiler libprotobuf-dev >/dev/null
 
 # A virtualenv at /opt/lazy-venv, so pip never touches the system Python, with moto[server]: a
 # real S3 API for the S3 tests (lazy_tests::s3 runs its moto_server), and safetensors, numpy and
