@@ -265,6 +265,9 @@ impl Snapshotter {
     ) -> Result<Vec<Mount>, SnapError> {
         {
             let mut store = self.store();
+            // Again, in the same hold of the lock as the write: two creates of one key may have
+            // got this far at once.
+            check_new(&store, key, &record.parent)?;
             store.apply(vec![(key.to_string(), Some(record.clone()))])?;
             self.metrics.set_snapshots(&store);
         }
