@@ -496,6 +496,16 @@ pub fn mount_overlay(
     Ok(())
 }
 
+/// Gives `upper` the owner and mode of `lower`'s root directory. An overlay's root takes its
+/// upper dir's owner and mode, and must show the image's (containerd's overlayfs snapshotter
+/// does the same with the layer below).
+pub fn take_owner_and_mode(upper: &Path, lower: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let root = std::fs::metadata(lower)?;
+    std::os::unix::fs::chown(upper, Some(root.uid()), Some(root.gid()))?;
+    std::fs::set_permissions(upper, std::fs::Permissions::from_mode(root.mode() & 0o7777))
+}
+
 /// Whether `path` is a mount point (its device differs from its parent's).
 pub fn is_mount_point(path: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;

@@ -18,7 +18,7 @@
 //! chain ever mixes part of a lazy image into another image.
 
 use std::collections::HashMap;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
@@ -467,15 +467,11 @@ impl Snapshotter {
         let fs = self.fs(record.id);
         if fresh && record.kind == Kind::Active {
             if let Some(top) = dirs.first() {
-                let meta = std::fs::metadata(top)
-                    .map_err(SnapError::io(format!("reading {}", top.display())))?;
-                std::os::unix::fs::chown(&fs, Some(meta.uid()), Some(meta.gid()))
-                    .map_err(SnapError::io(format!("chown {}", fs.display())))?;
-                std::fs::set_permissions(
-                    &fs,
-                    std::fs::Permissions::from_mode(meta.mode() & 0o7777),
-                )
-                .map_err(SnapError::io(format!("chmod {}", fs.display())))?;
+                agent::mount::take_owner_and_mode(&fs, top).map_err(SnapError::io(format!(
+                    "giving {} the owner and mode of {}",
+                    fs.display(),
+                    top.display()
+                )))?;
             }
         }
         Ok(match record.kind {

@@ -592,7 +592,7 @@ fn make_overlay(
     lower: &Path,
     target: Option<&Path>,
 ) -> Result<(PathBuf, PathBuf, PathBuf), AgentError> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    use std::os::unix::fs::DirBuilderExt;
     let parent = dir.parent().unwrap_or(Path::new("/"));
     // Containers' writes (a setuid shell their root made, say) must not be reachable from the
     // host by any other user: neither the containers' directory nor theirs let anyone through.
@@ -613,18 +613,10 @@ fn make_overlay(
             std::fs::create_dir(&rootfs)
                 .map_err(AgentError::io(format!("creating {}", rootfs.display())))?;
         }
-        // The overlay's root takes the upper dir's owner and mode: make them the image's.
-        let root = std::fs::metadata(lower)
-            .map_err(AgentError::io(format!("reading {}", lower.display())))?;
-        std::os::unix::fs::chown(&upper, Some(root.uid()), Some(root.gid()))
-            .map_err(AgentError::io(format!("chown {}", upper.display())))?;
-        std::fs::set_permissions(
-            &upper,
-            std::fs::Permissions::from_mode(root.mode() & 0o7777),
-        )
-        .map_err(AgentError::io(format!(
-            "setting the mode of {}",
-            upper.display()
+        mount::take_owner_and_mode(&upper, lower).map_err(AgentError::io(format!(
+            "giving {} the owner and mode of {}",
+            upper.display(),
+            lower.display()
         )))?;
         mount::mount_overlay(lower, &upper, &work, &rootfs)?;
         Ok(())
