@@ -131,17 +131,18 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         metrics.clone(),
     )
     .with_context(|| format!("opening the snapshotter's root {}", args.root.display()))?;
+    let snapshotter = Arc::new(snapshotter);
     let listener = listen(&args.address)?;
     if let Some(address) = args.metrics_address {
-        let metrics = metrics.clone();
+        let snapshotter = snapshotter.clone();
         let listener = tokio::net::TcpListener::bind(address)
             .await
             .with_context(|| format!("listening for metrics on {address}"))?;
         let app = axum::Router::new().route(
             "/metrics",
             axum::routing::get(move || {
-                let metrics = metrics.clone();
-                async move { metrics.render() }
+                let snapshotter = snapshotter.clone();
+                async move { snapshotter.metrics_text() }
             }),
         );
         tokio::spawn(async move {
@@ -151,7 +152,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         });
         info!(%address, "serving metrics at /metrics");
     }
-    let service = Service::new(Arc::new(snapshotter), metrics);
+    let service = Service::new(snapshotter, metrics);
     info!(
         address = %args.address.display(),
         lazyd = %args.lazyd_socket.display(),

@@ -1,6 +1,7 @@
 //! The snapshotter's Prometheus metrics (text format, served on `--metrics-address`): requests
 //! and failures by gRPC method and the time they took, layers by how they were provided
-//! (lazily, reused, or unpacked by containerd), and the snapshots there are by kind.
+//! (lazily, reused, or unpacked by containerd), and the snapshots there are by kind (counted
+//! from the store when the metrics are read).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -25,9 +26,6 @@ struct Method {
 struct State {
     methods: BTreeMap<&'static str, Method>,
     layers: BTreeMap<&'static str, u64>,
-    snapshots: BTreeMap<&'static str, u64>,
-    lazy_layers: u64,
-    holding: u64,
 }
 
 #[derive(Default)]
@@ -58,96 +56,101 @@ impl Metrics {
         *self.state().layers.entry(how).or_default() += 1;
     }
 
-    /// Counts the snapshots by kind (after every change).
-    pub fn set_snapshots(&self, store: &Store) {
-        let mut by_kind = BTreeMap::new();
-        let (mut lazy, mut holding) = (0, 0);
+    /// The Prometheus text exposition, with the snapshots of `store`.
+    pub fn render(&self, store: &Store) -> String {
+        let mut by_kind: BTreeMap<&str, u64> = [Kind::Active, Kind::View, Kind::Committed]
+            .map(|k| (k.as_str(), 0))
+            .into();
+        let (mut lazy_layers, mut holding) = (0, 0);
         for (_, r) in store.iter() {
-            *by_kind.entry(r.kind.as_str()).or_insert(0) += 1;
-            lazy += u64::from(r.lazy.is_some());
+            *by_kind.entry(r.kind.as_str()).or_default() += 1;
+            lazy_layers += u64::from(r.lazy.is_some());
             holding += u64::from(r.holder.is_some());
         }
-        for kind in [Kind::Active, Kind::View, Kind::Committed] {
-            by_kind.entry(kind.as_str()).or_insert(0);
-        }
-        let mut state = self.state();
-        state.snapshots = by_kind;
-        state.lazy_layers = lazy;
-        state.holding = holding;
-    }
-
-    /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
         let state = self.state();
         let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# HELP lazy_snapshotter_requests_total gRPC requests served, by method.\n# TYPE lazy_snapshotter_requests_total counter"
+        let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, String)>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, value) in samples {
+                let _ = writeln!(out, "{name}{labels} {value}");
+            }
+        };
+        let by_method = |value: fn(&Method) -> u64| -> Vec<(String, String)> {
+            state
+                .methods
+                .iter()
+                .map(|(name, m)| (format!("{{method=\"{name}\"}}"), value(m).to_string()))
+                .collect()
+        };
+        family(
+            "lazy_snapshotter_requests_total",
+            "counter",
+            "gRPC requests served, by method.",
+            by_method(|m| m.requests),
         );
-        for (name, m) in &state.methods {
-            let _ = writeln!(
-                out,
-                "lazy_snapshotter_requests_total{{method=\"{name}\"}} {}",
-                m.requests
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP lazy_snapshotter_request_errors_total gRPC requests answered with an error (AlreadyExists for a skipped layer included), by method.\n# TYPE lazy_snapshotter_request_errors_total counter"
+        family(
+            "lazy_snapshotter_request_errors_total",
+            "counter",
+            "gRPC requests answered with an error (AlreadyExists for a skipped layer included), by method.",
+            by_method(|m| m.errors),
         );
-        for (name, m) in &state.methods {
-            let _ = writeln!(
-                out,
-                "lazy_snapshotter_request_errors_total{{method=\"{name}\"}} {}",
-                m.errors
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP lazy_snapshotter_request_seconds Time to answer a gRPC request, by method.\n# TYPE lazy_snapshotter_request_seconds histogram"
-        );
+        let mut histogram = Vec::new();
         for (name, m) in &state.methods {
             let mut cumulative = 0;
             for (i, bound) in BUCKETS.iter().enumerate() {
                 cumulative += m.buckets[i];
-                let _ = writeln!(
-                    out,
-                    "lazy_snapshotter_request_seconds_bucket{{method=\"{name}\",le=\"{bound}\"}} {cumulative}"
-                );
+                histogram.push((
+                    format!("_bucket{{method=\"{name}\",le=\"{bound}\"}}"),
+                    cumulative.to_string(),
+                ));
             }
-            let _ = writeln!(
-                out,
-                "lazy_snapshotter_request_seconds_bucket{{method=\"{name}\",le=\"+Inf\"}} {}\nlazy_snapshotter_request_seconds_sum{{method=\"{name}\"}} {}\nlazy_snapshotter_request_seconds_count{{method=\"{name}\"}} {}",
-                m.requests, m.seconds, m.requests
-            );
+            histogram.push((
+                format!("_bucket{{method=\"{name}\",le=\"+Inf\"}}"),
+                m.requests.to_string(),
+            ));
+            histogram.push((format!("_sum{{method=\"{name}\"}}"), m.seconds.to_string()));
+            histogram.push((
+                format!("_count{{method=\"{name}\"}}"),
+                m.requests.to_string(),
+            ));
         }
-        let _ = writeln!(
-            out,
-            "# HELP lazy_snapshotter_layers_skipped_total Layer Prepares answered AlreadyExists: lazy (the image has a lazy version) or reused (the layer was there).\n# TYPE lazy_snapshotter_layers_skipped_total counter"
+        family(
+            "lazy_snapshotter_request_seconds",
+            "histogram",
+            "Time to answer a gRPC request, by method.",
+            histogram,
         );
-        for how in ["lazy", "reused"] {
-            let n = state.layers.get(how).copied().unwrap_or(0);
-            let _ = writeln!(
-                out,
-                "lazy_snapshotter_layers_skipped_total{{how=\"{how}\"}} {n}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP lazy_snapshotter_snapshots Snapshots there are, by kind.\n# TYPE lazy_snapshotter_snapshots gauge"
+        family(
+            "lazy_snapshotter_layers_skipped_total",
+            "counter",
+            "Layer Prepares answered AlreadyExists: lazy (the image has a lazy version) or reused (the layer was there).",
+            ["lazy", "reused"]
+                .map(|how| {
+                    let n = state.layers.get(how).copied().unwrap_or(0);
+                    (format!("{{how=\"{how}\"}}"), n.to_string())
+                })
+                .into(),
         );
-        for (kind, n) in &state.snapshots {
-            let _ = writeln!(out, "lazy_snapshotter_snapshots{{kind=\"{kind}\"}} {n}");
-        }
-        let _ = writeln!(
-            out,
-            "# HELP lazy_snapshotter_lazy_layers Committed layers served lazily (no directory of their own).\n# TYPE lazy_snapshotter_lazy_layers gauge\nlazy_snapshotter_lazy_layers {}",
-            state.lazy_layers
+        family(
+            "lazy_snapshotter_snapshots",
+            "gauge",
+            "Snapshots there are, by kind.",
+            by_kind
+                .iter()
+                .map(|(kind, n)| (format!("{{kind=\"{kind}\"}}"), n.to_string()))
+                .collect(),
         );
-        let _ = writeln!(
-            out,
-            "# HELP lazy_snapshotter_lowers_held Active snapshots and views holding a lazy image's mount in lazyd.\n# TYPE lazy_snapshotter_lowers_held gauge\nlazy_snapshotter_lowers_held {}",
-            state.holding
+        family(
+            "lazy_snapshotter_lazy_layers",
+            "gauge",
+            "Committed layers served lazily (no directory of their own).",
+            vec![(String::new(), lazy_layers.to_string())],
+        );
+        family(
+            "lazy_snapshotter_lowers_held",
+            "gauge",
+            "Snapshots holding a lazy image's mount in lazyd: pulled images' top layers, and the active snapshots and views over them.",
+            vec![(String::new(), holding.to_string())],
         );
         out
     }

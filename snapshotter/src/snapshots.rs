@@ -161,7 +161,6 @@ impl Snapshotter {
                 .map_err(SnapError::io(format!("creating {}", dir.display())))?;
         }
         let store = Store::open(&root.join("metadata.redb"))?;
-        metrics.set_snapshots(&store);
         info!(root = %root.display(), snapshots = store.len(), "metadata loaded");
         Ok(Snapshotter {
             root: root.to_path_buf(),
@@ -171,6 +170,11 @@ impl Snapshotter {
             holder_prefix: holder_prefix.to_string(),
             metrics,
         })
+    }
+
+    /// The Prometheus metrics, with the snapshots there are now.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.render(&self.store())
     }
 
     fn store(&self) -> MutexGuard<'_, Store> {
@@ -208,8 +212,6 @@ impl Snapshotter {
         }
         let (id, lowers) = {
             let mut store = self.store();
-            // Checked again: the lock was let go while lazyd was asked.
-            check_new(&store, key, parent)?;
             (store.take_id(), lowers(&store, parent, |id| self.fs(id))?)
         };
         let dir = self.dir(id);
@@ -265,11 +267,10 @@ impl Snapshotter {
     ) -> Result<Vec<Mount>, SnapError> {
         {
             let mut store = self.store();
-            // Again, in the same hold of the lock as the write: two creates of one key may have
-            // got this far at once.
+            // Again, in the same hold of the lock as the write: the lock was let go while lazyd
+            // was asked, and two creates of one key may have got this far at once.
             check_new(&store, key, &record.parent)?;
             store.apply(vec![(key.to_string(), Some(record.clone()))])?;
-            self.metrics.set_snapshots(&store);
         }
         match self.mounts_of(record, lowers, true).await {
             Ok(mounts) => Ok(mounts),
@@ -279,7 +280,6 @@ impl Snapshotter {
                     if let Err(undo) = store.apply(vec![(key.to_string(), None)]) {
                         warn!(key, "cannot forget a snapshot whose mounts failed: {undo}");
                     }
-                    self.metrics.set_snapshots(&store);
                 }
                 if let Some(holder) = &record.holder {
                     if let Err(release) = self.lazyd.release(holder).await {
@@ -380,7 +380,6 @@ impl Snapshotter {
                     .filter_map(|(_, r)| r.as_ref()?.holder.clone())
                     .collect();
                 store.apply(changes)?;
-                self.metrics.set_snapshots(&store);
                 info!(
                     image,
                     target, "lazy layer is now also the top of this image"
@@ -412,7 +411,6 @@ impl Snapshotter {
             usage: Usage::default(),
         };
         store.apply(vec![(name.clone(), Some(record))])?;
-        self.metrics.set_snapshots(&store);
         self.metrics.layer("lazy");
         info!(image, layer = at + 1, of = chain.len(), target, snapshot = %name, "lazy layer: not unpacked");
         if let Some(holder) = holder {
@@ -535,7 +533,6 @@ impl Snapshotter {
                 (key.to_string(), None),
                 (name.to_string(), Some(committed)),
             ])?;
-            self.metrics.set_snapshots(&store);
         }
         let work = self.dir(record.id).join("work");
         if let Err(e) = std::fs::remove_dir_all(&work) {
@@ -580,7 +577,6 @@ impl Snapshotter {
         {
             let mut store = self.store();
             store.apply(vec![(key.to_string(), None)])?;
-            self.metrics.set_snapshots(&store);
         }
         if record.lazy.is_none() {
             let dir = self.dir(record.id);
@@ -916,18 +912,17 @@ mod tests {
         assert!(!view.options.iter().any(|o| o.starts_with("upperdir")));
     }
 
-    fn snapshotter(root: &Path) -> (Snapshotter, Arc<Metrics>) {
-        let metrics = Arc::new(Metrics::default());
+    fn snapshotter(root: &Path) -> Snapshotter {
         // No lazyd listens there: these snapshots never ask it anything.
         let lazyd = Lazyd::new(&root.join("no-lazyd.sock"));
-        let s = Snapshotter::open(&root.join("root"), lazyd, "t", true, metrics.clone()).unwrap();
-        (s, metrics)
+        let metrics = Arc::new(Metrics::default());
+        Snapshotter::open(&root.join("root"), lazyd, "t", true, metrics).unwrap()
     }
 
     #[tokio::test]
     async fn the_snapshot_lifecycle_of_an_image_without_a_lazy_version() {
         let dir = tempfile::tempdir().unwrap();
-        let (s, metrics) = snapshotter(dir.path());
+        let s = snapshotter(dir.path());
         let labels = HashMap::from([(SNAPSHOT_REF.to_string(), "sha256:l1".to_string())]);
         let mounts = s
             .create(Kind::Active, "x1", "", labels.clone())
@@ -1017,11 +1012,11 @@ mod tests {
             ["l1"]
         );
         assert_eq!(names(&["labels.b==2", "kind==view"]), ["c1", "v1"]);
-        assert!(metrics
-            .render()
+        assert!(s
+            .metrics_text()
             .contains("lazy_snapshotter_snapshots{kind=\"active\"} 1"));
-        assert!(metrics
-            .render()
+        assert!(s
+            .metrics_text()
             .contains("lazy_snapshotter_layers_skipped_total{how=\"reused\"} 1"));
 
         // Children first; the directories go with their snapshots.
@@ -1043,7 +1038,7 @@ mod tests {
     async fn snapshots_survive_a_restart_and_cleanup_deletes_what_none_owns() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let (s, _) = snapshotter(dir.path());
+            let s = snapshotter(dir.path());
             s.create(Kind::Active, "x1", "", HashMap::new())
                 .await
                 .unwrap();
@@ -1054,10 +1049,10 @@ mod tests {
         }
         let orphan = dir.path().join("root/snapshots/99");
         std::fs::create_dir_all(orphan.join("fs")).unwrap();
-        let (s, metrics) = snapshotter(dir.path());
+        let s = snapshotter(dir.path());
         assert_eq!(s.stat("c1").unwrap().parent, "l1");
-        assert!(metrics
-            .render()
+        assert!(s
+            .metrics_text()
             .contains("lazy_snapshotter_snapshots{kind=\"committed\"} 1"));
         // The orphan goes; lazyd cannot be asked about holders, which Cleanup then reports.
         let Err(SnapError::Unavailable(e)) = s.cleanup().await else {
