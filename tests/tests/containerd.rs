@@ -88,20 +88,42 @@ fn push_and_convert_python(registry: &LocalRegistry) -> String {
     format!("{}/lazy/python:bookworm", registry.host())
 }
 
-/// The layers of `reference`'s manifest in the registry: `(digest, size)`, from `skopeo
-/// inspect --raw`.
-fn registry_layers(reference: &str) -> Vec<(String, u64)> {
+/// `skopeo inspect WHAT` (`--raw`: the manifest, `--config`: the config) of `reference` in the
+/// test registry.
+fn skopeo_inspect(reference: &str, what: &str) -> serde_json::Value {
     let out = std::process::Command::new("skopeo")
-        .args(["inspect", "--raw", "--tls-verify=false"])
+        .args(["inspect", what, "--tls-verify=false"])
         .arg(format!("docker://{reference}"))
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "skopeo inspect {reference}: {}",
+        "skopeo inspect {what} {reference}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let manifest: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Asks `ready` every `every` until it gives a value; after `timeout` fails with what it said
+/// last.
+fn wait_for<T>(
+    timeout: Duration,
+    every: Duration,
+    mut ready: impl FnMut() -> Result<T, String>,
+) -> T {
+    let start = Instant::now();
+    loop {
+        match ready() {
+            Ok(value) => return value,
+            Err(why) => assert!(start.elapsed() < timeout, "after {timeout:?}: {why}"),
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// The layers of `reference`'s manifest in the registry: `(digest, size)`.
+fn registry_layers(reference: &str) -> Vec<(String, u64)> {
+    let manifest = skopeo_inspect(reference, "--raw");
     manifest["layers"]
         .as_array()
         .unwrap_or_else(|| panic!("no layers in {manifest}"))
@@ -317,15 +339,15 @@ fn lazy_pull_sends_no_layer_blob_and_the_container_writes_to_its_own_snapshot() 
     }
     // The pulled image is mounted in lazyd for its top layer (--mount-at-pull), ahead of any
     // container.
-    let start = Instant::now();
-    while stack.lower_mounts().is_empty() {
-        assert!(
-            start.elapsed() < RELEASE_TIMEOUT,
-            "the pulled lazy image was not mounted: {}",
-            stack.agent.status()["lower_holders"]
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(RELEASE_TIMEOUT, Duration::from_millis(50), || {
+        if stack.lower_mounts().is_empty() {
+            return Err(format!(
+                "the pulled lazy image was not mounted: {}",
+                stack.agent.status()["lower_holders"]
+            ));
+        }
+        Ok(())
+    });
 
     let out = stack.run(false, &reference, "c1", &["python3", "-c", PYTHON_SCRIPT]);
     assert_eq!(out, PYTHON_PRINTS);
@@ -361,19 +383,16 @@ fn lazy_pull_sends_no_layer_blob_and_the_container_writes_to_its_own_snapshot() 
         "echo x > /root/written && sleep 120",
     ]);
     let root = stack.snapshotter.root();
-    let start = Instant::now();
-    let written = loop {
+    let written = wait_for(Duration::from_secs(30), Duration::from_millis(100), || {
         let found = in_snapshots(&root, "root/written");
-        if !found.is_empty() {
-            break found;
+        if found.is_empty() {
+            return Err(format!(
+                "no snapshots/*/fs/root/written under {} since the container started",
+                root.display()
+            ));
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no snapshots/*/fs/root/written under {} 30 s after the container started",
-            root.display()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+        Ok(found)
+    });
     assert_eq!(written.len(), 1, "{written:?}");
     assert_eq!(std::fs::read_to_string(&written[0]).unwrap(), "x\n");
     let lowers = stack.lower_mounts();
@@ -557,18 +576,18 @@ fn containers_start_after_the_snapshotter_and_lazyd_restart() {
     // containerd dials a proxy plugin again with a backoff of at most 3 s: requests fail
     // (Unavailable) until it has reconnected, however soon the snapshotter listens again.
     let reconnected = Instant::now();
-    while !stack
-        .containerd
-        .ctr(["snapshots", "--snapshotter", SNAPSHOTTER, "ls"])
-        .status
-        .success()
-    {
-        assert!(
-            reconnected.elapsed() < RECONNECT_TIMEOUT,
-            "containerd did not reach the restarted snapshotter within {RECONNECT_TIMEOUT:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for(RECONNECT_TIMEOUT, Duration::from_millis(100), || {
+        let ls = stack
+            .containerd
+            .ctr(["snapshots", "--snapshotter", SNAPSHOTTER, "ls"]);
+        if !ls.status.success() {
+            return Err(format!(
+                "containerd does not reach the restarted snapshotter: {}",
+                String::from_utf8_lossy(&ls.stderr)
+            ));
+        }
+        Ok(())
+    });
     println!(
         "containerd reached the restarted snapshotter after {:.2} s",
         reconnected.elapsed().as_secs_f64()
@@ -610,24 +629,20 @@ fn removing_the_container_and_the_image_frees_every_snapshot_and_the_lower() {
     assert!(left.is_empty(), "left in {}: {left:?}", dir.display());
 
     // lazyd lets go of the lower once its last holder is gone (lower_linger is 0 s).
-    let start = Instant::now();
-    loop {
+    wait_for(RELEASE_TIMEOUT, Duration::from_millis(100), || {
         let status = stack.agent.status();
         let holders = status["lower_holders"].as_array().map_or(0, Vec::len);
         let mounts = status["mounts"].as_array().map_or(0, Vec::len);
         let lowers = stack.lower_mounts();
         if holders == 0 && mounts == 0 && lowers.is_empty() {
-            break;
+            return Ok(());
         }
-        assert!(
-            start.elapsed() < RELEASE_TIMEOUT,
-            "{RELEASE_TIMEOUT:?} after the image was removed, lazyd still has lower_holders \
-             {}, mounts {} and lower mounts {lowers:?}",
-            status["lower_holders"],
-            status["mounts"]
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        Err(format!(
+            "since the image was removed, lazyd still has lower_holders {}, mounts {} and \
+             lower mounts {lowers:?}",
+            status["lower_holders"], status["mounts"]
+        ))
+    });
 }
 
 #[test]
@@ -695,34 +710,19 @@ fn kubernetes_pulls_through_the_cri_plugin_lazily_and_the_image_runs() {
 
     // RemoveImage, as the kubelet's image gc does: containerd's collector removes the layer.
     lazy_tests::cri::remove_image(&ctr.address(), &reference).unwrap();
-    let start = Instant::now();
-    loop {
+    wait_for(RELEASE_TIMEOUT, Duration::from_millis(200), || {
         let left = k8s(&["snapshots", "--snapshotter", SNAPSHOTTER, "ls"]);
         if left.lines().count() <= 1 {
-            break;
+            return Ok(());
         }
-        assert!(
-            start.elapsed() < RELEASE_TIMEOUT,
-            "snapshots left after RemoveImage:\n{left}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        Err(format!("snapshots left after RemoveImage:\n{left}"))
+    });
     assert!(stack.lower_mounts().is_empty());
 }
 
-/// The diff IDs of `reference`'s config, from `skopeo inspect --config`.
+/// The diff IDs of `reference`'s config.
 fn image_diff_ids(reference: &str) -> Vec<String> {
-    let out = std::process::Command::new("skopeo")
-        .args(["inspect", "--config", "--tls-verify=false"])
-        .arg(format!("docker://{reference}"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let config: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let config = skopeo_inspect(reference, "--config");
     config["rootfs"]["diff_ids"]
         .as_array()
         .unwrap_or_else(|| panic!("no diff_ids in {config}"))
