@@ -185,24 +185,7 @@ LAZY_BYTES=$(skopeo inspect --raw --tls-verify=false "docker://$REG/bench/py:v1-
 shape_link "$TOOLS"
 IMAGE=$LINK/bench/py:v1
 
-# --- helpers ----------------------------------------------------------------------------------
-
-# first_output T0 CMD...: runs CMD, prints the seconds from T0 (a `now` timestamp) to CMD's
-# first line of stdout; fails unless that line starts with "ok" and CMD exits 0.
-first_output() {
-    python3 - "$@" <<'PY'
-import subprocess, sys, time
-t0 = float(sys.argv[1])
-p = subprocess.Popen(sys.argv[2:], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
-line = p.stdout.readline()
-t = time.time() - t0
-rest = p.stdout.read()
-rc = p.wait()
-if rc != 0 or not line.startswith(b"ok"):
-    sys.exit(f"{sys.argv[2:]}: exit {rc}, first line {line!r}, then {rest[:200]!r}")
-print(f"{t:.3f}")
-PY
-}
+# --- helpers (first_output, lazy_run and record_profile are link.sh's) ------------------------
 
 # ctr_run T0 SNAPSHOTTER NAME: `ctr run --rm` of the image with SNAPSHOTTER; prints the seconds
 # from T0 to the container's first output.
@@ -213,44 +196,41 @@ ctr_run() {
         --snapshotter "$2" "${env[@]}" "$IMAGE" "bench-$3" python3 -c "$PY_SCRIPT"
 }
 
-# lazy_run T0 NAME: `lazyctl run` of the image through the current agent.
-lazy_run() {
-    local env=()
-    for e in "${RUN_ENV[@]}"; do env+=(-e "$e"); done
-    first_output "$1" "$LAZYCTL" --socket "$AGENT_ROOT/sock" run --name "bench-$2" \
-        --runtime "$RUNTIME" "${env[@]}" "$IMAGE" -- python3 -c "$PY_SCRIPT"
-}
-
 # --- the profile for p and q: one recorded start, pushed beside the image ---------------------
 HOT="- -"
 if want p || want q; then
-    log "recording the image's profile"
-    start_agent rec "[profile]\nrecord = true\nwindow = \"15s\"\npush = true\n$LAZYD_EXTRA"
-    # The recording ends when the container exits (its lower mount goes) and is pushed then.
-    [[ $(lazy_run "$(now)" rec) ]] || die "the recording start failed"
-    for _ in $(seq 300); do grep -q "pushed the profile" "$AGENT_ROOT/log" && break; sleep 0.1; done
-    grep -q "pushed the profile" "$AGENT_ROOT/log" || die "the profile was not pushed: $(tail -5 "$AGENT_ROOT/log")"
-    HOT=$(ctl profile show --json "$IMAGE" | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["hot_bytes"], len(r["remote"]["entries"]))')
-    stop_agent
+    record_profile
 fi
 
-# lazy_pull_run NAME CONFIG: a fresh lazyd (CONFIG), lazy-snapshotter and containerd,
-# `ctr-remote image rpull` + `ctr run --rm`; appends the pull's seconds to PULLS, the time to
-# the first output to TIMES and lazyd's fetched bytes to FETCHED.
+# lazy_pull_run NAME CONFIG CASE: a fresh lazyd (CONFIG), lazy-snapshotter and containerd,
+# `ctr-remote image rpull` + `ctr run --rm`; appends the pull's seconds to the array CASE_PULL,
+# the time to the first output to CASE and lazyd's fetched bytes to CASE_F.
 lazy_pull_run() {
+    local -n pulls=${3}_PULL times=$3 fetched=${3}_F
     start_agent "$1" "$2"
     start_snapshotter "$1-snapshotter"
     start_containerd "$1-containerd" "$SNAP_SOCK"
     drop_caches
     t0=$(now)
     ctrd_remote image rpull --plain-http --snapshotter lazyimg "$IMAGE" >/dev/null
-    PULLS+=("$(elapsed "$t0")")
-    TIMES+=("$(ctr_run "$t0" lazyimg "$1")")
-    FETCHED+=("$(fetched_bytes)")
+    pulls+=("$(elapsed "$t0")")
+    times+=("$(ctr_run "$t0" lazyimg "$1")")
+    fetched+=("$(fetched_bytes)")
     stop_containerd
     stop_snapshotter
     stop_agent
     unmount_under "$RUN/$1"
+}
+
+# lazyctl_run NAME CONFIG CASE: `lazyctl run` through a fresh lazyd (CONFIG); appends the time
+# to the first output to the array CASE and lazyd's fetched bytes to CASE_F.
+lazyctl_run() {
+    local -n times=$3 fetched=${3}_F
+    start_agent "$1" "$2"
+    drop_caches
+    times+=("$(lazy_run "$(now)" "$1")")
+    fetched+=("$(fetched_bytes)")
+    stop_agent
 }
 
 O=() Z=() R=() P=() Q=() O_F=() Z_F=() R_F=() P_F=() Q_F=() O_PULL=() Z_PULL=() P_PULL=()
@@ -269,34 +249,22 @@ for run in $(seq "$RUNS"); do
 
     if want z; then
         log "run $run/$RUNS: z. containerd + lazy-snapshotter: ctr-remote image rpull + ctr run --rm"
-        PULLS=() TIMES=() FETCHED=()
-        lazy_pull_run "z$run" "$AGENT_CONFIG"
-        Z_PULL+=("${PULLS[@]}") Z+=("${TIMES[@]}") Z_F+=("${FETCHED[@]}")
+        lazy_pull_run "z$run" "$AGENT_CONFIG" Z
     fi
 
     if want r; then
         log "run $run/$RUNS: r. lazyctl run"
-        start_agent "r$run" "$AGENT_CONFIG"
-        drop_caches
-        R+=("$(lazy_run "$(now)" "r$run")")
-        R_F+=("$(fetched_bytes)")
-        stop_agent
+        lazyctl_run "r$run" "$AGENT_CONFIG" R
     fi
 
     if want p; then
         log "run $run/$RUNS: p. containerd + lazy-snapshotter, the image's profile"
-        PULLS=() TIMES=() FETCHED=()
-        lazy_pull_run "p$run" "$PROFILE_CONFIG"
-        P_PULL+=("${PULLS[@]}") P+=("${TIMES[@]}") P_F+=("${FETCHED[@]}")
+        lazy_pull_run "p$run" "$PROFILE_CONFIG" P
     fi
 
     if want q; then
         log "run $run/$RUNS: q. lazyctl run, the image's profile"
-        start_agent "q$run" "$PROFILE_CONFIG"
-        drop_caches
-        Q+=("$(lazy_run "$(now)" "q$run")")
-        Q_F+=("$(fetched_bytes)")
-        stop_agent
+        lazyctl_run "q$run" "$PROFILE_CONFIG" Q
     fi
 done
 

@@ -141,25 +141,7 @@ fi
 shape_link "$TOOLS"
 IMAGE=$LINK/bench/py:v1
 
-# --- helpers ----------------------------------------------------------------------------------
-
-# first_output T0 CMD...: runs CMD, prints the seconds from T0 (a `now` timestamp) to CMD's
-# first line of stdout; fails unless that line starts with "ok" and CMD exits 0. The rest of
-# CMD's output is drained, so it can run to its end.
-first_output() {
-    python3 - "$@" <<'PY'
-import subprocess, sys, time
-t0 = float(sys.argv[1])
-p = subprocess.Popen(sys.argv[2:], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
-line = p.stdout.readline()
-t = time.time() - t0
-rest = p.stdout.read()
-rc = p.wait()
-if rc != 0 or not line.startswith(b"ok"):
-    sys.exit(f"{sys.argv[2:]}: exit {rc}, first line {line!r}, then {rest[:200]!r}")
-print(f"{t:.3f}")
-PY
-}
+# --- helpers (first_output, lazy_run and record_profile are link.sh's) ------------------------
 
 # local_run NAME: `$RUNTIME run` of the local bundle (its /tmp/mpl removed first); prints the
 # seconds to its first output.
@@ -171,14 +153,6 @@ local_run() {
     echo "$t"
 }
 
-# lazy_run T0 NAME: `lazyctl run` of the image through the current agent; prints the seconds
-# from T0 to the container's first output.
-lazy_run() {
-    local env=()
-    for e in "${RUN_ENV[@]}"; do env+=(-e "$e"); done
-    first_output "$1" "$LAZYCTL" --socket "$AGENT_ROOT/sock" run --name "bench-$2" \
-        --runtime "$RUNTIME" "${env[@]}" "$IMAGE" -- python3 -c "$PY_SCRIPT"
-}
 
 # chroot_run ROOT: the command in a chroot of ROOT with a fresh tmpfs on its /tmp (in a private
 # mount namespace); prints the seconds to its first output.
@@ -234,14 +208,7 @@ counters() {
 # --- the profile for c: one recorded start, pushed beside the image (the registry keeps it) ---
 HOT="- -"
 if want c; then
-    log "recording the image's profile"
-    start_agent rec "[profile]\nrecord = true\nwindow = \"15s\"\npush = true\n$LAZYD_EXTRA"
-    # The recording ends when the container exits (its lower mount goes) and is pushed then.
-    [[ $(lazy_run "$(now)" rec) ]] || die "the recording start failed"
-    for _ in $(seq 300); do grep -q "pushed the profile" "$AGENT_ROOT/log" && break; sleep 0.1; done
-    grep -q "pushed the profile" "$AGENT_ROOT/log" || die "the profile was not pushed: $(tail -5 "$AGENT_ROOT/log")"
-    HOT=$(ctl profile show --json "$IMAGE" | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["hot_bytes"], len(r["remote"]["entries"]))')
-    stop_agent
+    record_profile
 fi
 
 L=() A=() B=() C=() WC=() D=() A_F=() B_F=() C_F=() WC_F=() D_F=() D_WARM=() D_RATE=()

@@ -164,3 +164,45 @@ status_field() { # status_field PYTHON-EXPR-ON-s: a figure from `lazyctl status 
     ctl status --json | python3 -c "import json,sys; s=json.load(sys.stdin); print($1)"
 }
 fetched_bytes() { status_field "sum(b['bytes'] for b in s['metrics']['backends'])"; }
+
+# --- container starts (containers.sh, containerd.sh) -------------------------------------------
+
+# first_output T0 CMD...: runs CMD, prints the seconds from T0 (a `now` timestamp) to CMD's
+# first line of stdout; fails unless that line starts with "ok" and CMD exits 0. The rest of
+# CMD's output is drained, so it can run to its end.
+first_output() {
+    python3 - "$@" <<'PY'
+import subprocess, sys, time
+t0 = float(sys.argv[1])
+p = subprocess.Popen(sys.argv[2:], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+line = p.stdout.readline()
+t = time.time() - t0
+rest = p.stdout.read()
+rc = p.wait()
+if rc != 0 or not line.startswith(b"ok"):
+    sys.exit(f"{sys.argv[2:]}: exit {rc}, first line {line!r}, then {rest[:200]!r}")
+print(f"{t:.3f}")
+PY
+}
+
+# lazy_run T0 NAME: `lazyctl run` of $IMAGE (python3 -c "$PY_SCRIPT", with $RUN_ENV, on
+# $RUNTIME) through the current agent; prints the seconds from T0 to its first output.
+lazy_run() {
+    local env=()
+    for e in "${RUN_ENV[@]}"; do env+=(-e "$e"); done
+    first_output "$1" "$LAZYCTL" --socket "$AGENT_ROOT/sock" run --name "bench-$2" \
+        --runtime "$RUNTIME" "${env[@]}" "$IMAGE" -- python3 -c "$PY_SCRIPT"
+}
+
+# record_profile: one `lazyctl run` of $IMAGE through a recording lazyd that pushes its profile
+# beside the image (the registry keeps it); sets HOT to "BYTES CHUNKS" of the profile.
+record_profile() {
+    log "recording the image's profile"
+    start_agent rec "[profile]\nrecord = true\nwindow = \"15s\"\npush = true\n$LAZYD_EXTRA"
+    # The recording ends when the container exits (its lower mount goes) and is pushed then.
+    [[ $(lazy_run "$(now)" rec) ]] || die "the recording start failed"
+    for _ in $(seq 300); do grep -q "pushed the profile" "$AGENT_ROOT/log" && break; sleep 0.1; done
+    grep -q "pushed the profile" "$AGENT_ROOT/log" || die "the profile was not pushed: $(tail -5 "$AGENT_ROOT/log")"
+    HOT=$(ctl profile show --json "$IMAGE" | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["hot_bytes"], len(r["remote"]["entries"]))')
+    stop_agent
+}
