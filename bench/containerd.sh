@@ -105,7 +105,7 @@ ctrd_remote() { ctr-remote --address "$CTRD_ROOT/containerd.sock" --namespace be
 kill_shims() {
     local address=$1/containerd.sock
     for cmdline in /proc/[0-9]*/cmdline; do
-        if tr '\0' ' ' <"$cmdline" 2>/dev/null | grep -q -- "^[^ ]*containerd-shim-runc-v2 .*-address $address "; then
+        if tr '\0' ' ' 2>/dev/null <"$cmdline" | grep -q -- "^[^ ]*containerd-shim-runc-v2 .*-address $address "; then
             local pid=${cmdline#/proc/}
             kill -9 "${pid%/cmdline}" 2>/dev/null || true
         fi
