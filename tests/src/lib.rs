@@ -22,7 +22,9 @@
 //! - [`registry`]: a real `docker-registry` on a loopback port, stoppable and restartable;
 //! - [`s3`]: a real S3 API (`moto_server`) on a loopback port, stoppable for fault tests;
 //! - [`proxy`]: a TCP proxy adding per-request latency and, optionally, a shared reply rate
-//!   limit (a shaped link);
+//!   limit (a shaped link); it logs the HTTP requests it passes and counts replies per client;
+//! - [`fleet`]: N hosts in network namespaces, each with its own `lazyd`, a caching tier
+//!   (nginx from `packaging/tier/`) and a shaped, delayed origin (registry, S3) on one bridge;
 //! - [`fault_proxy`]: an HTTP proxy that damages ranged GETs on demand (slow, cut, reset,
 //!   corrupted or misranged bodies, 503 bursts, 429 with `Retry-After`).
 //!
@@ -36,6 +38,7 @@ pub mod containerd;
 pub mod cri;
 pub mod debian;
 pub mod fault_proxy;
+pub mod fleet;
 pub mod model;
 pub mod mount;
 pub mod oci;

@@ -12,9 +12,15 @@
 //!   about an equal share.
 //!
 //! Without a rate, replies pass at once.
+//!
+//! The proxy also keeps a log of the HTTP requests it passed ([`DelayProxy::requests`]: client,
+//! method, path, `Range`) and counts reply bytes per client ([`DelayProxy::bytes_sent_to`]), so
+//! a test can tell who asked the upstream for what: the fleet tests count the requests an origin
+//! served per blob and range.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -38,18 +44,44 @@ const BURST: Duration = Duration::from_millis(4);
 /// Read buffer of an unshaped direction: one large read per burst the peer sends.
 const UNSHAPED_READ: usize = 256 << 10;
 
-/// A running proxy; stops accepting on drop (open connections end with their peers).
+/// A running proxy; stops accepting on drop (open connections end with their peers). Its
+/// threads, and the connections it makes upstream, live in the network namespace of the thread
+/// that started it; drop it in that namespace too (its drop connects to the listener).
 pub struct DelayProxy {
-    port: u16,
+    address: SocketAddr,
     stop: Arc<AtomicBool>,
     bytes_sent: Arc<AtomicU64>,
+    traffic: Arc<Traffic>,
+}
+
+/// One HTTP request the proxy passed upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxiedRequest {
+    /// The client's address.
+    pub client: IpAddr,
+    pub method: String,
+    pub path: String,
+    /// The `Range` header's value, if any (`bytes=0-1048575`).
+    pub range: Option<String>,
+}
+
+/// What the proxy has seen: the requests, and the reply bytes each client received.
+#[derive(Default)]
+struct Traffic {
+    requests: Mutex<Vec<ProxiedRequest>>,
+    bytes_to: Mutex<HashMap<IpAddr, u64>>,
 }
 
 impl DelayProxy {
     /// Listens on a free 127.0.0.1 port and forwards to `upstream` (`HOST:PORT`), delaying each
     /// request by `delay`; replies are not limited.
     pub fn start(upstream: &str, delay: Duration) -> Result<DelayProxy> {
-        DelayProxy::spawn(upstream, delay, None)
+        DelayProxy::spawn("127.0.0.1:0", upstream, delay, None)
+    }
+
+    /// Like [`DelayProxy::start`], listening on `listen` (`IP:PORT`) instead.
+    pub fn start_on(listen: &str, upstream: &str, delay: Duration) -> Result<DelayProxy> {
+        DelayProxy::spawn(listen, upstream, delay, None)
     }
 
     /// Like [`DelayProxy::start`], and replies of all connections together pass at most
@@ -64,26 +96,37 @@ impl DelayProxy {
             "a shaped link needs a rate above 0"
         );
         DelayProxy::spawn(
+            "127.0.0.1:0",
             upstream,
             delay,
             Some(Arc::new(Link::new(reply_bytes_per_sec))),
         )
     }
 
-    fn spawn(upstream: &str, delay: Duration, link: Option<Arc<Link>>) -> Result<DelayProxy> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let port = listener.local_addr()?.port();
+    fn spawn(
+        listen: &str,
+        upstream: &str,
+        delay: Duration,
+        link: Option<Arc<Link>>,
+    ) -> Result<DelayProxy> {
+        let listener = TcpListener::bind(listen)?;
+        let address = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let bytes_sent = Arc::new(AtomicU64::new(0));
+        let traffic = Arc::new(Traffic::default());
         let upstream = upstream.to_string();
         let stopping = stop.clone();
         let counter = bytes_sent.clone();
+        let seen = traffic.clone();
         thread::spawn(move || {
             for client in listener.incoming() {
                 if stopping.load(Ordering::Relaxed) {
                     break;
                 }
                 let Ok(client) = client else { continue };
+                let Ok(peer) = client.peer_addr() else {
+                    continue;
+                };
                 let Ok(server) = TcpStream::connect(&upstream) else {
                     continue;
                 };
@@ -96,31 +139,50 @@ impl DelayProxy {
                     delay,
                     link: None,
                     counter: None,
+                    logs_requests: true,
+                    peer: peer.ip(),
+                    traffic: seen.clone(),
                 };
                 let replies = Direction {
                     delay: Duration::ZERO,
                     link: link.clone(),
                     counter: Some(counter.clone()),
+                    logs_requests: false,
+                    peer: peer.ip(),
+                    traffic: seen.clone(),
                 };
                 thread::spawn(move || pump(client, server, requests));
                 thread::spawn(move || pump(server2, client2, replies));
             }
         });
         Ok(DelayProxy {
-            port,
+            address,
             stop,
             bytes_sent,
+            traffic,
         })
     }
 
-    /// `127.0.0.1:PORT`.
+    /// `IP:PORT` it listens on (`127.0.0.1:PORT` unless started with [`DelayProxy::start_on`]).
     pub fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        self.address.to_string()
     }
 
     /// Reply bytes passed to clients so far, all connections together.
     pub fn bytes_sent(&self) -> u64 {
         self.bytes_sent.load(Ordering::Relaxed)
+    }
+
+    /// Reply bytes passed to clients at `client` so far.
+    pub fn bytes_sent_to(&self, client: IpAddr) -> u64 {
+        let bytes_to = self.traffic.bytes_to.lock().unwrap();
+        bytes_to.get(&client).copied().unwrap_or(0)
+    }
+
+    /// The HTTP requests passed upstream so far, in the order they arrived. A request is seen
+    /// when its head arrives in one read from the client, as HTTP/1.1 clients write it.
+    pub fn requests(&self) -> Vec<ProxiedRequest> {
+        self.traffic.requests.lock().unwrap().clone()
     }
 }
 
@@ -128,8 +190,37 @@ impl Drop for DelayProxy {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         // Wake the accept loop so it sees the flag.
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        let _ = TcpStream::connect(self.address);
     }
+}
+
+/// The request line and `Range` header of the HTTP request head at the start of `bytes`, if
+/// it starts with one.
+fn parse_request(client: IpAddr, bytes: &[u8]) -> Option<ProxiedRequest> {
+    let head = &bytes[..bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(bytes.len())];
+    let head = std::str::from_utf8(head).ok()?;
+    let mut lines = head.split("\r\n");
+    let mut request_line = lines.next()?.split(' ');
+    let method = request_line.next()?;
+    let path = request_line.next()?;
+    if !request_line.next()?.starts_with("HTTP/") || !method.bytes().all(|b| b.is_ascii_uppercase())
+    {
+        return None;
+    }
+    let range = lines.find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("range")
+            .then(|| value.trim().to_string())
+    });
+    Some(ProxiedRequest {
+        client,
+        method: method.to_string(),
+        path: path.to_string(),
+        range,
+    })
 }
 
 /// The shaped link: a token bucket of `rate` bytes per second, [`BURST`] deep, that may go into
@@ -184,8 +275,13 @@ struct Direction {
     delay: Duration,
     /// The shaped link they must pass, if any.
     link: Option<Arc<Link>>,
-    /// Counts the bytes passed on.
+    /// Counts the bytes passed on, also per client in `traffic`.
     counter: Option<Arc<AtomicU64>>,
+    /// Whether HTTP request heads passing this way are logged in `traffic`.
+    logs_requests: bool,
+    /// The client of this connection.
+    peer: IpAddr,
+    traffic: Arc<Traffic>,
 }
 
 /// Copies `from` to `to` as `direction` says.
@@ -200,6 +296,11 @@ fn pump(mut from: TcpStream, mut to: TcpStream, direction: Direction) {
         match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                if direction.logs_requests {
+                    if let Some(request) = parse_request(direction.peer, &buf[..n]) {
+                        direction.traffic.requests.lock().unwrap().push(request);
+                    }
+                }
                 if !direction.delay.is_zero() {
                     thread::sleep(direction.delay);
                 }
@@ -211,6 +312,8 @@ fn pump(mut from: TcpStream, mut to: TcpStream, direction: Direction) {
                 }
                 if let Some(counter) = &direction.counter {
                     counter.fetch_add(n as u64, Ordering::Relaxed);
+                    let mut bytes_to = direction.traffic.bytes_to.lock().unwrap();
+                    *bytes_to.entry(direction.peer).or_default() += n as u64;
                 }
             }
         }
@@ -330,5 +433,33 @@ mod tests {
         assert!(got == data, "the reply arrived changed");
         assert!(took < Duration::from_millis(250), "{took:?}");
         assert_eq!(proxy.bytes_sent(), SHAPED_LEN as u64);
+    }
+
+    #[test]
+    fn requests_are_logged_and_replies_counted_per_client() {
+        let (upstream, data) = serve_bytes(1000);
+        let proxy = DelayProxy::start_on("127.0.0.2:0", &upstream, Duration::ZERO).unwrap();
+        assert!(proxy.host().starts_with("127.0.0.2:"), "{}", proxy.host());
+        let mut c = TcpStream::connect(proxy.host()).unwrap();
+        c.write_all(b"GET /v2/a/blobs/sha256:00 HTTP/1.1\r\nHost: x\r\nRange: bytes=0-99\r\n\r\n")
+            .unwrap();
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).unwrap();
+        assert!(got == data, "the reply arrived changed");
+        assert_eq!(
+            proxy.requests(),
+            vec![ProxiedRequest {
+                client: "127.0.0.1".parse().unwrap(),
+                method: "GET".into(),
+                path: "/v2/a/blobs/sha256:00".into(),
+                range: Some("bytes=0-99".into()),
+            }]
+        );
+        assert_eq!(proxy.bytes_sent_to("127.0.0.1".parse().unwrap()), 1000);
+        assert_eq!(proxy.bytes_sent_to("127.0.0.3".parse().unwrap()), 0);
+        assert_eq!(
+            parse_request(IpAddr::from([127, 0, 0, 1]), b"\x16\x03binary"),
+            None
+        );
     }
 }

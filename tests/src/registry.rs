@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,28 +14,42 @@ pub struct LocalRegistry {
     child: Option<Child>,
     port: u16,
     config: PathBuf,
+    /// The registry's storage root.
+    storage: PathBuf,
     dir: tempfile::TempDir,
 }
 
 impl LocalRegistry {
     /// Starts a registry and waits (up to 20 s) until it accepts connections.
     pub fn start() -> Result<LocalRegistry> {
+        LocalRegistry::start_with(None)
+    }
+
+    /// Like [`LocalRegistry::start`], serving (and storing into) the registry storage at
+    /// `storage` instead of a new one: images pushed there before, e.g. by a benchmark.
+    pub fn serve(storage: &Path) -> Result<LocalRegistry> {
+        LocalRegistry::start_with(Some(storage))
+    }
+
+    fn start_with(storage: Option<&Path>) -> Result<LocalRegistry> {
         let dir = tempfile::Builder::new()
             .prefix("lazy-registry-")
             .tempdir()?;
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let config = dir.path().join("config.yml");
+        let storage = storage.map_or_else(|| dir.path().join("storage"), Path::to_path_buf);
         fs::write(
             &config,
             format!(
                 "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                dir.path().join("storage").display()
+                storage.display()
             ),
         )?;
         let mut registry = LocalRegistry {
             child: None,
             port,
             config,
+            storage,
             dir,
         };
         registry.restart()?;
@@ -109,9 +123,8 @@ impl LocalRegistry {
     /// damage it.
     pub fn blob_file(&self, digest: &str) -> PathBuf {
         let hex = digest.trim_start_matches("sha256:");
-        self.dir
-            .path()
-            .join("storage/docker/registry/v2/blobs/sha256")
+        self.storage
+            .join("docker/registry/v2/blobs/sha256")
             .join(&hex[..2])
             .join(hex)
             .join("data")
