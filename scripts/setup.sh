@@ -38,12 +38,13 @@ apt-get update -qq
 # and bench/containerd.sh run a private containerd with lazy-snapshotter as its proxy plugin;
 # protobuf-compiler: protoc, which lazy-snapshotter's build compiles containerd's snapshots API
 # with, and libprotobuf-dev: the well-known types it imports (google/protobuf/empty.proto...),
-# only a recommendation of protobuf-compiler.
+# only a recommendation of protobuf-compiler; nginx (1.22, with the slice and auth_request
+# modules): the fleet cache tier of packaging/tier/, which bench/tier.sh measures.
 apt-get install -y -qq --no-install-recommends \
     fuse3 umoci skopeo debootstrap docker-registry attr bindfs ca-certificates \
     curl gcc pkg-config tar gzip zstd python3 python3-venv crun runc iproute2 faketime \
     e2fsprogs golang-github-containers-common containerd stargz-snapshotter \
-    protobuf-compiler libprotobuf-dev >/dev/null
+    protobuf-compiler libprotobuf-dev nginx >/dev/null
 
 # A virtualenv at /opt/lazy-venv, so pip never touches the system Python, with moto[server]: a
 # real S3 API for the S3 tests (lazy_tests::s3 runs its moto_server), and safetensors, numpy and

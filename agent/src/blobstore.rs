@@ -309,6 +309,18 @@ pub trait BlobStore: Send + Sync + 'static {
 
     /// The whole blob `digest`, refusing blobs larger than `max_size` bytes. Used for the index.
     async fn read_blob(&self, digest: &str, max_size: u64) -> Result<Vec<u8>, BlobError>;
+
+    /// The size whose multiples requests should not cross (a mirror's slice: see
+    /// `crate::mirror`); `None`: any range is as good as another.
+    fn request_alignment(&self) -> Option<u64> {
+        None
+    }
+
+    /// The store behind this one's mirrors (`crate::mirror`), asked again for a chunk whose
+    /// bytes from a mirror failed verification; `None` for a store without mirrors.
+    fn origin(&self) -> Option<Arc<dyn BlobStore>> {
+        None
+    }
 }
 
 /// Checks that `digest` is `sha256:` and 64 lowercase hex digits, so it is safe in a path or URL.

@@ -5,12 +5,15 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 use thiserror::Error;
 
+use crate::error::error_chain;
 use crate::fetcher::FetcherConfig;
+use crate::mirror::{self, MirrorSpec, Mirrors, Origin};
 use crate::remote::RemoteOptions;
 use crate::stream::StreamConfig;
 
@@ -53,6 +56,8 @@ pub struct AgentConfig {
     pub profile: ProfileConfig,
     pub mount: MountOptions,
     pub stream: StreamOptions,
+    /// Mirrors of registries and buckets (`[[mirror]]`, tried in order before the origin).
+    pub mirror: Vec<MirrorEntry>,
 }
 
 impl Default for AgentConfig {
@@ -69,7 +74,89 @@ impl Default for AgentConfig {
             profile: ProfileConfig::default(),
             mount: MountOptions::default(),
             stream: StreamOptions::default(),
+            mirror: Vec::new(),
         }
+    }
+}
+
+/// One `[[mirror]]`: a cache tier that blob reads of a registry or bucket go to first
+/// (`crate::mirror`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorEntry {
+    /// The registry whose blobs it serves, `host[:port]` as image references name it ...
+    pub registry: Option<String>,
+    /// ... or the S3 bucket.
+    pub bucket: Option<String>,
+    /// `http://host[:port]` or `https://host[:port]`.
+    pub url: String,
+    /// Connecting, and each wait for data, longer than this: the origin is asked instead.
+    #[serde(default = "mirror_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// The tier's slice size: requests are cut at its multiples; 0: not cut.
+    #[serde(default = "mirror_slice", deserialize_with = "size")]
+    pub slice: u64,
+    /// How long a mirror that failed is skipped, doubled after each further failure...
+    #[serde(default = "mirror_backoff", deserialize_with = "duration")]
+    pub backoff: Duration,
+    /// ...up to this.
+    #[serde(default = "mirror_max_backoff", deserialize_with = "duration")]
+    pub max_backoff: Duration,
+}
+
+/// Above what a tier's cache lock makes a host wait for a slice another host's request is
+/// fetching (nginx re-checks every 500 ms, and the slice itself crosses the origin's link).
+fn mirror_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn mirror_slice() -> u64 {
+    1 << 20
+}
+
+fn mirror_backoff() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn mirror_max_backoff() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl MirrorEntry {
+    fn spec(&self) -> Result<MirrorSpec, String> {
+        let origin = match (&self.registry, &self.bucket) {
+            (Some(registry), None) => Origin::Registry(registry.clone()),
+            (None, Some(bucket)) => Origin::Bucket(bucket.clone()),
+            _ => {
+                return Err(format!(
+                    "mirror {}: give either registry or bucket, not both or neither",
+                    self.url
+                ))
+            }
+        };
+        let url = reqwest::Url::parse(&self.url)
+            .map_err(|e| format!("mirror {}: not a URL: {e}", self.url))?;
+        mirror::check_url(&url).map_err(|reason| format!("mirror {}: {reason}", self.url))?;
+        if self.timeout.is_zero() || self.backoff.is_zero() {
+            return Err(format!(
+                "mirror {}: timeout and backoff must be more than 0",
+                self.url
+            ));
+        }
+        if self.max_backoff < self.backoff {
+            return Err(format!(
+                "mirror {}: max_backoff is shorter than backoff",
+                self.url
+            ));
+        }
+        Ok(MirrorSpec {
+            origin,
+            url,
+            timeout: self.timeout,
+            slice: self.slice,
+            backoff: self.backoff,
+            max_backoff: self.max_backoff,
+        })
     }
 }
 
@@ -118,6 +205,9 @@ pub struct FetchConfig {
     /// own AWS credentials, so an image from a registry or another bucket must not be able to
     /// point them anywhere.
     pub external_buckets: Vec<String>,
+    /// Registries (`host[:port]`, as image references name them) reached over plain http when
+    /// https fails, like docker's `insecure-registries`; loopback registries always are.
+    pub insecure_registries: Vec<String>,
 }
 
 impl Default for FetchConfig {
@@ -138,6 +228,7 @@ impl Default for FetchConfig {
             speculative_requests: f.speculative_requests,
             speculative_request_size: f.speculative_request_bytes,
             external_buckets: Vec::new(),
+            insecure_registries: Vec::new(),
         }
     }
 }
@@ -333,7 +424,18 @@ impl AgentConfig {
         if self.cache_size == 0 {
             return Err("cache_size must be more than 0".into());
         }
+        self.mirrors()?;
         Ok(())
+    }
+
+    /// The `[[mirror]]` entries, checked, with their clients.
+    pub fn mirrors(&self) -> Result<Mirrors, String> {
+        let specs = self
+            .mirror
+            .iter()
+            .map(MirrorEntry::spec)
+            .collect::<Result<Vec<_>, _>>()?;
+        Mirrors::new(&specs).map_err(|e| error_chain(&e))
     }
 
     pub fn fetcher(&self) -> FetcherConfig {
@@ -367,12 +469,16 @@ impl AgentConfig {
         }
     }
 
-    pub fn remote(&self) -> RemoteOptions {
-        RemoteOptions {
+    /// How to reach registries and buckets; fails only on `[[mirror]]` entries that
+    /// [`AgentConfig::parse`] would refuse.
+    pub fn remote(&self) -> Result<RemoteOptions, String> {
+        Ok(RemoteOptions {
             connect_timeout: self.fetch.connect_timeout,
             read_timeout: self.fetch.request_timeout,
             external_buckets: self.fetch.external_buckets.clone(),
-        }
+            insecure_registries: self.fetch.insecure_registries.clone(),
+            mirrors: Arc::new(self.mirrors()?),
+        })
     }
 
     /// Where the chunk segments live.
@@ -440,6 +546,68 @@ mod tests {
     }
 
     #[test]
+    fn mirrors_parse_with_defaults_and_bad_ones_are_refused() {
+        let c = AgentConfig::parse(
+            r#"
+            [fetch]
+            insecure_registries = ["10.0.0.3:5000"]
+            [[mirror]]
+            registry = "10.0.0.3:5000"
+            url = "http://10.0.0.2:5000"
+            [[mirror]]
+            bucket = "images"
+            url = "https://tier.example.com"
+            timeout = "1s"
+            slice = "4M"
+            backoff = "2s"
+            max_backoff = "10s"
+            "#,
+        )
+        .unwrap();
+        let remote = c.remote().unwrap();
+        assert_eq!(remote.insecure_registries, ["10.0.0.3:5000"]);
+        let (mirrors, origins) = remote.mirrors.snapshot();
+        assert_eq!(mirrors.len(), 2);
+        assert_eq!(origins[0].origin, Origin::Registry("10.0.0.3:5000".into()));
+        assert_eq!(origins[1].origin, Origin::Bucket("images".into()));
+        let first = c.mirror[0].spec().unwrap();
+        assert_eq!(
+            (first.timeout, first.slice, first.backoff, first.max_backoff),
+            (
+                Duration::from_secs(5),
+                1 << 20,
+                Duration::from_secs(1),
+                Duration::from_secs(60)
+            )
+        );
+        assert_eq!(c.mirror[1].spec().unwrap().slice, 4 << 20);
+        for (bad, says) in [
+            ("url = \"http://t\"", "either registry or bucket"),
+            (
+                "registry = \"r\"\nbucket = \"b\"\nurl = \"http://t\"",
+                "either registry or bucket",
+            ),
+            ("registry = \"r\"\nurl = \"t:5000\"", "http:// or https://"),
+            (
+                "registry = \"r\"\nurl = \"http://t/v2\"",
+                "must not have a path",
+            ),
+            ("registry = \"r\"\nurl = \"nonsense\"", "not a URL"),
+            (
+                "registry = \"r\"\nurl = \"http://t\"\nbackoff = \"1m\"\nmax_backoff = \"1s\"",
+                "max_backoff",
+            ),
+            (
+                "registry = \"r\"\nurl = \"http://t\"\nport = 1",
+                "unknown field",
+            ),
+        ] {
+            let err = AgentConfig::parse(&format!("[[mirror]]\n{bad}")).unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn every_section_parses() {
         let c = AgentConfig::parse(
             r#"
@@ -482,7 +650,7 @@ mod tests {
         assert_eq!(c.fetch.read_timeout, Duration::from_secs(60));
         assert_eq!(c.fetcher().max_request_bytes, 4 << 20);
         assert_eq!(c.fetcher().memory_budget, 1 << 20);
-        assert_eq!(c.remote().connect_timeout, Duration::from_secs(2));
+        assert_eq!(c.remote().unwrap().connect_timeout, Duration::from_secs(2));
         assert_eq!(c.background.bandwidth, 0);
         assert_eq!(c.fetcher().background_requests, 8);
         assert_eq!(c.fetcher().background_request_bytes, 8 << 20);

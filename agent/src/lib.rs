@@ -41,6 +41,7 @@ pub mod fetcher;
 pub mod handover;
 pub mod local;
 pub mod metrics;
+pub mod mirror;
 pub mod mount;
 pub mod profile;
 pub mod push;

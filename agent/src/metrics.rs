@@ -12,6 +12,8 @@ use std::time::Duration;
 use fusefs::ops::{Op, OpCount};
 use serde::{Deserialize, Serialize};
 
+use crate::mirror::{MirrorSnapshot, OriginSnapshot};
+
 pub const CHUNK_READS: &str = "lazy_chunk_reads_total";
 pub const MEMORY_HITS: &str = "lazy_chunk_memory_hits_total";
 pub const DISK_HITS: &str = "lazy_chunk_disk_hits_total";
@@ -36,6 +38,12 @@ pub const BACKEND_RETRIES: &str = "lazy_backend_retries_total";
 pub const BACKEND_ERRORS: &str = "lazy_backend_errors_total";
 pub const BACKEND_TIMEOUTS: &str = "lazy_backend_timeouts_total";
 pub const BACKEND_LATENCY: &str = "lazy_backend_request_seconds";
+pub const MIRROR_REQUESTS: &str = "lazy_mirror_requests_total";
+pub const MIRROR_BYTES: &str = "lazy_mirror_bytes_total";
+pub const MIRROR_FAILURES: &str = "lazy_mirror_failures_total";
+pub const MIRROR_UP: &str = "lazy_mirror_up";
+pub const ORIGIN_REQUESTS: &str = "lazy_origin_requests_total";
+pub const ORIGIN_BYTES: &str = "lazy_origin_bytes_total";
 pub const STREAMS_STARTED: &str = "lazy_streams_started_total";
 pub const STREAM_BYTES: &str = "lazy_stream_bytes_total";
 pub const STREAM_HEADERS_REFUSED: &str = "lazy_stream_headers_refused_total";
@@ -336,6 +344,12 @@ pub struct MetricsSnapshot {
     /// counted).
     #[serde(default)]
     pub fuse: FuseSnapshot,
+    /// The configured mirrors (`crate::mirror`).
+    #[serde(default)]
+    pub mirrors: Vec<MirrorSnapshot>,
+    /// What the origins that have mirrors served themselves.
+    #[serde(default)]
+    pub origins: Vec<OriginSnapshot>,
 }
 
 /// FUSE requests that reached the daemon, by kind (`fusefs::ops`), summed over mounts.
@@ -417,6 +431,30 @@ impl MetricsSnapshot {
                 out,
                 "\n{}: {} requests, {} bytes, {} chunks, {} retries, {} errors ({} timeouts), latency p50 <= {p50}, p99 <= {p99}",
                 b.name, b.requests, b.bytes, b.chunks, b.retries, b.errors, b.timeouts
+            );
+        }
+        for m in &self.mirrors {
+            let state = if m.skipped_for_secs > 0.0 {
+                format!("down, asked again in {:.1} s", m.skipped_for_secs)
+            } else if m.up {
+                "up".to_string()
+            } else {
+                "failing".to_string()
+            };
+            let _ = write!(
+                out,
+                "\nmirror {} for {}: {state}; {} bytes in {} requests, {} failed",
+                m.url, m.origin, m.bytes, m.requests, m.failures
+            );
+            if let (false, Some(error)) = (m.up, &m.last_error) {
+                let _ = write!(out, " (last: {error})");
+            }
+        }
+        for o in &self.origins {
+            let _ = write!(
+                out,
+                "\norigin {} (not through a mirror): {} bytes in {} requests",
+                o.origin, o.bytes, o.requests
             );
         }
         if !self.fuse.ops.is_empty() {
@@ -558,6 +596,65 @@ impl MetricsSnapshot {
                 let _ = writeln!(out, "{name}{{{}}} {}", labels(b), field(b));
             }
         }
+        for (name, help, kind, value) in [
+            (
+                MIRROR_REQUESTS,
+                "Blob requests sent to a mirror (each try).",
+                "counter",
+                (|m: &MirrorSnapshot| m.requests as f64) as fn(&MirrorSnapshot) -> f64,
+            ),
+            (
+                MIRROR_BYTES,
+                "Bytes a mirror delivered.",
+                "counter",
+                |m| m.bytes as f64,
+            ),
+            (
+                MIRROR_FAILURES,
+                "Requests a mirror failed (error, timeout, short body); the origin was asked instead.",
+                "counter",
+                |m| m.failures as f64,
+            ),
+            (
+                MIRROR_UP,
+                "1 when the mirror's last request succeeded (or none was sent yet).",
+                "gauge",
+                |m| if m.up { 1.0 } else { 0.0 },
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for m in &self.mirrors {
+                let _ = writeln!(
+                    out,
+                    "{name}{{mirror=\"{}\",origin=\"{}\"}} {}",
+                    escape_label(&m.url),
+                    escape_label(&m.origin.to_string()),
+                    value(m)
+                );
+            }
+        }
+        for (name, help, value) in [
+            (
+                ORIGIN_REQUESTS,
+                "Blob requests an origin with mirrors was sent itself.",
+                (|o: &OriginSnapshot| o.requests) as fn(&OriginSnapshot) -> u64,
+            ),
+            (
+                ORIGIN_BYTES,
+                "Bytes an origin with mirrors delivered itself.",
+                |o| o.bytes,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for o in &self.origins {
+                let _ = writeln!(
+                    out,
+                    "{name}{{origin=\"{}\"}} {}",
+                    escape_label(&o.origin.to_string()),
+                    value(o)
+                );
+            }
+        }
         for (name, help, value) in [
             (
                 FUSE_REQUESTS,
@@ -639,11 +736,12 @@ fn write_histogram(out: &mut String, name: &str, labels: &str, h: &HistogramSnap
 }
 
 fn labels(b: &BackendSnapshot) -> String {
-    format!(
-        "backend=\"{}\",name=\"{}\"",
-        b.kind,
-        b.name.replace('\\', "\\\\").replace('"', "\\\"")
-    )
+    format!("backend=\"{}\",name=\"{}\"", b.kind, escape_label(&b.name))
+}
+
+/// A label value with its backslashes and quotes escaped.
+fn escape_label(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"")
 }
 
 fn fmt_secs(secs: f64) -> String {

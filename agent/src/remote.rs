@@ -29,8 +29,9 @@ use tracing::{debug, info, warn};
 
 use crate::blobstore::{BlobError, BlobStore, DirBlobStore};
 use crate::external::{check_buckets, external_objects, ExternalError, Route, RoutedBlobStore};
+use crate::mirror::Mirrors;
 use crate::registry::{
-    docker_config_credentials, ClientOptions, ImageRef, Reference, RegistryBlobStore,
+    docker_config_credentials, ClientOptions, ImageRef, PlainHttp, Reference, RegistryBlobStore,
     RegistryClient, RegistryError,
 };
 use crate::s3::{S3Error, S3Location, S3Options, S3Store};
@@ -187,6 +188,10 @@ pub struct RemoteOptions {
     /// Buckets an image's external blobs may be in besides its own (`"*"`: any); see
     /// `crate::external`.
     pub external_buckets: Vec<String>,
+    /// Registries (`host[:port]`) reached over plain http when https fails.
+    pub insecure_registries: Vec<String>,
+    /// Where blob reads go before the origin (`crate::mirror`).
+    pub mirrors: Arc<Mirrors>,
 }
 
 impl Default for RemoteOptions {
@@ -195,6 +200,8 @@ impl Default for RemoteOptions {
             connect_timeout: std::time::Duration::from_secs(5),
             read_timeout: std::time::Duration::from_secs(10),
             external_buckets: Vec::new(),
+            insecure_registries: Vec::new(),
+            mirrors: Arc::new(Mirrors::default()),
         }
     }
 }
@@ -204,12 +211,18 @@ pub fn registry_client(
     registry: &str,
     opts: &RemoteOptions,
 ) -> Result<RegistryClient, RegistryError> {
+    let plain_http = if opts.insecure_registries.iter().any(|r| r == registry) {
+        PlainHttp::Fallback
+    } else {
+        PlainHttp::Loopback
+    };
     RegistryClient::new(
         registry,
         ClientOptions {
             credentials: docker_config_credentials(registry),
             connect_timeout: opts.connect_timeout,
             read_timeout: opts.read_timeout,
+            plain_http,
             ..ClientOptions::default()
         },
     )
@@ -282,7 +295,10 @@ pub async fn open_image(
             let client = registry_client(&image.registry, opts)?;
             let fetched = lazy_manifest_in_registry(&client, image).await;
             let store = RegistryBlobStore::new(client, &image.repository)?;
-            (fetched, Arc::new(store))
+            let store = opts
+                .mirrors
+                .registry_store(&image.registry, &image.repository, store)?;
+            (fetched, store)
         }
         ImageLocation::S3(l) => {
             let s3 = s3_store(l, opts, 1).await?;
@@ -295,7 +311,7 @@ pub async fn open_image(
                 .into()),
                 Err(e) => Err(e.into()),
             };
-            (fetched, Arc::new(s3))
+            (fetched, opts.mirrors.s3_store(s3))
         }
     };
     let kept = cache_dir.map(|dir| kept_manifest_path(dir, location));
@@ -337,9 +353,11 @@ pub async fn open_pinned(
         ImageLocation::Dir { path, .. } => Arc::new(DirBlobStore::new(path)),
         ImageLocation::Registry(image) => {
             let client = registry_client(&image.registry, opts)?;
-            Arc::new(RegistryBlobStore::new(client, &image.repository)?)
+            let store = RegistryBlobStore::new(client, &image.repository)?;
+            opts.mirrors
+                .registry_store(&image.registry, &image.repository, store)?
         }
-        ImageLocation::S3(l) => Arc::new(s3_store(l, opts, 1).await?),
+        ImageLocation::S3(l) => opts.mirrors.s3_store(s3_store(l, opts, 1).await?),
     };
     // A local store's index is read from the store itself, as when it was mounted.
     let cache_dir = cache_dir.filter(|_| !matches!(location, ImageLocation::Dir { .. }));

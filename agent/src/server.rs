@@ -162,6 +162,7 @@ impl IntoResponse for ApiError {
                 | MountError::Overlay { .. },
             )
             | AgentError::Cache(_)
+            | AgentError::BadConfig(_)
             | AgentError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let error = crate::error::error_chain(&self.0);

@@ -545,3 +545,67 @@ async fn env_child() {
     );
     println!("env_child ok");
 }
+
+/// A bucket mirror (`agent::mirror`) is asked for presigned range GETs; a mirror that answers
+/// an error, or breaks a body off, leaves the rest to the origin, and the bytes are the blob's.
+#[tokio::test]
+async fn a_bucket_mirror_serves_presigned_ranges_and_the_origin_takes_over_its_failures() {
+    use agent::mirror::{MirrorSpec, Mirrors, Origin};
+    let (moto, store) = store_on_moto("images/mirrored").await;
+    let blob = pseudo_random_bytes(7, 600_000);
+    let digest = put_blob(&store, &blob).await;
+    let tier = FaultProxy::start(&format!("127.0.0.1:{}", moto.port())).unwrap();
+    let spec = MirrorSpec {
+        origin: Origin::Bucket(BUCKET.into()),
+        url: format!("http://{}", tier.host()).parse().unwrap(),
+        timeout: Duration::from_secs(2),
+        slice: 256 << 10,
+        backoff: Duration::from_millis(300),
+        max_backoff: Duration::from_secs(1),
+    };
+    let mirrors = Mirrors::new(&[spec]).unwrap();
+    let mirrored = mirrors.s3_store(store.clone());
+    assert_eq!(mirrored.id(), store.id());
+    assert_eq!(mirrored.request_alignment(), Some(256 << 10));
+
+    let ranges = [0..1, 1000..300_000, 599_999..600_000];
+    for range in ranges.clone() {
+        let got = mirrored.read_range(&digest, range.clone()).await.unwrap();
+        assert!(got == slice(&blob, &range), "bytes differ in {range:?}");
+    }
+    assert_eq!(mirrored.read_blob(&digest, 1 << 20).await.unwrap(), blob);
+    let (shown, origins) = mirrors.snapshot();
+    assert_eq!(tier.ranged_requests(), 3);
+    assert_eq!((shown[0].requests, shown[0].failures), (4, 0));
+    assert_eq!(shown[0].bytes, 1 + 299_000 + 1 + 600_000);
+    assert_eq!((origins[0].requests, origins[0].bytes), (0, 0));
+
+    // An error answer: the origin serves it, and the mirror sits out its backoff.
+    tier.inject(
+        HttpFault::Status {
+            status: 503,
+            retry_after: None,
+        },
+        1,
+    );
+    let range = 4096..200_000;
+    let got = mirrored.read_range(&digest, range.clone()).await.unwrap();
+    assert!(got == slice(&blob, &range));
+    mirrored.read_range(&digest, range.clone()).await.unwrap();
+    let (shown, origins) = mirrors.snapshot();
+    assert_eq!(tier.ranged_requests(), 4, "skipped within its backoff");
+    assert!(!shown[0].up && shown[0].failures == 1, "{shown:?}");
+    assert_eq!(origins[0].requests, 2);
+
+    // A body broken off halfway: the origin sends only the rest.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    tier.inject(HttpFault::ResetMidBody, 1);
+    let range = 10_000..410_000;
+    let got = mirrored.read_range(&digest, range.clone()).await.unwrap();
+    assert!(got == slice(&blob, &range));
+    let (shown, origins) = mirrors.snapshot();
+    assert_eq!(shown[0].failures, 2);
+    let from_mirror = shown[0].bytes - (1 + 299_000 + 1 + 600_000);
+    assert!(from_mirror > 0 && from_mirror < 400_000, "{from_mirror}");
+    assert_eq!(origins[0].bytes, 2 * 195_904 + (400_000 - from_mirror));
+}

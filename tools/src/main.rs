@@ -288,6 +288,7 @@ impl RemoteArgs {
             read_timeout: seconds(self.request_timeout)?,
             // lazyctl reads with its user's own credentials, for images that user chose.
             external_buckets: vec!["*".to_string()],
+            ..agent::remote::RemoteOptions::default()
         })
     }
 }

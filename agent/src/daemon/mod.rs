@@ -126,6 +126,9 @@ pub enum AgentError {
     LowerInUse { path: PathBuf, users: LowerUsers },
     #[error("lazyd is shutting down")]
     ShuttingDown,
+    /// A configuration that [`AgentConfig::parse`] refuses, built some other way.
+    #[error("bad configuration: {0}")]
+    BadConfig(String),
     #[error("cannot open {image}: {source}")]
     Open {
         image: String,
@@ -236,7 +239,7 @@ impl Agent {
         let background_limit =
             (config.background.bandwidth > 0).then(|| RateLimit::new(config.background.bandwidth));
         Ok(Arc::new(Agent {
-            remote: config.remote(),
+            remote: config.remote().map_err(AgentError::BadConfig)?,
             config,
             fetcher,
             cache,
@@ -356,10 +359,12 @@ impl Agent {
         }
     }
 
-    /// The fetcher's and cache's counters with the FUSE requests of every mount.
+    /// The fetcher's and cache's counters with the FUSE requests of every mount and the
+    /// mirrors' health and traffic.
     fn metrics(&self) -> MetricsSnapshot {
         let mut metrics = self.fetcher.snapshot();
         metrics.fuse.ops = self.fuse_stats.snapshot();
+        (metrics.mirrors, metrics.origins) = self.remote.mirrors.snapshot();
         metrics
     }
 

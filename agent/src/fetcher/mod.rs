@@ -171,8 +171,8 @@ impl Backend {
     pub fn new(store: Arc<dyn BlobStore>) -> Arc<Backend> {
         Arc::new(Backend {
             id: store.id(),
+            queue: Mutex::new(Queue::aligned(store.request_alignment())),
             store,
-            queue: Mutex::new(Queue::default()),
             metrics: BackendMetrics::default(),
         })
     }
@@ -180,6 +180,15 @@ impl Backend {
     pub fn store(&self) -> &Arc<dyn BlobStore> {
         &self.store
     }
+}
+
+/// Where a fetched chunk's bytes came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Through {
+    /// The backend's store, its mirrors included.
+    Store,
+    /// The origin, asked again after bytes from a mirror failed verification.
+    Origin,
 }
 
 /// One chunk waiting in a backend's queue.
@@ -481,7 +490,7 @@ impl Fetcher {
                 .map(|b| b.metrics.snapshot(b.id.kind(), &b.id.to_string()))
                 .collect(),
             cache: shared.cache.as_ref().map(|c| c.stats()),
-            fuse: Default::default(),
+            ..MetricsSnapshot::default()
         }
     }
 }
@@ -1007,7 +1016,7 @@ impl Shared {
             let backend = backend.clone();
             tokio::task::spawn_blocking(move || {
                 for (i, outcome) in rx {
-                    shared.complete(&backend, &batch[i], outcome);
+                    shared.complete(&backend, &batch[i], outcome, Through::Store);
                 }
             })
         };
@@ -1056,7 +1065,13 @@ impl Shared {
     /// whole images, streams: whatever a watcher drives, and background work) only checks the
     /// length and crc32 and writes the chunk to the disk cache: its blake3 is checked when it
     /// is first decoded for a reader, so it is decoded once, not twice.
-    fn complete(&self, backend: &Backend, job: &Job, outcome: Result<Vec<u8>, BlobError>) {
+    fn complete(
+        self: &Arc<Self>,
+        backend: &Arc<Backend>,
+        job: &Job,
+        outcome: Result<Vec<u8>, BlobError>,
+        through: Through,
+    ) {
         let digest = job.chunk.record.digest;
         let stored = match outcome {
             Ok(stored) => stored,
@@ -1089,7 +1104,7 @@ impl Shared {
         };
         let raw = match checked {
             Ok(raw) => raw,
-            Err(e) => return self.refuse_fetched(backend, job, e),
+            Err(e) => return self.refuse_fetched(backend, job, e, through),
         };
         backend.metrics.chunks.inc();
         let cache_error = self.store(&job.chunk, &stored);
@@ -1110,7 +1125,7 @@ impl Shared {
                     self.mark_verified(digest);
                     Some(Arc::new(raw))
                 }
-                Err(e) => return self.refuse_fetched(backend, job, e),
+                Err(e) => return self.refuse_fetched(backend, job, e, through),
             },
             None => {
                 if let (true, Some(decoder)) = (decode_ahead, &self.decode_ahead) {
@@ -1122,9 +1137,31 @@ impl Shared {
         self.finish(&digest, &job.flight, Ok(result), cache_error);
     }
 
-    /// A fetched chunk failed its checks: counted, logged, and its readers get the error.
-    fn refuse_fetched(&self, backend: &Backend, job: &Job, e: ChunkError) {
+    /// A fetched chunk failed its checks: counted and logged. Bytes that came through a mirror
+    /// are fetched again from the origin (a tier's bad disk must not fail reads); otherwise its
+    /// readers get the error.
+    fn refuse_fetched(
+        self: &Arc<Self>,
+        backend: &Arc<Backend>,
+        job: &Job,
+        e: ChunkError,
+        through: Through,
+    ) {
         self.metrics.digest_mismatches.inc();
+        let origin = match through {
+            Through::Store => backend.store.origin(),
+            Through::Origin => None,
+        };
+        if let Some(origin) = origin {
+            warn!(
+                backend = %backend.id,
+                blob = %job.chunk.blob_digest,
+                offset = job.chunk.record.comp_off,
+                "chunk fetched through a mirror fails verification, fetching it from the origin: {e}"
+            );
+            self.refetch_from_origin(backend, job, origin);
+            return;
+        }
         error!(
             backend = %backend.id,
             blob = %job.chunk.blob_digest,
@@ -1133,6 +1170,49 @@ impl Shared {
         );
         let digest = job.chunk.record.digest;
         self.finish(&digest, &job.flight, Err(SourceError::Chunk(e)), None);
+    }
+
+    /// Fetches `job`'s chunk from `origin`, bypassing the mirrors, and completes it from there.
+    fn refetch_from_origin(
+        self: &Arc<Self>,
+        backend: &Arc<Backend>,
+        job: &Job,
+        origin: Arc<dyn BlobStore>,
+    ) {
+        let job = Job {
+            chunk: job.chunk.clone(),
+            flight: job.flight.clone(),
+            limit: None,
+        };
+        let shared = self.clone();
+        let backend = backend.clone();
+        self.handle.spawn(async move {
+            let blob = job.chunk.blob_digest.clone();
+            backend.metrics.requests.inc();
+            let outcome = tokio::time::timeout(
+                shared.config.request_timeout,
+                origin.read_range(&blob, job.range()),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(BlobError::Timeout {
+                    store: backend.id.clone(),
+                    digest: blob,
+                    after: shared.config.request_timeout,
+                })
+            });
+            match &outcome {
+                Ok(bytes) => backend.metrics.bytes.add(bytes.len() as u64),
+                Err(_) => backend.metrics.errors.inc(),
+            }
+            let completing = shared.clone();
+            let done = tokio::task::spawn_blocking(move || {
+                completing.complete(&backend, &job, outcome, Through::Origin)
+            });
+            if let Err(e) = done.await {
+                error!("chunk verification task failed: {e}");
+            }
+        });
     }
 
     /// Writes verified stored bytes to the disk cache; when the disk is full the chunk is still

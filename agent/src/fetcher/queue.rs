@@ -21,6 +21,11 @@
 //! carries, after its own chunks, the queued jobs of any class that continue it (riders: a
 //! guess at the reader's next chunks costs no round trip of its own).
 //!
+//! A backend behind a mirror with slices (`crate::mirror`) has an alignment: a request is not
+//! extended with a chunk that starts in another slice than the one its bytes end in (or, going
+//! backwards, ends in another than the one they start in), so a request touches one slice, or
+//! two where a chunk straddles their boundary, and the tier fetches each slice once.
+//!
 //! A background job may carry a [`RateLimit`]: its (coalesced) request starts only when the
 //! bucket holds its bytes, and until then nothing behind it in that queue starts either;
 //! [`Next::WaitForTokens`] says how long that is.
@@ -116,15 +121,25 @@ pub struct Queue<J> {
     /// When the armed rate-limit timer fires, if one is armed (kept here for the dispatcher,
     /// which owns the timer).
     pub token_timer: Option<Instant>,
+    /// The slice size requests stay within (see the module docs).
+    alignment: Option<u64>,
 }
 
 impl<J> Default for Queue<J> {
     fn default() -> Self {
+        Queue::aligned(None)
+    }
+}
+
+impl<J> Queue<J> {
+    /// An empty queue whose requests stay within slices of `alignment` bytes.
+    pub fn aligned(alignment: Option<u64>) -> Self {
         Queue {
             waiting: Default::default(),
             running: [0; 4],
             demand_bytes: 0,
             token_timer: None,
+            alignment: alignment.filter(|&a| a > 0),
         }
     }
 }
@@ -269,6 +284,7 @@ impl<J: Queued> Queue<J> {
     /// queue is searched, so a long queue costs a bounded scan per request.
     fn take_batch(&mut self, class: Priority, limits: &Limits) -> Option<Vec<J>> {
         let max_bytes = limits.request_bytes(class);
+        let alignment = self.alignment;
         let first = self.waiting[class.slot()].pop_front()?;
         let mut range = first.range();
         let mut batch = vec![first];
@@ -277,8 +293,12 @@ impl<J: Queued> Queue<J> {
             let next = jobs.iter().take(COALESCE_SCAN).position(|j| {
                 j.blob() == head.blob() && same_limit(j.limit(), head.limit()) && {
                     let r = j.range();
-                    (r.start == range.end || (both_ways && r.end == range.start))
-                        && len(&range) + len(&r) <= max_bytes
+                    let after =
+                        r.start == range.end && same_slice(alignment, range.end - 1, r.start);
+                    let before = both_ways
+                        && r.end == range.start
+                        && same_slice(alignment, r.end - 1, range.start);
+                    (after || before) && len(&range) + len(&r) <= max_bytes
                 }
             });
             let Some(at) = next else { break };
@@ -304,6 +324,11 @@ impl<J: Queued> Queue<J> {
 
 fn len(range: &Range<u64>) -> u64 {
     range.end - range.start
+}
+
+/// Whether offsets `a` and `b` are in the same slice of `alignment` bytes (always without one).
+fn same_slice(alignment: Option<u64>, a: u64, b: u64) -> bool {
+    alignment.is_none_or(|size| a / size == b / size)
 }
 
 fn same_limit(a: Option<&Arc<RateLimit>>, b: Option<&Arc<RateLimit>>) -> bool {
@@ -394,6 +419,30 @@ mod tests {
         );
         q.finished(Priority::Demand, 0);
         assert_eq!(take(&mut q), (Priority::Demand, vec![("b", 400)]));
+    }
+
+    #[test]
+    fn an_aligned_queue_keeps_each_request_within_a_slice() {
+        let mut q = Queue::aligned(Some(200));
+        for start in [100, 0, 200, 300] {
+            q.push(Priority::Demand, job("a", start, 100));
+        }
+        // 100 takes 0 (same slice, before it), not 200 (the next slice), though 300 bytes fit.
+        assert_eq!(take(&mut q), (Priority::Demand, vec![("a", 0), ("a", 100)]));
+        assert_eq!(
+            take(&mut q),
+            (Priority::Demand, vec![("a", 200), ("a", 300)])
+        );
+        // A chunk that straddles a boundary joins the slice its first byte is in; the next
+        // chunk starts in the slice where that one ends, so it joins too.
+        let mut q = Queue::aligned(Some(150));
+        for start in [0, 100, 200] {
+            q.push(Priority::Demand, job("a", start, 100));
+        }
+        assert_eq!(
+            take(&mut q),
+            (Priority::Demand, vec![("a", 0), ("a", 100), ("a", 200)])
+        );
     }
 
     #[test]

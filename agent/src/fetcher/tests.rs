@@ -415,6 +415,47 @@ fn corrupted_bytes_are_never_served_nor_cached() {
 }
 
 #[test]
+fn a_chunk_a_mirror_corrupted_is_fetched_again_from_the_origin() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = disk_cache(dir.path(), 64 << 20);
+    let origin = Arc::new(MemoryBlobStore::new());
+    let chunks = blob(&origin, 3, 64 << 10);
+    // The same blob, in the mirror.
+    let copy = MemoryBlobStore::new();
+    blob(&copy, 3, 64 << 10);
+    let mirror = Arc::new(FaultyBlobStore::new(Arc::new(copy)));
+    mirror.set(Faults {
+        corrupt_offset: Some(chunks[1].record.comp_off + 5),
+        ..Faults::default()
+    });
+    let (store, via, traffic) =
+        crate::mirror::mirrored_for_tests(mirror.clone(), origin.clone(), Duration::from_secs(1));
+    let fetcher = Fetcher::new(config(), Some(cache.clone()), runtime()).unwrap();
+    let backend = fetcher.backend(store);
+    for class in [Priority::Demand, Priority::Background] {
+        let chunk = if class == Priority::Demand {
+            &chunks[1]
+        } else {
+            &chunks[2]
+        };
+        if class == Priority::Background {
+            mirror.set(Faults {
+                corrupt_offset: Some(chunk.record.comp_off + 5),
+                ..Faults::default()
+            });
+        }
+        let got = fetcher.read(&backend, chunk, class).unwrap();
+        assert_eq!(*got, expected(chunk), "{class:?}");
+        assert!(cache.contains(&chunk.record.digest));
+    }
+    assert_eq!(fetcher.snapshot().chunks.digest_mismatches, 2);
+    assert_eq!(via.snapshot().requests, 2);
+    // Only the two bad chunks were asked of the origin.
+    assert_eq!(origin.requests(), 2);
+    assert_eq!(traffic.requests.get(), 2);
+}
+
+#[test]
 fn disk_cache_serves_a_new_fetcher_without_requests() {
     let dir = tempfile::tempdir().unwrap();
     let cache_config = crate::cache::CacheConfig {

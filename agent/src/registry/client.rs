@@ -72,6 +72,8 @@ pub struct ClientOptions {
     /// but moving one does not.
     pub read_timeout: Duration,
     pub user_agent: String,
+    /// When plain http may be used instead of https.
+    pub plain_http: PlainHttp,
 }
 
 impl Default for ClientOptions {
@@ -81,8 +83,23 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(30),
             user_agent: concat!("lazy-image/", env!("CARGO_PKG_VERSION")).to_string(),
+            plain_http: PlainHttp::Loopback,
         }
     }
+}
+
+/// When a [`RegistryClient`] may talk plain http.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlainHttp {
+    /// Only to a loopback registry, after https failed (docker's rule for `localhost`).
+    Loopback,
+    /// To this registry, after https failed: one the operator listed as insecure (docker's
+    /// `insecure-registries`).
+    Fallback,
+    /// Only plain http: a mirror configured with an `http://` URL.
+    Only,
+    /// Never: a mirror configured with an `https://` URL.
+    Never,
 }
 
 /// A manifest or index exactly as the registry served it.
@@ -137,7 +154,7 @@ impl fmt::Debug for RegistryClient {
 enum Scheme {
     Https,
     Http,
-    /// A loopback registry not yet contacted: try https, fall back to http.
+    /// A loopback or insecure registry not yet contacted: try https, fall back to http.
     HttpsThenHttp,
 }
 
@@ -247,10 +264,11 @@ impl RegistryClient {
             value.set_sensitive(true);
             Some(value)
         });
-        let scheme = if is_loopback_registry(&registry) {
-            Scheme::HttpsThenHttp
-        } else {
-            Scheme::Https
+        let scheme = match opts.plain_http {
+            PlainHttp::Loopback if is_loopback_registry(&registry) => Scheme::HttpsThenHttp,
+            PlainHttp::Loopback | PlainHttp::Never => Scheme::Https,
+            PlainHttp::Fallback => Scheme::HttpsThenHttp,
+            PlainHttp::Only => Scheme::Http,
         };
         Ok(RegistryClient {
             inner: Arc::new(ClientInner {
@@ -969,7 +987,7 @@ pub(super) fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
 }
 
 /// Parses `bytes FIRST-LAST/TOTAL` (TOTAL may be `*`).
-fn parse_content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
+pub(crate) fn parse_content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
     let rest = value.trim().strip_prefix("bytes ")?;
     let (span, total) = rest.split_once('/')?;
     let (first, last) = span.trim().split_once('-')?;

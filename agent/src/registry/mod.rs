@@ -18,7 +18,9 @@
 //!   configured credentials. Credentials and tokens only ever go to the registry's own origin.
 //! - **Plain HTTP only for loopback.** Like docker's treatment of `localhost` registries, a client
 //!   for `localhost`, `127.0.0.0/8` or `[::1]` tries https first and, if the connection or TLS
-//!   handshake fails, falls back to http and remembers that choice. Every other host is https only.
+//!   handshake fails, falls back to http and remembers that choice. Every other host is https
+//!   only, unless the caller says otherwise ([`PlainHttp`]: lazyd's `fetch.insecure_registries`,
+//!   a mirror's `http://` URL).
 //! - **Redirects** (a blob GET answered with 307 to an S3-like store) are followed with every
 //!   header but `Authorization`, which is dropped whenever the redirect leaves the registry's
 //!   origin (reqwest's policy does this; tests hold it to that). Signed query strings are cut from
@@ -73,7 +75,8 @@ mod upload;
 
 pub use auth::{docker_config_credentials, Credentials};
 pub use blob_store::RegistryBlobStore;
-pub use client::{ClientOptions, Manifest, RegistryClient};
+pub(crate) use client::parse_content_range;
+pub use client::{ClientOptions, Manifest, PlainHttp, RegistryClient};
 pub use error::{ContentKind, Reference, RegistryError};
 pub use push::{PushedBlob, PushedManifest};
 pub use reference::ImageRef;
