@@ -63,9 +63,8 @@ pub const BUCKET: &str = "fleet";
 /// How long nginx may take to listen, and to stop.
 const TIER_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(20);
-/// The tier's templates (`nginx.conf`, `registry.conf`, `s3.conf`).
+/// The tier's templates: `nginx.conf` and the `*.conf` files it includes from its directory.
 const TIER_TEMPLATES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/tier");
-const TIER_FILES: [&str; 3] = ["nginx.conf", "registry.conf", "s3.conf"];
 
 /// Tells fleets of one process apart.
 static SEQUENCE: AtomicU32 = AtomicU32::new(0);
@@ -261,14 +260,18 @@ fn listening(address: (Ipv4Addr, u16)) -> bool {
     TcpStream::connect_timeout(&address.into(), Duration::from_millis(200)).is_ok()
 }
 
-/// The first `@NAME@` (capitals, digits and `_`) left in `text`.
+/// The first `@NAME@` (capitals, digits and `_`) left in `text` outside `#` comment lines.
 fn placeholder_in(text: &str) -> Option<&str> {
-    text.match_indices('@').find_map(|(at, _)| {
-        let rest = &text[at + 1..];
-        let end =
-            rest.find(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'))?;
-        (end > 0 && rest[end..].starts_with('@')).then(|| &text[at..at + end + 2])
-    })
+    text.lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .find_map(|line| {
+            line.match_indices('@').find_map(|(at, _)| {
+                let rest = &line[at + 1..];
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'))?;
+                (end > 0 && rest[end..].starts_with('@')).then(|| &line[at..at + end + 2])
+            })
+        })
 }
 
 /// One host: a namespace and its `lazyd`.
@@ -304,7 +307,7 @@ pub fn metric(text: &str, name: &str, labels: &str) -> f64 {
             let (family, rest) = series.split_once('{').unwrap_or((series, ""));
             (family == name && rest.contains(labels)).then(|| value.parse::<f64>().ok())?
         })
-        .sum()
+        .fold(0.0, |sum, value| sum + value)
 }
 
 /// The caching tier: nginx in its namespace.
@@ -316,8 +319,10 @@ struct Tier {
 }
 
 impl Tier {
-    /// Renders the templates of `packaging/tier/` into `dir`.
+    /// Renders the templates of `packaging/tier/` (every `*.conf`) into `dir`, with the cache
+    /// in `dir/cache` and the logs in `dir/logs`.
     fn render(dir: &Path, config: &FleetConfig) -> Result<()> {
+        create_open_dir(&dir.join("logs"))?;
         let registry_origin = format!("http://{ORIGIN_IP}:{REGISTRY_PORT}");
         let s3_origin = format!("http://{ORIGIN_IP}:{S3_PORT}");
         let values = [
@@ -331,8 +336,14 @@ impl Tier {
             ("@S3_ORIGIN@", s3_origin),
             ("@S3_ORIGIN_HOST@", format!("{ORIGIN_IP}:{S3_PORT}")),
         ];
-        for file in TIER_FILES {
-            let template = Path::new(TIER_TEMPLATES).join(file);
+        let mut rendered = 0;
+        for entry in fs::read_dir(TIER_TEMPLATES)
+            .with_context(|| format!("reading the tier templates in {TIER_TEMPLATES}"))?
+        {
+            let template = entry?.path();
+            if template.extension().is_none_or(|e| e != "conf") {
+                continue;
+            }
             let mut text = fs::read_to_string(&template)
                 .with_context(|| format!("reading the tier template {}", template.display()))?;
             for (placeholder, value) in &values {
@@ -344,8 +355,16 @@ impl Tier {
                     template.display()
                 );
             }
-            fs::write(dir.join(file), text)?;
+            fs::write(
+                dir.join(template.file_name().context("a template has no name")?),
+                text,
+            )?;
+            rendered += 1;
         }
+        ensure!(
+            dir.join("nginx.conf").is_file(),
+            "no nginx.conf among the {rendered} templates in {TIER_TEMPLATES}"
+        );
         Ok(())
     }
 
@@ -364,6 +383,8 @@ impl Tier {
                 .arg(dir)
                 .arg("-c")
                 .arg(dir.join("nginx.conf"))
+                // In the foreground, so that this child is nginx's master.
+                .args(["-g", "daemon off;"])
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)
@@ -408,9 +429,9 @@ impl Tier {
         Ok(())
     }
 
-    /// nginx's output, error log and access log so far.
+    /// nginx's output and error log so far.
     fn log(&self) -> String {
-        ["nginx.out", "error.log"]
+        ["nginx.out", "logs/error.log"]
             .iter()
             .map(|f| fs::read_to_string(self.dir.join(f)).unwrap_or_default())
             .collect::<Vec<_>>()
@@ -586,7 +607,8 @@ impl Fleet {
         format!("{ORIGIN_IP}:{REGISTRY_PORT}")
     }
 
-    /// The tier's registry mirror URL, as lazyd's config names it (its metrics' label).
+    /// The tier's registry mirror URL, as lazyd's config names it (its metrics label it
+    /// `mirror="URL/"`, the URL normalized).
     pub fn registry_mirror(&self) -> String {
         format!("http://{TIER_IP}:{REGISTRY_PORT}")
     }
@@ -704,12 +726,6 @@ impl Fleet {
             .as_ref()
             .context("this fleet has no tier")?
             .start()
-    }
-
-    /// The tier's access log so far.
-    pub fn tier_access_log(&self) -> Result<String> {
-        let tier = self.tier.as_ref().context("this fleet has no tier")?;
-        Ok(fs::read_to_string(tier.dir.join("access.log")).unwrap_or_default())
     }
 
     /// `lazyctl warm --no-progress [--hot] IMAGE` on every host at the same moment (the
@@ -846,6 +862,7 @@ mod tests {
         assert_eq!(placeholder_in("listen @S3_LISTEN@;"), Some("@S3_LISTEN@"));
         assert_eq!(placeholder_in("error_page 502 = @fallback; a@b.c"), None);
         assert_eq!(placeholder_in("@@ @A"), None);
+        assert_eq!(placeholder_in("# replace the @TOKENS@\nlisten 80;"), None);
     }
 
     #[test]

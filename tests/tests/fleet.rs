@@ -148,7 +148,8 @@ fn fleet_cold_starts_through_the_tier_and_falls_back_when_it_stops(origin: Origi
         Origin::Registry => fleet.registry_mirror(),
         Origin::S3 => fleet.s3_mirror(),
     };
-    let label = format!("mirror=\"{mirror}\"");
+    // lazyd labels a mirror with its normalized URL (a `/` added).
+    let label = format!("mirror=\"{mirror}");
     for (i, host) in fleet.hosts().iter().enumerate() {
         let metrics = host.metrics().unwrap();
         let mirror_bytes = metric(&metrics, "lazy_mirror_bytes_total", &label);
