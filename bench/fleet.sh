@@ -78,7 +78,8 @@ read -r HOT_BYTES HOT_CHUNKS <"$W/prepared"
 log "image prepared: hot set of $HOT_BYTES bytes in $HOT_CHUNKS chunks"
 
 log "running the fleets: hosts $HOSTS, modes $MODES"
-"$FLEET" --storage "$STORE" --image bench/py:v1-hot --hosts "$HOSTS" --modes "$MODES" \
+# The harness finds lazyctl and lazyd beside a test binary; an example's directory has neither.
+LAZYCTL=$LAZYCTL LAZYD=$LAZYD "$FLEET" --storage "$STORE" --image bench/py:v1-hot --hosts "$HOSTS" --modes "$MODES" \
     --origin-rate "$ORIGIN_RATE" --host-rate "$HOST_RATE" --origin-delay-ms "$DELAY_MS" \
     >"$W/results.jsonl"
 
