@@ -24,7 +24,9 @@
 //! A backend behind a mirror with slices (`crate::mirror`) has an alignment: a request is not
 //! extended with a chunk that starts in another slice than the one its bytes end in (or, going
 //! backwards, ends in another than the one they start in), so a request touches one slice, or
-//! two where a chunk straddles their boundary, and the tier fetches each slice once.
+//! two where a chunk straddles their boundary, and the tier fetches each slice once. Its
+//! background requests are then smaller, so more of them may run (up to `low_requests`), as
+//! many as keep `background_requests` full-size requests' bytes in flight.
 //!
 //! A background job may carry a [`RateLimit`]: its (coalesced) request starts only when the
 //! bucket holds its bytes, and until then nothing behind it in that queue starts either;
@@ -247,7 +249,7 @@ impl<J: Queued> Queue<J> {
         }
         if self.busy(Priority::Demand)
             || self.busy(Priority::Speculative)
-            || self.running(Priority::Background) >= limits.background_requests.max(1)
+            || self.running(Priority::Background) >= self.background_slots(limits)
         {
             return Next::Idle;
         }
@@ -266,6 +268,23 @@ impl<J: Queued> Queue<J> {
             }
         }
         self.start(batch, Priority::Background)
+    }
+
+    /// Background requests that may run at once: `background_requests`, or, where requests are
+    /// cut at slices smaller than `background_request_bytes`, as many more as keep the same
+    /// bytes in flight (a warm through a tier fills the link as one without it does), within
+    /// `low_requests`.
+    fn background_slots(&self, limits: &Limits) -> usize {
+        let slots = limits.background_requests.max(1);
+        match self.alignment {
+            Some(slice) if slice < limits.background_request_bytes => {
+                let per_request = limits.background_request_bytes.div_ceil(slice) as usize;
+                slots
+                    .saturating_mul(per_request)
+                    .min(limits.low_requests.max(slots))
+            }
+            _ => slots,
+        }
     }
 
     fn start(&mut self, batch: Vec<J>, class: Priority) -> Next<J> {
@@ -442,6 +461,32 @@ mod tests {
         assert_eq!(
             take(&mut q),
             (Priority::Demand, vec![("a", 0), ("a", 100), ("a", 200)])
+        );
+    }
+
+    #[test]
+    fn an_aligned_queue_runs_more_background_requests_within_the_low_slots() {
+        let limits = limits();
+        let mut plain = Queue::default();
+        // Slices of a third of a background request: three times the requests, within
+        // low_requests.
+        let mut aligned = Queue::aligned(Some(limits.background_request_bytes / 3));
+        for q in [&mut plain, &mut aligned] {
+            for start in 0..8 {
+                q.push(Priority::Background, job("a", start * 1000, 10));
+            }
+        }
+        let started = |q: &mut Queue<Job>| {
+            let mut n = 0;
+            while let Next::Batch(..) = q.next(&limits) {
+                n += 1;
+            }
+            n
+        };
+        assert_eq!(started(&mut plain), limits.background_requests);
+        assert_eq!(
+            started(&mut aligned),
+            (limits.background_requests * 3).min(limits.low_requests)
         );
     }
 
