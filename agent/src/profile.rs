@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
+use crate::blobstore::{BlobError, BlobStore};
 use crate::registry::{Reference, Referrer, RegistryClient, RegistryError};
 use crate::remote::{registry_client, s3_store, ImageLocation, OpenedImage, RemoteOptions};
 use crate::s3::{S3Error, S3Store};
@@ -85,6 +86,8 @@ pub enum ProfileError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     S3(#[from] S3Error),
+    #[error(transparent)]
+    Blob(#[from] BlobError),
 }
 
 impl ProfileError {
@@ -94,6 +97,7 @@ impl ProfileError {
             ProfileError::Io { .. } => false,
             ProfileError::Registry(e) => e.is_permanent(),
             ProfileError::S3(e) => e.is_permanent(),
+            ProfileError::Blob(e) => e.is_permanent(),
             ProfileError::TooLarge { .. }
             | ProfileError::Json(_)
             | ProfileError::Version { .. }
@@ -615,7 +619,9 @@ pub async fn fetch_profile(
         ImageLocation::Dir { path, .. } => read_file(&dir_profile_path(path, image)?),
         ImageLocation::Registry(r) => {
             let client = registry_client(&r.registry, opts)?;
-            fetch_from_registry(&client, &r.repository, &image.manifest_digest).await
+            // The profile's blob through the image's store: a mirror serves it to a fleet.
+            let blobs = image.store.as_ref();
+            fetch_from_registry(&client, blobs, &r.repository, &image.manifest_digest).await
         }
         ImageLocation::S3(l) => {
             let s3 = s3_store(l, opts, 3).await?;
@@ -747,9 +753,12 @@ async fn push_to_registry(
     Ok(pushed.digest)
 }
 
-/// The newest profile artifact referring to `subject` in `repo`, `None` when there is none.
+/// The newest profile artifact referring to `subject` in `repo`, `None` when there is none; its
+/// blob is read from `blobs` (the image's store, mirrors included) and checked against its
+/// digest.
 async fn fetch_from_registry(
     client: &RegistryClient,
+    blobs: &dyn BlobStore,
     repo: &str,
     subject: &str,
 ) -> Result<Option<Profile>, ProfileError> {
@@ -796,9 +805,13 @@ async fn fetch_from_registry(
     if layer.size > MAX_PROFILE_BYTES {
         return Err(ProfileError::TooLarge { len: layer.size });
     }
-    let bytes = client
-        .get_blob_bytes(repo, &layer.digest, MAX_PROFILE_BYTES)
-        .await?;
+    let bytes = blobs.read_blob(&layer.digest, MAX_PROFILE_BYTES).await?;
+    if sha256_digest(&bytes) != layer.digest {
+        return Err(bad(format!(
+            "its blob does not match its digest {}",
+            layer.digest
+        )));
+    }
     let profile = Profile::from_bytes(&bytes)?;
     if profile.image != subject {
         // Entries are by chunk digest, so it still applies to what this image shares with it.
