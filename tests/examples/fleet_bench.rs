@@ -8,7 +8,7 @@
 //!
 //! ```text
 //! fleet_bench --storage DIR --image REPO:TAG [--hosts 1,5,10,20] [--modes tier,direct]
-//!             [--origin-rate 200mbit] [--host-rate 1gbit] [--origin-delay-ms 20]
+//!             [--origin-rate 200mbit] [--host-rate 1gbit] [--origin-delay-ms 20] [--slice 128K]
 //! ```
 
 use std::path::PathBuf;
@@ -26,6 +26,8 @@ struct Args {
     origin_rate: String,
     host_rate: String,
     origin_delay: Duration,
+    /// The tier's slice, and the hosts' `mirror.slice`.
+    slice: String,
 }
 
 fn parse_args() -> Result<Args> {
@@ -37,6 +39,7 @@ fn parse_args() -> Result<Args> {
         origin_rate: FleetConfig::default().origin_rate,
         host_rate: FleetConfig::default().host_rate,
         origin_delay: FleetConfig::default().origin_delay,
+        slice: FleetConfig::default().slice,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -53,6 +56,7 @@ fn parse_args() -> Result<Args> {
             }
             "--modes" => args.modes = value.split(',').map(String::from).collect(),
             "--origin-rate" => args.origin_rate = value,
+            "--slice" => args.slice = value,
             "--host-rate" => args.host_rate = value,
             "--origin-delay-ms" => {
                 args.origin_delay =
@@ -64,7 +68,8 @@ fn parse_args() -> Result<Args> {
     ensure!(
         !args.image.is_empty() && args.storage.is_dir(),
         "usage: fleet_bench --storage REGISTRY_STORAGE_DIR --image REPO:TAG [--hosts 1,5,10,20] \
-         [--modes tier,direct] [--origin-rate RATE] [--host-rate RATE] [--origin-delay-ms MS]"
+         [--modes tier,direct] [--origin-rate RATE] [--host-rate RATE] [--origin-delay-ms MS] \
+         [--slice SIZE]"
     );
     for mode in &args.modes {
         ensure!(
@@ -86,6 +91,7 @@ fn main() -> Result<()> {
                 origin_rate: args.origin_rate.clone(),
                 host_rate: args.host_rate.clone(),
                 origin_delay: args.origin_delay,
+                slice: args.slice.clone(),
                 registry_storage: Some(args.storage.clone()),
                 ..FleetConfig::default()
             })?;
@@ -126,6 +132,7 @@ fn main() -> Result<()> {
                 "origin_rate": args.origin_rate,
                 "host_rate": args.host_rate,
                 "origin_delay_ms": args.origin_delay.as_millis() as u64,
+                "slice": args.slice,
             });
             println!("{line}");
             eprintln!("fleet_bench: {line}");

@@ -110,7 +110,7 @@ impl Default for FleetConfig {
             // host's link, so that N hosts fetching without a tier queue on it.
             origin_rate: "200mbit".into(),
             origin_delay: Duration::from_millis(20),
-            slice: "1M".into(),
+            slice: "128K".into(),
             tier_cache_size: "4g".into(),
             mirror_timeout: "2s".into(),
             mirror_backoff: "1s".into(),

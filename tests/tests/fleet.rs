@@ -21,8 +21,9 @@ use lazy_tests::fleet::{metric, Fleet, FleetConfig, Published};
 use lazy_tests::mount::require_root_and_fuse;
 use lazy_tests::{debian, reference, tree};
 
-/// The tier's slice; the bound on what the origin may send per request.
-const SLICE: u64 = 1 << 20;
+/// The tier's slice (`FleetConfig::slice` below); the bound on what the origin may send per
+/// request.
+const SLICE: u64 = 128 << 10;
 /// Generous room for one HTTP reply's status line and headers.
 const REPLY_HEAD: u64 = 2048;
 /// Generous room for one reply that is not a slice (a manifest, a referrers list, a listing).
@@ -87,6 +88,7 @@ fn fleet_cold_starts_through_the_tier_and_falls_back_when_it_stops(origin: Origi
         // The image is 88 MB stored: at the default 200 Mbit/s, four hosts falling back to the
         // origin would take 14 s. What is checked here is who fetches what, not speed.
         origin_rate: "1gbit".into(),
+        slice: "128K".into(),
         ..FleetConfig::default()
     })
     .unwrap();
