@@ -323,6 +323,28 @@ pub trait BlobStore: Send + Sync + 'static {
     }
 }
 
+/// [`BlobStore::read_range`] for a store that streams: its `read_range_to`, collected, and a
+/// body that ended short of the range an [`BlobError::Unavailable`].
+pub async fn collect_range(
+    store: &(impl BlobStore + ?Sized),
+    digest: &str,
+    range: Range<u64>,
+) -> Result<Vec<u8>, BlobError> {
+    let want = range.end.saturating_sub(range.start);
+    let mut out = Vec::new();
+    store
+        .read_range_to(digest, range, &mut |bytes| out.extend_from_slice(bytes))
+        .await?;
+    if out.len() as u64 != want {
+        return Err(BlobError::Unavailable {
+            store: store.id(),
+            digest: digest.to_string(),
+            reason: format!("got {} of {want} bytes", out.len()),
+        });
+    }
+    Ok(out)
+}
+
 /// Checks that `digest` is `sha256:` and 64 lowercase hex digits, so it is safe in a path or URL.
 pub fn check_digest<'a>(store: &BackendId, digest: &'a str) -> Result<&'a str, BlobError> {
     match digest.strip_prefix("sha256:") {

@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::{info, warn};
 
-use crate::blobstore::{parse_retry_after, BackendId, BlobError, BlobStore};
+use crate::blobstore::{collect_range, parse_retry_after, BackendId, BlobError, BlobStore};
 use crate::error::error_chain;
 use crate::metrics::Counter;
 use crate::registry::{
@@ -540,10 +540,7 @@ impl BlobStore for MirroredStore {
     }
 
     async fn read_range(&self, digest: &str, range: Range<u64>) -> Result<Vec<u8>, BlobError> {
-        let mut out = Vec::new();
-        self.read_range_to(digest, range, &mut |bytes| out.extend_from_slice(bytes))
-            .await?;
-        Ok(out)
+        collect_range(self, digest, range).await
     }
 
     async fn read_range_to(
@@ -747,10 +744,7 @@ impl BlobStore for S3MirrorStore {
     }
 
     async fn read_range(&self, digest: &str, range: Range<u64>) -> Result<Vec<u8>, BlobError> {
-        let mut out = Vec::new();
-        self.read_range_to(digest, range, &mut |bytes| out.extend_from_slice(bytes))
-            .await?;
-        Ok(out)
+        collect_range(self, digest, range).await
     }
 
     async fn read_range_to(
