@@ -796,6 +796,51 @@ mod tests {
     }
 
     #[test]
+    fn mirrors_and_origins_are_reported() {
+        use crate::mirror::Origin;
+        let origin = Origin::Registry("registry.local:5000".into());
+        let snap = MetricsSnapshot {
+            mirrors: vec![MirrorSnapshot {
+                url: "http://tier:5000/".into(),
+                origin: origin.clone(),
+                up: false,
+                skipped_for_secs: 1.5,
+                failures_in_a_row: 1,
+                last_error: Some("connection refused".into()),
+                requests: 10,
+                bytes: 4096,
+                failures: 1,
+            }],
+            origins: vec![OriginSnapshot {
+                origin,
+                requests: 2,
+                bytes: 100,
+            }],
+            ..MetricsSnapshot::default()
+        };
+        let text = snap.prometheus();
+        let labels = "{mirror=\"http://tier:5000/\",origin=\"registry registry.local:5000\"}";
+        for line in [
+            format!("lazy_mirror_requests_total{labels} 10"),
+            format!("lazy_mirror_bytes_total{labels} 4096"),
+            format!("lazy_mirror_failures_total{labels} 1"),
+            format!("lazy_mirror_up{labels} 0"),
+            "lazy_origin_bytes_total{origin=\"registry registry.local:5000\"} 100".into(),
+        ] {
+            assert!(text.contains(&line), "{line} not in {text}");
+        }
+        assert!(text.contains("# TYPE lazy_mirror_up gauge"));
+        let summary = snap.summary();
+        assert!(
+            summary.contains("mirror http://tier:5000/ for registry registry.local:5000: down, asked again in 1.5 s; 4096 bytes in 10 requests, 1 failed (last: connection refused)"),
+            "{summary}"
+        );
+        assert!(summary.contains(
+            "origin registry registry.local:5000 (not through a mirror): 100 bytes in 2 requests"
+        ));
+    }
+
+    #[test]
     fn background_fetches_are_reported() {
         let chunks = ChunkMetrics::default();
         chunks.background_fetches.add(7);
