@@ -1,10 +1,11 @@
 //! Mirrors: blob reads of a registry or an S3 bucket sent to a cache tier first (`[[mirror]]`
 //! in lazyd's config), the origin asked only when no mirror could answer.
 //!
-//! - **What goes to a mirror**: blob reads only (chunk ranges and the index), which are named by
-//!   digest and checked by the reader (every chunk's crc32 and blake3, the index's sha256), so a
-//!   mirror can never make a wrong byte reach a reader. Manifests are always read from the
-//!   origin: a tag names whatever the origin says it names now.
+//! - **What goes to a mirror**: blob reads only (chunk ranges, the index, a registry image's
+//!   profile), which are named by digest and checked by the reader (every chunk's crc32 and
+//!   blake3, the index's and the profile's sha256), so a mirror can never make a wrong byte reach
+//!   a reader; a chunk that fails its checks is fetched again from the origin. Manifests are
+//!   always read from the origin: a tag names whatever the origin says it names now.
 //! - **How**: a registry mirror is asked the registry's own paths (`/v2/REPO/blobs/DIGEST`) with
 //!   the origin's credentials, as containerd and docker ask theirs; a token realm's 401 passes
 //!   through it. An S3 mirror is asked for the path and query of a GetObject presigned for the
