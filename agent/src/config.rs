@@ -19,6 +19,8 @@ use crate::stream::StreamConfig;
 
 /// Where `lazyd` listens and `lazyctl` looks when neither `--socket` nor `LAZYD_SOCKET` says.
 pub const DEFAULT_SOCKET: &str = "/run/lazyd/lazyd.sock";
+/// The group given the control socket when the config names none and it exists.
+pub const DEFAULT_SOCKET_GROUP: &str = "lazyd";
 /// Where the packaged unit's config file lives.
 pub const DEFAULT_CONFIG: &str = "/etc/lazyd/config.toml";
 
@@ -40,6 +42,9 @@ pub enum ConfigError {
 pub struct AgentConfig {
     /// The control API's unix socket.
     pub socket: PathBuf,
+    /// The group the socket is given (mode 0660: its members may use the API). Unset: the
+    /// group `lazyd` where it exists (the package makes it), else root's.
+    pub socket_group: Option<String>,
     /// The agent's own state: known images, recorded profiles.
     pub state_dir: PathBuf,
     /// The chunk cache (and kept manifests and indexes).
@@ -64,6 +69,7 @@ impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
             socket: PathBuf::from(DEFAULT_SOCKET),
+            socket_group: None,
             state_dir: PathBuf::from("/var/lib/lazyd"),
             cache_dir: PathBuf::from("/var/cache/lazyimg"),
             cache_size: 10 << 30,

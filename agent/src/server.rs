@@ -25,6 +25,7 @@ use crate::api::{
     ProfileRequest, RecordRequest, RootfsRemoveRequest, RootfsRequest, UmountRequest, WarmEvent,
     WarmRequest,
 };
+use crate::config::DEFAULT_SOCKET_GROUP;
 use crate::daemon::{Agent, AgentError};
 use crate::mount::MountError;
 
@@ -79,6 +80,30 @@ pub async fn bind_socket(path: &Path) -> std::io::Result<UnixListener> {
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
     Ok(listener)
+}
+
+/// Gives the control socket at `path` to `group` (`socket_group` in the config: a name, or a
+/// number taken as a group ID as it is, for a lazyd in a container whose groups are not the
+/// host's): the members of that group may then use the API. Without one, the group
+/// [`DEFAULT_SOCKET_GROUP`] where it exists; else the socket stays root's. A named group that
+/// does not exist is an error.
+pub fn set_socket_group(path: &Path, group: Option<&str>) -> std::io::Result<()> {
+    if let Some(gid) = group.and_then(|g| g.parse::<u32>().ok()) {
+        return std::os::unix::fs::chown(path, None, Some(gid));
+    }
+    let name = group.unwrap_or(DEFAULT_SOCKET_GROUP);
+    let found = nix::unistd::Group::from_name(name).map_err(std::io::Error::from)?;
+    let gid = match (found, group) {
+        (Some(g), _) => g.gid,
+        (None, None) => return Ok(()),
+        (None, Some(_)) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("socket_group {name:?}: no such group"),
+            ))
+        }
+    };
+    std::os::unix::fs::chown(path, None, Some(gid.as_raw()))
 }
 
 /// Serves `router` on `listener` until `stop` is notified, then stops accepting and returns
@@ -344,5 +369,45 @@ impl http_body::Body for EventBody {
                 Ok(Frame::data(Bytes::from(line)))
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    #[tokio::test]
+    #[cfg_attr(
+        not(feature = "system-tests"),
+        ignore = "needs root: gives a socket to another group"
+    )]
+    async fn the_socket_goes_to_the_named_group_and_a_missing_one_is_refused() {
+        lazy_tests::mount::require_root();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/lazyd.sock");
+        let _listener = bind_socket(&path).await.unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o660);
+        assert_eq!(meta.gid(), 0);
+
+        // Debian's `daemon` group (gid 1), in every base system.
+        set_socket_group(&path, Some("daemon")).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().gid(), 1);
+        // A number is a group ID, whether a group of that ID exists here or not.
+        set_socket_group(&path, Some("54321")).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().gid(), 54321);
+        set_socket_group(&path, Some("daemon")).unwrap();
+
+        let err = set_socket_group(&path, Some("no-such-group-here")).unwrap_err();
+        assert!(err.to_string().contains("no-such-group-here"), "{err}");
+        assert_eq!(std::fs::metadata(&path).unwrap().gid(), 1);
+
+        // Unnamed: `lazyd` where it exists, else the socket is left as it is.
+        set_socket_group(&path, None).unwrap();
+        let lazyd = nix::unistd::Group::from_name(DEFAULT_SOCKET_GROUP).unwrap();
+        let expected = lazyd.map_or(1, |g| g.gid.as_raw());
+        assert_eq!(std::fs::metadata(&path).unwrap().gid(), expected);
     }
 }

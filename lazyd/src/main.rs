@@ -253,6 +253,7 @@ async fn control_socket(
     inherited: Option<std::os::fd::OwnedFd>,
 ) -> Result<tokio::net::UnixListener> {
     let path = &agent.config().socket;
+    let group = agent.config().socket_group.as_deref();
     let kept = inherited
         .map(std::os::unix::net::UnixListener::from)
         .filter(|l| {
@@ -267,6 +268,9 @@ async fn control_socket(
             same && path.exists()
         });
     if let Some(listener) = kept {
+        // The config may name another group than the predecessor's did.
+        server::set_socket_group(path, group)
+            .with_context(|| format!("giving the control socket {} its group", path.display()))?;
         // The holder keeps it already.
         listener
             .set_nonblocking(true)
@@ -277,6 +281,8 @@ async fn control_socket(
     let listener = server::bind_socket(path)
         .await
         .with_context(|| format!("binding the control socket {}", path.display()))?;
+    server::set_socket_group(path, group)
+        .with_context(|| format!("giving the control socket {} its group", path.display()))?;
     // A handed-over socket at another path is replaced, not kept beside this one.
     agent.holder().remove(handover::API_SOCKET);
     if let Err(e) = agent
