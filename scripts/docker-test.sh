@@ -1,56 +1,69 @@
 #!/usr/bin/env bash
-# Runs the integration suite inside a privileged Docker container, for a machine where you
-# would rather not install the test packages (scripts/setup.sh) on the host. It builds the test
-# image (packaging/docker/Dockerfile.test: Rust, fuse3, umoci, skopeo, debootstrap,
-# docker-registry, crun, runc, moto, ...), mounts this checkout at /src and runs
-# scripts/test.sh there, or the command given:
+# Runs the integration suite, or some of it, inside a privileged Docker container: the test
+# image (packaging/docker/Dockerfile.test: Debian 12 with every package scripts/setup.sh
+# installs) with this checkout and the host's Rust toolchain mounted at their own paths, so
+# that the container reuses what the host built and builds only what it has not.
 #
-#   scripts/docker-test.sh                                        # the whole suite
-#   FUZZ_SECONDS=0 scripts/docker-test.sh                         # without the fuzz run
-#   scripts/docker-test.sh cargo test -p lazy-tests --test agent  # one tier or test
+#   scripts/docker-test.sh                              the whole suite (scripts/test.sh)
+#   FUZZ_SECONDS=0 scripts/docker-test.sh               without the fuzz run
+#   scripts/docker-test.sh cargo test --features lazy-tests/system-tests -p lazy-tests --test agent
 #
-# Needs Docker (BuildKit), a host kernel with FUSE (/dev/fuse) and overlayfs, and network access
-# for the image build, the crates and the Debian fixtures. The container runs as root with
-# --privileged: the suite mounts FUSE filesystems and overlays, chroots, runs debootstrap and
-# starts containers with crun and runc, which is what this privilege is for.
+# Privilege: `docker run --privileged` where the host allows it; where it does not (a host whose
+# capability bounding set lacks one docker's --privileged asks for, as CAP_SYS_RESOURCE on some
+# VMs), every capability the host has, no seccomp or AppArmor profile, /dev/fuse and, on a
+# cgroup v1 host, the host's cgroup tree. It says which it used.
 #
-# This is a second way to run the same suite, not the one CI uses: CI (.ci/run) runs
-# scripts/setup.sh and scripts/test.sh natively on a fresh Debian 12 machine. This script and
-# its image were written on a machine without a Docker engine and have not been run there.
-#
-# Files it leaves: target/docker (the container's build, as root) and the fixtures in
-# target/lazy-fixtures (shared with native runs: the same images, built once); a docker volume
-# lazyimg-test-cargo caches downloaded crates between runs.
+# Needs, as root: a Docker engine (started here if installed and not running), /dev/fuse, the
+# Rust toolchain (rustup) on the host, and Debian's mirror (the base image is made with
+# debootstrap where no registry is reachable: scripts/docker-base.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
+# shellcheck source=tests/packaging/common.sh
+source tests/packaging/common.sh
 IMAGE=${LAZY_TEST_IMAGE:-lazyimg-test:latest}
-command -v docker >/dev/null || {
-    echo "docker-test.sh: docker is not installed (or use scripts/setup.sh and scripts/test.sh natively)" >&2
-    exit 1
-}
-[ -e /dev/fuse ] || {
-    echo "docker-test.sh: the host has no /dev/fuse; load the fuse module (modprobe fuse)" >&2
-    exit 1
-}
+command -v docker >/dev/null || fail "docker is not installed (apt-get install docker.io; or run scripts/test.sh natively)"
+[ -e /dev/fuse ] || fail "the host has no /dev/fuse; load the fuse module (modprobe fuse)"
+command -v cargo >/dev/null || fail "the host's Rust toolchain is mounted into the container: install it with rustup"
 
-docker build -f packaging/docker/Dockerfile.test -t "$IMAGE" .
+ensure_dockerd
+base=$(scripts/docker-base.sh)
+context=$(mktemp -d)
+trap 'rm -rf "$context"' EXIT
+cp scripts/setup.sh packaging/docker/test-entrypoint.sh "$context/"
+cp /etc/ssl/certs/ca-certificates.crt "$context/host-ca-certificates.crt"
+echo "docker-test.sh: building $IMAGE" >&2
+docker build -q --build-arg BASE="$base" -f packaging/docker/Dockerfile.test -t "$IMAGE" "$context" >/dev/null
+choose_privilege "$IMAGE"
 
-mkdir -p target/docker target/lazy-fixtures
 if [ $# -eq 0 ]; then
     set -- scripts/test.sh
 fi
-# --privileged --device /dev/fuse: FUSE and overlay mounts, chroot, nested containers.
+rustup_home=${RUSTUP_HOME:-$HOME/.rustup}
+cargo_home=${CARGO_HOME:-$HOME/.cargo}
+env=(-e "RUSTUP_HOME=$rustup_home" -e "CARGO_HOME=$cargo_home"
+    -e "PATH=$cargo_home/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    -e "FUZZ_SECONDS=${FUZZ_SECONDS:-60}" -e CARGO_INCREMENTAL -e RUST_BACKTRACE
+    # The packaging tier needs a Docker engine; it runs on the host (scripts/test-packaging.sh).
+    -e PACKAGING_TESTS=0)
+for var in CARGO_TARGET_DIR LAZY_FIXTURES_DIR; do
+    if [ -n "${!var:-}" ]; then
+        env+=(-e "$var=$(realpath -m "${!var}")")
+    fi
+done
 # --init: reaps the processes the tests orphan (mount helpers, killed agents).
-# -v /tmp: an anonymous volume (a host directory, removed with the container) rather than
-#   the container's overlayfs root: overlayfs cannot be the upper layer of the tests'
-#   containers' overlays, and the tests unpack images of hundreds of MB there.
-# LAZY_FIXTURES_DIR: the Debian fixtures a native run built are reused (and vice versa).
-exec docker run --rm --init --privileged --device /dev/fuse \
-    -v "$PWD":/src -w /src \
-    -v /tmp \
-    -v lazyimg-test-cargo:/usr/local/cargo/registry \
-    -e CARGO_TARGET_DIR=/src/target/docker \
-    -e LAZY_FIXTURES_DIR=/src/target/lazy-fixtures \
-    -e FUZZ_SECONDS="${FUZZ_SECONDS:-60}" \
+# The checkout, the toolchain (read-only) and cargo's home (its registry) at their host paths.
+# -v /tmp: an anonymous volume (a host directory, removed with the container) rather than the
+#   container's overlayfs root: overlayfs cannot be the upper layer of the tests' containers'
+#   overlays, and the tests unpack images of hundreds of MB there.
+mounts=(-v "$PWD:$PWD" -w "$PWD" -v "$rustup_home:$rustup_home:ro" -v "$cargo_home:$cargo_home" -v /tmp)
+for var in CARGO_TARGET_DIR LAZY_FIXTURES_DIR; do
+    # A target or fixture directory outside the checkout is mounted too.
+    if [ -n "${!var:-}" ]; then
+        dir=$(realpath -m "${!var}")
+        mkdir -p "$dir"
+        case $dir in "$PWD" | "$PWD"/*) ;; *) mounts+=(-v "$dir:$dir") ;; esac
+    fi
+done
+echo "docker-test.sh: running $* in $IMAGE" >&2
+exec docker run --rm --init "${PRIVILEGE_FLAGS[@]}" "${NESTING_FLAGS[@]}" "${mounts[@]}" "${env[@]}" \
     "$IMAGE" "$@"

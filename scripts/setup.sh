@@ -39,12 +39,18 @@ apt-get update -qq
 # protobuf-compiler: protoc, which lazy-snapshotter's build compiles containerd's snapshots API
 # with, and libprotobuf-dev: the well-known types it imports (google/protobuf/empty.proto...),
 # only a recommendation of protobuf-compiler; nginx (1.22, with the slice and auth_request
-# modules): the fleet cache tier of packaging/tier/, which bench/tier.sh measures.
+# modules): the fleet cache tier of packaging/tier/, which bench/tier.sh measures; binutils
+# (objcopy), dpkg-dev (dpkg-shlibdeps) and help2man: scripts/package.sh.
 apt-get install -y -qq --no-install-recommends \
     fuse3 umoci skopeo debootstrap docker-registry attr bindfs ca-certificates \
     curl gcc pkg-config tar gzip zstd python3 python3-venv crun runc iproute2 faketime \
     e2fsprogs golang-github-containers-common containerd stargz-snapshotter \
-    protobuf-compiler libprotobuf-dev nginx >/dev/null
+    protobuf-compiler libprotobuf-dev nginx binutils dpkg-dev help2man >/dev/null
+# docker.io: the packaging tests (scripts/test-packaging.sh) and scripts/docker-test.sh, on the
+# host (the test image, which --packages-only makes, needs no Docker engine of its own).
+if ! $packages_only; then
+    apt-get install -y -qq --no-install-recommends docker.io >/dev/null
+fi
 
 # A virtualenv at /opt/lazy-venv, so pip never touches the system Python, with moto[server]: a
 # real S3 API for the S3 tests (lazy_tests::s3 runs its moto_server), and safetensors, numpy and
@@ -68,6 +74,21 @@ if [ -n "$unified" ] && [ -d /sys/fs/cgroup/cpu ]; then
                 echo "setup.sh: cannot bind cgroup controller $controller to v1; crun may refuse to run (runc works)" >&2
         fi
     done
+fi
+
+# Likewise crun fails on a v1 hierarchy the kernel has and this process belongs to (listed in
+# /proc/self/cgroup) that is not mounted under /sys/fs/cgroup ("creating cgroup directory
+# /sys/fs/cgroup/perf_event/...: No such file or directory"), as on VMs whose init mounted only
+# some: mount those.
+if [ -d /sys/fs/cgroup/cpu ]; then
+    while IFS=: read -r id controllers _; do
+        case $id:$controllers in 0:* | *:name=* | *:) continue ;; esac
+        if ! mountpoint -q "/sys/fs/cgroup/$controllers"; then
+            mkdir -p "/sys/fs/cgroup/$controllers"
+            mount -t cgroup -o "$controllers" cgroup "/sys/fs/cgroup/$controllers" ||
+                echo "setup.sh: cannot mount cgroup hierarchy $controllers; crun may refuse to run (runc works)" >&2
+        fi
+    done </proc/self/cgroup
 fi
 
 if $packages_only; then

@@ -5,6 +5,9 @@
 #   end-to-end tests             tests/tests/*.rs (real mounts, real images, reference unpacks)
 #   lint                         cargo fmt --check, cargo clippy -D warnings
 #   fuzz (brief)                 scripts/fuzz.sh FUZZ_SECONDS (default 60; 0 skips): index_open for that long, the other targets briefly
+#   packaging                    scripts/test-packaging.sh (PACKAGING_TESTS=0 skips): the .deb on a clean
+#                                Debian 12 with systemd, the runtime image, and the agent, run and model
+#                                end-to-end tests again inside the privileged test container
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +29,10 @@ cargo build --workspace --bins --features "$features"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --features "$features" -- --test-threads=2 2>&1 | tee "$log"
+
+if [ "${PACKAGING_TESTS:-1}" != 0 ]; then
+    scripts/test-packaging.sh 2>&1 | tee -a "$log"
+fi
 
 FUZZ_SECONDS=${FUZZ_SECONDS:-60}
 if [ "$FUZZ_SECONDS" -gt 0 ]; then
