@@ -31,7 +31,8 @@ target=${CARGO_TARGET_DIR:-target}
 release=$target/release
 dist=$(realpath -m "$target")/dist
 if $build; then
-    cargo build --release --locked -p lazyd -p tools -p lazy-snapshotter --bins
+    # As scripts/setup.sh builds them: a no-op after it.
+    cargo build --release --locked --workspace --bins
 fi
 for bin in "${bins[@]}"; do
     [ -x "$release/$bin" ] || { echo "package.sh: $release/$bin is missing; run without --no-build" >&2; exit 1; }
