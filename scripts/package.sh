@@ -14,6 +14,7 @@
 #   scripts/package.sh --no-build    from the release binaries already built
 #
 # Needs binutils (objcopy), dpkg-dev (dpkg-shlibdeps) and help2man; scripts/setup.sh installs them.
+# DEBFULLNAME and DEBEMAIL name the maintainer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=true
@@ -38,6 +39,8 @@ for bin in "${bins[@]}"; do
     [ -x "$release/$bin" ] || { echo "package.sh: $release/$bin is missing; run without --no-build" >&2; exit 1; }
 done
 
+# Debian's own variables name the maintainer, where set.
+maintainer="${DEBFULLNAME:-lazyimg developers} <${DEBEMAIL:-lazyimg@localhost}>"
 version=$(sed -n '/^\[workspace.package\]/,/^\[/s/^version = "\(.*\)"/\1/p' Cargo.toml)
 arch=$(dpkg --print-architecture)
 rm -rf "$dist"
@@ -81,6 +84,14 @@ echo /etc/lazyd/config.toml >"$root/DEBIAN/conffiles"
 install -m 0644 packaging/deb/copyright "$root/usr/share/doc/lazyimg/copyright"
 install -m 0644 README.md docs/OPERATIONS.md "$root/usr/share/doc/lazyimg/"
 gzip -9n "$root/usr/share/doc/lazyimg/OPERATIONS.md"
+# A native package's changelog: one entry per version, dated by the last commit.
+cat <<CHANGELOG | gzip -9n >"$root/usr/share/doc/lazyimg/changelog.gz"
+lazyimg ($version) unstable; urgency=medium
+
+  * Release $version (git $(git rev-parse --short HEAD 2>/dev/null || echo unknown)).
+
+ -- $maintainer  $(date -R -d "@$(git log -1 --format=%ct 2>/dev/null || date +%s)")
+CHANGELOG
 
 # Man pages from each binary's --help (help2man runs them: they are native here), with the
 # sections in packaging/deb/NAME.h2m; lazyctl's gets every command's --help too.
@@ -115,6 +126,7 @@ shlibs=$(cd "$work" && dpkg-shlibdeps -O "${bins[@]/#/debian/lazyimg/usr/bin/}" 
 [ -n "$shlibs" ] || { echo "package.sh: dpkg-shlibdeps found no library dependencies" >&2; exit 1; }
 size=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
 sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" -e "s/@SIZE@/$size/" -e "s/@SHLIBS@/$shlibs/" \
+    -e "s|@MAINTAINER@|$maintainer|" \
     packaging/deb/control >"$root/DEBIAN/control"
 dpkg-deb --root-owner-group -Zxz --build "$root" "$dist/lazyimg_${version}_${arch}.deb" >/dev/null
 
@@ -131,6 +143,7 @@ for bin in "${bins[@]}"; do
 done
 size=$(du -sk --exclude=DEBIAN "$dbg" | cut -f1)
 sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" -e "s/@SIZE@/$size/" -e "s/@BUILD_IDS@/${ids[*]}/" \
+    -e "s|@MAINTAINER@|$maintainer|" \
     packaging/deb/control.dbgsym >"$dbg/DEBIAN/control"
 # Its sections are compressed already (zlib): xz would take minutes to gain little.
 dpkg-deb --root-owner-group -Zgzip -z1 --build "$dbg" "$dist/lazyimg-dbgsym_${version}_${arch}.deb" >/dev/null
