@@ -28,5 +28,6 @@ echo "=== the runtime image"
 image=$(scripts/docker-image.sh "$deb")
 tests/packaging/runtime-image.sh "$image" "$dist/bin/lazyctl"
 echo "=== end-to-end tests in the privileged test container"
-scripts/docker-test.sh cargo test --features agent/system-tests,tools/system-tests,lazy-tests/system-tests \
-    -p lazy-tests --test agent --test run --test model -- --test-threads=2
+# As scripts/test.sh builds the tests (--workspace, the same features): nothing is rebuilt.
+scripts/docker-test.sh cargo test --workspace --features agent/system-tests,tools/system-tests,lazy-tests/system-tests \
+    --test agent --test run --test model -- --test-threads=2
