@@ -7,8 +7,8 @@
 #   target/dist/lazyimg_VERSION_ARCH.deb                the binaries, systemd units, the config
 #                                                       (a conffile), man pages
 #   target/dist/lazyimg-dbgsym_VERSION_ARCH.deb         the debug info under
-#                                                       /usr/lib/debug/.build-id, where gdb and
-#                                                       the binaries' own backtraces find it
+#                                                       /usr/lib/debug/.build-id, where gdb
+#                                                       finds it by the binary's build ID
 #
 #   scripts/package.sh               cargo build --release --locked, then the above
 #   scripts/package.sh --no-build    from the release binaries already built
