@@ -686,7 +686,8 @@ mod tests {
     }
 
     /// packaging/config/lazyd.toml lists every key commented out at its default: uncommented, it
-    /// must parse to the defaults (but for `metrics_listen`, which has none).
+    /// must parse to the defaults (but for `metrics_listen`, which has none, and `socket_group`,
+    /// whose default is `lazyd` where that group exists).
     #[test]
     fn the_example_config_states_the_defaults() {
         let example = include_str!("../../packaging/config/lazyd.toml");
@@ -714,6 +715,8 @@ mod tests {
             "metrics_listen is in the example"
         );
         parsed.metrics_listen = None;
+        assert_eq!(parsed.socket_group.as_deref(), Some(DEFAULT_SOCKET_GROUP));
+        parsed.socket_group = None;
         assert_eq!(
             format!("{parsed:?}"),
             format!("{:?}", AgentConfig::default())
