@@ -245,15 +245,27 @@ async fn serve(
     Ok(())
 }
 
-/// The control socket: the listening socket a predecessor handed over when it is still at the
-/// configured path (connections made during the restart wait in its queue), else a new one.
-/// It is handed to the holder in turn, so that the next lazyd listens on the same socket.
+/// The control socket (see [`listening_socket`]), given the configured group: also a
+/// handed-over one, since the config may name another group than the predecessor's did.
 async fn control_socket(
     agent: &Arc<Agent>,
     inherited: Option<std::os::fd::OwnedFd>,
 ) -> Result<tokio::net::UnixListener> {
+    let listener = listening_socket(agent, inherited).await?;
     let path = &agent.config().socket;
-    let group = agent.config().socket_group.as_deref();
+    server::set_socket_group(path, agent.config().socket_group.as_deref())
+        .with_context(|| format!("giving the control socket {} its group", path.display()))?;
+    Ok(listener)
+}
+
+/// The listening socket a predecessor handed over when it is still at the configured path
+/// (connections made during the restart wait in its queue), else a new one. It is handed to
+/// the holder in turn, so that the next lazyd listens on the same socket.
+async fn listening_socket(
+    agent: &Arc<Agent>,
+    inherited: Option<std::os::fd::OwnedFd>,
+) -> Result<tokio::net::UnixListener> {
+    let path = &agent.config().socket;
     let kept = inherited
         .map(std::os::unix::net::UnixListener::from)
         .filter(|l| {
@@ -268,9 +280,6 @@ async fn control_socket(
             same && path.exists()
         });
     if let Some(listener) = kept {
-        // The config may name another group than the predecessor's did.
-        server::set_socket_group(path, group)
-            .with_context(|| format!("giving the control socket {} its group", path.display()))?;
         // The holder keeps it already.
         listener
             .set_nonblocking(true)
@@ -281,8 +290,6 @@ async fn control_socket(
     let listener = server::bind_socket(path)
         .await
         .with_context(|| format!("binding the control socket {}", path.display()))?;
-    server::set_socket_group(path, group)
-        .with_context(|| format!("giving the control socket {} its group", path.display()))?;
     // A handed-over socket at another path is replaced, not kept beside this one.
     agent.holder().remove(handover::API_SOCKET);
     if let Err(e) = agent

@@ -1025,7 +1025,8 @@ impl Shared {
             let mut deliver = move |i: usize, bytes: Vec<u8>| {
                 let _ = tx.send((i, Ok(bytes)));
             };
-            request::fetch_spans(&self.config, backend, &blob, &spans, &mut deliver).await
+            let store = &*backend.store;
+            request::fetch_spans(&self.config, backend, store, &blob, &spans, &mut deliver).await
         };
         if let Err((first, e)) = outcome {
             error!(
@@ -1188,23 +1189,18 @@ impl Shared {
         let backend = backend.clone();
         self.handle.spawn(async move {
             let blob = job.chunk.blob_digest.clone();
-            backend.metrics.requests.inc();
-            let outcome = tokio::time::timeout(
-                shared.config.request_timeout,
-                origin.read_range(&blob, job.range()),
+            let mut bytes = Vec::new();
+            let outcome = request::fetch_spans(
+                &shared.config,
+                &backend,
+                &*origin,
+                &blob,
+                &[job.range()],
+                &mut |_, got| bytes = got,
             )
             .await
-            .unwrap_or_else(|_| {
-                Err(BlobError::Timeout {
-                    store: backend.id.clone(),
-                    digest: blob,
-                    after: shared.config.request_timeout,
-                })
-            });
-            match &outcome {
-                Ok(bytes) => backend.metrics.bytes.add(bytes.len() as u64),
-                Err(_) => backend.metrics.errors.inc(),
-            }
+            .map(|()| bytes)
+            .map_err(|(_, e)| e);
             let completing = shared.clone();
             let done = tokio::task::spawn_blocking(move || {
                 completing.complete(&backend, &job, outcome, Through::Origin)

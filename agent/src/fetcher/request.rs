@@ -16,14 +16,17 @@ use std::time::{Duration, Instant};
 use tracing::debug;
 
 use super::{Backend, FetcherConfig};
-use crate::blobstore::BlobError;
+use crate::blobstore::{BlobError, BlobStore};
 
-/// Fetches the chunks at `spans` (sorted, adjacent, in blob `blob`), calling `deliver(i,
-/// bytes)` with span `i`'s bytes, in order, as they arrive. Returns the index of the first span
-/// not delivered and why, when retries are exhausted or the failure is permanent.
+/// Fetches the chunks at `spans` (sorted, adjacent, in blob `blob`) from `store` (the
+/// backend's, or the origin behind its mirrors), calling `deliver(i, bytes)` with span `i`'s
+/// bytes, in order, as they arrive; `backend`'s metrics count the requests. Returns the index
+/// of the first span not delivered and why, when retries are exhausted or the failure is
+/// permanent.
 pub(super) async fn fetch_spans(
     config: &FetcherConfig,
     backend: &Backend,
+    store: &dyn BlobStore,
     blob: &str,
     spans: &[Range<u64>],
     deliver: &mut (dyn FnMut(usize, Vec<u8>) + Send),
@@ -59,7 +62,7 @@ pub(super) async fn fetch_spans(
             };
             tokio::time::timeout(
                 config.request_timeout,
-                backend.store.read_range_to(blob, range.clone(), &mut sink),
+                store.read_range_to(blob, range.clone(), &mut sink),
             )
             .await
         };
