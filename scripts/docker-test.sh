@@ -45,11 +45,6 @@ env=(-e "RUSTUP_HOME=$rustup_home" -e "CARGO_HOME=$cargo_home"
     -e "FUZZ_SECONDS=${FUZZ_SECONDS:-60}" -e CARGO_INCREMENTAL -e RUST_BACKTRACE
     # The packaging tier needs a Docker engine; it runs on the host (scripts/test-packaging.sh).
     -e PACKAGING_TESTS=0)
-for var in CARGO_TARGET_DIR LAZY_FIXTURES_DIR; do
-    if [ -n "${!var:-}" ]; then
-        env+=(-e "$var=$(realpath -m "${!var}")")
-    fi
-done
 # --init: reaps the processes the tests orphan (mount helpers, killed agents).
 # The checkout, the toolchain (read-only) and cargo's home (its registry) at their host paths.
 # -v /tmp: an anonymous volume (a host directory, removed with the container) rather than the
@@ -57,9 +52,11 @@ done
 #   overlays, and the tests unpack images of hundreds of MB there.
 mounts=(-v "$PWD:$PWD" -w "$PWD" -v "$rustup_home:$rustup_home:ro" -v "$cargo_home:$cargo_home" -v /tmp)
 for var in CARGO_TARGET_DIR LAZY_FIXTURES_DIR; do
-    # A target or fixture directory outside the checkout is mounted too.
+    # A target or fixture directory set on the host is used there too, and mounted when it lies
+    # outside the checkout.
     if [ -n "${!var:-}" ]; then
         dir=$(realpath -m "${!var}")
+        env+=(-e "$var=$dir")
         mkdir -p "$dir"
         case $dir in "$PWD" | "$PWD"/*) ;; *) mounts+=(-v "$dir:$dir") ;; esac
     fi

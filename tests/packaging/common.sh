@@ -87,3 +87,28 @@ ensure_dockerd() {
     tail -20 /var/log/lazyimg-dockerd.log >&2
     fail "dockerd did not start"
 }
+
+# `save_with_reference IMAGE TAR REF`: IMAGE (of one layer, as scripts/docker-base.sh makes it)
+# as `docker save` writes it to TAR, and that layer unpacked into REF, the reference tree.
+save_with_reference() {
+    local image=$1 tar=$2 ref=$3 layer
+    docker save -o "$tar" "$image"
+    layer=$(tar -xOf "$tar" manifest.json | python3 -c 'import json, sys; l = json.load(sys.stdin)[0]["Layers"]; assert len(l) == 1, l; print(l[0])')
+    tar -xOf "$tar" "$layer" | tar -x --numeric-owner --xattrs -C "$ref"
+}
+
+# `check_run REF LAZYCTL-RUN-ARGS...`: `LAZYCTL-RUN-ARGS -- /bin/sh -c ...` (a `lazyctl run`
+# of the reference image) must exit with the container's 3, having printed the image's
+# /etc/debian_version as REF has it.
+check_run() {
+    local ref=$1 out status log
+    shift
+    log=$(mktemp)
+    set +e
+    out=$("$@" -- /bin/sh -c 'cat /etc/debian_version; exit 3' 2>"$log")
+    status=$?
+    set -e
+    [ "$status" = 3 ] || { cat "$log"; fail "lazyctl run exited $status, not the container's 3"; }
+    rm -f "$log"
+    check "the container read the image" test "$out" = "$(cat "$ref/etc/debian_version")"
+}

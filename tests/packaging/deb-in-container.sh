@@ -67,12 +67,7 @@ check "the upgrade left lazyd running, the same process" test "$(systemctl show 
 check "the mount serves after the upgrade" diff /ref/etc/os-release /mnt/base/etc/os-release
 
 echo "--- run a container"
-set +e
-out=$(lazyctl run dir:/var/tmp/store:base -- /bin/sh -c 'cat /etc/debian_version; exit 3' 2>/tmp/run.log)
-status=$?
-set -e
-[ "$status" = 3 ] || { cat /tmp/run.log; fail "lazyctl run exited $status, not the container's 3"; }
-check "the container read the image" test "$out" = "$(cat /ref/etc/debian_version)"
+check_run /ref lazyctl run dir:/var/tmp/store:base
 
 echo "--- stop and purge"
 check "lazyctl umount" lazyctl umount /mnt/base

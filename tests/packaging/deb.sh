@@ -30,9 +30,7 @@ trap cleanup EXIT
 # layer unpacked as the reference tree.
 mkdir "$work/pkg" "$work/ref"
 cp "$deb" "$work/pkg/"
-docker save -o "$work/pkg/base.tar" "$base"
-layer=$(tar -xOf "$work/pkg/base.tar" manifest.json | python3 -c 'import json, sys; l = json.load(sys.stdin)[0]["Layers"]; assert len(l) == 1, l; print(l[0])')
-tar -xOf "$work/pkg/base.tar" "$layer" | tar -x --numeric-owner --xattrs -C "$work/ref"
+save_with_reference "$base" "$work/pkg/base.tar" "$work/ref"
 
 # systemd in a container: its own /run (the cgroup tree writable, NESTING_FLAGS: crun and
 # systemd make cgroups), /var and /tmp on volumes rather than the container's overlayfs
